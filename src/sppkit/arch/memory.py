@@ -1,0 +1,132 @@
+"""Host-physical memory: sparse 4-KiB frames addressed by host-physical address (HPA).
+
+EPT and SPPT tables live here as raw little-endian u64 entries, exactly as the
+processor reads them; guest RAM frames live here too.  A frame that was never
+written reads as zeros.
+"""
+
+from __future__ import annotations
+
+import struct
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+PAGE_MASK = ~(PAGE_SIZE - 1)
+
+_U64 = struct.Struct("<Q")
+
+
+class PhysicalAddressError(ValueError):
+    """An address outside the host-physical address space (at or above 2**maxphyaddr)."""
+
+
+class HostMemory:
+    """Sparse host-physical memory of ``2**maxphyaddr`` bytes in 4-KiB frames.
+
+    ``alloc_frame()`` hands out zeroed, 4-KiB-aligned frames that are not in use;
+    ``free_frame()`` returns one.  ``read``/``write`` work at any address and may
+    cross frames; ``read_u64``/``write_u64`` are the fast path for table entries.
+    """
+
+    def __init__(self, maxphyaddr: int = 46, *, first_frame: int = 0x100000) -> None:
+        if not isinstance(maxphyaddr, int) or not 32 <= maxphyaddr <= 52:
+            raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
+        self.maxphyaddr = maxphyaddr
+        self.limit = 1 << maxphyaddr
+        self._frames: dict[int, bytearray] = {}
+        self._next = first_frame >> PAGE_SHIFT
+        self._free: list[int] = []
+
+    # -- checks -----------------------------------------------------------------
+    def _check(self, hpa: int, n: int) -> None:
+        if not isinstance(hpa, int) or isinstance(hpa, bool):
+            raise TypeError(f"hpa must be an int, not {type(hpa).__name__}")
+        if hpa < 0:
+            raise PhysicalAddressError(f"hpa={hpa:#x} is negative")
+        if n < 0:
+            raise ValueError(f"length {n} is negative")
+        if hpa + n > self.limit:
+            raise PhysicalAddressError(
+                f"hpa={hpa:#x} (+{n} bytes) is at or above 2**maxphyaddr = {self.limit:#x} "
+                f"(maxphyaddr={self.maxphyaddr})"
+            )
+
+    # -- frames -----------------------------------------------------------------
+    def frame(self, pfn: int) -> bytearray:
+        """The backing bytearray of page frame ``pfn`` (created zeroed on first use)."""
+        f = self._frames.get(pfn)
+        if f is None:
+            if not 0 <= pfn < (self.limit >> PAGE_SHIFT):
+                raise PhysicalAddressError(f"frame number {pfn:#x} is outside 2**maxphyaddr")
+            f = self._frames[pfn] = bytearray(PAGE_SIZE)
+        return f
+
+    def alloc_frame(self) -> int:
+        """Allocate a zeroed 4-KiB frame nobody uses and return its HPA."""
+        while self._free:
+            pfn = self._free.pop()
+            if pfn not in self._frames:
+                self._frames[pfn] = bytearray(PAGE_SIZE)
+                return pfn << PAGE_SHIFT
+        pfn = self._next
+        while pfn in self._frames:
+            pfn += 1
+        if pfn >= self.limit >> PAGE_SHIFT:
+            raise MemoryError("host-physical address space exhausted")
+        self._next = pfn + 1
+        self._frames[pfn] = bytearray(PAGE_SIZE)
+        return pfn << PAGE_SHIFT
+
+    def free_frame(self, hpa: int) -> None:
+        """Return a frame obtained from :meth:`alloc_frame`; its contents are dropped."""
+        if hpa & (PAGE_SIZE - 1):
+            raise ValueError(f"hpa={hpa:#x} is not 4-KiB aligned")
+        pfn = hpa >> PAGE_SHIFT
+        if self._frames.pop(pfn, None) is None:
+            raise ValueError(f"hpa={hpa:#x} is not an allocated frame")
+        self._free.append(pfn)
+
+    @property
+    def frames_in_use(self) -> int:
+        return len(self._frames)
+
+    # -- access -----------------------------------------------------------------
+    def read_u64(self, hpa: int) -> int:
+        off = hpa & 0xFFF
+        if off <= PAGE_SIZE - 8 and 0 <= hpa < self.limit:
+            f = self._frames.get(hpa >> PAGE_SHIFT)
+            return 0 if f is None else _U64.unpack_from(f, off)[0]
+        return int.from_bytes(self.read(hpa, 8), "little")
+
+    def write_u64(self, hpa: int, value: int) -> None:
+        if not isinstance(value, int) or not 0 <= value < 1 << 64:
+            raise ValueError(f"value={value!r} is not an unsigned 64-bit integer")
+        off = hpa & 0xFFF
+        if off <= PAGE_SIZE - 8 and 0 <= hpa < self.limit:
+            _U64.pack_into(self.frame(hpa >> PAGE_SHIFT), off, value)
+            return
+        self.write(hpa, value.to_bytes(8, "little"))
+
+    def read(self, hpa: int, n: int) -> bytes:
+        self._check(hpa, n)
+        out = bytearray()
+        while n:
+            off = hpa & 0xFFF
+            take = min(n, PAGE_SIZE - off)
+            f = self._frames.get(hpa >> PAGE_SHIFT)
+            out += bytes(take) if f is None else f[off : off + take]
+            hpa += take
+            n -= take
+        return bytes(out)
+
+    def write(self, hpa: int, data: bytes | bytearray | memoryview) -> None:
+        data = memoryview(bytes(data)) if not isinstance(data, memoryview) else data
+        n = len(data)
+        self._check(hpa, n)
+        pos = 0
+        while pos < n:
+            off = hpa & 0xFFF
+            take = min(n - pos, PAGE_SIZE - off)
+            self.frame(hpa >> PAGE_SHIFT)[off : off + take] = data[pos : pos + take]
+            hpa += take
+            pos += take

@@ -1,0 +1,447 @@
+"""The processor: what happens when a guest touches a guest-physical address under EPT + SPP.
+
+:meth:`Processor.translate` is the whole decision for one access, in the order of the
+SDM flow as Bochs implements it (spec: spp-architecture.md §7):
+
+1. EPT walk, level by level: a not-present entry ends it with an EPT violation (48);
+   a present entry with reserved bits, an invalid memory type or W without R ends it
+   with an EPT misconfiguration (49).  R/W/X are ANDed over the levels.
+2. Permission check with the accumulated R/W/X.  Allowed: done (bit 61 irrelevant).
+3. A write the accumulated W denies is checked for SPP eligibility (§5).  Eligible:
+   SPPT walk L4E → L3E → L2E → L1E.  Miss / misconfiguration → SPP-related event (66);
+   vector bit 0 → EPT violation (48, no SPP bit in the qualification); bit 1 → allowed.
+   Not eligible → EPT violation.
+4. After an allowed access: EPT accessed flags on every entry used and the dirty flag
+   on the leaf for a write, when EPTP bit 6 is 1.
+
+Modelling choices where the spec says UNCONFIRMED are named options documented in
+docs/modelling.md.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+from .ept import (
+    EPT_ACCESSED,
+    EPT_DIRTY,
+    EPT_LARGE,
+    EPT_MEMTYPE_MASK,
+    EPT_MEMTYPE_SHIFT,
+    EPT_SPP,
+    EPTP_AD_ENABLE,
+    Level,
+    VALID_LEAF_MEMTYPES,
+    addr_mask,
+    eptp_check,
+    reserved_mask,
+)
+from .exits import (
+    QUAL_GLA_TRANSLATION,
+    QUAL_GLA_VALID,
+    QUAL_NMI_UNBLOCKING,
+    QUAL_READ,
+    QUAL_SPP_MISS,
+    QUAL_WRITE,
+    EptMisconfig,
+    EptViolation,
+    SppEvent,
+    VmEntryFailure,
+)
+from .memory import HostMemory
+from .sppt import SPP_VECTOR_EVEN_BITS, SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
+from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
+
+SECONDARY_ENABLE_EPT = 1 << 1  #: secondary processor-based control "enable EPT"
+SECONDARY_SPP = 1 << 23  #: secondary control "sub-page write permissions for EPT"
+
+#: Largest guest-physical address + 1 that 4-level EPT translates.
+GPA_LIMIT = 1 << 48
+
+SPP_WRITE_CHECK_ALL = "all-touched"
+SPP_WRITE_CHECK_FIRST = "first-byte"
+SPP_WRITE_CHECKS = (SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST)
+
+_EPT_LEVEL_NAMES = {4: "PML4E", 3: "PDPTE", 2: "PDE", 1: "PTE"}
+
+
+class Access(IntEnum):
+    """Kind of guest-physical access; the value is the exit-qualification bit number."""
+
+    READ = 0
+    WRITE = 1
+    EXECUTE = 2
+
+
+_NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
+_ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
+
+
+class HostRange(NamedTuple):
+    """Where some bytes of an access live in host-physical memory."""
+
+    hpa: int
+    size: int
+
+
+def _touched_mask(off: int, size: int) -> int:
+    """Even-bit mask of the SPP vector bits of every sub-page in [off, off+size) of one page."""
+    first = off >> 7
+    last = (off + size - 1) >> 7
+    return ((1 << (2 * last + 2)) - (1 << (2 * first))) & SPP_VECTOR_EVEN_BITS
+
+
+class Processor:
+    """A VMX processor running a guest with EPT and, optionally, sub-page write permissions.
+
+    ``secondary_controls`` is the secondary processor-based VM-execution controls field;
+    by default EPT on and SPP off.  It is taken literally: SPP without
+    ``SECONDARY_ENABLE_EPT`` fails VM entry; EPT off means guest-physical = host-physical.
+    The controls pass the VM-entry checks when the processor is created and whenever
+    :meth:`load_controls` changes them; a failed check raises :class:`VmEntryFailure`
+    and changes nothing.
+    """
+
+    def __init__(
+        self,
+        memory: HostMemory,
+        eptp: int,
+        *,
+        secondary_controls: int | None = None,
+        spptp: int = 0,
+        spp_write_check: str = SPP_WRITE_CHECK_ALL,
+        cache: bool = False,
+        execute_only: bool = True,
+    ) -> None:
+        if not isinstance(memory, HostMemory):
+            raise TypeError(f"memory must be a HostMemory, not {type(memory).__name__}")
+        if spp_write_check not in SPP_WRITE_CHECKS:
+            raise ValueError(
+                f"spp_write_check={spp_write_check!r}: must be one of {', '.join(map(repr, SPP_WRITE_CHECKS))}"
+            )
+        self.memory = memory
+        self.maxphyaddr = memory.maxphyaddr
+        self.spp_write_check = spp_write_check
+        self.execute_only = execute_only
+        self.cache: TranslationCache | None = TranslationCache() if cache else None
+        n = self.maxphyaddr
+        self._amask = addr_mask(n)
+        # Geometry as data: (level, index shift, reserved if table, reserved if leaf
+        # (None: no leaf here), page-frame mask of a leaf, offset mask of a leaf).
+        self._geometry = tuple(
+            (
+                lvl,
+                shift,
+                reserved_mask(Level(lvl), False, n),
+                None if lvl == 4 else reserved_mask(Level(lvl), True, n),
+                self._amask & ~((1 << shift) - 1),
+                (1 << shift) - 1,
+            )
+            for lvl, shift in ((4, 39), (3, 30), (2, 21), (1, 12))
+        )
+        self._sppt_rsv = sppt_nonleaf_reserved(n)
+        self._eptp = self._spptp = self._controls = 0
+        self.load_controls(
+            eptp=eptp,
+            secondary_controls=SECONDARY_ENABLE_EPT if secondary_controls is None else secondary_controls,
+            spptp=spptp,
+        )
+
+    # ------------------------------------------------------------------ controls
+    @property
+    def eptp(self) -> int:
+        return self._eptp
+
+    @property
+    def spptp(self) -> int:
+        return self._spptp
+
+    @property
+    def secondary_controls(self) -> int:
+        return self._controls
+
+    @property
+    def ept_enabled(self) -> bool:
+        return bool(self._controls & SECONDARY_ENABLE_EPT)
+
+    @property
+    def spp_enabled(self) -> bool:
+        return bool(self._controls & SECONDARY_SPP)
+
+    def load_controls(
+        self, *, eptp: int | None = None, secondary_controls: int | None = None, spptp: int | None = None
+    ) -> None:
+        """Change EPTP / secondary controls / SPPTP as a VM entry would load them.
+
+        The VM-entry checks (spec §1) run on the new values first; if one fails,
+        :class:`VmEntryFailure` is raised and nothing changes.
+        """
+        eptp = self._eptp if eptp is None else eptp
+        controls = self._controls if secondary_controls is None else secondary_controls
+        spptp = self._spptp if spptp is None else spptp
+        for name, v in (("eptp", eptp), ("secondary_controls", controls), ("spptp", spptp)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+                raise ValueError(f"{name}={v!r}: must be an unsigned 64-bit integer")
+        if controls >> 32:
+            raise ValueError(f"secondary_controls={controls:#x}: the field is 32 bits wide")
+        if controls & SECONDARY_ENABLE_EPT:
+            why = eptp_check(eptp, self.maxphyaddr)
+            if why:
+                raise VmEntryFailure(why)
+        if controls & SECONDARY_SPP:
+            if not controls & SECONDARY_ENABLE_EPT:
+                raise VmEntryFailure("sub-page write permissions (bit 23) set while 'enable EPT' (bit 1) is 0")
+            why = spptp_check(spptp, self.maxphyaddr)
+            if why:
+                raise VmEntryFailure(why)
+        self._eptp, self._controls, self._spptp = eptp, controls, spptp
+        self._pml4 = eptp & self._amask
+        self._ad = bool(eptp & EPTP_AD_ENABLE)
+        self._spp_on = bool(controls & SECONDARY_SPP)
+        self._ept_on = bool(controls & SECONDARY_ENABLE_EPT)
+        self._sppt_base = spptp & self._amask
+        self._tlb = self.cache.for_tag(self._pml4) if self.cache is not None else None
+
+    # ------------------------------------------------------------------ INVEPT
+    def invept(self, kind: str, eptp: int | None = None) -> None:
+        """INVEPT: ``"single-context"`` drops the mappings tagged with ``eptp``'s EP4TA;
+        ``"all-context"`` drops all.  Without a cache there is nothing to drop."""
+        if kind == INVEPT_SINGLE_CONTEXT:
+            if not isinstance(eptp, int) or isinstance(eptp, bool):
+                raise ValueError("invept('single-context', eptp) needs the EPTP whose mappings to drop")
+            if self.cache is not None:
+                self.cache.invalidate_tag(eptp & self._amask)
+        elif kind == INVEPT_ALL_CONTEXT:
+            if self.cache is not None:
+                self.cache.invalidate_all()
+        else:
+            raise ValueError(f"INVEPT type {kind!r}: must be 'single-context' or 'all-context'")
+
+    # ------------------------------------------------------------------ translate
+    def translate(
+        self,
+        gpa: int,
+        size: int,
+        access: Access,
+        *,
+        gla: int | None = None,
+        paging_structure: bool = False,
+        linear: bool = True,
+        nmi_unblocking: bool = False,
+    ) -> tuple[HostRange, ...]:
+        """Translate an access of ``size`` bytes at ``gpa``; return where the bytes live.
+
+        ``gla``: the guest-linear address, if known (reported in the exit's GLA field).
+        ``paging_structure``: the access is the processor's own access to a guest
+        paging-structure entry (a walk, or an A/D update) — never SPP-eligible.
+        ``linear``: the GPA is the translation of a linear address (qualification
+        bit 8).  False for accesses such as PDPTE loads; those are not SPP-eligible.
+        ``nmi_unblocking``: the access is by an IRET that unblocked NMIs (bit 12).
+
+        An access crossing a 4-KiB boundary is translated page by page in address
+        order and fails at the first page that fails; at most two pages.
+        Raises :class:`EptViolation`, :class:`EptMisconfig` or :class:`SppEvent`.
+        """
+        if type(access) is not Access:
+            access = _coerce_access(access)
+        if type(gpa) is not int or type(size) is not int or gpa < 0 or size < 1 or gpa + size > GPA_LIMIT:
+            _bad_range(gpa, size)
+        if paging_structure or gla is not None:
+            _check_extra(access, gla, paging_structure, linear)
+        first = 4096 - (gpa & 0xFFF)
+        if size <= first:
+            tlb = self._tlb
+            if tlb is not None and not paging_structure:
+                # Fast path: a cached mapping that permits the access outright.
+                hit = tlb.get(gpa >> 12)
+                if hit is not None and hit[1] & _NEED[access] and (hit[2] or access != Access.WRITE or not self._ad):
+                    self.cache.hits += 1
+                    return (HostRange(hit[0] | (gpa & 0xFFF), size),)
+            return (self._translate_page(gpa, size, access, gla, paging_structure, linear, nmi_unblocking),)
+        rest = size - first
+        if rest > 4096:
+            raise ValueError(f"size={size} at gpa={gpa:#x} crosses more than two 4-KiB pages")
+        return (
+            self._translate_page(gpa, first, access, gla, paging_structure, linear, nmi_unblocking),
+            self._translate_page(
+                gpa + first, rest, access, None if gla is None else gla + first, paging_structure, linear, nmi_unblocking
+            ),
+        )
+
+    def _translate_page(
+        self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
+    ) -> HostRange:
+        if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
+            if gpa + size > self.memory.limit:
+                raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
+            return HostRange(gpa, size)
+
+        # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
+        write = access == Access.WRITE or (paging and self._ad)
+        need = 2 if write else (1 if access == Access.READ else 4)
+        spp_candidate = write and not paging and linear and self._spp_on
+
+        # -- cached combined mapping (optional) ---------------------------------
+        tlb = self._tlb
+        if tlb is not None:
+            hit = tlb.get(gpa >> 12)
+            if hit is not None:
+                frame, acc, dirty, spp_leaf = hit
+                if dirty or not write or not self._ad:
+                    if acc & need:
+                        self.cache.hits += 1
+                        return HostRange(frame | (gpa & 0xFFF), size)
+                    if spp_candidate and spp_leaf and acc & 1:
+                        # EPT part cached; the SPPT is read at every eligible write.
+                        if self._spp_allows(gpa, size, gla, nmi):
+                            self.cache.hits += 1
+                            return HostRange(frame | (gpa & 0xFFF), size)
+                        del tlb[gpa >> 12]  # the violation invalidates the mapping used
+                        raise EptViolation(
+                            self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                            gpa, gla if (linear or paging) else None, level="PTE",
+                            detail="write denied by the SPP vector (cached EPT mapping)",
+                        )
+                del tlb[gpa >> 12]  # not good enough for this access: walk again
+            self.cache.misses += 1
+
+        # -- 1. EPT walk ---------------------------------------------------------
+        read_u64 = self.memory.read_u64
+        base = self._pml4
+        acc = 7
+        used = []  # (hpa, raw) of each entry, for the A/D update
+        for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
+            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
+            raw = read_u64(ehpa)
+            acc &= raw
+            if not raw & 7:
+                raise EptViolation(
+                    self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
+                    gpa, gla if (linear or paging) else None,
+                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail="EPT entry not present",
+                )
+            leaf = lvl == 1 or (rsv_leaf is not None and raw & EPT_LARGE)
+            bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
+            if bad:
+                raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
+            used.append((ehpa, raw))
+            if leaf:
+                break
+            base = raw & self._amask
+        hpa = (raw & frame_mask) | (gpa & off_mask)
+
+        # -- 2. permission check with the accumulated R/W/X ------------------------
+        if not acc & need:
+            # -- 3. sub-page write permissions ----------------------------------------
+            eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
+            if not (eligible and self._spp_allows(gpa, size, gla, nmi)):
+                raise EptViolation(
+                    self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                    gpa, gla if (linear or paging) else None,
+                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=used[-1][0],
+                    detail="write denied by the SPP vector" if eligible else "access not permitted by EPT",
+                )
+
+        # -- 4. accessed and dirty flags -----------------------------------------------
+        dirty = True
+        if self._ad:
+            write_u64 = self.memory.write_u64
+            last = len(used) - 1
+            for i, (ehpa, e) in enumerate(used):
+                new = e | EPT_ACCESSED
+                if i == last:
+                    if write:
+                        new |= EPT_DIRTY
+                    dirty = bool(new & EPT_DIRTY)
+                if new != e:
+                    write_u64(ehpa, new)
+        if tlb is not None:
+            tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
+        return HostRange(hpa, size)
+
+    def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
+        if raw & 3 == 2:
+            return "write permission without read permission (bit 1 = 1, bit 0 = 0)"
+        if not self.execute_only and raw & 7 == 4:
+            return "execute-only entry, and execute-only translations are not supported"
+        if raw & rsv:
+            return f"reserved bits set: {raw & rsv:#x}"
+        if leaf and (raw & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT not in VALID_LEAF_MEMTYPES:
+            return f"invalid memory type {(raw & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT}"
+        return None
+
+    def _qualification(self, access: Access, paging: bool, linear: bool, nmi: bool) -> int:
+        """Bits 2:0, 7, 8 and 12 of an EPT-violation qualification (5:3 added by the caller)."""
+        q = 1 << access
+        if paging and self._ad:
+            q |= QUAL_READ | QUAL_WRITE  # treated as a write: the SDM sets both bits
+        if paging:
+            q |= QUAL_GLA_VALID  # bit 8 = 0: an access to a paging-structure entry
+        elif linear:
+            q |= QUAL_GLA_VALID | QUAL_GLA_TRANSLATION
+        return q | (QUAL_NMI_UNBLOCKING if nmi else 0)
+
+    # ------------------------------------------------------------------ SPPT walk
+    def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool:
+        """Walk the SPPT for an eligible write and look up its sub-page permission."""
+        vector = self.spp_vector(gpa, gla=gla, nmi_unblocking=nmi)
+        if self.spp_write_check == SPP_WRITE_CHECK_FIRST:
+            bit = 1 << (2 * ((gpa >> 7) & 0x1F))
+            return bool(vector & bit)
+        mask = _touched_mask(gpa & 0xFFF, size)
+        return vector & mask == mask
+
+    def spp_vector(self, gpa: int, *, gla: int | None = None, nmi_unblocking: bool = False) -> int:
+        """The SPPT walk (spec §3, §8): return the L1E (SPP vector) for ``gpa``.
+
+        Raises :class:`SppEvent` — bit 11 = 1 when an L4E/L3E/L2E is not present (miss),
+        0 when a present entry has a reserved bit or the L1E has an odd bit set
+        (misconfiguration).  The not-present test comes first at each level.
+        """
+        read_u64 = self.memory.read_u64
+        nmi = QUAL_NMI_UNBLOCKING if nmi_unblocking else 0
+        base = self._sppt_base
+        rsv = self._sppt_rsv
+        for lvl, shift in ((4, 39), (3, 30), (2, 21)):
+            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
+            e = read_u64(ehpa)
+            if not e & 1:
+                raise SppEvent(QUAL_SPP_MISS | nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
+                               detail="entry not present")
+            if e & rsv:
+                raise SppEvent(nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
+                               detail=f"reserved bits set: {e & rsv:#x}")
+            base = e & self._amask
+        ehpa = base + ((gpa >> 12) & 0x1FF) * 8
+        vector = read_u64(ehpa)
+        if vector & SPP_VECTOR_ODD_BITS:
+            raise SppEvent(nmi, gpa, gla, level="L1E", entry=vector, entry_hpa=ehpa,
+                           detail=f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}")
+        return vector
+
+
+def _coerce_access(access) -> Access:
+    if isinstance(access, str) and access.lower() in _ACCESS_BY_NAME:
+        return _ACCESS_BY_NAME[access.lower()]
+    if isinstance(access, int) and not isinstance(access, bool) and access in (0, 1, 2):
+        return Access(access)
+    raise ValueError(f"access={access!r}: must be Access.READ, Access.WRITE or Access.EXECUTE")
+
+
+def _bad_range(gpa, size) -> None:
+    if type(gpa) is not int or gpa < 0:
+        raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
+    if type(size) is not int or size < 1:
+        raise ValueError(f"size={size!r}: must be a positive integer")
+    raise ValueError(f"gpa={gpa:#x} size={size}: beyond the 48-bit guest-physical address space")
+
+
+def _check_extra(access: Access, gla, paging_structure: bool, linear: bool) -> None:
+    if paging_structure and access == Access.EXECUTE:
+        raise ValueError("a paging-structure access is a read or a write, not an execute")
+    if gla is not None:
+        if type(gla) is not int or gla < 0:
+            raise ValueError(f"gla={gla!r}: must be a non-negative integer or None")
+        if not (linear or paging_structure):
+            raise ValueError("gla given for an access that is not the translation of a linear address")
