@@ -51,7 +51,13 @@ class VmExit(Exception):
         self.entry = entry
         self.entry_hpa = entry_hpa
         self.detail = detail
-        super().__init__(self._message())
+        # The message is built on demand (__str__): exits are frequent, messages are not.
+
+    def __str__(self) -> str:
+        return self._message()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._message()!r})"
 
     def _message(self) -> str:
         s = f"{self.name} (exit {self.reason}) at gpa={self.gpa:#x} qualification={self.qualification:#x}"

@@ -77,6 +77,33 @@ class HostMemory:
         self._frames[pfn] = bytearray(PAGE_SIZE)
         return pfn << PAGE_SHIFT
 
+    def alloc_range(self, size: int, *, align: int = PAGE_SIZE, offset: int = 0) -> int:
+        """Reserve ``size`` bytes of contiguous host-physical address space and return its HPA.
+
+        The start is ``offset`` past an ``align``-aligned address (so a guest region
+        can share its low address bits with its backing, letting huge EPT leaves map
+        it).  Frames are materialised lazily, on first write.
+        """
+        if size <= 0 or size % PAGE_SIZE:
+            raise ValueError(f"size={size:#x}: must be a positive multiple of 4 KiB")
+        if align < PAGE_SIZE or align & (align - 1):
+            raise ValueError(f"align={align:#x}: must be a power of two of at least 4 KiB")
+        if offset % PAGE_SIZE or not 0 <= offset < align:
+            raise ValueError(f"offset={offset:#x}: must be a 4-KiB multiple below align")
+        start = ((self._next << PAGE_SHIFT) + align - 1) & ~(align - 1)
+        start += offset
+        while any(start >> PAGE_SHIFT <= pfn < (start + size) >> PAGE_SHIFT for pfn in self._frames):
+            start += align  # something was written there directly: keep clear of it
+        if start + size > self.limit:
+            raise MemoryError(f"host-physical address space exhausted reserving {size:#x} bytes")
+        self._next = (start + size) >> PAGE_SHIFT
+        return start
+
+    def free_range(self, hpa: int, size: int) -> None:
+        """Drop the contents of a range obtained from :meth:`alloc_range`."""
+        for pfn in range(hpa >> PAGE_SHIFT, (hpa + size) >> PAGE_SHIFT):
+            self._frames.pop(pfn, None)
+
     def free_frame(self, hpa: int) -> None:
         """Return a frame obtained from :meth:`alloc_frame`; its contents are dropped."""
         if hpa & (PAGE_SIZE - 1):

@@ -20,6 +20,7 @@ docs/modelling.md.
 
 from __future__ import annotations
 
+import struct
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -74,6 +75,8 @@ class Access(IntEnum):
     EXECUTE = 2
 
 
+_unpack = struct.Struct("<Q").unpack_from
+_BAD_MEMTYPES = frozenset({2, 3, 7})
 _NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
 _ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
 
@@ -307,13 +310,14 @@ class Processor:
             self.cache.misses += 1
 
         # -- 1. EPT walk ---------------------------------------------------------
-        read_u64 = self.memory.read_u64
+        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
         base = self._pml4
         acc = 7
         used = []  # (hpa, raw) of each entry, for the A/D update
         for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            raw = read_u64(ehpa)
+            f = frames.get(ehpa >> 12)
+            raw = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
             acc &= raw
             if not raw & 7:
                 raise EptViolation(
@@ -322,8 +326,13 @@ class Processor:
                     level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail="EPT entry not present",
                 )
             leaf = lvl == 1 or (rsv_leaf is not None and raw & EPT_LARGE)
-            bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
-            if bad:
+            if (
+                raw & 3 == 2
+                or raw & (rsv_leaf if leaf else rsv_table)
+                or (leaf and (raw >> 3) & 7 in _BAD_MEMTYPES)
+                or (not self.execute_only and raw & 7 == 4)
+            ):
+                bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
                 raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
             used.append((ehpa, raw))
             if leaf:
@@ -399,13 +408,14 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
-        read_u64 = self.memory.read_u64
+        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
         nmi = QUAL_NMI_UNBLOCKING if nmi_unblocking else 0
         base = self._sppt_base
         rsv = self._sppt_rsv
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            e = read_u64(ehpa)
+            f = frames.get(ehpa >> 12)
+            e = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
             if not e & 1:
                 raise SppEvent(QUAL_SPP_MISS | nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
                                detail="entry not present")
@@ -414,7 +424,8 @@ class Processor:
                                detail=f"reserved bits set: {e & rsv:#x}")
             base = e & self._amask
         ehpa = base + ((gpa >> 12) & 0x1FF) * 8
-        vector = read_u64(ehpa)
+        f = frames.get(ehpa >> 12)
+        vector = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
         if vector & SPP_VECTOR_ODD_BITS:
             raise SppEvent(nmi, gpa, gla, level="L1E", entry=vector, entry_hpa=ehpa,
                            detail=f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}")

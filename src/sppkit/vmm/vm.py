@@ -1,0 +1,517 @@
+"""``sppkit.Vm``: the hypervisor side of SPP.
+
+Memslots backed by host frames, the EPT built from them, the SPP interface of the
+KVM series (v8–v12) with its gaps closed, dirty logging, and the one write path
+every engine uses: ``vm.write`` → ``Processor.translate`` → decision.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+
+from ..arch.ept import Level
+from ..arch.exits import EptViolation, SppEvent
+from ..arch.memory import HostMemory
+from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor
+from ..arch.sppt import FULL_ACCESS_MAP, SPP_VECTOR_ODD_BITS, map_from_vector, vector_from_map
+from .ept_manager import EptManager
+from .errors import (
+    GfnNotInMemslot,
+    GfnReadOnly,
+    GpaNotMapped,
+    MemslotError,
+    SppBatchTooLarge,
+    SppError,
+    SppMisconfiguration,
+    SppNotEnabled,
+    VmmError,
+)
+from .events import Decision, SppViolation, WriteResult
+from .memslots import Memslot, MemslotTable
+from .stats import Stats
+from .subpage import SpptManager
+
+#: Pages per set/get call, as KVM_CAP_X86_SPP reports it (KVM_SUBPAGE_MAX_PAGES).
+SPP_BATCH_LIMIT = 512
+REGION_2M = 1 << 21
+REGION_1G = 1 << 30
+_ALLOWED = WriteResult(True)
+_MAX_RETRIES = 8
+
+ViolationHandler = Callable[[SppViolation], Decision]
+
+
+def _touched_bits(off: int, size: int) -> int:
+    """32-bit map of the sub-pages touched by [off, off+size) within one page."""
+    first = off >> 7
+    last = (off + size - 1) >> 7
+    return ((1 << (last + 1)) - 1) & ~((1 << first) - 1)
+
+
+class Vm:
+    """An empty VM.  Add memslots, enable SPP, set access maps, write.
+
+    ``maxphyaddr``: host physical-address width.  ``cache``: the processor's
+    translation cache (INVEPT is issued after every EPT change).  ``spp_write_check``:
+    ``"all-touched"`` (default) or ``"first-byte"`` (Bochs), see docs/modelling.md.
+    ``ept_ad``: EPT accessed/dirty flags (EPTP bit 6).
+    """
+
+    def __init__(
+        self,
+        *,
+        maxphyaddr: int = 46,
+        cache: bool = True,
+        spp_write_check: str = SPP_WRITE_CHECK_ALL,
+        ept_ad: bool = False,
+    ) -> None:
+        self.memory = HostMemory(maxphyaddr)
+        self.ept = EptManager(self.memory)
+        self.processor = Processor(
+            self.memory,
+            self.ept.eptp(accessed_dirty=ept_ad),
+            secondary_controls=SECONDARY_ENABLE_EPT,
+            spp_write_check=spp_write_check,
+            cache=cache,
+        )
+        self.slots = MemslotTable()
+        self.sppt: SpptManager | None = None
+        self._handler: ViolationHandler | None = None
+        self._stats = Stats()
+        self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
+        self._prot_1g: dict[int, int] = {}
+        self.invepts = 0
+
+    # ================================================================ memslots
+    def add_memslot(self, slot: int, gpa: int, size: int, *, readonly: bool = False, dirty_log: bool = False) -> Memslot:
+        """Add guest memory ``[gpa, gpa+size)`` backed by newly reserved host frames."""
+        self.slots.validate_new(slot, gpa, size)
+        hpa = self.memory.alloc_range(size, align=REGION_1G, offset=gpa % REGION_1G)
+        m = Memslot(slot, gpa, size, hpa, readonly=bool(readonly), dirty_log=bool(dirty_log))
+        if dirty_log:
+            m.dirty = np.zeros(m.npages, dtype=bool)
+        if self.sppt is not None:
+            m.alloc_maps()
+        self.slots.insert(m)
+        self._map_slot(m)
+        self._invept()
+        return m
+
+    def delete_memslot(self, slot: int) -> None:
+        """Delete a memslot: its memory, its EPT mappings and its access maps — nothing else."""
+        m = self.slots.get(slot)
+        self._count_protected(m, -1)
+        self.ept.unmap_range(m.gpa, m.size)
+        self.slots.remove(slot)
+        self.memory.free_range(m.hpa, m.size)
+        self._invept()
+
+    def move_memslot(self, slot: int, new_gpa: int) -> Memslot:
+        """Move a memslot to ``new_gpa``; contents, access maps and dirty bits move with it."""
+        m = self.slots.get(slot)
+        self.slots.validate_new(slot, new_gpa, m.size, ignore=slot)
+        self._count_protected(m, -1)
+        self.ept.unmap_range(m.gpa, m.size)
+        self.slots.remove(slot)
+        m.gpa = new_gpa
+        self.slots.insert(m)
+        self._count_protected(m, +1)
+        self._map_slot(m)
+        if self.sppt is not None and m.maps is not None:
+            self.sppt.on_change([(m.base_gfn + int(i), int(m.maps[i])) for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]])
+        self._invept()
+        return m
+
+    def memslots(self) -> list[Memslot]:
+        return list(self.slots)
+
+    def _map_slot(self, m: Memslot) -> None:
+        # Dirty logging starts armed: every page W = 0 until its first write (4-KiB leaves).
+        self.ept.map_range(m.gpa, m.hpa, m.size, writable=not m.readonly and not m.dirty_log, huge=not m.dirty_log)
+        todo: set[int] = set()
+        if m.maps is not None and self.sppt is not None:
+            todo.update(int(i) for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0])
+        if m.dirty_log and not m.readonly:
+            todo.update(int(i) for i in np.nonzero(m.dirty)[0])
+        for i in sorted(todo):
+            self._sync_leaf(m, i)
+
+    def _count_protected(self, m: Memslot, sign: int) -> None:
+        if m.maps is None:
+            return
+        for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]:
+            self._count_gfn(m.base_gfn + int(i), sign)
+
+    def _count_gfn(self, gfn: int, sign: int) -> None:
+        gpa = gfn << 12
+        for d, r in ((self._prot_2m, gpa & ~(REGION_2M - 1)), (self._prot_1g, gpa & ~(REGION_1G - 1))):
+            n = d.get(r, 0) + sign
+            if n:
+                d[r] = n
+            else:
+                d.pop(r, None)
+
+    # ================================================================ guest memory (VMM side)
+    def read(self, gpa: int, n: int) -> bytes:
+        """Read guest memory as the VMM sees it (no EPT permission check)."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n={n!r}: must be a non-negative integer")
+        out = bytearray()
+        for m, g, k in self._pieces(gpa, n, "read"):
+            out += self.memory.read(m.hpa + (g - m.gpa), k)
+        return bytes(out)
+
+    def load(self, gpa: int, data: bytes) -> None:
+        """Write guest memory from the VMM side (loading an image): not a guest write, so
+        no EPT/SPP check, no statistics, no dirty logging."""
+        data = bytes(data)
+        pos = 0
+        pieces = list(self._pieces(gpa, len(data), "load"))  # validate the whole range first
+        for m, g, k in pieces:
+            self.memory.write(m.hpa + (g - m.gpa), data[pos : pos + k])
+            pos += k
+
+    def _pieces(self, gpa: int, n: int, what: str):
+        if not isinstance(gpa, int) or gpa < 0:
+            raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
+        out = []
+        end = gpa + n
+        while gpa < end:
+            m = self.slots.lookup(gpa, what)
+            k = min(end, m.end) - gpa
+            out.append((m, gpa, k))
+            gpa += k
+        return out
+
+    def hpa_of(self, gpa: int) -> int:
+        """Host-physical address backing ``gpa`` (from the memslots)."""
+        m = self.slots.lookup(gpa)
+        return m.hpa + (gpa - m.gpa)
+
+    # ================================================================ SPP interface
+    @property
+    def spp_enabled(self) -> bool:
+        return self.sppt is not None
+
+    def enable_spp(self, mode: str = "lazy") -> int:
+        """Turn SPP on (secondary control bit 23, SPPTP loaded); returns the batch limit
+        (512).  Enabling again with the same mode is a no-op."""
+        if self.sppt is not None:
+            if mode != self.sppt.mode:
+                raise SppError(f"SPP is already enabled in {self.sppt.mode!r} mode; disable_spp() before changing mode")
+            return SPP_BATCH_LIMIT
+        sppt = SpptManager(self.memory, mode)
+        self.processor.load_controls(
+            secondary_controls=self.processor.secondary_controls | SECONDARY_SPP, spptp=sppt.spptp
+        )
+        self.sppt = sppt
+        for m in self.slots:
+            m.alloc_maps()
+        return SPP_BATCH_LIMIT
+
+    def disable_spp(self) -> None:
+        """Turn SPP off: every page unprotected, bit 61 cleared, huge pages merged back,
+        the SPPT freed (the KVM series had no way to do this)."""
+        if self.sppt is None:
+            raise SppNotEnabled()
+        changes = []
+        for m in self.slots:
+            for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]:
+                changes.append((m, int(i), FULL_ACCESS_MAP))
+        self._apply(changes, update_sppt=False)
+        self.processor.load_controls(secondary_controls=self.processor.secondary_controls & ~SECONDARY_SPP, spptp=0)
+        self.sppt.free()
+        self.sppt = None
+        for m in self.slots:
+            m.maps = None
+        self._invept()
+
+    def _resolve(self, gfn: int) -> tuple[Memslot, int]:
+        m = self.slots.find(gfn << 12)
+        if m is None:
+            raise GfnNotInMemslot(gfn)
+        return m, gfn - m.base_gfn
+
+    def _check_batch(self, gfn_base, npages: int) -> None:
+        if self.sppt is None:
+            raise SppNotEnabled()
+        if not isinstance(gfn_base, int) or isinstance(gfn_base, bool) or gfn_base < 0:
+            raise ValueError(f"gfn_base={gfn_base!r}: must be a non-negative integer")
+        if npages > SPP_BATCH_LIMIT:
+            raise SppBatchTooLarge(npages, SPP_BATCH_LIMIT)
+
+    def set_subpage_access(self, gfn_base: int, access_maps: Sequence[int], flags: int = 0) -> int:
+        """Set the 32-bit access maps of pages ``gfn_base ...`` (bit i = sub-page i writable;
+        0xFFFFFFFF = not protected).  All-or-nothing: everything is validated first.
+        Returns 0."""
+        if flags != 0:
+            raise ValueError(f"flags={flags!r}: must be 0")
+        maps = list(access_maps) if not isinstance(access_maps, int) else None
+        if maps is None:
+            raise TypeError("access_maps must be a sequence of 32-bit maps, one per page")
+        self._check_batch(gfn_base, len(maps))
+        changes = []
+        for k, amap in enumerate(maps):
+            gfn = gfn_base + k
+            if not isinstance(amap, (int, np.integer)) or isinstance(amap, bool) or not 0 <= amap <= FULL_ACCESS_MAP:
+                raise ValueError(f"access map {amap!r} for gfn={gfn:#x} is not a 32-bit value")
+            m, i = self._resolve(gfn)
+            if m.readonly and amap != FULL_ACCESS_MAP:
+                raise GfnReadOnly(gfn, m.slot)
+            changes.append((m, i, int(amap)))
+        self._apply(changes)
+        return 0
+
+    def get_subpage_access(self, gfn_base: int, npages: int) -> list[int]:
+        """The access maps of ``npages`` pages from ``gfn_base``."""
+        if not isinstance(npages, int) or npages < 0:
+            raise ValueError(f"npages={npages!r}: must be a non-negative integer")
+        self._check_batch(gfn_base, npages)
+        out = []
+        for gfn in range(gfn_base, gfn_base + npages):
+            m, i = self._resolve(gfn)
+            out.append(int(m.maps[i]))
+        return out
+
+    def set_spp_vector(self, gpa: int, vector: int) -> None:
+        """Set the raw 64-bit SPP vector of ``gpa``'s page (bit 2i = sub-page i writable)."""
+        if not isinstance(vector, int) or isinstance(vector, bool) or not 0 <= vector < 1 << 64:
+            raise ValueError(f"vector={vector!r}: must be an unsigned 64-bit value")
+        if vector & SPP_VECTOR_ODD_BITS:
+            raise ValueError(f"vector={vector:#018x} sets reserved odd bits {vector & SPP_VECTOR_ODD_BITS:#x}")
+        if not isinstance(gpa, int) or gpa < 0:
+            raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
+        self.set_subpage_access(gpa >> 12, [map_from_vector(vector)])
+
+    def get_spp_vector(self, gpa: int) -> int:
+        if not isinstance(gpa, int) or gpa < 0:
+            raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
+        return vector_from_map(self.get_subpage_access(gpa >> 12, 1)[0])
+
+    def _apply(self, changes: list[tuple[Memslot, int, int]], *, update_sppt: bool = True) -> None:
+        """Store new maps, re-project the EPT, update the SPPT, merge, INVEPT."""
+        sppt_changes = []
+        freed: set[tuple[int, Memslot]] = set()
+        for m, i, new in changes:
+            old = int(m.maps[i])
+            if old == new:
+                continue
+            gfn = m.base_gfn + i
+            m.maps[i] = new
+            if old == FULL_ACCESS_MAP:
+                self._count_gfn(gfn, +1)
+            elif new == FULL_ACCESS_MAP:
+                self._count_gfn(gfn, -1)
+                freed.add((gfn << 12 & ~(REGION_2M - 1), m))
+            self._sync_leaf(m, i)
+            sppt_changes.append((gfn, new))
+        if update_sppt and sppt_changes:
+            self.sppt.on_change(sppt_changes)
+        for region, m in sorted(freed, key=lambda t: t[0]):
+            self._maybe_merge(region, m)
+        if sppt_changes:
+            self._invept()
+
+    def _maybe_merge(self, region: int, m: Memslot) -> None:
+        if m.dirty_log or self._prot_2m.get(region):
+            return
+        if m.gpa <= region and region + REGION_2M <= m.end and self.ept.try_merge(region, Level.PDE):
+            big = region & ~(REGION_1G - 1)
+            if not self._prot_1g.get(big) and m.gpa <= big and big + REGION_1G <= m.end:
+                self.ept.try_merge(big, Level.PDPTE)
+
+    def _sync_leaf(self, m: Memslot, i: int) -> None:
+        prot = self.sppt is not None and m.maps is not None and m.maps[i] != FULL_ACCESS_MAP
+        armed = m.dirty_log and not m.dirty[i]
+        self.ept.set_leaf(
+            m.gpa + (i << 12),
+            m.hpa + (i << 12),
+            writable=not m.readonly and not prot and not armed,
+            spp=prot and not armed,
+            saved=prot and armed,
+        )
+
+    def _invept(self) -> None:
+        self.processor.invept("single-context", self.processor.eptp)
+        self.invepts += 1
+
+    # ================================================================ dirty logging
+    def get_dirty_log(self, slot: int) -> bytes:
+        """The slot's dirty bitmap (bit i of byte i//8 = page i written since the last
+        call), cleared by the call; logging is re-armed on the pages it reports."""
+        m = self.slots.get(slot)
+        if not m.dirty_log:
+            raise MemslotError(f"{m.describe()} was added without dirty_log=True")
+        bitmap = np.packbits(m.dirty, bitorder="little").tobytes()
+        was = np.nonzero(m.dirty)[0]
+        m.dirty[:] = False
+        if not m.readonly:
+            for i in was:
+                self._sync_leaf(m, int(i))
+        if len(was):
+            self._invept()
+        return bitmap
+
+    # ================================================================ the write path
+    def on_violation(self, callback: ViolationHandler | None) -> None:
+        """Register the handler asked for a :class:`Decision` on every SPP violation
+        (None: no handler; violations are SKIPped)."""
+        if callback is not None and not callable(callback):
+            raise TypeError("on_violation needs a callable (event) -> Decision, or None")
+        self._handler = callback
+
+    def write(
+        self, gpa: int, data: bytes, *, vcpu: int = 0, rip: int | None = None, gla: int | None = None
+    ) -> WriteResult:
+        """A guest write of ``data`` at ``gpa`` — the one path every engine uses.
+
+        The write is translated page by page (at most two pages); SPP misses are
+        handled (rebuild, retry); a denied write becomes an :class:`SppViolation` passed
+        to the handler, whose :class:`Decision` applies to the whole write.  No byte
+        lands before every page has been decided.
+        """
+        n = len(data)
+        if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
+            self._bad_write(gpa, data)
+        self._stats.writes += 1
+        off = gpa & 0xFFF
+        if off + n <= 4096:
+            frags = ((gpa, n, 0),)
+        else:
+            first = 4096 - off
+            frags = ((gpa, first, 0), (gpa + first, n - first, first))
+        translate = self.processor.translate
+        targets = []
+        events: list[SppViolation] = []
+        decision = None
+        misses = 0
+        page_granular = False
+        for fgpa, fn, doff in frags:
+            m = self.slots.find(fgpa)
+            if m is None:
+                raise GpaNotMapped(fgpa, "guest write")
+            i = (fgpa - m.gpa) >> 12
+            if m.maps is not None and m.maps[i] != FULL_ACCESS_MAP:
+                page_granular = True
+                self._stats.page_granular_by_page.add(fgpa >> 12)
+            fgla = None if gla is None else gla + doff
+            for _ in range(_MAX_RETRIES):
+                try:
+                    targets.append(translate(fgpa, fn, Access.WRITE, gla=fgla)[0][0])
+                    break
+                except SppEvent as e:
+                    if not e.is_miss:
+                        raise SppMisconfiguration(e, self.sppt.builder.walk(fgpa)) from None
+                    misses += 1
+                    self._stats.spp_misses += 1
+                    self._handle_miss(fgpa)
+                except EptViolation as e:
+                    if m.readonly:
+                        self._stats.readonly_writes += 1
+                        return WriteResult(False, readonly=True, spp_misses=misses)
+                    if m.dirty_log and not m.dirty[i]:
+                        m.dirty[i] = True
+                        self._stats.dirty_log_faults += 1
+                        self._sync_leaf(m, i)
+                        self._invept()
+                        continue
+                    amap = int(m.maps[i]) if m.maps is not None else FULL_ACCESS_MAP
+                    if amap == FULL_ACCESS_MAP:
+                        raise VmmError(f"unexpected EPT violation on an unprotected page: {e}") from None
+                    ev = self._violation(e, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
+                    events.append(ev)
+                    decision = self._decide(ev)
+                    if decision is Decision.SKIP or decision is Decision.STOP:
+                        if page_granular:
+                            self._stats.page_granular += 1
+                        return WriteResult(
+                            False, decision, tuple(events), stopped=decision is Decision.STOP, spp_misses=misses
+                        )
+                    if decision is Decision.EMULATE:
+                        targets.append(m.hpa + (fgpa - m.gpa))
+                        break
+                    # UNPROTECT: the touched sub-pages become writable; translate again
+                    self._apply([(m, i, amap | _touched_bits(fgpa & 0xFFF, fn))])
+            else:
+                raise VmmError(f"write at gpa={fgpa:#x} still faults after {_MAX_RETRIES} attempts")
+        if page_granular:
+            self._stats.page_granular += 1
+        # -- commit: every page decided, now the bytes land
+        mem = self.memory
+        if len(targets) == 1:
+            hpa = targets[0]
+            o = hpa & 0xFFF
+            mem.frame(hpa >> 12)[o : o + n] = data
+        else:
+            for hpa, (fgpa, fn, doff) in zip(targets, frags):
+                o = hpa & 0xFFF
+                mem.frame(hpa >> 12)[o : o + fn] = data[doff : doff + fn]
+        if events or misses:
+            return WriteResult(True, decision, tuple(events), spp_misses=misses)
+        return _ALLOWED
+
+    @staticmethod
+    def _bad_write(gpa, data) -> None:
+        if type(gpa) is not int or gpa < 0:
+            raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
+        raise ValueError(f"write of {len(data)} bytes: must be 1 to 4096 bytes")
+
+    def _violation(self, e, fgpa, fn, fdata, amap, vcpu, rip, wgpa, wn) -> SppViolation:
+        off = fgpa & 0xFFF
+        touched = tuple(range(off >> 7, ((off + fn - 1) >> 7) + 1))
+        denied = tuple(s for s in touched if not (amap >> s) & 1)
+        st = self._stats
+        st.violations += 1
+        gfn = fgpa >> 12
+        st.violations_by_page.add(gfn)
+        for s in denied:
+            st.violations_by_subpage.add((gfn, s))
+        return SppViolation(
+            gpa=fgpa, gla=e.gla, size=fn, data=bytes(fdata), rip=rip, vcpu=vcpu, qualification=e.qualification,
+            subpages=touched, denied=denied, write_gpa=wgpa, write_size=wn,
+        )
+
+    def _decide(self, ev: SppViolation) -> Decision:
+        if self._handler is None:
+            d = Decision.SKIP
+        else:
+            d = self._handler(ev)
+            if not isinstance(d, Decision):
+                raise TypeError(f"the violation handler returned {d!r}; it must return a sppkit.Decision")
+        self._stats.decisions[d.value] += 1
+        return d
+
+    def _handle_miss(self, gpa: int) -> None:
+        region = gpa & ~(REGION_2M - 1)
+        protected = []
+        for m in self.slots:
+            if m.end <= region or m.gpa >= region + REGION_2M or m.maps is None:
+                continue
+            lo = max(region, m.gpa)
+            hi = min(region + REGION_2M, m.end)
+            a, b = (lo - m.gpa) >> 12, (hi - m.gpa) >> 12
+            for i in np.nonzero(m.maps[a:b] != FULL_ACCESS_MAP)[0]:
+                protected.append((m.base_gfn + a + int(i), int(m.maps[a + int(i)])))
+        self.sppt.rebuild_region(gpa, protected)
+        self._invept()
+
+    # ================================================================ statistics
+    def stats(self, top: int = 10) -> dict:
+        """Write-path statistics as plain, JSON-serialisable data."""
+        return self._stats.as_dict(top)
+
+    def reset_stats(self) -> None:
+        self._stats = Stats()
+
+    def spp_memory(self) -> dict:
+        """Memory the SPP state uses: access maps (4 bytes a page) and SPPT frames."""
+        maps = sum(m.maps.nbytes for m in self.slots if m.maps is not None)
+        return {
+            "map_bytes": maps,
+            "protectable_pages": sum(m.npages for m in self.slots),
+            "sppt_bytes": self.sppt.bytes if self.sppt else 0,
+            "sppt_tables": len(self.sppt.builder.tables) if self.sppt else 0,
+            "protected_2m_regions": len(self._prot_2m),
+        }
