@@ -81,6 +81,31 @@ class EptBuilder:
         level, ehpa, raw = self.walk(gpa)[-1]
         return (level, ehpa, raw) if is_present(raw) else None
 
+    def leaves(self, gpa: int, size: int):
+        """Yield ``(gpa, level, raw)`` for every present leaf overlapping ``[gpa, gpa+size)``,
+        in address order, walking each table once (a 2-MiB leaf is one item)."""
+        _check_int("gpa", gpa)
+        _check_int("size", size)
+        end = gpa + size
+        read = self.memory.read_u64
+
+        def visit(table: int, level: Level, base: int):
+            span = level.page_size
+            first = max(0, (gpa - base) // span)
+            last = min(511, (end - 1 - base) // span)
+            for i in range(first, last + 1):
+                raw = read(table + 8 * i)
+                if not is_present(raw):
+                    continue
+                g = base + i * span
+                if is_leaf(raw, level):
+                    yield g, level, raw
+                else:
+                    yield from visit(raw & self._amask, Level(level - 1), g)
+
+        if size:
+            yield from visit(self.pml4, Level.PML4E, 0)
+
     # -- mapping ----------------------------------------------------------------
     def _table_for(self, gpa: int, level: Level) -> int:
         """HPA of the table holding ``level``'s entry for ``gpa``, allocating tables above."""

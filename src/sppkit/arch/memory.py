@@ -77,13 +77,19 @@ class HostMemory:
         self._frames[pfn] = bytearray(PAGE_SIZE)
         return pfn << PAGE_SHIFT
 
-    def alloc_range(self, size: int, *, align: int = PAGE_SIZE, offset: int = 0) -> int:
+    def alloc_range(self, size: int, *, align: int = PAGE_SIZE, offset: int = 0, backing=None) -> int:
         """Reserve ``size`` bytes of contiguous host-physical address space and return its HPA.
 
         The start is ``offset`` past an ``align``-aligned address (so a guest region
         can share its low address bits with its backing, letting huge EPT leaves map
-        it).  Frames are materialised lazily, on first write.
+        it).  Frames are materialised lazily, on first write — unless ``backing`` (a
+        writable buffer of ``size`` bytes, e.g. an ``mmap``) is given: then the frames
+        *are* that buffer, so what is written here is what a real vCPU reads there.
         """
+        if backing is not None:
+            mv = memoryview(backing).cast("B")
+            if mv.readonly or len(mv) != size:
+                raise ValueError(f"backing must be a writable buffer of exactly {size:#x} bytes")
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"size={size:#x}: must be a positive multiple of 4 KiB")
         if align < PAGE_SIZE or align & (align - 1):
@@ -97,6 +103,10 @@ class HostMemory:
         if start + size > self.limit:
             raise MemoryError(f"host-physical address space exhausted reserving {size:#x} bytes")
         self._next = (start + size) >> PAGE_SHIFT
+        if backing is not None:
+            base = start >> PAGE_SHIFT
+            for k in range(size >> PAGE_SHIFT):
+                self._frames[base + k] = mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
         return start
 
     def free_range(self, hpa: int, size: int) -> None:

@@ -83,12 +83,19 @@ class Vm:
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
         self.invepts = 0
+        self.ept_generation = 0
 
     # ================================================================ memslots
-    def add_memslot(self, slot: int, gpa: int, size: int, *, readonly: bool = False, dirty_log: bool = False) -> Memslot:
-        """Add guest memory ``[gpa, gpa+size)`` backed by newly reserved host frames."""
+    def add_memslot(
+        self, slot: int, gpa: int, size: int, *, readonly: bool = False, dirty_log: bool = False, backing=None
+    ) -> Memslot:
+        """Add guest memory ``[gpa, gpa+size)`` backed by newly reserved host frames.
+
+        ``backing``: a writable buffer of ``size`` bytes (an engine's ``mmap``) to use as
+        those frames, so that a committed write is what the guest's real vCPU reads.
+        """
         self.slots.validate_new(slot, gpa, size)
-        hpa = self.memory.alloc_range(size, align=REGION_1G, offset=gpa % REGION_1G)
+        hpa = self.memory.alloc_range(size, align=REGION_1G, offset=gpa % REGION_1G, backing=backing)
         m = Memslot(slot, gpa, size, hpa, readonly=bool(readonly), dirty_log=bool(dirty_log))
         if dirty_log:
             m.dirty = np.zeros(m.npages, dtype=bool)
@@ -334,8 +341,25 @@ class Vm:
         )
 
     def _invept(self) -> None:
+        """INVEPT after an EPT or SPPT change.  ``ept_generation`` tells engines that
+        mirror the EPT elsewhere (KVM memslots, Unicorn page protections) to re-read it."""
         self.processor.invept("single-context", self.processor.eptp)
         self.invepts += 1
+        self.ept_generation += 1
+
+    def write_protected(self, gpa: int, size: int) -> list[tuple[int, int, bool]]:
+        """The EPT's view of ``[gpa, gpa+size)`` as runs ``(gpa, length, writable)``:
+        what an engine mirrors (pages whose leaf has W = 0 must trap writes)."""
+        runs: list[list] = []
+        for g, level, raw in self.ept.builder.leaves(gpa, size):
+            lo = max(g, gpa)
+            hi = min(g + level.page_size, gpa + size)
+            w = bool(raw & 2)
+            if runs and runs[-1][2] == w and runs[-1][0] + runs[-1][1] == lo:
+                runs[-1][1] += hi - lo
+            else:
+                runs.append([lo, hi - lo, w])
+        return [tuple(r) for r in runs]
 
     # ================================================================ dirty logging
     def get_dirty_log(self, slot: int) -> bytes:
