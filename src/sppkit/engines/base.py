@@ -1,0 +1,144 @@
+"""What the KVM and Unicorn engines share: a Vm with guest RAM, the guest image and
+its long-mode set-up, the policy turned into access maps, decisions and records.
+
+An engine never decides a permission: it hands every write to ``vm.write`` and acts
+on the :class:`~sppkit.vmm.WriteResult`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ..vmm import Decision, SppViolation, Vm
+from .result import RunResult, ViolationRecord
+from .x86 import LongModeLayout, plan_long_mode
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..guests.elf import GuestImage
+    from ..policy import Policy
+
+DEFAULT_RAM = 64 << 20
+RAM_SLOT = 0
+
+
+class EngineError(RuntimeError):
+    """The guest cannot go on (an instruction the engine cannot run on a protected
+    page, a triple fault, a timeout...).  The message names the instruction and GPA."""
+
+
+def parse_size(text: str | int) -> int:
+    """'64M', '1G', '65536', 0x... → bytes."""
+    if isinstance(text, int):
+        return text
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMG" else t
+    try:
+        value = int(num, 0) * mult
+    except ValueError:
+        raise ValueError(f"memory size {text!r}: expected a number with an optional K/M/G suffix, e.g. 64M") from None
+    if value <= 0:
+        raise ValueError(f"memory size {text!r}: must be positive")
+    return value
+
+
+@dataclass
+class GuestSetup:
+    ram_size: int
+    cpl: int
+    layout: LongModeLayout
+
+
+class EngineBase:
+    """Builds the Vm and the guest; subclasses run it."""
+
+    name = "base"
+
+    def __init__(
+        self,
+        image: "GuestImage",
+        *,
+        policy: "Policy | None" = None,
+        ram_size: int = DEFAULT_RAM,
+        cpl: int = 3,
+        spp_mode: str = "lazy",
+        backing=None,
+    ) -> None:
+        if ram_size % (2 << 20) or ram_size < (2 << 20):
+            raise ValueError(f"RAM size {ram_size:#x}: must be a positive multiple of 2 MiB")
+        self.image = image
+        self.policy = policy
+        self.vm = Vm()
+        self.ram_size = ram_size
+        self.cpl = cpl
+        occupied = []
+        for seg in image.segments:
+            if seg.gpa + seg.memsz > ram_size:
+                raise ValueError(
+                    f"{image.path}: segment at {seg.gpa:#x}+{seg.memsz:#x} lies beyond guest RAM "
+                    f"({ram_size >> 20} MiB); use a larger memory size"
+                )
+            occupied.append((seg.gpa & ~0xFFF, (seg.gpa + seg.memsz + 0xFFF) & ~0xFFF))
+        self.layout = plan_long_mode(ram_size, image.entry, occupied, cpl=cpl)
+        self.vm.add_memslot(RAM_SLOT, 0, ram_size, backing=backing)
+        for seg in image.segments:
+            self.vm.load(seg.gpa, seg.data)
+        self.vm.load(self.layout.pml4, self.layout.tables)
+        self.vm.enable_spp(mode=spp_mode)
+        if policy is not None:
+            self.apply_policy(policy)
+        self.vm.on_violation(self._on_violation)
+        self.console = bytearray()
+        self.records: list[ViolationRecord] = []
+        self.exit_code: int | None = None
+        self._pending: list[tuple[SppViolation, bytes]] = []
+
+    # -- policy -------------------------------------------------------------------
+    def apply_policy(self, policy: "Policy") -> None:
+        maps = policy.access_maps()
+        for gfn in sorted(maps):
+            if (gfn << 12) >= self.ram_size:
+                raise ValueError(f"policy protects gpa {gfn << 12:#x}, beyond guest RAM ({self.ram_size >> 20} MiB)")
+        gfns = sorted(maps)
+        i = 0
+        while i < len(gfns):  # contiguous batches of at most 512 pages
+            j = i
+            while j + 1 < len(gfns) and gfns[j + 1] == gfns[j] + 1 and j + 1 - i < 512:
+                j += 1
+            self.vm.set_subpage_access(gfns[i], [maps[g] for g in gfns[i : j + 1]])
+            i = j + 1
+
+    def _on_violation(self, ev: SppViolation) -> Decision:
+        self._pending.append((ev, self.vm.read(ev.gpa, ev.size)))  # the bytes before the write
+        if self.policy is None:
+            return Decision.SKIP
+        return Decision.parse(self.policy.decision_at(ev.gpa) or "skip")
+
+    # -- records -----------------------------------------------------------------------
+    def symbolize(self, gpa: int) -> str | None:
+        try:
+            hit = self.image.symbol_at(gpa)
+        except Exception:
+            return None
+        if not hit:
+            return None
+        sym, off = hit
+        return f"{sym.name}+{off:#x}" if off else sym.name
+
+    def record(self, ev: SppViolation, decision: Decision, *, old: bytes | None = None, rip_at=None,
+               rip_after=None, instruction=None) -> None:
+        self.records.append(
+            ViolationRecord(
+                gpa=ev.gpa, size=ev.size, subpages=ev.subpages, denied=ev.denied, decision=decision.value,
+                data=ev.data.hex(), rip_at=rip_at, rip_after=rip_after, instruction=instruction,
+                symbol=self.symbolize(ev.gpa), old=old.hex() if old is not None else None,
+            )
+        )
+
+    def result(self, stop_reason: str, *, rip_at=None, rip_after=None, exits=None) -> RunResult:
+        return RunResult(
+            engine=self.name, exit_code=self.exit_code, console=self.console.decode("utf-8", "replace"),
+            stats=self.vm.stats(), violations=list(self.records), stop_reason=stop_reason,
+            rip_at=rip_at, rip_after=rip_after, exits=dict(exits or {}),
+        )

@@ -1,0 +1,57 @@
+"""The one result shape every engine returns."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ViolationRecord:
+    """One SPP violation as an engine saw it.
+
+    ``rip_at``: the writing instruction (known exactly under Unicorn; recovered by
+    decoding under KVM).  ``rip_after``: the instruction after it (KVM reports the
+    write only after it retired).  ``symbol``: "name+0xoff" when the guest has symbols.
+    """
+
+    gpa: int
+    size: int
+    subpages: tuple[int, ...]
+    denied: tuple[int, ...]
+    decision: str
+    data: str  # hex of the bytes the guest tried to write
+    rip_at: int | None = None
+    rip_after: int | None = None
+    instruction: str | None = None
+    symbol: str | None = None
+    old: str | None = None  # hex of the bytes there before the write
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class RunResult:
+    engine: str
+    exit_code: int | None
+    console: str
+    stats: dict
+    violations: list[ViolationRecord] = field(default_factory=list)
+    stop_reason: str = "exit"  # exit | stop-decision | halt | shutdown | timeout | error
+    rip_at: int | None = None
+    rip_after: int | None = None
+    exits: dict = field(default_factory=dict)  # exit kind -> count
+
+    def to_dict(self, max_violations: int = 1000) -> dict:
+        return {
+            "engine": self.engine,
+            "exit_code": self.exit_code,
+            "console": self.console,
+            "stop_reason": self.stop_reason,
+            "rip_at": self.rip_at,
+            "rip_after": self.rip_after,
+            "stats": self.stats,
+            "exits": self.exits,
+            "violations": [v.to_dict() for v in self.violations[:max_violations]],
+            "violations_total": len(self.violations),
+        }

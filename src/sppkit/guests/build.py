@@ -1,0 +1,206 @@
+"""Build freestanding guest programs with the system gcc, with a content-addressed cache.
+
+A guest is ``runtime/start.S`` + ``runtime/sppkit_rt.c`` + one program ``.c``, linked
+by ``runtime/link.ld`` into a static ELF at 0x400000.  The flags keep the code to
+general-purpose registers: KVM cannot emulate SSE/AVX/x87 stores, ``cmpxchg16b`` or
+``fxsave`` on write-protected pages (platform notes §1.4).
+
+Outputs are cached in ``$SPPKIT_CACHE/guests`` (default ``~/.cache/sppkit/guests``,
+honouring ``$XDG_CACHE_HOME``) under a name keyed by a hash of the sources (the
+program, every runtime file, every ``.h`` beside the program), the flags and the
+compiler's version, and written atomically (temporary file + rename), so concurrent
+builds and interrupted builds never leave a partial ELF behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+__all__ = [
+    "BASE_CFLAGS", "GuestBuildError", "PROGRAMS_DIR", "RUNTIME_DIR", "build_guest", "guest_cache_dir",
+    "list_programs", "program_path", "toolchain_status",
+]
+
+GUESTS_DIR = Path(__file__).resolve().parent
+RUNTIME_DIR = GUESTS_DIR / "runtime"
+PROGRAMS_DIR = GUESTS_DIR / "programs"
+LINK_SCRIPT = RUNTIME_DIR / "link.ld"
+RUNTIME_SOURCES = (RUNTIME_DIR / "start.S", RUNTIME_DIR / "sppkit_rt.c")
+
+COMPILER = "gcc"
+INSTALL_HINT = "install a C toolchain, e.g. on Debian/Ubuntu: apt-get install gcc binutils"
+
+BASE_CFLAGS: tuple[str, ...] = (
+    "-O2", "-ffreestanding", "-fno-pie", "-no-pie", "-nostdlib", "-static",
+    "-mgeneral-regs-only", "-mno-sse", "-mno-mmx", "-mno-80387", "-mno-red-zone",
+    "-fno-asynchronous-unwind-tables", "-fno-stack-protector", "-fcf-protection=none",
+    "-Wall", "-Wextra",
+)
+LINK_FLAGS: tuple[str, ...] = ("-Wl,-T," + str(LINK_SCRIPT), "-Wl,--build-id=none")
+
+_BUILD_TIMEOUT = 120  # seconds
+_version_cache: dict[tuple, str] = {}
+
+
+class GuestBuildError(RuntimeError):
+    """A guest program that could not be built: missing compiler, unknown program,
+    or a compile/link failure (the message carries the compiler's stderr)."""
+
+
+def guest_cache_dir(override: str | os.PathLike | None = None) -> Path:
+    """Where built guests go: ``override``, else ``$SPPKIT_CACHE/guests``, else
+    ``${XDG_CACHE_HOME:-~/.cache}/sppkit/guests``."""
+    if override is not None:
+        return Path(override)
+    env = os.environ.get("SPPKIT_CACHE")
+    if env:
+        return Path(env) / "guests"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "sppkit" / "guests"
+
+
+def list_programs() -> list[str]:
+    """Names of the bundled guest programs (``programs/<name>.c``), sorted."""
+    return sorted(p.stem for p in PROGRAMS_DIR.glob("*.c"))
+
+
+def program_path(name_or_path: str | os.PathLike) -> Path:
+    """The ``.c`` file for a bundled program name or a path to a ``.c`` file."""
+    s = os.fspath(name_or_path)
+    looks_like_path = isinstance(name_or_path, os.PathLike) or s.endswith(".c") or os.sep in s or "/" in s
+    if looks_like_path:
+        p = Path(s).expanduser()
+        if not p.is_file():
+            raise GuestBuildError(f"guest source {p}: no such file")
+        return p.resolve()
+    p = PROGRAMS_DIR / f"{s}.c"
+    if not p.is_file():
+        names = ", ".join(list_programs()) or "(none)"
+        raise GuestBuildError(f"no bundled guest program {s!r}; bundled programs: {names} (or give a path to a .c file)")
+    return p
+
+
+def _find_compiler() -> str:
+    gcc = shutil.which(COMPILER)
+    if gcc is None:
+        raise GuestBuildError(f"cannot build guest programs: {COMPILER!r} not found on PATH; {INSTALL_HINT}")
+    return gcc
+
+
+def _compiler_version(gcc: str) -> str:
+    """``gcc --version`` plus the target triple, cached per compiler binary (path,
+    mtime, size), so a cache hit costs no compiler run."""
+    try:
+        st = os.stat(gcc)
+        key = (gcc, st.st_mtime_ns, st.st_size)
+    except OSError:
+        key = (gcc, None, None)
+    if key not in _version_cache:
+        try:
+            out = subprocess.run(
+                [gcc, "--version"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
+            machine = subprocess.run(
+                [gcc, "-dumpmachine"], capture_output=True, text=True, timeout=30, check=True
+            ).stdout
+        except (OSError, subprocess.SubprocessError) as e:
+            raise GuestBuildError(f"cannot run {gcc} --version: {e}; {INSTALL_HINT}") from e
+        _version_cache[key] = out.strip() + "\n" + machine.strip()
+    return _version_cache[key]
+
+
+def toolchain_status() -> tuple[bool, str]:
+    """``(True, "gcc 12.2.0 (x86_64-linux-gnu) at /usr/bin/gcc")`` when guests can be
+    built, else ``(False, reason)`` - for test skips and ``sppkit doctor``."""
+    try:
+        gcc = _find_compiler()
+        version = _compiler_version(gcc)
+    except GuestBuildError as e:
+        return False, str(e)
+    missing = [tool for tool in ("as", "ld") if shutil.which(tool) is None]
+    if missing:
+        return False, f"cannot build guest programs: {', '.join(missing)} not found on PATH; {INSTALL_HINT}"
+    first, _, rest = version.partition("\n")
+    machine = rest.strip().splitlines()[-1] if rest.strip() else "?"
+    if not machine.startswith(("x86_64", "amd64")):
+        return False, f"{gcc} targets {machine}, not x86_64; guests need an x86-64 gcc"
+    number = first.split()[-1] if first.split() else first
+    return True, f"gcc {number} ({machine}) at {gcc}"
+
+
+def _source_files(src: Path) -> list[Path]:
+    """Every file whose content determines the output: runtime + program + its headers."""
+    files = sorted(RUNTIME_DIR.iterdir()) + [src]
+    files += sorted(p for p in src.parent.glob("*.h") if p.is_file())
+    seen: set[Path] = set()
+    return [f for f in files if f.is_file() and not (f in seen or seen.add(f))]
+
+
+def _build_key(src: Path, flags: list[str], version: str) -> str:
+    h = hashlib.sha256()
+    h.update(b"sppkit-guest-build-v1\0")
+    for f in _source_files(src):
+        h.update(f.name.encode() + b"\0")
+        data = f.read_bytes()
+        h.update(len(data).to_bytes(8, "little") + data)
+    h.update("\0".join(flags).encode() + b"\0")
+    h.update(version.encode())
+    return h.hexdigest()[:20]
+
+
+def build_guest(
+    name_or_path: str | os.PathLike,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    cflags: tuple[str, ...] | list[str] = (),
+) -> Path:
+    """Build a guest program and return the path of its ELF (cached).
+
+    ``name_or_path``: a bundled program name (see :func:`list_programs`) or a path to
+    a ``.c`` file (it may ``#include "sppkit_rt.h"``).  ``cflags`` are appended to the
+    base flags (e.g. ``("-DN=100",)``).  Raises :class:`GuestBuildError`.
+    """
+    src = program_path(name_or_path)
+    gcc = _find_compiler()
+    version = _compiler_version(gcc)
+    flags = [*BASE_CFLAGS, f"-I{RUNTIME_DIR}", *LINK_FLAGS, *map(str, cflags)]
+    key = _build_key(src, flags, version)
+
+    out_dir = guest_cache_dir(cache_dir)
+    out = out_dir / f"{src.stem}-{key}.elf"
+    if out.is_file():
+        return out
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GuestBuildError(f"cannot create the guest cache directory {out_dir}: {e.strerror or e}") from e
+
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".elf.tmp", dir=out_dir)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    cmd = [gcc, *flags, "-o", str(tmp), *map(str, RUNTIME_SOURCES), str(src)]
+    try:
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT)
+        except subprocess.TimeoutExpired as e:
+            raise GuestBuildError(f"building {src}: {gcc} took longer than {_BUILD_TIMEOUT} s") from e
+        except OSError as e:
+            raise GuestBuildError(f"building {src}: cannot run {gcc}: {e}; {INSTALL_HINT}") from e
+        if proc.returncode != 0:
+            raise GuestBuildError(
+                f"building {src} failed (gcc exit status {proc.returncode}):\n"
+                f"{proc.stderr.strip() or proc.stdout.strip() or '(no output)'}\n"
+                f"command: {' '.join(cmd)}"
+            )
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return out

@@ -1,0 +1,229 @@
+"""load_elf / flat_image / GuestImage: hand-crafted ELF files for every refusal, and the
+symbol table of real builds (local and global, symbol lookups, symbol+offset)."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from sppkit.guests import (
+    GuestImage,
+    GuestImageError,
+    Segment,
+    Symbol,
+    SymbolNotFound,
+    build_guest,
+    flat_image,
+    load_elf,
+    toolchain_status,
+)
+
+OK, REASON = toolchain_status()
+needs_gcc = pytest.mark.skipif(not OK, reason=REASON)
+
+ET_REL, ET_EXEC, ET_DYN = 1, 2, 3
+EM_386, EM_X86_64, EM_AARCH64 = 3, 62, 183
+PT_LOAD, PT_NOTE = 1, 4
+PF_X, PF_W, PF_R = 1, 2, 4
+
+
+def make_elf(
+    segments=((0x400000, b"\x90\x90\xf4", 3, PF_R | PF_X),),
+    *,
+    entry=0x400000,
+    ei_class=2,
+    machine=EM_X86_64,
+    etype=ET_EXEC,
+    extra_phdrs=(),
+) -> bytes:
+    """A minimal ELF64 executable: header, program headers, then each segment's data.
+    ``segments``: (vaddr, data, memsz, flags); ``extra_phdrs``: (p_type, ...) non-LOAD."""
+    phnum = len(segments) + len(extra_phdrs)
+    off = 64 + 56 * phnum
+    ident = b"\x7fELF" + bytes([ei_class, 1, 1, 0]) + bytes(8)
+    hdr = ident + struct.pack("<HHIQQQIHHHHHH", etype, machine, 1, entry, 64, 0, 0, 64, 56, phnum, 64, 0, 0)
+    phdrs, blobs = b"", b""
+    for vaddr, data, memsz, flags in segments:
+        phdrs += struct.pack("<IIQQQQQQ", PT_LOAD, flags, off, vaddr, vaddr, len(data), memsz, 0x1000)
+        blobs += data
+        off += len(data)
+    for p_type in extra_phdrs:
+        phdrs += struct.pack("<IIQQQQQQ", p_type, PF_R, 0, 0, 0, 0, 0, 4)
+    return hdr + phdrs + blobs
+
+
+def write(tmp_path: Path, data: bytes, name="guest.elf") -> Path:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+# -- accepted --------------------------------------------------------------------
+
+
+def test_minimal_handmade_elf_loads(tmp_path):
+    p = write(tmp_path, make_elf(segments=(
+        (0x400000, b"\x90\xf4", 2, PF_R | PF_X),
+        (0x401000, b"\x01\x02", 0x1000, PF_R | PF_W),
+    )))
+    im = load_elf(p)
+    assert im.entry == 0x400000 and im.path == p
+    assert im.segments == [
+        Segment(0x400000, b"\x90\xf4", 2, "r-x"),
+        Segment(0x401000, b"\x01\x02", 0x1000, "rw-"),
+    ]
+    assert im.segments[1].image() == b"\x01\x02" + bytes(0x1000 - 2)
+    assert im.symbols == {} and im.low == 0x400000 and im.high == 0x402000
+
+
+def test_non_load_segments_are_ignored(tmp_path):
+    im = load_elf(write(tmp_path, make_elf(extra_phdrs=(PT_NOTE,))))
+    assert len(im.segments) == 1
+
+
+# -- refused -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"MZ\x90\x00" + bytes(100), "not an ELF file"),
+        (b"", "not an ELF file"),
+        (b"#!/bin/sh\necho hi\n", "not an ELF file"),
+        (make_elf(ei_class=1), "not a 64-bit ELF (ELFCLASS32)"),
+        (make_elf(machine=EM_386), "EM_386, not EM_X86_64"),
+        (make_elf(machine=EM_AARCH64), "not EM_X86_64"),
+        (make_elf(etype=ET_DYN), "PIE or shared object (ET_DYN)"),
+        (make_elf(etype=ET_REL), "relocatable object (ET_REL)"),
+        (make_elf(segments=(), extra_phdrs=(PT_NOTE,)), "no PT_LOAD segment"),
+        (make_elf(segments=((0x400000, b"\x90" * 16, 8, PF_R),)), "filesz 0x10 > memsz 0x8"),
+        (make_elf(segments=((0x400000, b"\x90", 0x2000, PF_R), (0x401000, b"\x90", 1, PF_R | PF_W))),
+         "segments overlap: 0x400000-0x402000 (r--) and 0x401000-0x401001 (rw-)"),
+        (make_elf()[:40], "truncated"),
+        (make_elf()[:100], "truncated"),
+        (make_elf(segments=((0x400000, b"\x90" * 64, 64, PF_R),))[:-10], "truncated: PT_LOAD #0"),
+    ],
+    ids=["mz", "empty", "script", "class32", "i386", "aarch64", "pie", "rel", "no-load", "filesz",
+         "overlap", "trunc-header", "trunc-phdrs", "trunc-data"],
+)
+def test_bad_files_are_refused_naming_file_and_problem(tmp_path, data, problem):
+    p = write(tmp_path, data, "bad.elf")
+    with pytest.raises(GuestImageError) as ei:
+        load_elf(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: "), msg
+    assert problem in msg, msg
+    assert isinstance(ei.value, ValueError)
+
+
+def test_pie_refusal_explains_why(tmp_path):
+    with pytest.raises(GuestImageError, match=r"needs relocation.*-no-pie"):
+        load_elf(write(tmp_path, make_elf(etype=ET_DYN)))
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GuestImageError, match=r"nope\.elf: cannot read"):
+        load_elf(tmp_path / "nope.elf")
+
+
+@needs_gcc
+def test_real_pie_from_gcc_is_refused(tmp_path):
+    import subprocess
+
+    src = tmp_path / "pie.c"
+    src.write_text("int main(void) { return 0; }\n")
+    out = tmp_path / "pie.elf"
+    r = subprocess.run(["gcc", "-fPIE", "-pie", "-nostdlib", "-o", str(out), str(src)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot link a PIE here: {r.stderr.decode()[:200]}")
+    with pytest.raises(GuestImageError, match="ET_DYN"):
+        load_elf(out)
+
+
+@needs_gcc
+def test_truncated_real_build(tmp_path):
+    good = build_guest("selftest", cache_dir=tmp_path).read_bytes()
+    for cut in (64, 300, 0x1100, len(good) - 100):
+        p = write(tmp_path, good[:cut], f"cut{cut}.elf")
+        with pytest.raises(GuestImageError, match=rf"{p.name}: .*(truncated|malformed)"):
+            load_elf(p)
+
+
+# -- flat images ------------------------------------------------------------------
+
+
+def test_flat_image():
+    im = flat_image(b"\x90\xf4", 0x10000)
+    assert im.entry == 0x10000 and im.symbols == {} and im.path is None
+    assert im.segments == [Segment(0x10000, b"\x90\xf4", 2, "rwx")]
+    assert flat_image(b"\x90\x90\xf4", 0x10000, entry=0x10001).entry == 0x10001
+    with pytest.raises(GuestImageError, match="entry 0x20000 outside"):
+        flat_image(b"\x90", 0x10000, entry=0x20000)
+    with pytest.raises(GuestImageError, match="empty"):
+        flat_image(b"", 0x10000)
+    assert im.symbol_at(0x10000) is None
+
+
+# -- symbols ----------------------------------------------------------------------
+
+
+def _image_with(symbols, segments=None) -> GuestImage:
+    segments = segments or [Segment(0x400000, bytes(0x3000), 0x3000, "rw-")]
+    return GuestImage(segments=segments, entry=0x400000, symbols={s.name: s for s in symbols}, path=Path("t.elf"))
+
+
+def test_symbol_lookup_and_close_matches():
+    im = _image_with([Symbol("secret", 0x401000, 32, "object", "global"),
+                      Symbol("secrets_table", 0x401100, 64, "object", "local")])
+    assert im.symbol("secret").addr == 0x401000
+    with pytest.raises(KeyError) as ei:
+        im.symbol("secert")
+    assert isinstance(ei.value, SymbolNotFound)
+    assert str(ei.value) == "t.elf: no symbol 'secert'; close matches: secret"
+    assert ei.value.matches == ["secret"]
+    with pytest.raises(SymbolNotFound, match=r"no symbol 'zzz'$"):
+        im.symbol("zzz")
+
+
+def test_symbol_at_prefers_smallest_object_then_labels():
+    im = _image_with([
+        Symbol("page", 0x401000, 0x1000, "object", "global"),
+        Symbol("field", 0x401100, 0x20, "object", "global"),
+        Symbol("fn", 0x400000, 0x40, "func", "global"),
+        Symbol("__data_start", 0x402000, 0, "notype", "global"),
+        Symbol("blob", 0x402800, 0x10, "notype", "local"),
+    ])
+    assert im.symbol_at(0x401108) == (im.symbol("field"), 8)
+    assert im.symbol_at(0x401120) == (im.symbol("page"), 0x120)
+    assert im.symbol_at(0x400010) == (im.symbol("fn"), 0x10)
+    assert im.symbol_at(0x402804) == (im.symbol("blob"), 4)
+    assert im.symbol_at(0x402010) == (im.symbol("__data_start"), 0x10)  # nearest label
+    assert im.symbol_at(0x400040) is None  # past fn, no label below in the segment
+    assert im.symbol_at(0x900000) is None  # outside every segment
+    assert im.describe(0x401108) == "field+0x8"
+    assert im.describe(0x401100) == "field"
+    assert im.describe(0x900000) == "0x900000"
+
+
+@needs_gcc
+def test_real_symbol_table_has_locals_and_globals(tmp_path):
+    im = load_elf(build_guest("readback", cache_dir=tmp_path))
+    kinds = {(s.kind, s.binding) for s in im.all_symbols}
+    assert ("object", "global") in kinds and ("object", "local") in kinds and ("func", "global") in kinds
+    assert im.symbol("failed_by_size").binding == "local"  # a static variable
+    assert im.symbol("memset").kind == "func"
+    assert not any(s.kind in ("file", "section") for s in im.all_symbols)
+    t = im.symbol("target")
+    assert im.symbol_at(t.addr + 0x1234) == (t, 0x1234)
+    assert im.describe(im.symbol("main").addr + 3) == "main+0x3"
+
+
+@needs_gcc
+def test_real_field_aliases_win_in_symbol_at(tmp_path):
+    im = load_elf(build_guest("mixed", cache_dir=tmp_path))
+    s = im.symbol("secret")
+    assert im.symbol_at(s.addr + 8) == (s, 8)
+    # Past the 32-byte secret but in its padding: the enclosing page structure.
+    assert im.symbol_at(s.addr + 0x40) == (im.symbol("keys_page"), 0x140)

@@ -1,0 +1,368 @@
+"""TOML protection policies: parsing, symbol resolution, sub-page rounding, access maps,
+and errors that name the file, the entry and the problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sppkit.guests import GuestImage, Segment, Symbol, build_guest, load_elf, toolchain_status
+from sppkit.policy import (
+    Policy,
+    PolicyError,
+    ProtectEntry,
+    load_policy,
+    parse_policy,
+    parse_protect_arg,
+)
+from sppkit.vmm.events import Decision
+
+FULL = 0xFFFFFFFF
+
+
+def fake_image() -> GuestImage:
+    syms = [
+        Symbol("secret", 0x404100, 32, "object", "global"),
+        Symbol("secret_backup", 0x405000, 64, "object", "local"),
+        Symbol("hot", 0x404000, 256, "object", "global"),
+        Symbol("label", 0x406000, 0, "notype", "global"),
+        Symbol("big", 0x410000, 3 * 4096, "object", "global"),
+    ]
+    return GuestImage(segments=[Segment(0x400000, b"", 0x20000, "rw-")], entry=0x400000,
+                      symbols={s.name: s for s in syms}, path=Path("guest.elf"))
+
+
+def bits(*subpages: int) -> int:
+    """The access map with exactly ``subpages`` cleared."""
+    m = FULL
+    for i in subpages:
+        m &= ~(1 << i)
+    return m
+
+
+# -- parsing ---------------------------------------------------------------------
+
+
+def test_start_length_entry_and_default_decision():
+    p = parse_policy("""
+        [[protect]]
+        start = 0x401000
+        length = 256
+    """)
+    assert p.entries == (ProtectEntry("0x401000:0x100", 0x401000, 256, Decision.SKIP),)
+    assert p.default_decision is Decision.SKIP
+    assert p.access_maps() == {0x401: bits(0, 1)}
+
+
+def test_empty_policy():
+    p = parse_policy("")
+    assert len(p) == 0 and not p and p.access_maps() == {}
+    assert p.entry_at(0x1000) is None and p.decision_at(0x1000) is None
+
+
+def test_top_level_and_per_entry_decisions():
+    p = parse_policy("""
+        decision = "emulate"
+        [[protect]]
+        name = "a"
+        start = 0x1000
+        length = 8
+        [[protect]]
+        name = "b"
+        start = 0x2000
+        length = 8
+        decision = "STOP"
+    """)
+    assert p.default_decision is Decision.EMULATE
+    assert [(e.name, e.decision) for e in p] == [("a", Decision.EMULATE), ("b", Decision.STOP)]
+
+
+def test_symbol_entries_resolve_against_image():
+    p = parse_policy("""
+        [[protect]]
+        name = "secret key"
+        symbol = "secret"
+        decision = "stop"
+        [[protect]]
+        symbol = "secret_backup"       # a local symbol
+        offset = 16
+        [[protect]]
+        symbol = "label"
+        length = 0x80
+        [[protect]]
+        symbol = "big"
+        offset = 8
+        length = 4
+    """, image=fake_image())
+    e = p.entries
+    assert e[0] == ProtectEntry("secret key", 0x404100, 32, Decision.STOP)
+    assert e[1] == ProtectEntry("secret_backup+0x10", 0x405010, 48, Decision.SKIP)
+    assert e[2] == ProtectEntry("label", 0x406000, 0x80, Decision.SKIP)
+    assert e[3] == ProtectEntry("big+0x8", 0x410008, 4, Decision.SKIP)
+
+
+def test_load_policy_from_file(tmp_path):
+    f = tmp_path / "p.toml"
+    f.write_text('[[protect]]\nsymbol = "secret"\n')
+    p = load_policy(f, image=fake_image())
+    assert p.source == str(f) and p.entries[0].start == 0x404100
+
+
+# -- rounding and access maps ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "start, length, maps",
+    [
+        (0x1000, 1, {1: bits(0)}),
+        (0x1010, 8, {1: bits(0)}),              # inside sub-page 0
+        (0x107E, 4, {1: bits(0, 1)}),            # crosses a sub-page boundary
+        (0x1080, 128, {1: bits(1)}),             # exactly one sub-page
+        (0x1080, 129, {1: bits(1, 2)}),
+        (0x1F80, 128, {1: bits(31)}),
+        (0x1FF0, 0x20, {1: bits(31), 2: bits(0)}),   # crosses a page boundary
+        (0x1000, 0x1000, {1: 0}),
+        (0x1F00, 0x1200, {1: bits(30, 31), 2: 0, 3: bits(0, 1)}),
+    ],
+)
+def test_ranges_round_out_to_subpages(start, length, maps):
+    assert Policy.from_ranges([(start, length)]).access_maps() == maps
+
+
+def test_access_maps_combine_entries_on_one_page():
+    p = Policy.from_ranges([(0x1000, 8), (0x1800, 8), (0x1F80, 1)])
+    assert p.access_maps() == {1: bits(0, 16, 31)}
+    assert p.gfns() == [1]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4 * 4096), st.integers(1, 3 * 4096)), min_size=1, max_size=6))
+def test_access_maps_match_byte_by_byte_model(ranges):
+    """Every sub-page containing at least one protected byte is cleared; nothing else."""
+    expected: dict[int, int] = {}
+    for start, length in ranges:
+        for sub in range(start // 128, (start + length - 1) // 128 + 1):
+            gfn, i = divmod(sub, 32)
+            expected[gfn] = expected.get(gfn, FULL) & ~(1 << i)
+    assert Policy.from_ranges(ranges).access_maps() == expected
+
+
+# -- entry_at / decision_at --------------------------------------------------------
+
+
+def test_entry_at_uses_rounded_subpages_and_prefers_exact_bytes():
+    p = parse_policy("""
+        [[protect]]
+        name = "a"
+        start = 0x1010
+        length = 8
+        decision = "stop"
+        [[protect]]
+        name = "b"
+        start = 0x1020
+        length = 8
+        decision = "stop"
+    """)
+    assert p.entry_at(0x1010).name == "a"
+    assert p.entry_at(0x1024).name == "b"          # exact bytes beat rounding
+    assert p.entry_at(0x1000).name == "a"          # same sub-page, rounded out
+    assert p.entry_at(0x107F).name == "a"
+    assert p.entry_at(0x1080) is None              # next sub-page
+    assert p.entry_at(0x0FFF) is None
+    assert p.decision_at(0x1050) is Decision.STOP
+    assert p.decision_at(0x5000) is None
+
+
+# -- --protect ----------------------------------------------------------------------
+
+
+def test_parse_protect_arg():
+    assert parse_protect_arg("0x1000:256") == (0x1000, 256)
+    assert parse_protect_arg(" 4096:0x80 ") == (4096, 128)
+    for bad, msg in [("0x1000", "expected START:LENGTH"), ("0x1000:", "expected START:LENGTH"),
+                     ("zz:10", "START 'zz' is not an integer"), ("0x1000:ten", "LENGTH 'ten'"),
+                     ("0x1000:0", "length 0 must be positive"), ("0x1000:-5", "length -5 must be positive")]:
+        with pytest.raises(PolicyError, match=msg) as ei:
+            parse_protect_arg(bad)
+        assert repr(bad) in str(ei.value)
+
+
+def test_from_ranges():
+    p = Policy.from_ranges([(0x1000, 256), (0x3000, 1)], decision="stop")
+    assert [e.decision for e in p] == [Decision.STOP, Decision.STOP]
+    assert p.access_maps() == {1: bits(0, 1), 3: bits(0)}
+    with pytest.raises(PolicyError, match="range 2: length 0 must be positive"):
+        Policy.from_ranges([(0x1000, 1), (0x2000, 0)])
+    with pytest.raises(PolicyError, match="unknown decision 'unprotect'; valid decisions: skip, emulate, stop"):
+        Policy.from_ranges([(0x1000, 1)], decision="unprotect")
+
+
+# -- errors -------------------------------------------------------------------------
+
+SRC = "policies/demo.toml"
+
+
+def error(text: str, image=None) -> str:
+    with pytest.raises(PolicyError) as ei:
+        parse_policy(text, source=SRC, image=image)
+    assert isinstance(ei.value, ValueError)
+    msg = str(ei.value)
+    assert msg.startswith(SRC + ":"), msg
+    return msg
+
+
+def test_error_unknown_key_names_file_entry_and_key():
+    msg = error("""
+        [[protect]]
+        start = 0x1000
+        length = 8
+        [[protect]]
+        name = "secret key"
+        symbol = "secret"
+        lenght = 32
+    """, image=fake_image())
+    assert "[[protect]] entry 2 ('secret key')" in msg
+    assert "unknown key 'lenght' (did you mean 'length'?)" in msg
+
+
+def test_error_unknown_top_level_key():
+    msg = error('decison = "skip"\n')
+    assert "unknown top-level key 'decison'" in msg
+    msg = error('start = 0x1000\nlength = 8\n')
+    assert "[[protect]] table" in msg
+
+
+@pytest.mark.parametrize(
+    "body, problem",
+    [
+        ("length = 8", "missing symbol or start;"),
+        ("name = 'x'", "missing symbol or start (with length)"),
+        ("start = 0x1000", "missing length (start = 0x1000 given)"),
+        ("symbol = 'secret'\nstart = 0x1000", "both symbol ('secret') and start given"),
+        ("start = 0x1000\nlength = 0", "length 0 must be positive"),
+        ("start = 0x1000\nlength = -8", "length -8 must be positive"),
+        ("start = -1\nlength = 8", "start -1 is negative"),
+        ("start = '0x1000'\nlength = 8", "start must be an integer"),
+        ("start = 0x1000\nlength = true", "length must be an integer"),
+        ("start = 0x1000\nlength = 8\noffset = 4", "offset applies only with symbol"),
+        ("symbol = 'secret'\noffset = -1", "offset -1 is negative"),
+        ("symbol = 'secret'\noffset = 32", "offset 0x20 is past the end of symbol 'secret'"),
+        ("symbol = 'label'", "symbol 'label' has size 0; give a length"),
+        ("symbol = 'secert'", "unknown symbol 'secert' in guest.elf; close matches: secret"),
+        ("symbol = ''", "symbol must be a non-empty string"),
+        ("start = 0x1000\nlength = 8\ndecision = 'allow'", "unknown decision 'allow'; valid decisions: skip, emulate, stop"),
+        ("start = 0x1000\nlength = 8\ndecision = 'unprotect'", "valid decisions: skip, emulate, stop"),
+        ("start = 0x1000\nlength = 8\ndecision = 1", "decision must be a string"),
+        ("start = 0xFFFFFFFFFFFFFFFF\nlength = 8", "runs past the 64-bit address space"),
+    ],
+)
+def test_entry_errors(body, problem):
+    msg = error(f"[[protect]]\n{body}\n", image=fake_image())
+    assert "[[protect]] entry 1" in msg
+    assert problem in msg, msg
+
+
+def test_error_entry_name_is_reported():
+    msg = error("[[protect]]\nname = 'my range'\nstart = 1\n")
+    assert "[[protect]] entry 1 ('my range'): missing length" in msg
+
+
+def test_error_symbol_without_image():
+    msg = error("[[protect]]\nsymbol = 'secret'\n")
+    assert "symbol 'secret' given but no guest ELF" in msg
+
+
+def test_error_bad_top_level_decision():
+    msg = error('decision = "deny"\n')
+    assert "unknown decision 'deny'; valid decisions: skip, emulate, stop" in msg
+
+
+def test_error_toml_syntax_has_line():
+    msg = error('[[protect]]\nstart = 0x1000\nlength = = 8\n')
+    assert "TOML syntax error" in msg and "line 3" in msg
+
+
+def test_error_protect_not_a_table_array():
+    msg = error('protect = 5\n')
+    assert "protect must be an array of tables" in msg
+
+
+def test_overlap_with_different_decisions_is_an_error():
+    msg = error("""
+        [[protect]]
+        name = "a"
+        start = 0x1000
+        length = 8
+        decision = "stop"
+        [[protect]]
+        name = "b"
+        start = 0x1040
+        length = 8
+        decision = "skip"
+    """)
+    # Byte ranges are disjoint but share sub-page 0x1000-0x1080.
+    assert "[[protect]] entry 1 ('a') and entry 2 ('b') overlap with different decisions" in msg
+    assert "(stop vs skip)" in msg and "[0x1000, 0x1080)" in msg
+
+
+def test_overlap_with_same_decision_is_fine_and_neighbours_may_differ():
+    p = parse_policy("""
+        [[protect]]
+        start = 0x1000
+        length = 0x100
+        [[protect]]
+        start = 0x1080
+        length = 8
+        [[protect]]
+        start = 0x1100
+        length = 8
+        decision = "stop"
+    """)
+    assert p.access_maps() == {1: bits(0, 1, 2)}
+    assert p.decision_at(0x1100) is Decision.STOP and p.decision_at(0x10FF) is Decision.SKIP
+
+
+def test_load_policy_errors_name_the_path(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text('[[protect]]\nstart = 0x1000\n')
+    with pytest.raises(PolicyError, match=rf"^{f}: \[\[protect\]\] entry 1: missing length"):
+        load_policy(f)
+    with pytest.raises(PolicyError, match=rf"{tmp_path / 'none.toml'}: cannot read policy"):
+        load_policy(tmp_path / "none.toml")
+
+
+# -- with a real guest ---------------------------------------------------------------
+
+OK, REASON = toolchain_status()
+
+
+@pytest.mark.skipif(not OK, reason=REASON)
+def test_policy_for_mixed_guest_protects_only_the_secret_subpages(tmp_path):
+    elf = build_guest("mixed", cache_dir=tmp_path)
+    f = tmp_path / "mixed.toml"
+    f.write_text("""
+        decision = "skip"
+        [[protect]]
+        name = "secret key"
+        symbol = "secret"
+        decision = "stop"
+        [[protect]]
+        symbol = "config"
+        [[protect]]
+        symbol = "canary"
+    """)
+    p = load_policy(f, image=elf)   # an ELF path is loaded for you
+    im = load_elf(elf)
+    maps = p.access_maps()
+    assert set(maps) == {im.symbol(n).addr >> 12 for n in ("secret", "config", "canary")}
+    assert maps[im.symbol("secret").addr >> 12] == bits(2)      # keys_page sub-page 2
+    assert maps[im.symbol("config").addr >> 12] == bits(0)
+    assert maps[im.symbol("canary").addr >> 12] == bits(16)
+    for hot in ("hot", "stats", "ring", "scratch", "tail"):
+        s = im.symbol(hot)
+        assert p.entry_at(s.addr) is None and p.entry_at(s.end - 1) is None, hot
+    assert p.decision_at(im.symbol("secret").addr + 0x7F) is Decision.STOP
+    assert p.entry_at(im.symbol("secret").addr).name == "secret key"
