@@ -1,0 +1,244 @@
+"""The KVM engine: real x86-64 guests on the real CPU, sub-page protection decided by the model.
+
+No CPU we have exposes SPP, so the engine does in the VMM what the hardware would:
+the Vm's EPT is projected onto KVM memslots — every page whose EPT leaf has W = 0
+(a page holding a protected sub-page) lives in a read-only memslot, so every guest
+write to it reaches Python as an MMIO exit and goes through ``vm.write``, the one
+write path of every engine.  Committed bytes land in the memslot's backing memory,
+which the guest sees at once.  Everything else runs at the speed of the CPU.
+
+Semantics (README, "KVM engine"): the writing instruction has retired when the VMM
+decides.  SKIP discards the write with RIP already past the instruction; STOP ends the
+run there; RIP-after is recorded and the instruction recovered with iced-x86.  A
+page-crossing store arrives as one exit per page and is decided per page.
+"""
+
+from __future__ import annotations
+
+import mmap
+import signal
+import threading
+from collections import Counter
+
+from ...vmm import GpaNotMapped
+from ..base import DEFAULT_RAM, EngineBase, EngineError
+from ..result import RunResult
+from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, find_writer, segments_for
+from .binding import (
+    CAP_NR_MEMSLOTS,
+    CAP_READONLY_MEM,
+    CAP_SYNC_REGS,
+    MEM_READONLY,
+    SYNC_X86_REGS,
+    Debug,
+    ExceptionExit,
+    FailEntry,
+    Hlt,
+    InternalError,
+    Intr,
+    Io,
+    Kvm,
+    KvmUnavailable,
+    Mmio,
+    Shutdown,
+    buffer_address,
+    kvm_status,
+)
+
+TSS_ADDR = 0xFFFBD000
+_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_UNEMULATABLE_HINT = (
+    "KVM's instruction emulator cannot perform this store on a write-protected page "
+    "(AVX/SSE-arithmetic, x87 stores, cmpxchg16b, fxsave/xsave are not emulated); "
+    "build the guest with -mgeneral-regs-only, keep such stores off protected pages, "
+    "or use --engine unicorn"
+)
+
+
+class KvmEngine(EngineBase):
+    """Run a guest image under Linux KVM with the Vm deciding every write to a
+    write-protected page.  ``timeout`` (seconds) ends a guest that never exits."""
+
+    name = "kvm"
+
+    def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
+                 timeout: float = 60.0, spp_mode: str = "lazy", path: str = "/dev/kvm") -> None:
+        ok, why = kvm_status(path)
+        if not ok:
+            raise KvmUnavailable(why)
+        self.timeout = timeout
+        self._ram = mmap.mmap(-1, ram_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
+        self.kvm = Kvm(path)
+        self.kvm.require(CAP_READONLY_MEM, CAP_SYNC_REGS)
+        self.max_memslots = self.kvm.check_extension(CAP_NR_MEMSLOTS) or 32
+        self.vmfd = self.kvm.create_vm()
+        self.vmfd.set_tss_addr(TSS_ADDR)
+        self._host = buffer_address(self._ram)
+        self._kslots: dict[tuple[int, int, bool], int] = {}
+        self._free_ids: list[int] = []
+        self._next_id = 0
+        self.projections = 0
+        self._project()
+        self.vcpu = self.vmfd.create_vcpu(0)
+        try:
+            self.vcpu.set_cpuid2(self.kvm.get_supported_cpuid())
+        except Exception:  # pragma: no cover - the guest runs without a CPUID table too
+            pass
+        self._setup_cpu()
+        self.vcpu.enable_sync_regs(SYNC_X86_REGS)
+        self._decoded: dict[tuple[int, int], object] = {}
+
+    # -- EPT -> memslots --------------------------------------------------------------
+    def _project(self) -> None:
+        """Mirror the Vm's EPT onto KVM memslots: W = 0 runs become read-only slots."""
+        want = {(g, n, w) for g, n, w in self.vm.write_protected(0, self.ram_size)}
+        have = set(self._kslots)
+        if len(want) > self.max_memslots:
+            raise EngineError(
+                f"the protections need {len(want)} KVM memslots, more than this host's "
+                f"KVM_CAP_NR_MEMSLOTS ({self.max_memslots}); protect fewer, more clustered pages"
+            )
+        for key in have - want:  # delete first: KVM refuses overlapping slots
+            sid = self._kslots.pop(key)
+            self.vmfd.delete_memory_region(sid)
+            self._free_ids.append(sid)
+        for key in sorted(want - have):
+            gpa, size, writable = key
+            sid = self._free_ids.pop() if self._free_ids else self._alloc_id()
+            self.vmfd.set_user_memory_region(sid, gpa, size, self._host + gpa, 0 if writable else MEM_READONLY)
+            self._kslots[key] = sid
+        self._generation = self.vm.ept_generation
+        self.projections += 1
+
+    def _alloc_id(self) -> int:
+        sid = self._next_id
+        self._next_id += 1
+        return sid
+
+    @property
+    def kvm_memslots(self) -> list[tuple[int, int, bool]]:
+        """The current projection: ``(gpa, size, writable)`` per KVM memslot."""
+        return sorted(self._kslots)
+
+    # -- vCPU state ---------------------------------------------------------------------
+    def _setup_cpu(self) -> None:
+        code, data = segments_for(self.cpl)
+        sregs = self.vcpu.get_sregs()
+        for name, seg in (("cs", code), ("ds", data), ("es", data), ("fs", data), ("gs", data), ("ss", data)):
+            s = getattr(sregs, name)
+            for k, v in seg.fields.items():
+                setattr(s, k, v)
+        sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer = CR0, self.layout.pml4, CR4, EFER
+        self.vcpu.set_sregs(sregs)
+        regs = self.vcpu.get_regs()
+        for name in _REG_NAMES:
+            setattr(regs, name, 0)
+        regs.rip, regs.rsp, regs.rflags = self.layout.entry, self.layout.rsp, self.layout.rflags
+        self.vcpu.set_regs(regs)
+
+    def _regs(self) -> dict[str, int]:
+        r = self.vcpu.sync_regs()
+        return {n: getattr(r, n) for n in _REG_NAMES}
+
+    def _read_guest(self, gpa: int, n: int) -> bytes:
+        return self.vm.read(gpa, n)
+
+    # -- the run loop -----------------------------------------------------------------------
+    def run(self) -> RunResult:
+        exits: Counter = Counter()
+        alarm = self._arm_timeout()
+        try:
+            return self._loop(exits)
+        finally:
+            if alarm:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+                signal.signal(signal.SIGALRM, alarm)
+
+    def _arm_timeout(self):
+        if not self.timeout or threading.current_thread() is not threading.main_thread():
+            return None
+        vcpu = self.vcpu
+
+        def on_alarm(signum, frame):
+            vcpu.immediate_exit = 1
+
+        old = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        return old or signal.SIG_DFL
+
+    def _loop(self, exits: Counter) -> RunResult:
+        vcpu = self.vcpu
+        console = self.console
+        while True:
+            ex = vcpu.run()
+            kind = type(ex).__name__
+            exits[kind] += 1
+            if type(ex) is Mmio:
+                if ex.is_write:
+                    stop = self._on_write(ex)
+                    if stop is not None:
+                        return self.result("stop-decision", rip_at=stop[0], rip_after=stop[1], exits=exits)
+                    continue
+                raise EngineError(f"guest read from gpa={ex.phys_addr:#x}, outside guest RAM "
+                                  f"(rip={vcpu.sync_rip():#x})")
+            if type(ex) is Io:
+                if ex.direction == "out" and ex.port == PORT_CONSOLE:
+                    console += ex.data
+                elif ex.direction == "out" and ex.port == PORT_EXIT:
+                    self.exit_code = int.from_bytes(ex.data[: ex.size], "little")
+                    return self.result("exit", rip_after=vcpu.sync_rip(), exits=exits)
+                elif ex.direction == "in":
+                    vcpu.complete_io_in(b"\xff" * (ex.size * ex.count))
+                continue
+            if type(ex) is Intr:
+                return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits)
+            if type(ex) is Hlt:
+                return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
+            if type(ex) is Shutdown:
+                return self.result("shutdown", rip_at=vcpu.sync_rip(), exits=exits)
+            if type(ex) is InternalError:
+                raise self._emulation_error(ex)
+            if type(ex) in (FailEntry, ExceptionExit, Debug):
+                raise EngineError(f"unexpected KVM exit {ex!r} at rip={vcpu.sync_rip():#x}")
+            raise EngineError(f"unexpected KVM exit {ex!r}")
+
+    def _on_write(self, ex: Mmio):
+        gpa, data = ex.phys_addr, ex.data
+        rip_after = self.vcpu.sync_rip()
+        try:
+            r = self.vm.write(gpa, data, rip=rip_after)
+        except GpaNotMapped:
+            raise EngineError(f"guest wrote {len(data)} bytes to gpa={gpa:#x}, outside guest RAM "
+                              f"(instruction before rip={rip_after:#x})") from None
+        if self._pending:
+            regs = self._regs()
+            for ev, old in self._pending:
+                d = find_writer(self._read_guest, rip_after, ev.gpa, ev.size, regs)
+                dec = r.decision if r.decision is not None else None
+                self.record(ev, dec, old=old, rip_at=d.rip if d else None, rip_after=rip_after,
+                            instruction=d.text if d else None)
+            self._pending.clear()
+            if r.stopped:
+                last = self.records[-1]
+                return (last.rip_at, rip_after)
+        if self.vm.ept_generation != self._generation:
+            self._project()
+        return None
+
+    def _emulation_error(self, ex: InternalError) -> EngineError:
+        rip = self.vcpu.sync_rip()
+        regs = self._regs()
+        code = ex.insn_bytes or self.vm.read(rip, 15)
+        d = decode(code, rip, regs)
+        if d is None:
+            return EngineError(f"KVM internal error (suberror {ex.suberror}) at rip={rip:#x}; "
+                               f"instruction bytes {code.hex()} do not decode")
+        where = f" writing gpa={d.address:#x}" if d.address is not None else ""
+        return EngineError(f"KVM could not emulate `{d.text}` at rip={rip:#x}{where}: {_UNEMULATABLE_HINT}")
+
+    def close(self) -> None:
+        for obj in (getattr(self, "vcpu", None), getattr(self, "vmfd", None), getattr(self, "kvm", None)):
+            if obj is not None:
+                obj.close()

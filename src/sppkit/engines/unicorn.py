@@ -1,0 +1,220 @@
+"""The Unicorn engine: the same guests anywhere, with hardware-exact faults.
+
+Guest RAM is one buffer shared by the Vm (its memslot's backing) and Unicorn
+(``mem_map_ptr``).  Every page whose EPT leaf has W = 0 is mapped read-only in Unicorn,
+and one ``UC_HOOK_MEM_WRITE_PROT`` hook hands each write to it to ``vm.write`` — the
+write path of every engine.  The hook fires *before* the store retires:
+
+* allowed / EMULATE / UNPROTECT: ``vm.write`` committed the bytes; the hook returns
+  True and Unicorn continues without storing again;
+* SKIP: nothing was written; the hook returns True and the guest goes on;
+* STOP: the hook returns False: the run ends with RIP **at** the faulting instruction
+  and memory untouched — exactly the SPP-induced EPT violation.
+
+An exception raised inside a hook is stored and re-raised from :meth:`run`, never
+swallowed at the C boundary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections import Counter
+
+from unicorn import (
+    UC_ARCH_X86,
+    UC_ERR_WRITE_PROT,
+    UC_HOOK_CODE,
+    UC_HOOK_INSN,
+    UC_HOOK_MEM_WRITE_PROT,
+    UC_MODE_64,
+    UC_PROT_ALL,
+    UC_PROT_EXEC,
+    UC_PROT_READ,
+    Uc,
+    UcError,
+)
+from unicorn import __version__ as UNICORN_VERSION
+from unicorn.x86_const import (
+    UC_X86_INS_IN,
+    UC_X86_INS_OUT,
+    UC_X86_REG_CR0,
+    UC_X86_REG_CR3,
+    UC_X86_REG_CR4,
+    UC_X86_REG_CS,
+    UC_X86_REG_DS,
+    UC_X86_REG_ES,
+    UC_X86_REG_MSR,
+    UC_X86_REG_RFLAGS,
+    UC_X86_REG_RIP,
+    UC_X86_REG_RSP,
+    UC_X86_REG_SS,
+)
+
+from ..vmm import GpaNotMapped
+from .base import DEFAULT_RAM, EngineBase, EngineError
+from .result import RunResult
+from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
+
+MSR_EFER = 0xC0000080
+_RO = UC_PROT_READ | UC_PROT_EXEC
+
+
+def unicorn_version() -> str:
+    return UNICORN_VERSION
+
+
+class UnicornEngine(EngineBase):
+    """Run a guest image under Unicorn with the Vm deciding every write to a
+    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit."""
+
+    name = "unicorn"
+
+    def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
+                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0) -> None:
+        self.timeout = timeout
+        self.max_instructions = max_instructions
+        self._ram = mmap.mmap(-1, ram_size)
+        super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
+        self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        self._ram_ptr = ctypes.c_char.from_buffer(self._ram)
+        uc.mem_map_ptr(0, ram_size, UC_PROT_ALL, ctypes.addressof(self._ram_ptr))
+        self._setup_cpu()
+        self._prot: set[tuple[int, int, bool]] = set()
+        self._generation = -1
+        self._project()
+        self._error: BaseException | None = None
+        self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
+        self._cover: tuple[int, int, int, bool] | None = None  # (rip, lo, hi, ret) of the last whole access
+        self._restore: list[tuple[int, bytes]] = []
+        self._restore_hook = None
+        self.exits: Counter = Counter()
+        uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _setup_cpu(self) -> None:
+        uc = self.uc
+        uc.reg_write(UC_X86_REG_CR3, self.layout.pml4)
+        uc.reg_write(UC_X86_REG_CR4, CR4)
+        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER))
+        uc.reg_write(UC_X86_REG_CR0, CR0)
+        code, data = segments_for(self.cpl)
+        if self.cpl:
+            uc.reg_write(UC_X86_REG_CS, code.selector)
+            for reg in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES):
+                uc.reg_write(reg, data.selector)
+        uc.reg_write(UC_X86_REG_RSP, self.layout.rsp)
+        uc.reg_write(UC_X86_REG_RFLAGS, self.layout.rflags)
+
+    def _project(self) -> None:
+        """Mirror the Vm's EPT onto Unicorn's page protections (W = 0 → read-only)."""
+        runs = set(self.vm.write_protected(0, self.ram_size))
+        for gpa, size, writable in sorted(runs - self._prot):
+            self.uc.mem_protect(gpa, size, UC_PROT_ALL if writable else _RO)
+        self._prot = runs
+        self._generation = self.vm.ept_generation
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _guard(fn):  # noqa: N805 - decorator: keep the first exception, stop the emulation
+        def wrapper(self, uc, *args):
+            try:
+                return fn(self, uc, *args)
+            except BaseException as e:  # re-raised from run()
+                if self._error is None:
+                    self._error = e
+                uc.emu_stop()
+                return False
+
+        return wrapper
+
+    @_guard
+    def _hook_out(self, uc, port, size, value, user_data):
+        self.exits["Io"] += 1
+        if port == PORT_CONSOLE:
+            self.console += (value & 0xFF).to_bytes(1, "little")
+        elif port == PORT_EXIT:
+            self.exit_code = value & 0xFFFFFFFF
+            uc.emu_stop()
+
+    @_guard
+    def _hook_in(self, uc, port, size, user_data):
+        self.exits["Io"] += 1
+        return (1 << (8 * size)) - 1
+
+    @_guard
+    def _hook_write_prot(self, uc, access, address, size, value, user_data):
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        cover = self._cover
+        if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
+                and size < cover[2] - cover[1]:
+            # Unicorn re-reports an unaligned or page-crossing store byte by byte after
+            # the whole access: that access was already decided.
+            return cover[3]
+        self.exits["WriteProt"] += 1
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        try:
+            r = self.vm.write(address, data, rip=rip)
+        except GpaNotMapped:
+            raise EngineError(f"guest wrote {size} bytes to gpa={address:#x}, outside guest RAM (rip={rip:#x})") from None
+        if self._pending:
+            d = decode(self.vm.read(rip, 15), rip, None)
+            for ev, old in self._pending:
+                self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)
+            self._pending.clear()
+        if r.stopped:
+            self._stop = (rip, address)
+            return False
+        if not r.committed and (address & 0xFFF) + size > 0x1000:
+            self._protect_other_half(address, size)
+        self._cover = (rip, address, address + size, True)
+        if self.vm.ept_generation != self._generation:
+            self._project()
+        return True
+
+    def _protect_other_half(self, address: int, size: int) -> None:
+        """A discarded page-crossing store: Unicorn will still store the bytes that fall
+        on a writable page itself.  Put the old bytes back before the next instruction."""
+        for lo in (address, (address | 0xFFF) + 1):
+            hi = min(address + size, (lo | 0xFFF) + 1)
+            if (lo >> 12, True) in {(g >> 12, w) for g, n, w in self._prot if g <= lo < g + n}:
+                self._restore.append((lo, self.vm.read(lo, hi - lo)))
+        if self._restore and self._restore_hook is None:
+            self._restore_hook = self.uc.hook_add(UC_HOOK_CODE, self._hook_restore)
+
+    @_guard
+    def _hook_restore(self, uc, address, size, user_data):
+        for gpa, old in self._restore:
+            self.vm.load(gpa, old)
+        self._restore.clear()
+        uc.hook_del(self._restore_hook)
+        self._restore_hook = None
+
+    # -- run -------------------------------------------------------------------------------
+    def run(self) -> RunResult:
+        uc = self.uc
+        try:
+            uc.emu_start(self.image.entry, 0, timeout=int(self.timeout * 1_000_000), count=self.max_instructions)
+        except UcError as e:
+            if self._error is not None:
+                raise self._error
+            rip = uc.reg_read(UC_X86_REG_RIP)
+            if self.exit_code is not None:
+                # emu_stop() takes effect at the end of the translation block: the
+                # start-up code's ud2 after the exit port write may already have run.
+                return self.result("exit", exits=self.exits)
+            if e.errno == UC_ERR_WRITE_PROT and self._stop is not None:
+                return self.result("stop-decision", rip_at=self._stop[0], exits=self.exits)
+            d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
+            self.console += f"\n[sppkit: guest fault at rip={rip:#x}: {e}{' (' + d.text + ')' if d else ''}]\n".encode()
+            return self.result("fault", rip_at=rip, exits=self.exits)
+        if self._error is not None:
+            raise self._error
+        rip = uc.reg_read(UC_X86_REG_RIP)
+        if self.exit_code is not None:
+            return self.result("exit", rip_after=rip, exits=self.exits)
+        return self.result("timeout", rip_at=rip, exits=self.exits)
+
+    def close(self) -> None:
+        pass
