@@ -79,6 +79,7 @@ class Vm:
         self.slots = MemslotTable()
         self.sppt: SpptManager | None = None
         self._handler: ViolationHandler | None = None
+        self._observer: Callable[[int, int, int | None], None] | None = None
         self._stats = Stats()
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
@@ -386,6 +387,13 @@ class Vm:
             raise TypeError("on_violation needs a callable (event) -> Decision, or None")
         self._handler = callback
 
+    def on_write(self, callback: Callable[[int, int, int | None], None] | None) -> None:
+        """Register an observer told of every guest write before it is decided, as
+        ``callback(gpa, size, rip)`` (e.g. to record a trace); None removes it."""
+        if callback is not None and not callable(callback):
+            raise TypeError("on_write needs a callable (gpa, size, rip) -> None, or None")
+        self._observer = callback
+
     def write(
         self, gpa: int, data: bytes, *, vcpu: int = 0, rip: int | None = None, gla: int | None = None
     ) -> WriteResult:
@@ -400,6 +408,8 @@ class Vm:
         if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
             self._bad_write(gpa, data)
         self._stats.writes += 1
+        if self._observer is not None:
+            self._observer(gpa, n, rip)
         off = gpa & 0xFFF
         if off + n <= 4096:
             frags = ((gpa, n, 0),)
