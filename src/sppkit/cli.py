@@ -39,12 +39,14 @@ def main() -> None:
 
 
 @main.command()
-def demo() -> None:
-    """Build an EPT + SPPT, send writes through the processor and a Vm, print
-    which were allowed and which exited and why."""
+@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True,
+              help="Engine for the guest part of the demo.")
+def demo(engine) -> None:
+    """Build an EPT + SPPT, send writes through the processor and a Vm, then run the
+    bundled `mixed` guest with a policy on the best engine available."""
     from .demo import main as run_demo
 
-    run_demo()
+    run_demo(engine=engine)
 
 
 def _load_guest(guest: str, flat_at: str | None, entry: str | None):
