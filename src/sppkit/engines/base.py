@@ -93,6 +93,36 @@ class EngineBase:
         self.records: list[ViolationRecord] = []
         self.exit_code: int | None = None
         self._pending: list[tuple[SppViolation, bytes]] = []
+        self._port_handlers: dict = {}
+        self._pause = False
+
+    # -- extension points used by the usecases ------------------------------------------
+    def add_port_handler(self, port: int, handler) -> None:
+        """Call ``handler(engine, value)`` on every guest ``out`` to ``port`` (other than the
+        console 0xE9 and exit 0xF4 ports).  If it returns ``"pause"`` the run pauses
+        after the instruction (see :meth:`request_pause`)."""
+        if port in (0xE9, 0xF4) or not 0 <= port <= 0xFFFF:
+            raise ValueError(f"port {port:#x}: must be 0..0xFFFF and not 0xE9/0xF4 (console/exit)")
+        self._port_handlers[port] = handler
+
+    def _port_out(self, port: int, value: int) -> bool:
+        """Dispatch an OUT to a registered handler; True if the run should pause."""
+        h = self._port_handlers.get(port)
+        if h is not None and h(self, value) == "pause":
+            self._pause = True
+        return self._pause
+
+    def request_pause(self) -> None:
+        """Ask the run to stop at the next instruction boundary the engine can reach
+        (KVM: once the current exit is handled; Unicorn: after the next instruction).  :meth:`run` then returns ``stop_reason == "paused"`` and a
+        later :meth:`run` continues from there."""
+        self._pause = True
+
+    def regs(self) -> dict[str, int]:  # pragma: no cover - engines override
+        raise NotImplementedError
+
+    def set_regs(self, regs: dict[str, int]) -> None:  # pragma: no cover - engines override
+        raise NotImplementedError
 
     # -- policy -------------------------------------------------------------------
     def apply_policy(self, policy: "Policy") -> None:

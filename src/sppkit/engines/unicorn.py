@@ -89,6 +89,7 @@ class UnicornEngine(EngineBase):
         self._restore: list[tuple[int, bytes]] = []
         self._restore_hook = None
         self.exits: Counter = Counter()
+        self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
@@ -137,6 +138,8 @@ class UnicornEngine(EngineBase):
         elif port == PORT_EXIT:
             self.exit_code = value & 0xFFFFFFFF
             uc.emu_stop()
+        elif self._port_handlers and self._port_out(port, value & ((1 << (8 * size)) - 1)):
+            uc.emu_stop()
 
     @_guard
     def _hook_in(self, uc, port, size, user_data):
@@ -171,6 +174,10 @@ class UnicornEngine(EngineBase):
         self._cover = (rip, address, address + size, True)
         if self.vm.ept_generation != self._generation:
             self._project()
+        if self._pause:
+            # Stopping inside a memory hook would leave RIP at this instruction and
+            # repeat it on resume: stop before the next instruction instead.
+            self._arm_code_hook()
         return True
 
     def _protect_other_half(self, address: int, size: int) -> None:
@@ -180,22 +187,58 @@ class UnicornEngine(EngineBase):
             hi = min(address + size, (lo | 0xFFF) + 1)
             if (lo >> 12, True) in {(g >> 12, w) for g, n, w in self._prot if g <= lo < g + n}:
                 self._restore.append((lo, self.vm.read(lo, hi - lo)))
-        if self._restore and self._restore_hook is None:
-            self._restore_hook = self.uc.hook_add(UC_HOOK_CODE, self._hook_restore)
+        if self._restore:
+            self._arm_code_hook()
+
+    def _arm_code_hook(self) -> None:
+        """Run :meth:`_hook_next` once, before the next instruction executes."""
+        if self._restore_hook is None:
+            self._restore_hook = self.uc.hook_add(UC_HOOK_CODE, self._hook_next)
+            # Blocks translated before the hook existed would not call it: retranslate.
+            self.uc.ctl_flush_tb()
 
     @_guard
-    def _hook_restore(self, uc, address, size, user_data):
+    def _hook_next(self, uc, address, size, user_data):
         for gpa, old in self._restore:
             self.vm.load(gpa, old)
         self._restore.clear()
         uc.hook_del(self._restore_hook)
         self._restore_hook = None
+        if self._pause:
+            uc.emu_stop()
 
     # -- run -------------------------------------------------------------------------------
+    _REGS = {
+        "rax": "RAX", "rbx": "RBX", "rcx": "RCX", "rdx": "RDX", "rsi": "RSI", "rdi": "RDI", "rsp": "RSP",
+        "rbp": "RBP", "r8": "R8", "r9": "R9", "r10": "R10", "r11": "R11", "r12": "R12", "r13": "R13",
+        "r14": "R14", "r15": "R15", "rip": "RIP", "rflags": "RFLAGS",
+    }
+
+    def regs(self) -> dict[str, int]:
+        """General-purpose registers, RIP and RFLAGS."""
+        import unicorn.x86_const as X
+
+        return {n: self.uc.reg_read(getattr(X, f"UC_X86_REG_{u}")) for n, u in self._REGS.items()}
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        """Load registers (names as :meth:`regs`; missing ones keep their value)."""
+        import unicorn.x86_const as X
+
+        for n, v in regs.items():
+            if n not in self._REGS:
+                raise ValueError(f"register {n!r}: must be one of {', '.join(self._REGS)}")
+        for n, v in regs.items():
+            self.uc.reg_write(getattr(X, f"UC_X86_REG_{self._REGS[n]}"), v)
+        if "rip" in regs:
+            self._pc = regs["rip"]
+
     def run(self) -> RunResult:
+        """Run (or, after a pause, continue) the guest."""
         uc = self.uc
+        start = self._pc
+        self._pause = False
         try:
-            uc.emu_start(self.image.entry, 0, timeout=int(self.timeout * 1_000_000), count=self.max_instructions)
+            uc.emu_start(start, 0, timeout=int(self.timeout * 1_000_000), count=self.max_instructions)
         except UcError as e:
             if self._error is not None:
                 raise self._error
@@ -212,8 +255,12 @@ class UnicornEngine(EngineBase):
         if self._error is not None:
             raise self._error
         rip = uc.reg_read(UC_X86_REG_RIP)
+        self._pc = rip
         if self.exit_code is not None:
             return self.result("exit", rip_after=rip, exits=self.exits)
+        if self._pause:
+            self._pause = False
+            return self.result("paused", rip_at=rip, exits=self.exits)
         return self.result("timeout", rip_at=rip, exits=self.exits)
 
     def close(self) -> None:

@@ -142,6 +142,20 @@ class KvmEngine(EngineBase):
         r = self.vcpu.sync_regs()
         return {n: getattr(r, n) for n in _REG_NAMES}
 
+    def regs(self) -> dict[str, int]:
+        """General-purpose registers, RIP and RFLAGS (between runs or in a callback)."""
+        r = self.vcpu.get_regs()
+        return {n: getattr(r, n) for n in _REG_NAMES}
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        """Load registers (names as :meth:`regs`; missing ones keep their value)."""
+        r = self.vcpu.get_regs()
+        for n, v in regs.items():
+            if n not in _REG_NAMES:
+                raise ValueError(f"register {n!r}: must be one of {', '.join(_REG_NAMES)}")
+            setattr(r, n, v)
+        self.vcpu.set_regs(r)
+
     def _read_guest(self, gpa: int, n: int) -> bytes:
         return self.vm.read(gpa, n)
 
@@ -191,8 +205,14 @@ class KvmEngine(EngineBase):
                     return self.result("exit", rip_after=vcpu.sync_rip(), exits=exits)
                 elif ex.direction == "in":
                     vcpu.complete_io_in(b"\xff" * (ex.size * ex.count))
+                elif self._port_handlers and self._port_out(ex.port, int.from_bytes(ex.data[: ex.size], "little")):
+                    vcpu.immediate_exit = 1  # KVM_RUN completes the OUT, then returns at once
                 continue
             if type(ex) is Intr:
+                vcpu.immediate_exit = 0
+                if self._pause:
+                    self._pause = False
+                    return self.result("paused", rip_after=vcpu.sync_rip(), exits=exits)
                 return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits)
             if type(ex) is Hlt:
                 return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
@@ -225,6 +245,8 @@ class KvmEngine(EngineBase):
                 return (last.rip_at, rip_after)
         if self.vm.ept_generation != self._generation:
             self._project()
+        if self._pause:
+            self.vcpu.immediate_exit = 1
         return None
 
     def _emulation_error(self, ex: InternalError) -> EngineError:
