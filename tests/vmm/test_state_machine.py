@@ -323,18 +323,12 @@ class VmMachine(RuleBasedStateMachine):
             assert r.committed == (outcome == "commit"), (r, outcome)
             assert r.readonly == (outcome == "readonly")
             assert r.stopped == (outcome == "stop")
-            if outcome == "readonly" and events:
-                # Known bug, pinned by a strict xfail in test_write_path.py
-                # (test_readonly_second_page_keeps_the_first_pages_violation): the result
-                # drops the first page's violation.  The handler calls are still checked below.
-                pass
+            assert [e.gfn for e in r.events] == events
+            if events:
+                assert r.decision is last_decision
+                assert r.events[0].write_gpa == gpa and r.events[0].write_size == n
             else:
-                assert [e.gfn for e in r.events] == events
-                if events:
-                    assert r.decision is last_decision
-                    assert r.events[0].write_gpa == gpa and r.events[0].write_size == n
-                else:
-                    assert r.decision is None
+                assert r.decision is None
         assert self.asked == events, "the handler must be asked once per denying page, in address order"
         if outcome == "commit":
             for fgpa, fn, doff in frags:

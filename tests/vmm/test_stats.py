@@ -70,15 +70,6 @@ def test_page_crossing_write_counts():
     assert st["top_page_granular"] == [{"gfn": GFN + 1, "writes": 1}]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Stats.as_dict computes exits_avoided = page_granular - violations, but "
-        "page_granular counts writes while violations counts pages: a page-crossing write "
-        "denied on both pages adds 1 to page_granular and 2 to violations, so "
-        "exits_avoided goes negative (-1 here)"
-    ),
-)
 def test_exits_avoided_is_never_negative():
     vm = spp_vm("eager")
     vm.set_subpage_access(GFN, [0x7FFFFFFF, 0xFFFFFFFE])

@@ -181,16 +181,6 @@ def test_page_crossing_into_readonly_memory():
     assert vm.read(BASE, 2 * PAGE) == before + bytes(PAGE)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: Vm.write, EptViolation branch: for a page-crossing write whose first page "
-        "was denied by SPP (handler asked, decision applied, violation counted in stats) "
-        "and whose second page is read-only, it returns WriteResult(False, readonly=True) "
-        "built from scratch, dropping the events and decision already collected (and "
-        "skipping the page_granular count)"
-    ),
-)
 @pytest.mark.parametrize("decision", [Decision.EMULATE, Decision.UNPROTECT])
 def test_readonly_second_page_keeps_the_first_pages_violation(decision):
     vm = Vm()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 from enum import Enum
 
 
@@ -30,8 +30,7 @@ class Decision(Enum):
             raise ValueError(f"decision {value!r}: must be one of skip, emulate, unprotect, stop") from None
 
 
-@dataclass(frozen=True, slots=True)
-class SppViolation:
+class SppViolation(NamedTuple):
     """An SPP-induced EPT violation: a write to a protected 128-byte sub-page.
 
     ``gpa``/``size``/``data`` are the part of the write on the faulting page (a write
@@ -64,8 +63,7 @@ class SppViolation:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class WriteResult:
+class WriteResult(NamedTuple):
     """Outcome of :meth:`Vm.write`.
 
     ``committed``: the bytes reached guest memory.  ``decision``: the handler's decision

@@ -40,7 +40,7 @@ class TopCounter:
 @dataclass
 class Stats:
     writes: int = 0  #: calls of vm.write
-    page_granular: int = 0  #: writes to a page holding a protected sub-page
+    page_granular: int = 0  #: page accesses (a write per page it touches) to a page holding a protected sub-page
     violations: int = 0  #: SPP-induced EPT violations
     spp_misses: int = 0  #: SPP-related events with bit 11 = 1, handled by rebuilding
     dirty_log_faults: int = 0  #: write-protection faults taken for dirty logging

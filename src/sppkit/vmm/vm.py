@@ -421,15 +421,16 @@ class Vm:
         events: list[SppViolation] = []
         decision = None
         misses = 0
-        page_granular = False
+        st = self._stats
         for fgpa, fn, doff in frags:
             m = self.slots.find(fgpa)
             if m is None:
                 raise GpaNotMapped(fgpa, "guest write")
             i = (fgpa - m.gpa) >> 12
             if m.maps is not None and m.maps[i] != FULL_ACCESS_MAP:
-                page_granular = True
-                self._stats.page_granular_by_page.add(fgpa >> 12)
+                # what page-granular write protection would trap: one exit per page
+                st.page_granular += 1
+                st.page_granular_by_page.add(fgpa >> 12)
             fgla = None if gla is None else gla + doff
             for _ in range(_MAX_RETRIES):
                 try:
@@ -443,8 +444,8 @@ class Vm:
                     self._handle_miss(fgpa)
                 except EptViolation as e:
                     if m.readonly:
-                        self._stats.readonly_writes += 1
-                        return WriteResult(False, readonly=True, spp_misses=misses)
+                        st.readonly_writes += 1
+                        return WriteResult(False, decision, tuple(events), readonly=True, spp_misses=misses)
                     if m.dirty_log and not m.dirty[i]:
                         m.dirty[i] = True
                         self._stats.dirty_log_faults += 1
@@ -458,8 +459,6 @@ class Vm:
                     events.append(ev)
                     decision = self._decide(ev)
                     if decision is Decision.SKIP or decision is Decision.STOP:
-                        if page_granular:
-                            self._stats.page_granular += 1
                         return WriteResult(
                             False, decision, tuple(events), stopped=decision is Decision.STOP, spp_misses=misses
                         )
@@ -470,8 +469,6 @@ class Vm:
                     self._apply([(m, i, amap | _touched_bits(fgpa & 0xFFF, fn))])
             else:
                 raise VmmError(f"write at gpa={fgpa:#x} still faults after {_MAX_RETRIES} attempts")
-        if page_granular:
-            self._stats.page_granular += 1
         # -- commit: every page decided, now the bytes land
         mem = self.memory
         if len(targets) == 1:
