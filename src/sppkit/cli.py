@@ -98,7 +98,11 @@ def _policy(policy_file, protect, image, decision):
 @click.option("--flat-at", metavar="GPA", help="GUEST is a flat binary to load at GPA (entry = GPA unless --entry).")
 @click.option("--entry", metavar="GPA", help="Entry point of a flat binary.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, timeout, flat_at, entry, as_json):
+@click.option("--record", "record_file", type=click.Path(dir_okay=False),
+              help="Record the writes the engine hands to the VMM (gpa, size, rip) as a native trace "
+                   "(.npz, or .parquet with pyarrow) for `sppkit replay`.")
+def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, timeout, flat_at, entry, as_json,
+        record_file):
     """Run GUEST (an x86-64 ELF, a flat binary, or a bundled program: selftest,
     mixed, readback) with sub-page write protection.
 
@@ -119,10 +123,18 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     if not as_json:
         err.print(f"[dim]engine: {why}[/]")
     eng = cls(image, policy=pol, ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout, spp_mode=spp_mode)
+    recorder = None
     try:
+        if record_file:
+            from .engines.replay.cli import recorder_for
+
+            recorder = recorder_for(record_file)
+            eng.vm.on_write(recorder)
         result = eng.run()
     finally:
         eng.close()
+        if recorder is not None:
+            recorder.close()
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -170,6 +182,16 @@ def doctor():
         path = shutil.which(tool)
         t.add_row(f"{tool} ({use})", "[green]ok[/]" if path else "[yellow]missing[/]", path or "not on PATH")
     Console().print(t)
+
+
+def _register_replay() -> None:
+    from .engines.replay.cli import replay, trace
+
+    main.add_command(replay)
+    main.add_command(trace)
+
+
+_register_replay()
 
 
 def _module_loaded(name: str) -> bool:

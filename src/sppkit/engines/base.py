@@ -143,7 +143,14 @@ class EngineBase:
         self._pending.append((ev, self.vm.read(ev.gpa, ev.size)))  # the bytes before the write
         if self.policy is None:
             return Decision.SKIP
-        return Decision.parse(self.policy.decision_at(ev.gpa) or "skip")
+        # The decision belongs to the protected sub-page the write hit, which need not
+        # hold the write's first byte (a store running into a protected sub-page).
+        page = ev.gpa & ~0xFFF
+        for sub in ev.denied:
+            d = self.policy.decision_at(page | (sub << 7))
+            if d is not None:
+                return Decision.parse(d)
+        return Decision.parse(self.policy.default_decision)
 
     # -- records -----------------------------------------------------------------------
     def symbolize(self, gpa: int) -> str | None:

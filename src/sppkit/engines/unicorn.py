@@ -138,8 +138,12 @@ class UnicornEngine(EngineBase):
         elif port == PORT_EXIT:
             self.exit_code = value & 0xFFFFFFFF
             uc.emu_stop()
-        elif self._port_handlers and self._port_out(port, value & ((1 << (8 * size)) - 1)):
-            uc.emu_stop()
+        elif self._port_handlers:
+            pause = self._port_out(port, value & ((1 << (8 * size)) - 1))
+            if self.vm.ept_generation != self._generation:
+                self._project()
+            if pause:
+                uc.emu_stop()
 
     @_guard
     def _hook_in(self, uc, port, size, user_data):
@@ -237,6 +241,8 @@ class UnicornEngine(EngineBase):
         uc = self.uc
         start = self._pc
         self._pause = False
+        if self.vm.ept_generation != self._generation:
+            self._project()  # protections changed since the last run or pause
         try:
             uc.emu_start(start, 0, timeout=int(self.timeout * 1_000_000), count=self.max_instructions)
         except UcError as e:

@@ -186,6 +186,8 @@ class KvmEngine(EngineBase):
         vcpu = self.vcpu
         console = self.console
         while True:
+            if self.vm.ept_generation != self._generation:
+                self._project()  # protections changed outside a write exit (API, port handler)
             ex = vcpu.run()
             kind = type(ex).__name__
             exits[kind] += 1

@@ -1,0 +1,760 @@
+"""Vectorised what-if replay of write traces: page-granular exits vs SPP.
+
+Semantics (docs/replay.md) — identical, counter for counter, to feeding every
+access through :meth:`sppkit.Vm.write` one by one on a Vm whose memslots cover every
+touched page, with SPP enabled (lazy SPPT), the policy's access maps set and no
+violation handler (every violation SKIPped):
+
+* a trace record is one write of ``size`` bytes at guest-physical ``gpa``; a write
+  crossing 4-KiB boundaries is one *access* per page (what the hardware and KVM do);
+* an access to a page holding a protected sub-page is a **page-granular exit**: with
+  page-granular write protection (EPT W = 0 on the whole page) it would exit;
+* an access **violates** when it touches a protected sub-page (``all-touched``, the
+  default) or when the sub-page of its first byte is protected (``first-byte``, as
+  Bochs checks);
+* lazy SPPT: the first access to a protected page in each 2-MiB region takes one **SPP
+  miss** (the region's SPPT entries are built then); an eager SPPT takes none.
+
+Per chunk the work is a handful of numpy passes over all records (page-crossing
+count, a range test that selects records near protected pages) and exact work on the
+few records that pass it (page split, access-map lookup, counters).  Memory is one
+chunk plus counters sized by the policy, whatever the trace's length.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from ...arch.processor import SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST, SPP_WRITE_CHECKS
+from .formats import (
+    CHUNK_RECORDS,
+    NO_RIP,
+    RIP_CARRY,
+    Diagnostics,
+    MissingDependency,
+    list_shards,
+    open_trace,
+)
+
+__all__ = [
+    "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer", "replay",
+    "replay_arrays", "replay_shard",
+]
+
+FULL_MAP = 0xFFFF_FFFF
+REGION_2M_PAGES = 512
+_LOOKBACK = 16  # a record of at most 65535 bytes starts at most 16 pages before its last page
+_U64 = np.uint64
+
+
+# =====================================================================================
+# cost model
+# =====================================================================================
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Cycles per exit, for a what-if estimate.
+
+    * ``exit_cycles`` (500): a VM-exit + VM-entry round trip handled in the kernel on a
+      Haswell-class CPU (~3000 on the first VT-x parts, ~400 on Broadwell) — Bitdefender's
+      HVI paper, citing Intel [HVI-EXT in shared/spec/hypervisor-spp.md §4.3].
+    * ``user_exit_cycles`` (1500): the same exit handled in user space (KVM_RUN returns to
+      the VMM), ~3x the in-kernel cost: KVM's ``vmexit`` unit test measured
+      ``inl_from_qemu`` / ``inl_from_kernel`` = 46747 / 15218 ≈ 3.1 and 44826 / 13518 ≈ 3.3
+      cycles (nested, so only the ratio is used) — Paolo Bonzini, "VMX optimizations"
+      cover letter [KVM-VMXOPT].
+    * ``miss_cycles`` (None = ``exit_cycles``): an SPP miss is always handled in the
+      kernel (KVM rebuilds the region's SPPT entries), even when violations go to user
+      space.
+
+    Page-granular: every page-granular exit costs one exit.  SPP: every violation costs
+    one exit, every SPP miss ``miss_cycles``.
+    """
+
+    exit_cycles: float = 500.0
+    user_exit_cycles: float = 1500.0
+    miss_cycles: float | None = None
+
+    def estimate(self, page_granular: int, violations: int, misses: int) -> dict:
+        ck, cu = float(self.exit_cycles), float(self.user_exit_cycles)
+        cm = ck if self.miss_cycles is None else float(self.miss_cycles)
+        pg_k, pg_u = page_granular * ck, page_granular * cu
+        spp_k = violations * ck + misses * cm
+        spp_u = violations * cu + misses * cm
+        return {
+            "cycles_per_exit": {"kernel": ck, "user_space": cu, "spp_miss": cm},
+            "sources": {
+                "kernel": "~500 cycles per VM exit round trip on Haswell (Bitdefender HVI paper citing Intel)",
+                "user_space": "~3x in-kernel (KVM vmexit unit test: inl_from_qemu vs inl_from_kernel)",
+                "spp_miss": "handled in the kernel (SPPT rebuilt for the 2-MiB region)",
+            },
+            "page_granular": {"exits": page_granular, "kernel_cycles": pg_k, "user_space_cycles": pg_u},
+            "spp": {"exits": violations + misses, "violations": violations, "spp_misses": misses,
+                    "kernel_cycles": spp_k, "user_space_cycles": spp_u},
+            "saved": {"kernel_cycles": pg_k - spp_k, "user_space_cycles": pg_u - spp_u},
+            "speedup": {"kernel": _ratio(pg_k, spp_k), "user_space": _ratio(pg_u, spp_u)},
+        }
+
+
+def _ratio(a: float, b: float) -> float | None:
+    return None if b == 0 else a / b
+
+
+# =====================================================================================
+# page index: which records touch which listed pages
+# =====================================================================================
+
+
+class _Scratch:
+    """Reusable work buffers (allocating big arrays per chunk costs page faults)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict = {}
+
+    def get(self, name: str, n: int, dtype) -> np.ndarray:
+        b = self._bufs.get(name)
+        if b is None or len(b) < n or b.dtype != dtype:
+            b = np.empty(max(n, 1 << 16), dtype)
+            self._bufs[name] = b
+        return b[:n]
+
+
+class PageIndex:
+    """A sorted set of guest page numbers (gfns) with a fast membership test for
+    whole chunks of write records.
+
+    ``select(gpa, size)`` → ``(accesses, pid, off, length, src)``: the number of
+    page-split accesses in the chunk, and — for every access that lands on a listed
+    page — its page's index in :attr:`gfns` (``pid``), offset and length within the
+    page, and the index of its record in the chunk.
+    """
+
+    DENSE_LIMIT = 1 << 24  # entries of the dense lookup table (int32)
+    CLUSTER_GAP = REGION_2M_PAGES  # pages: a bigger gap starts a new cluster
+    MAX_RANGE_TESTS = 4
+
+    def __init__(self, gfns) -> None:
+        g = np.unique(np.asarray(gfns, dtype=np.uint64))
+        self.gfns = g
+        self.n = len(g)
+        self._scratch = _Scratch()
+        if self.n == 0:
+            self.clusters = []
+            return
+        gi = g.astype(np.int64)
+        breaks = np.flatnonzero(np.diff(gi) > self.CLUSTER_GAP) + 1
+        lo_i = np.r_[0, breaks]
+        hi_i = np.r_[breaks - 1, self.n - 1]
+        self.c_lo = gi[lo_i]
+        self.c_span = gi[hi_i] - self.c_lo  # inclusive span - 1
+        self.clusters = list(zip(self.c_lo.tolist(), (self.c_lo + self.c_span).tolist()))
+        total = int((self.c_span + 1).sum())
+        if total <= self.DENSE_LIMIT:
+            self.c_off = np.r_[0, np.cumsum(self.c_span + 1)[:-1]].astype(np.int64)
+            dense = np.full(total, -1, np.int64)
+            c = np.searchsorted(self.c_lo, gi, side="right") - 1
+            dense[self.c_off[c] + (gi - self.c_lo[c])] = np.arange(self.n)
+            self.dense = dense
+        else:
+            self.dense = None
+        # candidate test on record start addresses
+        if len(self.clusters) <= self.MAX_RANGE_TESTS:
+            self.ranges = []
+            for lo, hi in self.clusters:
+                base = max(lo - _LOOKBACK, 0) << 12
+                self.ranges.append((_U64(base), _U64(((hi + 1) << 12) - base)))
+            self.bytemap = None
+        else:
+            self.ranges = None
+            bm = np.zeros(1 << 16, bool)
+            for back in (0, _LOOKBACK):
+                r = (np.maximum(gi - back, 0) >> 9) & 0xFFFF
+                bm[r] = True
+            self.bytemap = bm
+
+    def __len__(self) -> int:
+        return self.n
+
+    # -- lookup ------------------------------------------------------------------------
+    def lookup(self, pages: np.ndarray) -> np.ndarray:
+        """pid (index in :attr:`gfns`) of each page number, -1 if not listed."""
+        if self.n == 0:
+            return np.full(len(pages), -1, np.int64)
+        p = pages.astype(np.int64)
+        if self.dense is not None:
+            if len(self.clusters) == 1:
+                k = p - self.c_lo[0]
+                ok = (k >= 0) & (k <= self.c_span[0])
+                return np.where(ok, self.dense[np.where(ok, k, 0)], -1)
+            c = np.searchsorted(self.c_lo, p, side="right") - 1
+            cc = np.maximum(c, 0)
+            k = p - self.c_lo[cc]
+            ok = (c >= 0) & (k >= 0) & (k <= self.c_span[cc])
+            return np.where(ok, self.dense[self.c_off[cc] + np.where(ok, k, 0)], -1)
+        pos = np.searchsorted(self.gfns, pages.astype(np.uint64))
+        pos = np.minimum(pos, self.n - 1)
+        return np.where(self.gfns[pos] == pages, pos, -1)
+
+    # -- the per-chunk pass ----------------------------------------------------------------
+    def candidates(self, gpa: np.ndarray) -> np.ndarray | None:
+        """Indices of records that may touch a listed page (None: none do)."""
+        n = len(gpa)
+        if self.n == 0 or n == 0:
+            return None
+        sc = self._scratch
+        mask = sc.get("mask", n, np.bool_)
+        if self.ranges is not None:
+            tmp = sc.get("u64", n, np.uint64)
+            first = True
+            for base, span in self.ranges:
+                if base == 0:
+                    src = gpa
+                else:
+                    np.subtract(gpa, base, out=tmp)
+                    src = tmp
+                if first:
+                    np.less(src, span, out=mask)
+                    first = False
+                else:
+                    m2 = sc.get("mask2", n, np.bool_)
+                    np.less(src, span, out=m2)
+                    np.logical_or(mask, m2, out=mask)
+        else:
+            tmp = sc.get("u64", n, np.uint64)
+            np.right_shift(gpa, _U64(21), out=tmp)
+            np.bitwise_and(tmp, _U64(0xFFFF), out=tmp)
+            np.take(self.bytemap, tmp, out=mask)
+        if not mask.any():
+            return None
+        return np.flatnonzero(mask)
+
+    def count_accesses(self, gpa: np.ndarray, size: np.ndarray) -> int:
+        """Accesses after page splitting: one per 4-KiB page each record touches."""
+        n = len(gpa)
+        if n == 0:
+            return 0
+        sc = self._scratch
+        t = sc.get("u32", n, np.uint32)
+        np.copyto(t, gpa, casting="unsafe")  # low 32 bits
+        np.bitwise_and(t, np.uint32(0xFFF), out=t)
+        np.add(t, size, out=t, casting="unsafe")
+        if int(size.max()) <= 4096:
+            b = sc.get("mask2", n, np.bool_)
+            np.greater(t, np.uint32(4096), out=b)
+            return n + int(np.count_nonzero(b))
+        np.add(t, np.uint32(4095), out=t)
+        np.right_shift(t, np.uint32(12), out=t)
+        return int(t.sum(dtype=np.int64))
+
+    def select(self, gpa: np.ndarray, size: np.ndarray):
+        accesses = self.count_accesses(gpa, size)
+        idx = self.candidates(gpa)
+        if idx is None:
+            return accesses, None
+        g = gpa[idx]
+        s = size[idx].astype(np.int64)
+        off = (g & _U64(0xFFF)).astype(np.int64)
+        end = off + s
+        page = g >> _U64(12)
+        if (end > 4096).any():
+            npg = (end + 4095) >> 12
+            rep = np.repeat(np.arange(len(idx)), npg)
+            first = np.repeat(np.cumsum(npg) - npg, npg)
+            k = np.arange(len(rep)) - first
+            page = page[rep] + k.astype(np.uint64)
+            o0 = off[rep]
+            a_off = np.where(k == 0, o0, 0)
+            a_end = np.minimum(end[rep] - (k << 12), 4096)
+            length = a_end - a_off
+            off = a_off
+            src = idx[rep]
+        else:
+            length = s
+            src = idx
+        pid = self.lookup(page)
+        hit = pid >= 0
+        if not hit.all():
+            pid, off, length, src = pid[hit], off[hit], length[hit], src[hit]
+        if len(pid) == 0:
+            return accesses, None
+        return accesses, (pid, off, length, src)
+
+
+def _accumulate(arr: np.ndarray, keys: np.ndarray) -> None:
+    """arr[k] += 1 for every k in keys (duplicates counted)."""
+    if len(keys) == 0:
+        return
+    if len(keys) * 8 >= len(arr):
+        arr += np.bincount(keys, minlength=len(arr))
+    else:
+        np.add.at(arr, keys, 1)
+
+
+def _touched(off: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First and last sub-page of each access, and the 32-bit map of those touched."""
+    s0 = off >> 7
+    s1 = (off + length - 1) >> 7
+    mask = (np.int64(2) << s1) - (np.int64(1) << s0)
+    return s0, s1, mask
+
+
+def _expand_bits(keys_base: np.ndarray, s0: np.ndarray, s1: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """For each row, ``keys_base + s`` for every sub-page s in [s0, s1] whose bit is set."""
+    single = s0 == s1
+    out = [keys_base[single] + s0[single]] if single.any() else []
+    multi = ~single
+    if multi.any():
+        kb, a, b, m = keys_base[multi], s0[multi], s1[multi], bits[multi]
+        cnt = b - a + 1
+        rep = np.repeat(np.arange(len(kb)), cnt)
+        first = np.repeat(np.cumsum(cnt) - cnt, cnt)
+        s = a[rep] + (np.arange(len(rep)) - first)
+        keep = ((m[rep] >> s) & 1).astype(bool)
+        out.append(kb[rep][keep] + s[keep])
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+# =====================================================================================
+# the protection model and its counters
+# =====================================================================================
+
+
+class ProtectionModel:
+    """What the replay checks against: per-page 32-bit access maps (bit i set =
+    sub-page i writable), the write check and the SPPT mode.  Picklable."""
+
+    def __init__(self, access_maps: dict[int, int], *, spp_write_check: str = SPP_WRITE_CHECK_ALL,
+                 spp_mode: str = "lazy") -> None:
+        if spp_write_check not in SPP_WRITE_CHECKS:
+            raise ValueError(f"spp_write_check={spp_write_check!r}: must be one of {', '.join(SPP_WRITE_CHECKS)}")
+        if spp_mode not in ("lazy", "eager"):
+            raise ValueError(f"spp_mode={spp_mode!r}: must be 'lazy' or 'eager'")
+        items = sorted((int(g), int(m)) for g, m in access_maps.items() if int(m) != FULL_MAP)
+        for g, m in items:
+            if not 0 <= m <= FULL_MAP:
+                raise ValueError(f"access map {m!r} for gfn {g:#x} is not a 32-bit value")
+        self.index = PageIndex([g for g, _ in items])
+        self.maps = np.array([m for _, m in items], np.int64)
+        self.spp_write_check = spp_write_check
+        self.spp_mode = spp_mode
+
+    @classmethod
+    def from_policy(cls, policy, **kw) -> "ProtectionModel":
+        return cls(policy.access_maps() if policy is not None else {}, **kw)
+
+    @property
+    def gfns(self) -> np.ndarray:
+        return self.index.gfns
+
+    @property
+    def npages(self) -> int:
+        return self.index.n
+
+    def new_counters(self) -> "ShardResult":
+        return ShardResult.empty(self.npages)
+
+
+@dataclass
+class ShardResult:
+    """Counters of one replayed piece of trace (a shard, or a whole trace); mergeable in
+    trace order with :meth:`merge`.  Per-page arrays are indexed like the model's gfns."""
+
+    writes: int = 0
+    accesses: int = 0
+    page_granular: int = 0
+    violations: int = 0
+    pg_per_page: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    viol_per_page: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    viol_per_sub: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    writes_per_sub: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ip_counts: dict = field(default_factory=dict)
+    skipped: int = 0
+    examples: list = field(default_factory=list)
+    last_ip: int = int(RIP_CARRY)
+    files: list = field(default_factory=list)
+    formats: list = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, npages: int) -> "ShardResult":
+        return cls(
+            pg_per_page=np.zeros(npages, np.int64), viol_per_page=np.zeros(npages, np.int64),
+            viol_per_sub=np.zeros(npages * 32, np.int64), writes_per_sub=np.zeros(npages * 32, np.int64),
+        )
+
+    def merge(self, later: "ShardResult") -> "ShardResult":
+        """Add the counters of the piece of trace that follows this one.  Records of
+        ``later`` whose IP is carried over (:data:`RIP_CARRY`) get this piece's last IP."""
+        carry = self.last_ip
+        if carry == int(RIP_CARRY):
+            carry = int(NO_RIP)
+        self.writes += later.writes
+        self.accesses += later.accesses
+        self.page_granular += later.page_granular
+        self.violations += later.violations
+        self.pg_per_page += later.pg_per_page
+        self.viol_per_page += later.viol_per_page
+        self.viol_per_sub += later.viol_per_sub
+        self.writes_per_sub += later.writes_per_sub
+        for ip, n in later.ip_counts.items():
+            key = carry if ip == int(RIP_CARRY) else ip
+            self.ip_counts[key] = self.ip_counts.get(key, 0) + n
+        self.skipped += later.skipped
+        self.examples.extend(later.examples[: max(0, 10 - len(self.examples))])
+        self.last_ip = later.last_ip if later.last_ip != int(RIP_CARRY) else carry
+        self.files.extend(later.files)
+        self.formats.extend(later.formats)
+        return self
+
+
+class Replayer:
+    """Feed chunks of write records; read the counters from :attr:`result`."""
+
+    def __init__(self, model: ProtectionModel) -> None:
+        self.model = model
+        self.result = model.new_counters()
+        self._first_byte = model.spp_write_check == SPP_WRITE_CHECK_FIRST
+
+    def feed(self, chunk: np.ndarray) -> None:
+        """A structured array with ``gpa``, ``size`` and (optionally) ``rip`` fields."""
+        names = chunk.dtype.names or ()
+        rip = np.ascontiguousarray(chunk["rip"], np.uint64) if "rip" in names else None
+        self.feed_columns(np.ascontiguousarray(chunk["gpa"], np.uint64),
+                          np.ascontiguousarray(chunk["size"]), rip)
+
+    def feed_columns(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None = None) -> None:
+        """Contiguous columns: ``gpa`` u64, ``size`` (1..65535, any unsigned dtype),
+        ``rip`` u64 or None (unknown)."""
+        r = self.result
+        n = len(gpa)
+        if n == 0:
+            return
+        if gpa.dtype != np.uint64:
+            gpa = np.ascontiguousarray(gpa, np.uint64)
+        if size.dtype.kind != "u" or size.dtype.itemsize > 2:
+            if len(size) and (size.min() < 1 or size.max() > 0xFFFF):
+                raise ValueError("record sizes must be 1..65535")
+            size = np.ascontiguousarray(size, np.uint16)
+        r.writes += n
+        accesses, sel = self.model.index.select(gpa, size)
+        r.accesses += accesses
+        if sel is None:
+            return
+        pid, off, length, src = sel
+        r.page_granular += len(pid)
+        _accumulate(r.pg_per_page, pid)
+        s0, s1, touched = _touched(off, length)
+        amap = self.model.maps[pid]
+        denied = touched & ~amap & FULL_MAP
+        if self._first_byte:
+            viol = ((amap >> s0) & 1) == 0
+        else:
+            viol = denied != 0
+        base = pid * 32
+        _accumulate(r.writes_per_sub, _expand_bits(base, s0, s1, touched))
+        nv = int(np.count_nonzero(viol))
+        if nv == 0:
+            return
+        r.violations += nv
+        vp = pid[viol]
+        _accumulate(r.viol_per_page, vp)
+        _accumulate(r.viol_per_sub, _expand_bits(base[viol], s0[viol], s1[viol], denied[viol]))
+        rips = rip[src[viol]] if rip is not None else np.full(nv, NO_RIP)
+        u, c = np.unique(rips, return_counts=True)
+        d = r.ip_counts
+        for ip, k in zip(u.tolist(), c.tolist()):
+            d[ip] = d.get(ip, 0) + k
+
+
+# =====================================================================================
+# results
+# =====================================================================================
+
+
+class ReplayResult:
+    """A whole replay: merged counters, the model, derived figures and the report."""
+
+    def __init__(self, counters: ShardResult, model: ProtectionModel, *, cost: CostModel | None = None,
+                 elapsed: float | None = None, trace: str | None = None) -> None:
+        self.c = counters
+        self.model = model
+        self.cost = cost or CostModel()
+        self.elapsed = elapsed
+        self.trace = trace
+
+    # -- headline numbers -----------------------------------------------------------------
+    @property
+    def writes(self) -> int:
+        return self.c.writes
+
+    @property
+    def accesses(self) -> int:
+        return self.c.accesses
+
+    @property
+    def page_granular_exits(self) -> int:
+        return self.c.page_granular
+
+    @property
+    def violations(self) -> int:
+        return self.c.violations
+
+    @property
+    def spp_misses(self) -> int:
+        """Lazy SPPT: one miss per 2-MiB region in which a protected page was written."""
+        if self.model.spp_mode == "eager":
+            return 0
+        touched = self.model.gfns[self.c.pg_per_page > 0]
+        return int(len(np.unique(touched >> _U64(9))))
+
+    @property
+    def exits_avoided(self) -> int:
+        return self.c.page_granular - self.c.violations
+
+    @property
+    def skipped_records(self) -> int:
+        return self.c.skipped
+
+    # -- per page / sub-page / IP -----------------------------------------------------------
+    def page_counts(self) -> dict[int, tuple[int, int]]:
+        """``{gfn: (page_granular_exits, violations)}`` for every protected page written."""
+        nz = np.flatnonzero(self.c.pg_per_page)
+        g = self.model.gfns
+        return {int(g[i]): (int(self.c.pg_per_page[i]), int(self.c.viol_per_page[i])) for i in nz}
+
+    def subpage_violations(self) -> dict[tuple[int, int], int]:
+        """``{(gfn, sub-page): violations}`` (an access counts once for each protected
+        sub-page it touches, as :class:`sppkit.vmm.Stats` does)."""
+        nz = np.flatnonzero(self.c.viol_per_sub)
+        g = self.model.gfns
+        return {(int(g[k // 32]), int(k % 32)): int(self.c.viol_per_sub[k]) for k in nz}
+
+    def ip_violations(self) -> dict[int | None, int]:
+        """``{rip: violations}``; ``None`` for records without an IP."""
+        return {(None if ip == int(NO_RIP) else ip): n for ip, n in self.c.ip_counts.items()}
+
+    def top_pages(self, n: int = 10) -> list[dict]:
+        pg, v = self.c.pg_per_page, self.c.viol_per_page
+        order = np.lexsort((self.model.gfns, -v, -pg))
+        out = []
+        for i in order[:n]:
+            if pg[i] == 0:
+                break
+            g = int(self.model.gfns[i])
+            out.append({"gfn": g, "gpa": g << 12, "page_granular_exits": int(pg[i]), "violations": int(v[i]),
+                        "access_map": int(self.model.maps[i])})
+        return out
+
+    def top_subpages(self, n: int = 10) -> list[dict]:
+        vs = self.c.viol_per_sub
+        nz = np.flatnonzero(vs)
+        order = nz[np.lexsort((nz, -vs[nz]))][:n]
+        out = []
+        for k in order:
+            g = int(self.model.gfns[k // 32])
+            s = int(k % 32)
+            out.append({"gfn": g, "subpage": s, "gpa": (g << 12) + 128 * s, "violations": int(vs[k]),
+                        "writes": int(self.c.writes_per_sub[k])})
+        return out
+
+    def top_ips(self, n: int = 10) -> list[dict]:
+        items = sorted(self.ip_violations().items(), key=lambda kv: (-kv[1], -1 if kv[0] is None else kv[0]))
+        return [{"rip": ip, "violations": c} for ip, c in items[:n]]
+
+    def estimated_overhead(self) -> dict:
+        return self.cost.estimate(self.page_granular_exits, self.violations, self.spp_misses)
+
+    def to_dict(self, top: int = 10, image=None) -> dict:
+        def sym(addr):
+            if image is None or addr is None:
+                return None
+            try:
+                hit = image.symbol_at(addr)
+            except Exception:  # pragma: no cover - symbolisation is best effort
+                return None
+            if not hit:
+                return None
+            s, off = hit
+            return f"{s.name}+{off:#x}" if off else s.name
+
+        pages = self.top_pages(top)
+        subs = self.top_subpages(top)
+        ips = self.top_ips(top)
+        if image is not None:
+            for p in pages:
+                p["symbol"] = sym(p["gpa"])
+            for s in subs:
+                s["symbol"] = sym(s["gpa"])
+            for i in ips:
+                i["symbol"] = sym(i["rip"])
+        d = {
+            "trace": self.trace,
+            "shards": len(self.c.files),
+            "formats": sorted(set(self.c.formats)),
+            "writes": self.writes,
+            "accesses": self.accesses,
+            "page_granular_exits": self.page_granular_exits,
+            "violations": self.violations,
+            "spp_misses": self.spp_misses,
+            "exits_avoided": self.exits_avoided,
+            "estimated_overhead": self.estimated_overhead(),
+            "skipped_records": self.skipped_records,
+            "skipped_examples": list(self.c.examples),
+            "protected_pages": self.model.npages,
+            "protected_pages_written": int(np.count_nonzero(self.c.pg_per_page)),
+            "spp_write_check": self.model.spp_write_check,
+            "spp_mode": self.model.spp_mode,
+            "top_pages": pages,
+            "top_subpages": subs,
+            "top_ips": ips,
+        }
+        if self.elapsed is not None:
+            d["elapsed_seconds"] = self.elapsed
+            d["writes_per_second"] = self.writes / self.elapsed if self.elapsed > 0 else None
+        return d
+
+
+# =====================================================================================
+# drivers
+# =====================================================================================
+
+
+def replay_arrays(model: ProtectionModel, chunks: Iterable) -> ReplayResult:
+    """Replay an iterable of chunks (structured arrays or ``(gpa, size, rip)`` tuples)."""
+    rp = Replayer(model)
+    for ch in chunks:
+        if isinstance(ch, tuple):
+            rp.feed_columns(*ch)
+        else:
+            rp.feed(ch)
+    acc = ShardResult.empty(model.npages)
+    acc.last_ip = int(NO_RIP)
+    return ReplayResult(acc.merge(rp.result), model)
+
+
+def replay_shard(path, model: ProtectionModel, fmt: str = "auto", *, size: int = 8, strict: bool = False,
+                 chunk_records: int = CHUNK_RECORDS, on_chunk=None, on_warning=None) -> ShardResult:
+    """Replay one trace file; IPs that lackey carries over from a previous shard stay
+    :data:`RIP_CARRY` until :meth:`ShardResult.merge`.  Runs on dask workers too."""
+    diag = Diagnostics(strict=strict, on_warning=on_warning)
+    src = open_trace(path, fmt, size=size, chunk_records=chunk_records, diagnostics=diag)
+    rp = Replayer(model)
+    for gpa, sz, rip in src.columns():
+        rp.feed_columns(gpa, sz, rip)
+        if on_chunk is not None:
+            on_chunk(src)
+    r = rp.result
+    r.skipped = diag.skipped
+    r.examples = list(diag.examples)
+    r.last_ip = int(src.last_ip)
+    r.files = [str(path)]
+    r.formats = [src.format]
+    return r
+
+
+def _fold(model: ProtectionModel, parts: Iterable[ShardResult]) -> ShardResult:
+    acc = ShardResult.empty(model.npages)
+    acc.last_ip = int(NO_RIP)  # the start of the trace: no IP yet
+    for p in parts:
+        acc.merge(p)
+    return acc
+
+
+def replay(trace, model: ProtectionModel, fmt: str = "auto", *, size: int = 8, strict: bool = False,
+           chunk_records: int = CHUNK_RECORDS, progress: bool = False, dask: bool = False,
+           scheduler: str | None = None, workers: int | None = None, cost: CostModel | None = None,
+           on_warning=None) -> ReplayResult:
+    """Replay a trace file, or a directory of shards (sorted by name, one trace), and
+    return the merged :class:`ReplayResult`.
+
+    ``dask``: replay the shards as tasks on a dask.distributed cluster (``scheduler``:
+    its address; default a LocalCluster in this process) and merge the results in
+    shard order — identical counters to the single-process run.
+    """
+    shards = list_shards(trace)
+    t0 = time.perf_counter()
+    kw = {"size": size, "strict": strict, "chunk_records": chunk_records}
+    if dask:
+        parts = _replay_dask(shards, model, fmt, kw, scheduler=scheduler, workers=workers, progress=progress)
+    else:
+        parts = _replay_local(shards, model, fmt, kw, progress=progress, on_warning=on_warning)
+    counters = _fold(model, parts)
+    return ReplayResult(counters, model, cost=cost, elapsed=time.perf_counter() - t0, trace=str(trace))
+
+
+def _progress_bar(total: float, what: str):
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = [TextColumn("[bold]{task.description}"), BarColumn()]
+    cols.append(DownloadColumn() if what == "bytes" else TextColumn("{task.completed:.0f}/{task.total:.0f} shards"))
+    cols.append(TimeRemainingColumn())
+    return Progress(*cols, console=Console(stderr=True), transient=True)
+
+
+def _want_progress(progress: bool) -> bool:
+    return bool(progress) and sys.stderr.isatty()
+
+
+def _replay_local(shards, model, fmt, kw, *, progress: bool, on_warning) -> Iterator[ShardResult]:
+    if not _want_progress(progress):
+        for p in shards:
+            yield replay_shard(p, model, fmt, on_warning=on_warning, **kw)
+        return
+    total = sum(os.path.getsize(p) for p in shards)
+    with _progress_bar(total, "bytes") as bar:
+        task = bar.add_task("replay", total=total)
+        done = 0
+        for p in shards:
+            yield replay_shard(p, model, fmt, on_warning=on_warning,
+                               on_chunk=lambda src: bar.update(task, completed=done + src.bytes_done), **kw)
+            done += os.path.getsize(p)
+            bar.update(task, completed=done)
+
+
+def dask_client(scheduler: str | None = None, workers: int | None = None):
+    """A dask.distributed Client: to ``scheduler`` if given, else to a LocalCluster of
+    threads in this process (``processes=False``)."""
+    try:
+        from dask.distributed import Client, LocalCluster
+    except ImportError:
+        raise MissingDependency(
+            "--dask needs dask.distributed, which is not installed: pip install 'sppkit[distributed]'"
+        ) from None
+    if scheduler:
+        return Client(scheduler), None
+    cluster = LocalCluster(n_workers=1, threads_per_worker=workers or os.cpu_count() or 1, processes=False,
+                           dashboard_address=None)
+    return Client(cluster), cluster
+
+
+def _replay_dask(shards, model, fmt, kw, *, scheduler, workers, progress) -> list[ShardResult]:
+    return _replay_dask_generic(replay_shard, shards, model, fmt, kw, scheduler=scheduler, workers=workers,
+                                progress=progress)
+
+
+def _replay_dask_generic(fn, shards, model, fmt, kw, *, scheduler, workers, progress) -> list:
+    """``fn(path, model, fmt, **kw)`` for every shard as dask tasks; results in shard order."""
+    client, cluster = dask_client(scheduler, workers)
+    try:
+        from dask.distributed import as_completed
+
+        m = client.scatter(model, broadcast=True)
+        futures = [client.submit(fn, str(p), m, fmt, pure=False, **kw) for p in shards]
+        if _want_progress(progress):
+            with _progress_bar(len(futures), "shards") as bar:
+                task = bar.add_task("replay (dask)", total=len(futures))
+                for _ in as_completed(futures):
+                    bar.advance(task)
+        return client.gather(futures)  # in shard order
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -1,0 +1,580 @@
+"""Device virtualization at 128 bytes: a device's registers share a 4-KiB page with
+ordinary RAM; SPP traps only the register sub-pages (the XPDDS18 "device
+virtualization" use case, hypervisor-spp.md §2).
+
+* :class:`Device` — declare registers (offset, width, access, reset value) in one
+  page and receive guest writes to them as ``write(offset, size, value)``, returning
+  the decision: ``EMULATE`` (the value lands in the RAM copy, so the guest reads it
+  back) or ``SKIP`` (discarded: read-only and write-only registers).  The device
+  keeps the RAM copy of its registers current with :meth:`Device.set_register`
+  (``vm.load``): that is what guest reads return, on both engines — SPP traps
+  writes only.
+* :class:`DeviceBus` — attaches devices to pages of a :class:`~sppkit.vmm.Vm` through
+  a :class:`~sppkit.usecases.monitor.WatchManager`: one watch per register; writes
+  to the page's other bytes are RAM (no exit under SPP; committed transparently if
+  they share a register's sub-page or the page is protected whole).
+* :class:`RingConsole` — a toy device that does real work: a descriptor ring in the
+  RAM part of its page, DOORBELL and CONTROL in the register sub-page; on a doorbell
+  it consumes the ring, collects the text and posts a completion the driver polls.
+* :func:`run_device` / ``sppkit device`` — the bundled ``devdriver`` guest against a
+  RingConsole, with the exits counted per sub-page; :func:`demo_device`.
+
+Limits (docs/usecases-monitor-device.md): 128 bytes can be coarser than a
+device's register block (Xen chose 8-byte software emulation for MMIO); register
+reads return the RAM copy (no read side effects, no value computed at read time).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import click
+
+from ..vmm import Decision, GpaNotMapped, SppViolation, Vm
+from .monitor import (
+    WatchError,
+    WatchEvent,
+    WatchManager,
+    _as_decision,
+    exact_instruction,
+    load_guest_image,
+    sync_engine,
+)
+
+__all__ = [
+    "Device", "DeviceBus", "DeviceError", "DeviceReport", "Register", "RingConsole", "demo_device", "device_command",
+    "print_device", "run_device",
+]
+
+PAGE = 4096
+SUBPAGE = 128
+DEFAULT_GUEST = "devdriver"
+DEFAULT_PAGE = "devpage"
+
+
+class DeviceError(ValueError):
+    """A device that cannot be attached: bad or overlapping registers, a page outside
+    RAM, a page that already holds a device, an unknown page symbol."""
+
+
+@dataclass(frozen=True)
+class Register:
+    """A device register: ``width`` bytes at ``offset`` in the device's page.
+    ``access``: ``rw`` (writes land in RAM), ``ro`` (writes discarded), ``wo``
+    (write-only: the device consumes the value; it is not stored)."""
+
+    name: str
+    offset: int
+    width: int = 4
+    access: str = "rw"
+    reset: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.width
+
+    @property
+    def subpage(self) -> int:
+        return self.offset // SUBPAGE
+
+
+class Device:
+    """Base of a device model.  Subclasses set :attr:`registers` (or pass them) and
+    override :meth:`write` or define ``on_<register>(value) -> decision | None``."""
+
+    name = "device"
+    registers: tuple[Register, ...] = ()
+
+    def __init__(self, name: str | None = None, registers=None) -> None:
+        if name is not None:
+            self.name = name
+        if registers is not None:
+            self.registers = tuple(registers)
+        self.bus: DeviceBus | None = None
+        self.gpa: int | None = None
+        self.writes: Counter = Counter()  #: register name -> trapped writes
+        self.bad_writes = 0  #: writes that did not match one register exactly
+        self._validate()
+
+    # -- declaration ------------------------------------------------------------
+    def _validate(self) -> None:
+        seen: dict[str, Register] = {}
+        regs = sorted(self.registers, key=lambda r: r.offset)
+        for r in regs:
+            if not isinstance(r, Register):
+                raise DeviceError(f"device {self.name!r}: {r!r} is not a Register")
+            if r.name in seen:
+                raise DeviceError(f"device {self.name!r}: two registers named {r.name!r}")
+            seen[r.name] = r
+            if r.width not in (1, 2, 4, 8):
+                raise DeviceError(f"device {self.name!r}: register {r.name!r} width {r.width}: must be 1, 2, 4 or 8")
+            if r.offset < 0 or r.end > PAGE:
+                raise DeviceError(f"device {self.name!r}: register {r.name!r} [{r.offset:#x}, {r.end:#x}) "
+                                  f"lies outside its 4-KiB page")
+            if r.access not in ("rw", "ro", "wo"):
+                raise DeviceError(f"device {self.name!r}: register {r.name!r} access {r.access!r}: rw, ro or wo")
+        for a, b in zip(regs, regs[1:]):
+            if b.offset < a.end:
+                raise DeviceError(f"device {self.name!r}: registers {a.name!r} [{a.offset:#x}, {a.end:#x}) and "
+                                  f"{b.name!r} [{b.offset:#x}, {b.end:#x}) overlap")
+
+    def register(self, name: str) -> Register:
+        for r in self.registers:
+            if r.name == name:
+                return r
+        raise DeviceError(f"device {self.name!r} has no register {name!r} "
+                          f"(registers: {', '.join(r.name for r in self.registers)})")
+
+    def register_at(self, offset: int, size: int = 1) -> list[Register]:
+        return [r for r in self.registers if r.offset < offset + size and offset < r.end]
+
+    @property
+    def register_subpages(self) -> list[int]:
+        return sorted({i for r in self.registers for i in range(r.offset // SUBPAGE, (r.end - 1) // SUBPAGE + 1)})
+
+    # -- guest memory, from the device's side -------------------------------------
+    @property
+    def vm(self) -> Vm:
+        if self.bus is None:
+            raise DeviceError(f"device {self.name!r} is not attached")
+        return self.bus.vm
+
+    def set_register(self, name: str, value: int) -> None:
+        """Update the RAM copy of a register: what the guest's next read returns."""
+        r = self.register(name)
+        self.vm.load(self.gpa + r.offset, (value & ((1 << (8 * r.width)) - 1)).to_bytes(r.width, "little"))
+
+    def get_register(self, name: str) -> int:
+        r = self.register(name)
+        return int.from_bytes(self.vm.read(self.gpa + r.offset, r.width), "little")
+
+    def read(self, offset: int, n: int) -> bytes:
+        """Bytes of the device's page (its RAM part: rings, buffers)."""
+        return self.vm.read(self.gpa + offset, n)
+
+    def load(self, offset: int, data: bytes) -> None:
+        self.vm.load(self.gpa + offset, data)
+
+    # -- the write path -------------------------------------------------------------
+    def reset(self) -> None:
+        """Put every register's reset value in RAM (called on attach)."""
+        for r in self.registers:
+            self.set_register(r.name, r.reset)
+
+    def write(self, offset: int, size: int, value: int) -> Decision | str | bool | None:
+        """A guest write of ``size`` bytes of ``value`` at ``offset`` (from the page
+        start) touching a register.  Default: an exact write to one register calls
+        ``on_<name>(value)`` if defined; ``rw`` registers then keep the value
+        (EMULATE), ``ro``/``wo`` ones do not (SKIP); any other shape is discarded."""
+        regs = self.register_at(offset, size)
+        if len(regs) != 1 or regs[0].offset != offset or regs[0].width != size:
+            self.bad_writes += 1
+            return Decision.SKIP
+        r = regs[0]
+        self.writes[r.name] += 1
+        handler = getattr(self, f"on_{r.name}", None)
+        answer = handler(value) if handler is not None else None
+        if answer is not None:
+            return answer
+        return Decision.EMULATE if r.access == "rw" else Decision.SKIP
+
+
+class DeviceBus:
+    """Devices on pages of a Vm, each register a watched byte range.
+
+    ``chain``: the engine's violation handler (records).  ``page_granular``: trap the
+    whole page of each device (the baseline: every ring write exits).
+    """
+
+    def __init__(self, vm: Vm, *, chain=None, page_granular: bool = False,
+                 manager: WatchManager | None = None) -> None:
+        self.vm = vm
+        self.wm = manager or WatchManager(vm, chain=chain, page_granular=page_granular)
+        self.devices: dict[int, Device] = {}  # gfn -> device
+        self._watches: dict[int, list] = {}
+        self.decisions: Counter = Counter()
+
+    def attach(self, device: Device, gpa: int) -> Device:
+        if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
+            raise DeviceError(f"device {device.name!r}: page address {gpa!r} must be a non-negative integer")
+        if gpa & (PAGE - 1):
+            raise DeviceError(f"device {device.name!r}: page address {gpa:#x} is not 4-KiB aligned")
+        if device.bus is not None:
+            raise DeviceError(f"device {device.name!r} is already attached at {device.gpa:#x}")
+        if not device.registers:
+            raise DeviceError(f"device {device.name!r} declares no registers")
+        other = self.devices.get(gpa >> 12)
+        if other is not None:
+            raise DeviceError(f"device {device.name!r} at {gpa:#x}: that page already holds device {other.name!r}; "
+                              "devices on one page would share its register sub-pages")
+        slots = sorted(self.vm.memslots(), key=lambda m: m.gpa)
+        m = next((m for m in slots if m.gpa <= gpa < m.end), None)
+        if m is None:
+            ram = ", ".join(f"[{s.gpa:#x}, {s.end:#x})" for s in slots) or "none"
+            raise DeviceError(f"device {device.name!r} at {gpa:#x}: outside guest RAM ({ram}); the device's page "
+                              "must be guest RAM (its ring and its register copies live there)")
+        if m.readonly:
+            raise DeviceError(f"device {device.name!r} at {gpa:#x}: read-only memslot {m.slot}")
+        device.bus, device.gpa = self, gpa
+        try:
+            cb = self._callback(device)
+            ws = [self.wm.watch(gpa + r.offset, r.width, cb, name=f"{device.name}.{r.name}") for r in device.registers]
+        except WatchError as e:
+            device.bus = device.gpa = None
+            raise DeviceError(f"device {device.name!r}: {e}") from None
+        self.devices[gpa >> 12] = device
+        self._watches[gpa >> 12] = ws
+        device.reset()
+        return device
+
+    def detach(self, device: Device) -> None:
+        gfn = (device.gpa or 0) >> 12
+        if self.devices.get(gfn) is not device:
+            raise DeviceError(f"device {device.name!r} is not attached to this bus")
+        for w in self._watches.pop(gfn):
+            self.wm.unwatch(w)
+        del self.devices[gfn]
+        device.bus = device.gpa = None
+
+    def _callback(self, device: Device):
+        def on_write(ev: WatchEvent):
+            off = ev.gpa - device.gpa
+            d = _as_decision(device.write(off, ev.size, int.from_bytes(ev.new, "little")) or Decision.SKIP,
+                             f"{device.name}.write")
+            self.decisions[d.value] += 1
+            return d
+
+        return on_write
+
+    def exits_by_subpage(self, device: Device) -> dict[int, int]:
+        """SPP exits (violations) per sub-page of ``device``'s page, from the Vm's counters."""
+        gfn = device.gpa >> 12
+        st = self.vm.stats(top=1 << 16)
+        return {d["subpage"]: d["violations"] for d in st["top_subpages"] if d["gfn"] == gfn}
+
+    def page_writes(self, device: Device) -> int:
+        """Guest writes to ``device``'s page = the exits of page-granular trapping."""
+        gfn = device.gpa >> 12
+        st = self.vm.stats(top=1 << 16)
+        return next((d["writes"] for d in st["top_page_granular"] if d["gfn"] == gfn), 0)
+
+
+# ====================================================================== the toy device
+FNV_OFFSET, FNV_PRIME = 2166136261, 16777619
+
+
+class RingConsole(Device):
+    """A console with a descriptor ring (the layout of the ``devdriver`` guest).
+
+    Registers (sub-page 0): MAGIC ro, VERSION ro, CONTROL rw (bit 0 enable, bit 1
+    reset), STATUS ro (bit 0 ready, bit 1 error), DOORBELL wo (the driver's new
+    avail index), COMPLETED ro (descriptors consumed), CHECKSUM ro (FNV-1a of the
+    text), BYTES ro.  RAM: ``avail_idx`` at 0x80, ``used_idx`` at 0x84 (written by the
+    device), 16 descriptors ``{u64 addr; u32 len; u32 flags}`` at 0x100.
+    """
+
+    name = "ringcon"
+    MAGIC = 0x43505053  # "SPPC"
+    VERSION = 1
+    AVAIL, USED, DESC, RING, DESC_SIZE = 0x80, 0x84, 0x100, 16, 16
+    CTRL_ENABLE, CTRL_RESET = 1, 2
+    READY, ERROR = 1, 2
+    registers = (
+        Register("magic", 0x00, 4, "ro", MAGIC),
+        Register("version", 0x04, 4, "ro", VERSION),
+        Register("control", 0x08, 4, "rw"),
+        Register("status", 0x0C, 4, "ro"),
+        Register("doorbell", 0x10, 4, "wo"),
+        Register("completed", 0x14, 4, "ro"),
+        Register("checksum", 0x18, 4, "ro"),
+        Register("bytes", 0x1C, 4, "ro"),
+    )
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name)
+        self.output = bytearray()
+        self.consumed = 0
+        self.checksum = FNV_OFFSET
+        self.doorbells = 0
+        self.descriptors = 0
+        self.errors: list[str] = []
+        self.enabled = False
+
+    @property
+    def text(self) -> str:
+        return self.output.decode("utf-8", "replace")
+
+    def on_control(self, value: int):
+        if value & self.CTRL_RESET:
+            self.consumed, self.checksum, self.enabled = 0, FNV_OFFSET, False
+            for r in ("completed", "checksum", "bytes", "status"):
+                self.set_register(r, 0)
+            self.load(self.USED, b"\0\0\0\0")
+            self.checksum = FNV_OFFSET
+        self.enabled = bool(value & self.CTRL_ENABLE)
+        status = self.get_register("status")
+        self.set_register("status", (status | self.READY) if self.enabled else (status & ~self.READY))
+        return Decision.EMULATE  # the guest reads back what it wrote
+
+    def _fail(self, why: str) -> Decision:
+        self.errors.append(why)
+        self.set_register("status", self.get_register("status") | self.ERROR)
+        return Decision.SKIP
+
+    def on_doorbell(self, avail: int):
+        self.doorbells += 1
+        if not self.enabled:
+            return self._fail(f"doorbell {avail} while disabled")
+        pending = (avail - self.consumed) & 0xFFFFFFFF
+        if pending > self.RING:
+            return self._fail(f"doorbell {avail}: {pending} descriptors pending, ring holds {self.RING}")
+        for _ in range(pending):
+            slot = self.consumed % self.RING
+            raw = self.read(self.DESC + slot * self.DESC_SIZE, self.DESC_SIZE)
+            addr, length = int.from_bytes(raw[:8], "little"), int.from_bytes(raw[8:12], "little")
+            if length > PAGE:
+                return self._fail(f"descriptor {slot}: length {length} > 4096")
+            try:
+                data = self.vm.read(addr, length)
+            except (GpaNotMapped, ValueError):
+                return self._fail(f"descriptor {slot}: buffer {addr:#x}+{length} outside guest RAM")
+            self.output += data
+            h = self.checksum
+            for b in data:
+                h = ((h ^ b) * FNV_PRIME) & 0xFFFFFFFF
+            self.checksum = h
+            self.consumed = (self.consumed + 1) & 0xFFFFFFFF
+            self.descriptors += 1
+        # the completion: used index in the ring, COMPLETED/CHECKSUM/BYTES in the registers
+        self.load(self.USED, self.consumed.to_bytes(4, "little"))
+        self.set_register("completed", self.consumed)
+        self.set_register("checksum", self.checksum)
+        self.set_register("bytes", len(self.output))
+        return Decision.SKIP  # write-only: the value was consumed, the RAM copy stays 0
+
+
+# ====================================================================== the run
+@dataclass
+class DeviceReport:
+    engine: str
+    engine_reason: str
+    guest: str
+    page_gpa: int
+    page_granular: bool
+    result: Any
+    output: str
+    expected: str | None
+    intact: bool | None
+    registers: list[dict]
+    exits_by_subpage: dict[int, int]
+    page_writes: int
+    register_exits: int
+    ring_exits: int
+    ring_writes: int | None
+    doorbells_guest: int | None
+    doorbells_device: int
+    doorbell_exits: int
+    device_errors: list[str]
+    stats: dict
+    seconds: float
+    guest_counts: dict
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.result.exit_code
+
+    def to_dict(self) -> dict:
+        res = self.result.to_dict(max_violations=0)
+        res.pop("violations", None)
+        res.pop("violations_total", None)
+        return {
+            "engine": self.engine, "engine_reason": self.engine_reason, "guest": self.guest,
+            "page_gpa": self.page_gpa, "page_granular": self.page_granular, "run": res, "output": self.output,
+            "intact": self.intact, "registers": self.registers,
+            "exits_by_subpage": {str(k): v for k, v in sorted(self.exits_by_subpage.items())},
+            "exits": {"spp": sum(self.exits_by_subpage.values()), "page_granular": self.page_writes,
+                      "register": self.register_exits, "ring": self.ring_exits},
+            "ring_writes": self.ring_writes, "doorbells": {"guest": self.doorbells_guest,
+                                                           "device": self.doorbells_device,
+                                                           "exits": self.doorbell_exits},
+            "device_errors": self.device_errors, "stats": self.stats, "guest_counts": self.guest_counts,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def resolve_page(image, page: str | int) -> int:
+    """A device page given as a symbol of the guest or an address."""
+    if isinstance(page, int):
+        return page
+    text = str(page).strip()
+    try:
+        return int(text, 0)
+    except ValueError:
+        pass
+    sym = image.symbols.get(text)
+    if sym is None:
+        close = difflib.get_close_matches(text, sorted(image.symbols), n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(close)}" if close else ""
+        raise DeviceError(f"--page: unknown symbol {text!r} in {image.where}{hint}")
+    return sym.addr
+
+
+def _u64(image, vm, name: str) -> int | None:
+    sym = image.symbols.get(name)
+    return None if sym is None else int.from_bytes(vm.read(sym.addr, 8), "little")
+
+
+def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto", page_granular: bool = False,
+               page: str | int = DEFAULT_PAGE, cpl: int = 3, timeout: float = 60.0,
+               memory: int | None = None) -> DeviceReport:
+    """Run ``guest`` (default: the bundled ``devdriver``) against a :class:`RingConsole`
+    at ``page`` (a symbol of the guest or a GPA)."""
+    from ..engines import DEFAULT_RAM, choose_engine
+
+    image = load_guest_image(guest)
+    gpa = resolve_page(image, page)
+    ram = memory or DEFAULT_RAM
+    if not 0 <= gpa < ram:
+        raise DeviceError(f"device page {gpa:#x} lies outside guest RAM [0x0, {ram:#x})")
+    cls, why = choose_engine(engine)
+    eng = cls(image, policy=None, ram_size=ram, cpl=int(cpl), timeout=timeout)
+    dev = RingConsole()
+    t0 = time.perf_counter()
+    try:
+        vm = eng.vm
+        bus = DeviceBus(vm, chain=eng._on_violation, page_granular=page_granular)
+        bus.attach(dev, gpa)
+        sync_engine(eng)
+        result = eng.run()
+        while result.stop_reason == "paused":
+            sync_engine(eng)
+            result = eng.run()
+    finally:
+        eng.close()
+    seconds = time.perf_counter() - t0
+
+    by_sub = bus.exits_by_subpage(dev)
+    reg_subs = set(dev.register_subpages)
+    register_exits = sum(v for s, v in by_sub.items() if s in reg_subs)
+    ring_exits = sum(v for s, v in by_sub.items() if s not in reg_subs)
+    page_writes = bus.page_writes(dev)
+    counts = {n: _u64(image, vm, f"drv_{n}") for n in ("ring_writes", "reg_writes", "doorbells", "descriptors",
+                                                        "bytes", "polls")}
+    msg = image.symbols.get("message")
+    expected = vm.read(msg.addr, msg.size).rstrip(b"\0").decode("utf-8", "replace") if msg and msg.size else None
+    regs = []
+    for r in dev.registers:
+        regs.append({"name": r.name, "offset": r.offset, "width": r.width, "access": r.access,
+                     "writes": dev.writes.get(r.name, 0), "value": dev.get_register(r.name)})
+    doorbell_exits = sum(1 for rec in eng.records
+                         if rec.gpa <= gpa + 0x10 < rec.gpa + rec.size)
+    return DeviceReport(
+        engine=eng.name, engine_reason=why, guest=image.where, page_gpa=gpa, page_granular=page_granular,
+        result=result, output=dev.text, expected=expected,
+        intact=(dev.text == expected) if expected is not None else None, registers=regs, exits_by_subpage=by_sub,
+        page_writes=page_writes, register_exits=register_exits, ring_exits=ring_exits,
+        ring_writes=counts["ring_writes"], doorbells_guest=counts["doorbells"], doorbells_device=dev.doorbells,
+        doorbell_exits=doorbell_exits, device_errors=list(dev.errors), stats=vm.stats(), seconds=seconds,
+        guest_counts=counts,
+    )
+
+
+def print_device(rep: DeviceReport, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    res = rep.result
+    if res.console:
+        console.rule(f"guest console ({rep.engine})")
+        console.out(res.console.rstrip("\n"), highlight=False)
+    console.rule(f"device output (ringcon at {rep.page_gpa:#x})")
+    console.out(rep.output.rstrip("\n") or "(nothing)", highlight=False)
+    if rep.intact is not None:
+        console.print("[green]the text arrived intact[/]" if rep.intact else "[red]the text differs from the "
+                                                                              "guest's message[/]")
+    t = Table(title="registers (sub-page 0, trapped)")
+    for col in ("register", "offset", "access", "trapped writes", "value now"):
+        t.add_column(col)
+    for r in rep.registers:
+        t.add_row(r["name"], f"{r['offset']:#04x}", r["access"], str(r["writes"]), f"{r['value']:#x}")
+    console.print(t)
+    mode = "whole page trapped (page-granular)" if rep.page_granular else "SPP: register sub-page trapped"
+    t = Table(title=f"exits for this run — {mode}")
+    for col in ("", "count"):
+        t.add_column(col)
+    t.add_row("guest writes to the ring/buffers (RAM sub-pages)", str(rep.ring_writes if rep.ring_writes is not None
+                                                                       else "?"))
+    t.add_row("exits on RAM sub-pages", str(rep.ring_exits))
+    t.add_row("doorbell writes (guest) / seen by the device / exits",
+              f"{rep.doorbells_guest} / {rep.doorbells_device} / {rep.doorbell_exits}")
+    t.add_row("exits on the register sub-page", str(rep.register_exits))
+    t.add_row("exits in total under this mode", str(rep.register_exits + rep.ring_exits))
+    t.add_row("exits page-granular trapping takes (every write to the page)", str(rep.page_writes))
+    console.print(t)
+    if rep.device_errors:
+        console.print("[red]device errors:[/] " + escape("; ".join(rep.device_errors)))
+    console.print(f"[dim]{rep.engine} engine exits {sum(res.exits.values())}: no CPU here has SPP, so the engine "
+                  "traps every write to the device page and the Vm decides which SPP would have exited on. Register "
+                  "reads return the RAM copy the device keeps current (SPP never traps reads).[/]")
+    code = "—" if res.exit_code is None else str(res.exit_code)
+    console.print(f"stop: {res.stop_reason}, guest exit code {code}; {rep.seconds:.2f} s")
+
+
+@click.command("device")
+@click.argument("guest", default=DEFAULT_GUEST)
+@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True)
+@click.option("--page-granular", is_flag=True, help="Trap the device's whole page (the baseline): every ring write exits.")
+@click.option("--page", "page", default=DEFAULT_PAGE, show_default=True, metavar="SYMBOL|GPA",
+              help="Where the device's page is: a symbol of the guest or a guest-physical address.")
+@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True)
+@click.option("--timeout", type=float, default=60.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def device_command(guest, engine, page_granular, page, cpl, timeout, as_json):
+    """Run GUEST (default: the bundled devdriver) against a toy ring-console device
+    whose registers share one page with its descriptor ring: SPP traps only the
+    register sub-page, so ring writes never exit and every doorbell does.  The
+    device's output (the text the driver sent) is shown.
+
+    Exit status: the guest's exit code (devdriver: 0 = the device's checksum
+    matched), 1 when the run ends otherwise, 2 on bad input.
+    """
+    import json
+    import sys
+
+    from rich.console import Console
+
+    rep = run_device(guest, engine=engine, page_granular=page_granular, page=page, cpl=int(cpl), timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(rep.to_dict()))
+    else:
+        Console(stderr=True).print(f"[dim]engine: {rep.engine_reason}[/]")
+        print_device(rep, Console())
+    res = rep.result
+    sys.exit((res.exit_code & 0xFF) if res.stop_reason == "exit" and res.exit_code is not None else 1)
+
+
+def demo_device(console) -> DeviceReport | None:
+    """`sppkit demo` part: the ring console and its driver, registers trapped at 128 bytes."""
+    from ..guests import toolchain_status
+
+    ok, why = toolchain_status()
+    if not ok:
+        console.print(f"[yellow]device demo skipped: {why}[/]")
+        return None
+    console.rule("[bold]device virtualization: registers and a ring in one page")
+    rep = run_device(DEFAULT_GUEST, engine="auto")
+    console.print(f"[dim]engine: {rep.engine_reason}[/]")
+    first = rep.output.splitlines()[:2]
+    console.out("device output: " + " / ".join(first) + " …", highlight=False)
+    console.print(
+        f"{len(rep.output)} bytes through the ring ({'intact' if rep.intact else 'CORRUPTED'}); "
+        f"{rep.ring_writes} ring writes → {rep.ring_exits} exits; {rep.doorbells_guest} doorbells → "
+        f"{rep.doorbell_exits} exits; exits in all {rep.register_exits + rep.ring_exits} with SPP vs "
+        f"{rep.page_writes} trapping the whole page"
+    )
+    return rep
