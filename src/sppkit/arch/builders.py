@@ -223,7 +223,9 @@ class EptBuilder:
         t = self.memory.alloc_frame()
         self.tables.add(t)
         frame = raw & self._amask & ~(level.page_size - 1)
-        keep = raw & ~self._amask & ~EPT_LARGE  # permissions, memtype, IPAT, A/D, high bits
+        # permissions, memtype, IPAT, A/D, high bits — but not bit 61: it is ignored on a
+        # large leaf and would become meaningful on a 4-KiB PTE (spec §2)
+        keep = raw & ~self._amask & ~EPT_LARGE & ~EPT_SPP
         if below != Level.PTE:
             keep |= EPT_LARGE
         for i in range(512):
@@ -262,6 +264,8 @@ class EptBuilder:
                 or e & self._amask & ~(below.page_size - 1) != base + i * below.page_size
             ):
                 return False
+        # the pointer's R/W/X were ANDed into every access: keep them in the merged leaf
+        attrs &= ~EPT_RWX | (ptr & EPT_RWX)
         self.memory.write_u64(ehpa, base | attrs | EPT_LARGE)
         self.tables.discard(table)
         self.memory.free_frame(table)

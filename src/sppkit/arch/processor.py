@@ -204,7 +204,8 @@ class Processor:
         self._spp_on = bool(controls & SECONDARY_SPP)
         self._ept_on = bool(controls & SECONDARY_ENABLE_EPT)
         self._sppt_base = spptp & self._amask
-        self._tlb = self.cache.for_tag(self._pml4) if self.cache is not None else None
+        # With EPT off there is nothing to cache: guest-physical is host-physical.
+        self._tlb = self.cache.for_tag(self._pml4) if (self.cache is not None and self._ept_on) else None
 
     # ------------------------------------------------------------------ INVEPT
     def invept(self, kind: str, eptp: int | None = None) -> None:
@@ -353,7 +354,7 @@ class Processor:
                 )
 
         # -- 4. accessed and dirty flags -----------------------------------------------
-        dirty = True
+        dirty = bool(raw & EPT_DIRTY)  # the leaf's D flag as cached (re-walk to set it)
         if self._ad:
             write_u64 = self.memory.write_u64
             last = len(used) - 1

@@ -66,11 +66,12 @@ from ..vmm import Decision, SppViolation
 
 __all__ = [
     "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
-    "CheckpointInfo", "CheckpointRun", "CheckpointSet", "CheckpointTruncated", "CheckpointVersionMismatch",
-    "CheckpointWriteError", "DirtyTracker", "GuestMismatch", "NotACheckpointSet", "Region", "RestoredState",
-    "UnknownCheckpoint", "apply_state", "checkpoint_command", "checkpoint_guest", "demo_checkpoint",
-    "load_guest_spec", "memory_digest", "open_checkpoint_set", "read_checkpoint_file", "restore_command",
-    "restore_checkpoint", "sync_engine_protections", "tracked_regions", "write_checkpoint_file",
+    "CheckpointInfo", "CheckpointMissing", "CheckpointRun", "CheckpointSet", "CheckpointTruncated",
+    "CheckpointVersionMismatch", "CheckpointWriteError", "Checkpointer", "DirtyTracker", "GuestMismatch",
+    "NotACheckpointSet", "ProjectionCache", "Region", "RestoreResult", "RestoredState", "UnknownCheckpoint",
+    "apply_state", "atomic_write", "checkpoint_command", "checkpoint_guest", "demo_checkpoint", "encode_checkpoint",
+    "load_guest_spec", "memory_digest", "open_checkpoint_set", "pause_from_write_hook", "read_checkpoint_file",
+    "restore_checkpoint", "restore_command", "sync_engine_protections", "tracked_regions", "write_checkpoint_file",
 ]
 
 #: Port on which the bundled ckpt_* workloads signal phase boundaries.
@@ -131,6 +132,10 @@ class CheckpointTruncated(CheckpointFileError):
     """A file shorter than its header says (an interrupted copy, a full disk...)."""
 
 
+class CheckpointMissing(CheckpointFileError):
+    """A checkpoint file the manifest lists but the directory lacks."""
+
+
 class CheckpointVersionMismatch(CheckpointFileError):
     """A file written in a format version this sppkit does not read."""
 
@@ -167,6 +172,23 @@ def sync_engine_protections(engine) -> None:
     for it yet, so this uses their ``_project``)."""
     if engine.vm.ept_generation != getattr(engine, "_generation", None):
         engine._project()
+
+
+def pause_from_write_hook(engine) -> None:
+    """``engine.request_pause()`` from inside a violation handler or write observer.
+
+    Under Unicorn the engine answers a pause requested in a write hook by adding a
+    code hook and flushing the translation cache; QEMU defers that flush until the
+    CPU leaves its chain of translated blocks, which a tight guest loop may never do
+    before the guest exits (the pause is then lost).  Invalidating the guest's code
+    pages unlinks the chained blocks at once, so the code hook runs within a block or
+    two.  KVM needs nothing more: it pauses as soon as the exit is handled."""
+    engine.request_pause()
+    uc = getattr(engine, "uc", None)
+    if uc is not None and hasattr(uc, "ctl_remove_cache"):
+        for seg in engine.image.segments:
+            if seg.executable:
+                uc.ctl_remove_cache(seg.gpa, seg.end)
 
 
 class ProjectionCache:
@@ -416,7 +438,7 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise CheckpointTruncated(path, "file is missing") from None
+            raise CheckpointMissing(path, "file is missing") from None
     n = len(data)
     if data[: min(n, 8)] != MAGIC[: min(n, 8)]:
         raise CheckpointCorrupted(path, f"bad magic {data[:8]!r}: not an sppkit checkpoint file (expected {MAGIC!r})")
@@ -595,7 +617,7 @@ class CheckpointSet:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise CheckpointTruncated(path, f"checkpoint {k} listed in {MANIFEST} is missing") from None
+            raise CheckpointMissing(path, f"checkpoint {k} is listed in {MANIFEST} but the file is missing") from None
         f = read_checkpoint_file(path, data)
         if f.set_id != self.set_id:
             raise CheckpointCorrupted(path, f"belongs to another checkpoint set (set id {f.set_id.hex()})")
@@ -679,7 +701,12 @@ def apply_state(engine, state: RestoredState) -> None:
         if r.end > engine.ram_size:
             raise ValueError(f"region {r.name} ends at {r.end:#x}, beyond this engine's RAM ({engine.ram_size:#x})")
         engine.vm.load(r.gpa, bytes(state.memory[r.gpa]))
-    engine.set_regs(state.regs)
+    regs = dict(state.regs)
+    if "rflags" in regs:
+        # IOPL is the engine's set-up (3 at CPL 3, so `out` works), not guest state:
+        # a CPL-3 guest cannot change it, and KVM under PVM reports RFLAGS without it.
+        regs["rflags"] = (regs["rflags"] & ~0x3000) | (engine.layout.rflags & 0x3000)
+    engine.set_regs(regs)
     engine.console[:] = state.console
 
 
@@ -821,13 +848,13 @@ class Checkpointer:
         return "pause"
 
     def _on_dirty(self, n: int) -> None:
-        # The KVM engine pauses right after this write; Unicorn only at the end of the
-        # translation-block chain it is running (a few more tracked writes may land
-        # first): either way the checkpoint is taken at an instruction boundary.
+        # The KVM engine pauses right after this write; Unicorn at the end of the
+        # translated block it is running (a few more tracked writes may land first):
+        # either way the checkpoint is taken at an instruction boundary.
         if n >= self.every:
             if n == self.every:
                 self._reason.append(f"every {self.every} tracked writes")
-            self.engine.request_pause()
+            pause_from_write_hook(self.engine)
 
     # -- checkpoints ----------------------------------------------------------------------
     def _write_manifest(self) -> None:
@@ -968,11 +995,11 @@ class RestoreResult:
 
 
 def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False, engine: str = "auto",
-                       timeout: float = 60.0, keep_engine: bool = False):
+                       timeout: float = 60.0) -> RestoreResult:
     """Rebuild the guest state of checkpoint ``to`` (default: the last) after verifying
-    every file up to it.  With ``resume``, load it into a fresh engine and run the guest
-    to completion.  With ``keep_engine`` (and ``resume`` False) return ``(result,
-    engine)`` with the state loaded but not run; the caller closes the engine."""
+    every file up to it, and check it against the hash taken when it was written.
+    With ``resume``, load it into a fresh engine (:func:`apply_state`) and run the
+    guest to completion; ``result.console`` is then the whole run's console."""
     cs = open_checkpoint_set(directory)
     k = len(cs) - 1 if to is None else to
     state = cs.load(k)
@@ -983,7 +1010,7 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
                                   f"{state.recorded_sha256[:16]}...")
     out = RestoreResult(cs.dir, k, cs.regions, digest, state.recorded_sha256, state.regs,
                         recorded_final=cs.manifest.get("final"))
-    if not resume and not keep_engine:
+    if not resume:
         return out
     image = cs.guest_image()
     eng, _ = _make_engine(image, engine, ram_size=int(cs.manifest["ram_size"]), cpl=int(cs.manifest["cpl"]),
@@ -991,15 +1018,9 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
     try:
         apply_state(eng, state)
         out.engine = eng.name
-        if keep_engine and not resume:
-            return out, eng
-        result = eng.run()
-        while result.stop_reason == "paused":  # pragma: no cover - no handler pauses a resumed guest
-            result = eng.run()
-        out.result = result
+        out.result = eng.run()
     finally:
-        if not (keep_engine and not resume):
-            eng.close()
+        eng.close()
     return out
 
 
@@ -1018,13 +1039,21 @@ def print_checkpoint_run(run: CheckpointRun, console) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    t = Table(title=f"checkpoints in {escape(str(run.directory))} ({run.engine} engine)")
-    for col in ("#", "trigger", "dirty 128-B", "dirty 4-KiB", "bytes @128 B", "bytes @4 KiB", "file",
-                "SPP exits", "dirty-log exits", "engine exits"):
-        t.add_column(col, justify="right" if col not in ("trigger",) else "left")
+    from rich import box
+
+    t = Table(title=f"checkpoints in {escape(str(run.directory))} ({run.engine} engine)", box=box.SIMPLE_HEAD,
+              pad_edge=False)
+    for col in ("#", "trigger", "dirty\n128 B", "dirty\n4 KiB", "KiB\n@128 B", "KiB\n@4 KiB", "file\nKiB",
+                "SPP\nexits", "dirty-log\nexits", "engine\nexits"):
+        t.add_column(col, justify="left" if col == "trigger" else "right", no_wrap=col == "trigger")
+
+    def kib(n: int) -> str:
+        return f"{n / 1024:.1f}"
+
     for c in run.checkpoints:
-        t.add_row(str(c.index), escape(c.reason), str(c.dirty_subpages), str(c.dirty_pages),
-                  _fmt_bytes(c.payload_bytes), _fmt_bytes(c.page_payload_bytes), _fmt_bytes(c.file_bytes),
+        trigger = c.reason.replace("port ", "").replace(" <- ", "=").replace("every ", "").replace(" tracked", "")
+        t.add_row(str(c.index), escape(trigger), str(c.dirty_subpages), str(c.dirty_pages),
+                  kib(c.payload_bytes), kib(c.page_payload_bytes), kib(c.file_bytes),
                   "—" if c.index == 0 else str(c.spp_exits), "—" if c.index == 0 else str(c.dirty_log_exits),
                   str(c.engine_write_exits))
     console.print(t)

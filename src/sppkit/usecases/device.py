@@ -35,13 +35,12 @@ from typing import Any
 
 import click
 
-from ..vmm import Decision, GpaNotMapped, SppViolation, Vm
+from ..vmm import Decision, GpaNotMapped, Vm
 from .monitor import (
     WatchError,
     WatchEvent,
     WatchManager,
     _as_decision,
-    exact_instruction,
     load_guest_image,
     sync_engine,
 )
@@ -528,7 +527,8 @@ def print_device(rep: DeviceReport, console) -> None:
 @click.command("device")
 @click.argument("guest", default=DEFAULT_GUEST)
 @click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True)
-@click.option("--page-granular", is_flag=True, help="Trap the device's whole page (the baseline): every ring write exits.")
+@click.option("--page-granular", is_flag=True,
+              help="Trap the device's whole page (the baseline): every ring write exits.")
 @click.option("--page", "page", default=DEFAULT_PAGE, show_default=True, metavar="SYMBOL|GPA",
               help="Where the device's page is: a symbol of the guest or a guest-physical address.")
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True)

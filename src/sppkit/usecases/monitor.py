@@ -33,13 +33,13 @@ import os
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import click
 
-from ..arch.sppt import FULL_ACCESS_MAP, vector_from_map
+from ..arch.sppt import vector_from_map
 from ..vmm import Decision, SppViolation, Vm
 
 __all__ = [
@@ -237,7 +237,8 @@ class WatchManager:
                 raise WatchError(f"watch {name or '?'}: {what} must be an integer, got {v!r}")
         label = name or f"{start:#x}:{length:#x}"
         if start < 0 or length <= 0:
-            raise WatchError(f"watch {label!r}: needs start >= 0 and length > 0 (got start={start:#x}, length={length})")
+            raise WatchError(f"watch {label!r}: needs start >= 0 and length > 0 "
+                             f"(got start={start:#x}, length={length})")
         if callback is not None and not callable(callback):
             raise TypeError(f"watch {label!r}: callback must be callable or None")
         d = self.default if decision is None else _as_decision(decision, f"watch {label!r} decision")
@@ -372,7 +373,8 @@ class WatchManager:
                 else:
                     wev = WatchEvent(ws[0], tuple(ws), ev.gpa, ev.size, old, ev.data, ev.rip, ev.vcpu, ev)
                     ans = cb(wev)
-                    d = _strictest(w.decision for w in ws) if ans is None else _as_decision(ans, f"callback of {ws[0].name!r}")
+                    d = (_strictest(w.decision for w in ws) if ans is None
+                         else _as_decision(ans, f"callback of {ws[0].name!r}"))
                 for w in ws:
                     w.hits += 1
                     w.decisions[d.value] += 1
@@ -422,13 +424,15 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
     for item in items:
         m = _ITEM.match(item)
         if m is None:
-            raise MonitorError(f"--protect-symbols: {item!r} is not SYMBOL[+OFFSET][:LENGTH] (e.g. syscall_table+0x138:8)")
+            raise MonitorError(f"--protect-symbols: {item!r} is not SYMBOL[+OFFSET][:LENGTH] "
+                               "(e.g. syscall_table+0x138:8)")
         pat, off, length = m["name"], int(m["off"] or "0", 0), int(m["len"], 0) if m["len"] else None
         if any(ch in pat for ch in "*?["):
             syms = sorted((s for n, s in image.symbols.items() if fnmatch.fnmatchcase(n, pat) and s.kind == "object"),
                           key=lambda s: (s.addr, s.name))
             if not syms:
-                raise UnknownSymbolError(f"--protect-symbols: pattern {pat!r} matches no object symbol in {image.where}")
+                raise UnknownSymbolError(f"--protect-symbols: pattern {pat!r} matches no object symbol "
+                                         f"in {image.where}")
         else:
             sym = image.symbols.get(pat)
             if sym is None:
@@ -439,7 +443,8 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
         for sym in syms:
             if length is None:
                 if sym.size == 0:
-                    raise MonitorError(f"--protect-symbols: symbol {sym.name!r} has size 0; give a length ({sym.name}:LEN)")
+                    raise MonitorError(f"--protect-symbols: symbol {sym.name!r} has size 0; "
+                                       f"give a length ({sym.name}:LEN)")
                 if off >= sym.size:
                     raise MonitorError(f"--protect-symbols: offset {off:#x} is past the end of {sym.name!r} "
                                        f"(size {sym.size:#x}); give a length")
@@ -689,7 +694,8 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
         d["symbol"] = image.describe(w.start)
         wlist.append(d)
     verdict = None
-    if Path(image.where).name.startswith("minikernel") and result.stop_reason == "exit" and result.exit_code is not None:
+    is_minikernel = Path(image.where).name.startswith("minikernel")
+    if is_minikernel and result.stop_reason == "exit" and result.exit_code is not None:
         code = result.exit_code
         verdict = {"exit_code": code, "effects": [v for b, v in MINIKERNEL_BITS.items() if code & b],
                    "attack_blocked": not code & 7, "hot_data_intact": not code & 8}
@@ -731,18 +737,22 @@ def print_monitor(rep: MonitorReport, console, *, max_rows: int = 40) -> None:
         console.print(f"… {len(rep.watches) - max_rows} more watches")
     hits = rep.watched_events
     t = Table(title=f"writes to watched bytes ({len(hits)})")
-    for col in ("stage", "where", "old → new", "decision", "instruction"):
-        t.add_column(col)
+    t.add_column("stage")
+    t.add_column("where", no_wrap=True)
+    t.add_column("old → new")
+    t.add_column("decision")
+    t.add_column("instruction", ratio=1)
     for e in hits[:max_rows]:
         t.add_row(e["stage"], escape(e["symbol"]), f"{e['old'] or '?'} → {e['new']}", e["decision"] or "—",
                   escape(e["instruction"] or "—"))
     console.print(t)
     if len(hits) > max_rows:
         console.print(f"… {len(hits) - max_rows} more (use --json)")
-    t = Table(title="exits per monitored page")
-    for col in ("page", "watched", "guest writes (= page-granular exits)", "SPP exits", "on watched bytes",
-                "same sub-page, other bytes"):
-        t.add_column(col)
+    t = Table(title="exits per monitored page (page-granular = every guest write to the page)")
+    t.add_column("page", no_wrap=True)
+    t.add_column("watched", ratio=1)
+    for col in ("page-granular\nexits", "SPP\nexits", "on watched\nbytes", "beside\nthem"):
+        t.add_column(col, justify="right")
     for p in rep.pages:
         t.add_row(f"{p['gpa']:#x}", escape(compress_names(p["watches"])), str(p["writes"]), str(p["spp_exits"]),
                   str(p["watched_writes"]), str(p["same_subpage_writes"]))
@@ -832,8 +842,9 @@ def demo_monitor(console) -> MonitorReport | None:
     console.out("\n".join(lines), highlight=False)
     st, ws = rep.stats, rep.watch_stats
     hits = rep.watched_events
+    targets = ", ".join(sorted({e["symbol"].split("+")[0] for e in hits}))
     console.print(
-        f"{len(hits)} rootkit writes caught and discarded ({', '.join(sorted({e['symbol'].split('+')[0] for e in hits}))}); "
+        f"{len(hits)} rootkit writes caught and discarded ({targets}); "
         f"{sum(1 for w in rep.watches if w['intact'])}/{len(rep.watches)} watched structures intact; "
         f"exits: SPP {st['violations']} (of which {ws['transparent']} refcount writes beside the creds, committed) "
         f"vs page-granular {st['page_granular']}; {ws['pushes']} SPP vector pushes"

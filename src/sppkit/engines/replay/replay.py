@@ -131,21 +131,37 @@ class PageIndex:
     """A sorted set of guest page numbers (gfns) with a fast membership test for
     whole chunks of write records.
 
-    ``select(gpa, size)`` → ``(accesses, pid, off, length, src)``: the number of
-    page-split accesses in the chunk, and — for every access that lands on a listed
-    page — its page's index in :attr:`gfns` (``pid``), offset and length within the
-    page, and the index of its record in the chunk.
+    ``select(gpa, size)`` → ``(accesses, sel)``: the number of page-split accesses in
+    the chunk and ``sel`` — None when no access lands on a listed page, else
+    ``(pid, off, length, src)`` for every access that does: its page's index in
+    :attr:`gfns`, offset and length within the page, and its record's index in the
+    chunk.
+
+    Two strategies:
+
+    * *direct* (at most :attr:`MAX_DIRECT` clusters of listed pages, each spanning at
+      most :attr:`DIRECT_SPAN` pages): a per-cluster table maps every page of the
+      cluster to its pid (-1 if not listed); every record's first page is looked up
+      with one gather (``take(mode="clip")``, out-of-range indices land on a -1
+      sentinel), so only records on listed pages, and the few page-crossing records,
+      get further work;
+    * *filtered* (otherwise): a range test (or a hashed 2-MiB-region byte map) selects
+      records near listed pages; those are split into pages and looked up exactly.
     """
 
-    DENSE_LIMIT = 1 << 24  # entries of the dense lookup table (int32)
+    DENSE_LIMIT = 1 << 24  # entries of the dense lookup table (int64) of the filtered strategy
     CLUSTER_GAP = REGION_2M_PAGES  # pages: a bigger gap starts a new cluster
     MAX_RANGE_TESTS = 4
+    MAX_DIRECT = 4
+    DIRECT_SPAN = 1 << 22  # pages a direct table may span (8 MiB of int16)
+    DIRECT_MERGE = 1 << 18  # clusters closer than this share one direct table
 
     def __init__(self, gfns) -> None:
         g = np.unique(np.asarray(gfns, dtype=np.uint64))
         self.gfns = g
         self.n = len(g)
         self._scratch = _Scratch()
+        self.direct = None
         if self.n == 0:
             self.clusters = []
             return
@@ -165,7 +181,23 @@ class PageIndex:
             self.dense = dense
         else:
             self.dense = None
-        # candidate test on record start addresses
+        # direct tables: clusters merged into windows while a window's table stays small
+        windows = [list(c) for c in self.clusters]
+        merged = [windows[0]]
+        for lo, hi in windows[1:]:
+            if hi - merged[-1][0] < self.DIRECT_MERGE:
+                merged[-1][1] = hi
+            else:
+                merged.append([lo, hi])
+        pid_t = np.int16 if self.n < (1 << 15) else np.int32
+        if len(merged) <= self.MAX_DIRECT and max(hi - lo for lo, hi in merged) < self.DIRECT_SPAN:
+            self.direct = []
+            for lo, hi in merged:
+                t = np.full(hi - lo + 2, -1, pid_t)  # last entry: the sentinel for out-of-range pages
+                sel = (gi >= lo) & (gi <= hi)
+                t[gi[sel] - lo] = np.flatnonzero(sel)
+                self.direct.append((_U64(lo << 12), t))
+        # candidate test on record start addresses (filtered strategy)
         if len(self.clusters) <= self.MAX_RANGE_TESTS:
             self.ranges = []
             for lo, hi in self.clusters:
@@ -182,6 +214,15 @@ class PageIndex:
 
     def __len__(self) -> int:
         return self.n
+
+    def __getstate__(self):
+        d = dict(self.__dict__)
+        d["_scratch"] = None
+        return d
+
+    def __setstate__(self, d):
+        self.__dict__.update(d)
+        self._scratch = _Scratch()
 
     # -- lookup ------------------------------------------------------------------------
     def lookup(self, pages: np.ndarray) -> np.ndarray:
@@ -204,6 +245,28 @@ class PageIndex:
         return np.where(self.gfns[pos] == pages, pos, -1)
 
     # -- the per-chunk pass ----------------------------------------------------------------
+    def _crossing(self, gpa: np.ndarray, size: np.ndarray) -> tuple[int, np.ndarray]:
+        """(accesses after page splitting, mask of records that cross a page boundary)."""
+        n = len(gpa)
+        sc = self._scratch
+        t = sc.get("u32", n, np.uint32)
+        np.copyto(t, gpa, casting="unsafe")  # low 32 bits
+        np.bitwise_and(t, np.uint32(0xFFF), out=t)
+        np.add(t, size, out=t, casting="unsafe")
+        cross = sc.get("cross", n, np.bool_)
+        np.greater(t, np.uint32(4096), out=cross)
+        if int(size.max()) <= 4096:
+            return n + int(np.count_nonzero(cross)), cross
+        np.add(t, np.uint32(4095), out=t)
+        np.right_shift(t, np.uint32(12), out=t)
+        return int(t.sum(dtype=np.int64)), cross
+
+    def count_accesses(self, gpa: np.ndarray, size: np.ndarray) -> int:
+        """Accesses after page splitting: one per 4-KiB page each record touches."""
+        if len(gpa) == 0:
+            return 0
+        return self._crossing(gpa, size)[0]
+
     def candidates(self, gpa: np.ndarray) -> np.ndarray | None:
         """Indices of records that may touch a listed page (None: none do)."""
         n = len(gpa)
@@ -231,61 +294,89 @@ class PageIndex:
             tmp = sc.get("u64", n, np.uint64)
             np.right_shift(gpa, _U64(21), out=tmp)
             np.bitwise_and(tmp, _U64(0xFFFF), out=tmp)
-            np.take(self.bytemap, tmp, out=mask)
+            np.take(self.bytemap, tmp.view(np.int64), out=mask, mode="clip")
         if not mask.any():
             return None
         return np.flatnonzero(mask)
 
-    def count_accesses(self, gpa: np.ndarray, size: np.ndarray) -> int:
-        """Accesses after page splitting: one per 4-KiB page each record touches."""
-        n = len(gpa)
-        if n == 0:
-            return 0
-        sc = self._scratch
-        t = sc.get("u32", n, np.uint32)
-        np.copyto(t, gpa, casting="unsafe")  # low 32 bits
-        np.bitwise_and(t, np.uint32(0xFFF), out=t)
-        np.add(t, size, out=t, casting="unsafe")
-        if int(size.max()) <= 4096:
-            b = sc.get("mask2", n, np.bool_)
-            np.greater(t, np.uint32(4096), out=b)
-            return n + int(np.count_nonzero(b))
-        np.add(t, np.uint32(4095), out=t)
-        np.right_shift(t, np.uint32(12), out=t)
-        return int(t.sum(dtype=np.int64))
-
-    def select(self, gpa: np.ndarray, size: np.ndarray):
-        accesses = self.count_accesses(gpa, size)
-        idx = self.candidates(gpa)
-        if idx is None:
-            return accesses, None
+    def _split(self, gpa, size, idx):
+        """Page-split the records ``idx``: (page, off, length, src) per access."""
         g = gpa[idx]
         s = size[idx].astype(np.int64)
         off = (g & _U64(0xFFF)).astype(np.int64)
         end = off + s
         page = g >> _U64(12)
-        if (end > 4096).any():
-            npg = (end + 4095) >> 12
-            rep = np.repeat(np.arange(len(idx)), npg)
-            first = np.repeat(np.cumsum(npg) - npg, npg)
-            k = np.arange(len(rep)) - first
-            page = page[rep] + k.astype(np.uint64)
-            o0 = off[rep]
-            a_off = np.where(k == 0, o0, 0)
-            a_end = np.minimum(end[rep] - (k << 12), 4096)
-            length = a_end - a_off
-            off = a_off
-            src = idx[rep]
-        else:
-            length = s
-            src = idx
+        if not (end > 4096).any():
+            return page, off, s, idx
+        npg = (end + 4095) >> 12
+        rep = np.repeat(np.arange(len(idx)), npg)
+        first = np.repeat(np.cumsum(npg) - npg, npg)
+        k = np.arange(len(rep)) - first
+        page = page[rep] + k.astype(np.uint64)
+        a_off = np.where(k == 0, off[rep], 0)
+        a_end = np.minimum(end[rep] - (k << 12), 4096)
+        return page, a_off, a_end - a_off, idx[rep]
+
+    def select(self, gpa: np.ndarray, size: np.ndarray):
+        n = len(gpa)
+        if n == 0:
+            return 0, None
+        accesses, cross = self._crossing(gpa, size)
+        if self.n == 0:
+            return accesses, None
+        if self.direct is None:
+            return accesses, self._select_filtered(gpa, size, accesses)
+        sc = self._scratch
+        tmp = sc.get("u64", n, np.uint64)
+        ti = tmp.view(np.int64)
+        pid = None
+        for k, (lo, table) in enumerate(self.direct):
+            # (gpa - base) >> 12: addresses below the cluster wrap to values >= 2**52, which
+            # take(mode="clip") sends to the -1 sentinel at the end of the table
+            np.subtract(gpa, lo, out=tmp)
+            np.right_shift(tmp, _U64(12), out=tmp)
+            if pid is None:
+                pid = sc.get("pid", n, table.dtype)
+                np.take(table, ti, out=pid, mode="clip")
+            else:
+                p2 = sc.get("pid2", n, table.dtype)
+                np.take(table, ti, out=p2, mode="clip")
+                np.maximum(pid, p2, out=pid)
+        hit = sc.get("mask", n, np.bool_)
+        np.greater_equal(pid, 0, out=hit)
+        ncross = int(np.count_nonzero(cross))
+        if ncross:
+            np.logical_and(hit, ~cross, out=hit)
+        parts = []
+        if hit.any():
+            idx = np.flatnonzero(hit)
+            parts.append((pid[idx].astype(np.int64), (gpa[idx] & _U64(0xFFF)).astype(np.int64),
+                          size[idx].astype(np.int64), idx))
+        if ncross:
+            idx = np.flatnonzero(cross)
+            page, off, length, src = self._split(gpa, size, idx)
+            p = self.lookup(page)
+            h = p >= 0
+            if h.any():
+                parts.append((p[h], off[h], length[h], src[h]))
+        if not parts:
+            return accesses, None
+        if len(parts) == 1:
+            return accesses, parts[0]
+        return accesses, tuple(np.concatenate(c) for c in zip(*parts))
+
+    def _select_filtered(self, gpa, size, accesses):
+        idx = self.candidates(gpa)
+        if idx is None:
+            return None
+        page, off, length, src = self._split(gpa, size, idx)
         pid = self.lookup(page)
         hit = pid >= 0
         if not hit.all():
             pid, off, length, src = pid[hit], off[hit], length[hit], src[hit]
         if len(pid) == 0:
-            return accesses, None
-        return accesses, (pid, off, length, src)
+            return None
+        return pid, off, length, src
 
 
 def _accumulate(arr: np.ndarray, keys: np.ndarray) -> None:
