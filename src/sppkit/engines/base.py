@@ -153,6 +153,22 @@ class EngineBase:
         return Decision.parse(self.policy.default_decision)
 
     # -- records -----------------------------------------------------------------------
+    def instruction_before(self, rip_after: int, gpa: int, size: int, regs: dict[str, int] | None):
+        """The instruction that wrote ``gpa`` and retired with RIP = ``rip_after``: decoded
+        forward from the start of the ELF function containing it when the image has one
+        (exact), else recovered by :func:`~sppkit.engines.x86.find_writer`."""
+        from .x86 import decode_forward, find_writer
+
+        try:
+            hit = self.image.symbol_at(rip_after - 1)
+        except Exception:
+            hit = None
+        if hit is not None and hit[0].kind == "func" and hit[0].size:
+            d = decode_forward(self.vm.read, hit[0].addr, rip_after)
+            if d is not None:
+                return d
+        return find_writer(self.vm.read, rip_after, gpa, size, regs or {})
+
     def symbolize(self, gpa: int) -> str | None:
         try:
             hit = self.image.symbol_at(gpa)

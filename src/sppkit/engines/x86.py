@@ -225,3 +225,22 @@ def find_writer(
     if current is not None and current.address is not None and abs(current.address - gpa) <= 64:
         return current
     return before[0] if before else None
+
+
+def decode_forward(read: Callable[[int, int], bytes], start: int, rip_after: int) -> Decoded | None:
+    """The instruction that ends exactly at ``rip_after``, decoded *forward* from ``start``
+    (the start of the function containing it) — exact for compiler output, unlike the
+    backward search of :func:`find_writer`.  None if no instruction ends there."""
+    if not 0 <= rip_after - start <= 1 << 16:
+        return None
+    try:
+        code = read(start, rip_after - start + 15)
+    except Exception:
+        return None
+    ip, last = start, None
+    while ip < rip_after:
+        d = decode(code[ip - start :], ip, None)
+        if d is None:
+            return None
+        last, ip = d, ip + d.length
+    return last if ip == rip_after else None

@@ -396,7 +396,7 @@ class DeviceReport:
             "page_gpa": self.page_gpa, "page_granular": self.page_granular, "run": res, "output": self.output,
             "intact": self.intact, "registers": self.registers,
             "exits_by_subpage": {str(k): v for k, v in sorted(self.exits_by_subpage.items())},
-            "exits": {"spp": sum(self.exits_by_subpage.values()), "page_granular": self.page_writes,
+            "exits": {"this_run": sum(self.exits_by_subpage.values()), "page_granular": self.page_writes,
                       "register": self.register_exits, "ring": self.ring_exits},
             "ring_writes": self.ring_writes, "doorbells": {"guest": self.doorbells_guest,
                                                            "device": self.doorbells_device,

@@ -496,29 +496,20 @@ def _patch(image, vm, name: str, value: int) -> None:
 
 
 def exact_instruction(image, read: Callable[[int, int], bytes], rip_after: int):
-    """The instruction that retired with RIP = ``rip_after``, decoded *forward* from the
-    start of the function symbol containing it — exact for compiler output, where the
-    engine's backward search (KVM reports writes after the instruction) can take a
-    preceding byte for a prefix.  None when no function symbol covers it."""
-    from ..engines.x86 import decode
+    """The instruction that retired with RIP = ``rip_after``, decoded forward from the
+    start of the function symbol containing it; None when no function symbol covers it."""
+    from ..engines.x86 import decode_forward
 
     hit = image.symbol_at(rip_after - 1)
-    if hit is None or hit[0].kind != "func" or not hit[0].size or rip_after - hit[0].addr > 1 << 16:
+    if hit is None or hit[0].kind != "func" or not hit[0].size:
         return None
-    start = hit[0].addr
-    code = read(start, rip_after - start + 15)
-    ip, last = start, None
-    while ip < rip_after:
-        d = decode(code[ip - start:], ip, None)
-        if d is None:
-            return None
-        last, ip = d, ip + d.length
-    return last if ip == rip_after else None
+    return decode_forward(read, hit[0].addr, rip_after)
 
 
 def sync_engine(eng) -> None:
-    """After protections changed between runs (a pause), mirror the EPT onto the engine.
-    (Engines re-project after a write exit; a change made while paused needs this.)"""
+    """Mirror the Vm's EPT onto the engine if protections changed since it last looked
+    (the engines also do this themselves before a run and after a port handler; this
+    keeps the use cases correct with engines that only re-project after write exits)."""
     if eng.vm.ept_generation != getattr(eng, "_generation", eng.vm.ept_generation):
         eng._project()
 
@@ -549,14 +540,18 @@ class MonitorReport:
     def watched_events(self) -> list[dict]:
         return [e for e in self.events if e["watches"]]
 
-    def to_dict(self) -> dict:
+    def to_dict(self, max_other: int = 100) -> dict:
+        """Plain data; ``events`` holds every write to watched bytes, ``other_events`` the
+        first ``max_other`` SPP exits that touched no watched byte (``other_events_total``)."""
         res = self.result.to_dict(max_violations=0)
         res.pop("violations", None)
         res.pop("violations_total", None)
+        other = [e for e in self.events if not e["watches"]]
         return {
             "engine": self.engine, "engine_reason": self.engine_reason, "guest": self.guest, "cpl": self.cpl,
             "decision": self.decision, "page_granular": self.page_granular, "run": res, "watches": self.watches,
-            "events": self.events, "pages": self.pages, "stats": self.stats, "watch_stats": self.watch_stats,
+            "events": self.watched_events, "other_events": other[:max_other], "other_events_total": len(other),
+            "pages": self.pages, "stats": self.stats, "watch_stats": self.watch_stats,
             "seconds": round(self.seconds, 3), "verdict": self.verdict,
             "exits": {"spp": self.stats["violations"], "page_granular": self.stats["page_granular"],
                       "avoided": self.stats["page_granular"] - self.stats["violations"]},

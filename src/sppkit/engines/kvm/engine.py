@@ -237,7 +237,7 @@ class KvmEngine(EngineBase):
         if self._pending:
             regs = self._regs()
             for ev, old in self._pending:
-                d = find_writer(self._read_guest, rip_after, ev.gpa, ev.size, regs)
+                d = self.instruction_before(rip_after, ev.gpa, ev.size, regs)
                 dec = r.decision if r.decision is not None else None
                 self.record(ev, dec, old=old, rip_at=d.rip if d else None, rip_after=rip_after,
                             instruction=d.text if d else None)
