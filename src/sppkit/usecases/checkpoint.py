@@ -54,11 +54,12 @@ import tempfile
 import time
 import uuid
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import click
+import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine, parse_size
 from ..engines.result import RunResult
@@ -208,8 +209,7 @@ class ProjectionCache:
         if len(engine.vm.memslots()) != 1 or slot.gpa != 0:  # pragma: no cover - engines have one RAM slot
             raise RuntimeError("ProjectionCache expects the engines' single RAM memslot at gpa 0")
         self.slot = slot
-        idx = sorted(set(gfns))
-        self.idx = idx
+        self.idx = np.array(sorted(set(gfns)), dtype=np.int64) - slot.base_gfn
         self._key = None
         self._orig = engine._project
         self.skipped = 0
@@ -444,7 +444,8 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
         raise CheckpointCorrupted(path, f"bad magic {data[:8]!r}: not an sppkit checkpoint file (expected {MAGIC!r})")
     if n < _HEADER.size:
         raise CheckpointTruncated(path, f"file is {n} bytes, shorter than the {_HEADER.size}-byte header")
-    (magic, version, hsize, kind, glog, index, parent, nrec, _r0, payload, set_id, _r1, hcrc) = _HEADER.unpack_from(data)
+    (_magic, version, hsize, kind, glog, index, parent, nrec, _r0, payload, set_id, _r1,
+     hcrc) = _HEADER.unpack_from(data)
     header_ok = zlib.crc32(data[: _HEADER.size - 4]) == hcrc
     if version != FORMAT_VERSION:
         raise CheckpointVersionMismatch(
@@ -465,7 +466,8 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
     for i in range(nrec):
         typ, _z, length, gpa, crc, _z2 = _REC.unpack_from(data, pos)
         body = data[pos + _REC.size : pos + _REC.size + length]
-        what = f"record {i} ({_REC_NAMES.get(typ, f'type {typ}')}" + (f" at gpa {gpa:#x})" if typ == REC_MEMORY else ")")
+        what = f"record {i} ({_REC_NAMES.get(typ, f'type {typ}')}" + (
+            f" at gpa {gpa:#x})" if typ == REC_MEMORY else ")")
         if pos + _REC.size + length > n - _TRAILER.size:
             raise CheckpointCorrupted(path, f"{what} runs past the end of the records")
         if zlib.crc32(body, zlib.crc32(data[pos : pos + 16])) != crc:
@@ -645,10 +647,12 @@ class CheckpointSet:
             for gpa, data in f.memory:
                 r = next((r for r in self.regions if r.gpa <= gpa and gpa + len(data) <= r.end), None)
                 if r is None:
-                    raise CheckpointCorrupted(f.path, f"record at {gpa:#x}+{len(data):#x} lies outside the tracked regions")
+                    raise CheckpointCorrupted(
+                        f.path, f"record at {gpa:#x}+{len(data):#x} lies outside the tracked regions")
                 memory[r.gpa][gpa - r.gpa : gpa - r.gpa + len(data)] = data
         console = b"".join(f.console for f in files)
-        return RestoredState(k, self.regions, memory, dict(files[-1].regs), console, self.entries[k].get("memory_sha256"))
+        return RestoredState(k, self.regions, memory, dict(files[-1].regs), console,
+                             self.entries[k].get("memory_sha256"))
 
     def guest_image(self):
         """The guest copy stored in the set, verified against the manifest."""
@@ -815,7 +819,8 @@ class Checkpointer:
                  every: int | None = None, port: int | None = None, track: Iterable[tuple[int, int]] = (),
                  on_checkpoint: Callable[[object, CheckpointInfo], None] | None = None) -> None:
         if every is None and port is None:
-            raise ValueError("give --every N (writes) and/or --at-port-signal: otherwise only the base checkpoint is taken")
+            raise ValueError("give --every N (tracked writes) or --at-port-signal (or both): otherwise only the "
+                             "base checkpoint would be taken")
         self.engine = engine
         self.out = Path(out_dir)
         self.every = _parse_every(every)
@@ -1106,7 +1111,8 @@ def _parse_range(text: str) -> tuple[int, int]:
 
 @click.command("checkpoint")
 @click.argument("guest")
-@click.option("--every", metavar="N[-writes]", help="Checkpoint after every N tracked writes (first writes to sub-pages).")
+@click.option("--every", metavar="N[-writes]",
+              help="Checkpoint after every N tracked writes (first writes to sub-pages).")
 @click.option("--at-port-signal", is_flag=True, help="Checkpoint whenever the guest writes to --port.")
 @click.option("--port", default=hex(CHECKPOINT_PORT), show_default=True, help="Port of --at-port-signal.")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New or empty directory.")
@@ -1144,7 +1150,8 @@ def checkpoint_command(guest, every, at_port_signal, port, out_dir, engine, memo
 @click.option("--to", "to", type=int, default=None, help="Checkpoint index (default: the last).")
 @click.option("--resume", is_flag=True, help="Load the state into a fresh engine and run the guest to completion.")
 @_engine_option
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds before a resumed guest is stopped.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds before a resumed guest is stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def restore_command(directory, to, resume, engine, timeout, as_json):
     """Verify and rebuild checkpoint --to of DIRECTORY; with --resume run the guest on.

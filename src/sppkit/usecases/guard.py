@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import click
+import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine, parse_size
-from ..engines.result import RunResult, ViolationRecord
+from ..engines.result import RunResult
 from ..vmm import Decision
 from .checkpoint import load_guest_spec, sync_engine_protections
 
@@ -295,8 +296,6 @@ class GuardSession:
             if vm.get_subpage_access(gfn, 1)[0] != amap:
                 return False
         slot = vm.memslots()[0]
-        import numpy as np
-
         protected_pages = {int(i) + slot.base_gfn for i in np.nonzero(slot.maps != 0xFFFFFFFF)[0]}
         return protected_pages == set(want)
 
@@ -330,7 +329,16 @@ def _patch_params(engine, params: dict[str, int]) -> None:
         engine.vm.load(sym.addr, int(value).to_bytes(8, "little"))
 
 
-def _check_params(image, buffers, overflow_buffer, overflow_by) -> None:
+def _check_params(image, buffers, overflow_buffer, overflow_by, ram_size: int | None = None) -> None:
+    if ram_size is not None:
+        for name in ("ga_arena", TABLE_SYMBOL):
+            sym = image.symbols.get(name)
+            if sym is not None and sym.addr + sym.size > ram_size:
+                need = -(-(sym.addr + sym.size + 0x10000) // (2 << 20)) * 2
+                raise GuardError(
+                    f"the guest's {'guard arena' if name == 'ga_arena' else 'guard table'} [{sym.addr:#x}, "
+                    f"{sym.addr + sym.size:#x}) lies beyond guest RAM ({ram_size >> 20} MiB): use --memory {need}M "
+                    "or more")
     cap = None
     sym = image.symbols.get(TABLE_SYMBOL)
     if sym is not None:
@@ -358,7 +366,7 @@ def guard_guest(guest="guard_bufs", *, decision: str = "stop", engine: str = "au
     """Run a guardalloc.h guest with its guards protected; report every guard hit and
     the memory numbers (128-byte guards vs 4-KiB guard pages) for its buffers."""
     image, _, _ = load_guest_spec(guest)
-    _check_params(image, buffers, overflow_buffer, overflow_by)
+    _check_params(image, buffers, overflow_buffer, overflow_by, ram_size)
     d = Decision.parse(decision)
     if d not in (Decision.STOP, Decision.SKIP):
         raise GuardError(f"--decision {decision!r}: a guard takes stop or skip")
@@ -412,10 +420,10 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
             off = (f"+{h.offset}" if n == 1 or h.offset == last.offset else f"+{h.offset}..+{last.offset}") \
                 if h.offset is not None else "?"
             rip = f"{h.rip_at:#x}" if h.rip_at is not None else f"before {h.rip_after:#x}"
-            state = "not retired" if not h.retired else "retired"
+            state = "not retired, RIP still at it" if not h.retired else "retired, the write discarded"
             console.print(
                 f"  overflow of {who}: {n} write(s), {off} past its end (gpa {h.gpa:#x}), by "
-                f"`{escape(h.instruction or '?')}` at {rip} ({state}; {h.decision})", highlight=False)
+                f"`{escape(h.instruction or '?')}` at {rip} ({h.decision}: {state})", highlight=False)
     else:
         console.print("no overflow: no write reached a guard")
     n = rep.numbers
@@ -450,7 +458,8 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
               help="kvm: the real CPU (needs /dev/kvm); unicorn: exact faults (STOP: instruction not retired).")
 @click.option("--buffers", type=int, default=None, help="guard_bufs: number of buffers (default 64).")
 @click.option("--overflow-buffer", type=int, default=None, help="guard_bufs: buffer to overflow (default 22).")
-@click.option("--overflow-by", type=int, default=None, help="guard_bufs: bytes written past its end; 0: none (default 3).")
+@click.option("--overflow-by", type=int, default=None,
+              help="guard_bufs: bytes written past its end; 0: none (default 3).")
 @click.option("--memory", default="64M", show_default=True, help="Guest RAM at GPA 0 (K/M/G suffixes).")
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True, help="Guest privilege level.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per run segment.")

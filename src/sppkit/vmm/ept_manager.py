@@ -26,6 +26,9 @@ class EptManager:
         self.builder = EptBuilder(memory)
         self.splits = 0
         self.merges = 0
+        #: bumped on every change of a leaf (mapping, W, bit 61, split, merge): engines
+        #: that mirror the EPT elsewhere re-read it when this moves
+        self.version = 0
 
     def eptp(self, *, accessed_dirty: bool = False) -> int:
         return self.builder.eptp(accessed_dirty=accessed_dirty)
@@ -42,9 +45,11 @@ class EptManager:
             self.builder.map(gpa, hpa, ps, w=writable, page_size=ps)
             gpa += ps
             hpa += ps
+        self.version += 1
 
     def unmap_range(self, gpa: int, size: int) -> None:
         self.builder.unmap(gpa, size)
+        self.version += 1
 
     # -- leaves ----------------------------------------------------------------------
     @staticmethod
@@ -66,6 +71,7 @@ class EptManager:
                 return
             self.builder.split(gpa)
             self.splits += 1
+            self.version += 1
 
     def set_leaf(self, gpa: int, hpa: int, *, writable: bool, spp: bool, saved: bool) -> None:
         """Make the leaf of ``gpa`` say what the VMM's state says (4-KiB leaf if anything
@@ -82,9 +88,11 @@ class EptManager:
         new = self.leaf_raw(hpa & ~0xFFF, writable=writable, spp=spp, saved=saved, keep=raw)
         if new != raw:
             self.memory.write_u64(ehpa, new)
+            self.version += 1
 
     def try_merge(self, gpa: int, level: Level) -> bool:
         if self.builder.merge(gpa, level):
             self.merges += 1
+            self.version += 1
             return True
         return False

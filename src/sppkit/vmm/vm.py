@@ -84,7 +84,6 @@ class Vm:
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
         self.invepts = 0
-        self.ept_generation = 0
 
     # ================================================================ memslots
     def add_memslot(
@@ -342,11 +341,17 @@ class Vm:
         )
 
     def _invept(self) -> None:
-        """INVEPT after an EPT or SPPT change.  ``ept_generation`` tells engines that
-        mirror the EPT elsewhere (KVM memslots, Unicorn page protections) to re-read it."""
+        """INVEPT after an EPT or SPPT change."""
         self.processor.invept("single-context", self.processor.eptp)
         self.invepts += 1
-        self.ept_generation += 1
+
+    @property
+    def ept_generation(self) -> int:
+        """Moves whenever an EPT leaf changes: engines that mirror the EPT elsewhere
+        (KVM memslots, Unicorn page protections) re-read it then.  An access-map change
+        that leaves every leaf as it was (a protected page staying protected) does not
+        move it."""
+        return self.ept.version
 
     def write_protected(self, gpa: int, size: int) -> list[tuple[int, int, bool]]:
         """The EPT's view of ``[gpa, gpa+size)`` as runs ``(gpa, length, writable)``:

@@ -1,0 +1,407 @@
+"""Memory checkpointing at 128-byte granularity: sppkit.usecases.checkpoint.
+
+Runs on the Unicorn engine always and on KVM when /dev/kvm is usable; skips when no
+gcc can build the guests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from sppkit.engines.kvm.binding import kvm_status
+from sppkit.guests import build_guest, load_elf, toolchain_status
+from sppkit.usecases import checkpoint as C
+
+TOOLCHAIN_OK, TOOLCHAIN_WHY = toolchain_status()
+KVM_OK, KVM_WHY = kvm_status()
+
+needs_gcc = pytest.mark.skipif(not TOOLCHAIN_OK, reason=TOOLCHAIN_WHY)
+ENGINES = [
+    pytest.param("unicorn", id="unicorn"),
+    pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable: {KVM_WHY}")),
+]
+
+
+def engine_class(name):
+    if name == "kvm":
+        from sppkit.engines.kvm.engine import KvmEngine
+
+        return KvmEngine
+    from sppkit.engines.unicorn import UnicornEngine
+
+    return UnicornEngine
+
+
+def region_hash(read, regions) -> str:
+    """An independent hash of the tracked memory (not the module's own digest)."""
+    h = hashlib.sha256()
+    for r in sorted(regions, key=lambda r: r.gpa):
+        h.update(read(r.gpa, r.size))
+    return h.hexdigest()
+
+
+def uninterrupted(guest: str, engine: str):
+    image = load_elf(build_guest(guest))
+    eng = engine_class(engine)(image)
+    try:
+        return eng.run()
+    finally:
+        eng.close()
+
+
+def take(guest, out, engine, **kw):
+    hashes = {}
+
+    def on_checkpoint(eng, info):
+        hashes[info.index] = region_hash(eng.vm.read, C.tracked_regions(eng.image, eng.ram_size))
+
+    run = C.checkpoint_guest(guest, out, engine=engine, on_checkpoint=on_checkpoint, **kw)
+    return run, hashes
+
+
+# ------------------------------------------------------------------ restore and resume
+@needs_gcc
+@pytest.mark.parametrize("engine", ENGINES)
+def test_restore_is_byte_identical(tmp_path, engine):
+    run, hashes = take("ckpt_kvstore", tmp_path / "set", engine, at_port_signal=True)
+    assert run.result.stop_reason == "exit" and run.result.exit_code == 0
+    assert [c.index for c in run.checkpoints] == [0, 1, 2, 3, 4]  # base + 4 phase signals
+    assert all(c.reason.startswith("port 0xf5") for c in run.checkpoints[1:])
+    cs = C.open_checkpoint_set(tmp_path / "set")
+    image = cs.guest_image()
+    for k in range(len(cs)):
+        state = cs.load(k)
+        eng = engine_class(engine)(image, ram_size=cs.manifest["ram_size"])
+        try:
+            C.apply_state(eng, state)
+            assert region_hash(eng.vm.read, cs.regions) == hashes[k], f"checkpoint {k}"
+            assert eng.regs()["rip"] == state.regs["rip"]
+        finally:
+            eng.close()
+        res = C.restore_checkpoint(tmp_path / "set", k)
+        assert res.verified and res.sha256 == run.checkpoints[k].memory_sha256
+
+
+@needs_gcc
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("guest", ["ckpt_log", "ckpt_sort"])
+def test_resume_equals_uninterrupted_run(tmp_path, engine, guest):
+    plain = uninterrupted(guest, engine)
+    assert plain.stop_reason == "exit" and plain.exit_code == 0
+    run, _ = take(guest, tmp_path / "set", engine, at_port_signal=True)
+    # tracking is transparent: the checkpointed run itself prints and exits the same
+    assert (run.result.console, run.result.exit_code) == (plain.console, plain.exit_code)
+    for k in range(len(run.checkpoints)):
+        res = C.restore_checkpoint(tmp_path / "set", k, resume=True, engine=engine)
+        assert res.verified
+        assert res.result.stop_reason == "exit"
+        assert (res.result.console, res.result.exit_code) == (plain.console, plain.exit_code), f"checkpoint {k}"
+        assert res.matches_recorded_run
+
+
+@needs_gcc
+@pytest.mark.parametrize("engine", ENGINES)
+def test_every_n_writes(tmp_path, engine):
+    run, hashes = take("ckpt_kvstore", tmp_path / "set", engine, every="100-writes")
+    inc = run.checkpoints[1:]
+    assert len(inc) >= 5
+    for c in inc[:-1]:
+        assert "every 100 tracked writes" in c.reason
+        if engine == "kvm":
+            assert c.spp_exits == 100  # KVM pauses right after the write
+        else:
+            assert c.spp_exits >= 100  # Unicorn at the end of the translated block
+    plain = uninterrupted("ckpt_kvstore", engine)
+    for k in (1, len(run.checkpoints) // 2):
+        res = C.restore_checkpoint(tmp_path / "set", k, resume=True, engine=engine)
+        assert res.verified
+        assert (res.result.console, res.result.exit_code) == (plain.console, plain.exit_code)
+
+
+@needs_gcc
+@pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable: {KVM_WHY}")
+def test_resume_on_the_other_engine(tmp_path):
+    run, _ = take("ckpt_kvstore", tmp_path / "set", "unicorn", at_port_signal=True)
+    for k in (1, 3):
+        res = C.restore_checkpoint(tmp_path / "set", k, resume=True, engine="kvm")
+        assert res.engine == "kvm"
+        assert (res.result.console, res.result.exit_code) == (run.result.console, run.result.exit_code)
+
+
+@needs_gcc
+@pytest.mark.parametrize("engine", ENGINES)
+def test_numbers_are_consistent(tmp_path, engine):
+    run, _ = take("ckpt_kvstore", tmp_path / "set", engine, at_port_signal=True)
+    for c in run.checkpoints[1:]:
+        assert c.payload_bytes == 128 * c.dirty_subpages
+        assert c.page_payload_bytes == 4096 * c.dirty_pages
+        assert c.dirty_log_exits == c.dirty_pages
+        # one violation per first write to a sub-page; a violation may dirty two
+        assert c.dirty_subpages / 2 <= c.spp_exits <= c.dirty_subpages
+        assert c.engine_write_exits >= c.spp_exits
+    sparse = run.checkpoints[2]  # 48 updates scattered over the table
+    assert sparse.payload_bytes * 4 < sparse.page_payload_bytes
+    t = run.totals()
+    assert t["incremental_payload_bytes"] < t["incremental_payload_bytes_4k"]
+
+
+# ------------------------------------------------------------------ a set to damage
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    if not TOOLCHAIN_OK:
+        pytest.skip(TOOLCHAIN_WHY)
+    d = tmp_path_factory.mktemp("pristine") / "set"
+    run = C.checkpoint_guest("ckpt_log", d, at_port_signal=True, engine="unicorn")
+    assert len(run.checkpoints) == 7
+    return d
+
+
+@pytest.fixture
+def cset(pristine, tmp_path):
+    d = tmp_path / "set"
+    shutil.copytree(pristine, d)
+    return d
+
+
+def flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_corrupted_byte_in_a_record_is_named(cset):
+    f = cset / "ckpt-000003.spck"
+    flip(f, 64 + 24 + 5)  # inside the first record's payload
+    with pytest.raises(C.CheckpointCorrupted) as e:
+        C.restore_checkpoint(cset, 3)
+    assert "ckpt-000003.spck" in str(e.value) and "record 0" in str(e.value) and "CRC32" in str(e.value)
+    assert isinstance(e.value, ValueError)
+    with pytest.raises(C.CheckpointCorrupted):  # every later checkpoint builds on it
+        C.restore_checkpoint(cset, 5)
+    assert C.restore_checkpoint(cset, 2).verified  # the ones before it are fine
+
+
+@pytest.mark.parametrize("where", ["header", "trailer", "last"])
+def test_corrupted_header_or_trailer(cset, where):
+    f = cset / "ckpt-000001.spck"
+    n = f.stat().st_size
+    flip(f, {"header": 20, "trailer": n - 45, "last": n - 1}[where])
+    with pytest.raises(C.CheckpointCorrupted, match="ckpt-000001.spck"):
+        C.restore_checkpoint(cset, 1)
+
+
+def test_corruption_detected_before_anything_is_loaded(cset, monkeypatch):
+    flip(cset / "ckpt-000002.spck", 200)
+    loaded = []
+    monkeypatch.setattr(C, "apply_state", lambda eng, st: loaded.append(st))
+    with pytest.raises(C.CheckpointCorrupted):
+        C.restore_checkpoint(cset, 4, resume=True, engine="unicorn")
+    assert loaded == []
+
+
+def test_truncated_file(cset):
+    f = cset / "ckpt-000004.spck"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(C.CheckpointTruncated, match=r"ckpt-000004\.spck: file is \d+ bytes, its header says"):
+        C.restore_checkpoint(cset, 4)
+    f.write_bytes(data[:30])
+    with pytest.raises(C.CheckpointTruncated, match="shorter than the 64-byte header"):
+        C.restore_checkpoint(cset, 4)
+    f.unlink()
+    with pytest.raises(C.CheckpointMissing, match="listed in manifest.json but the file is missing"):
+        C.restore_checkpoint(cset, 4)
+
+
+def test_wrong_version(cset):
+    f = cset / "ckpt-000002.spck"
+    old = C.read_checkpoint_file(f)
+    f.write_bytes(C.encode_checkpoint(index=2, kind=1, set_id=old.set_id, memory=old.memory, regs=old.regs,
+                                      console=old.console, meta=old.meta, version=2))
+    with pytest.raises(C.CheckpointVersionMismatch, match=r"ckpt-000002\.spck: format version 2; this sppkit reads "
+                                                          r"version 1"):
+        C.restore_checkpoint(cset, 2)
+    # a version field damaged in place is named too, with a hint that it looks corrupted
+    g = cset / "ckpt-000001.spck"
+    data = bytearray(g.read_bytes())
+    struct.pack_into("<H", data, 8, 7)
+    g.write_bytes(bytes(data))
+    with pytest.raises(C.CheckpointVersionMismatch, match="version 7.*may be corrupted"):
+        C.restore_checkpoint(cset, 1)
+
+
+def test_manifest_damage_and_version(cset):
+    m = cset / "manifest.json"
+    text = m.read_text()
+    m.write_text(text.replace('"reason": "port 0xf5 <- 1"', '"reason": "port 0xf5 <- 9"'))
+    with pytest.raises(C.CheckpointCorrupted, match="manifest.json: manifest checksum"):
+        C.open_checkpoint_set(cset)
+    m.write_text(text.replace('"version": 1', '"version": 3'))
+    with pytest.raises(C.CheckpointVersionMismatch, match="manifest.json: format version 3"):
+        C.open_checkpoint_set(cset)
+    m.write_text("{not json")
+    with pytest.raises(C.CheckpointCorrupted, match="not valid JSON"):
+        C.open_checkpoint_set(cset)
+
+
+def test_not_a_checkpoint_set(tmp_path):
+    with pytest.raises(C.NotACheckpointSet, match="no such directory"):
+        C.restore_checkpoint(tmp_path / "nope", 0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(C.NotACheckpointSet, match="has no manifest.json"):
+        C.restore_checkpoint(tmp_path / "empty", 0)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(C.NotACheckpointSet, match="not a directory"):
+        C.restore_checkpoint(tmp_path / "file", 0)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "manifest.json").write_text('{"format": "something-else"}')
+    with pytest.raises(C.NotACheckpointSet, match="not a sppkit-checkpoint-set manifest"):
+        C.open_checkpoint_set(other)
+    assert issubclass(C.NotACheckpointSet, ValueError)
+
+
+@pytest.mark.parametrize("k", [7, 99, -1])
+def test_unknown_index(cset, k):
+    with pytest.raises(C.UnknownCheckpoint, match=r"has no checkpoint .*holds checkpoints 0\.\.6"):
+        C.restore_checkpoint(cset, k)
+
+
+def test_guest_copy_tampered(cset):
+    flip(cset / "guest.elf", 100)
+    assert C.restore_checkpoint(cset, 3).verified  # memory alone is fine
+    with pytest.raises(C.GuestMismatch, match="guest.elf"):
+        C.restore_checkpoint(cset, 3, resume=True, engine="unicorn")
+
+
+def test_file_from_another_set(cset, pristine, tmp_path):
+    other = tmp_path / "other"
+    C.checkpoint_guest("ckpt_log", other, at_port_signal=True, engine="unicorn")
+    shutil.copy(other / "ckpt-000002.spck", cset / "ckpt-000002.spck")
+    with pytest.raises(C.CheckpointCorrupted, match="another checkpoint set"):
+        C.restore_checkpoint(cset, 2)
+
+
+# ------------------------------------------------------------------ atomic writes
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "ckpt-000000.spck"
+    target.write_bytes(b"old contents")
+
+    def boom(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(C.CheckpointWriteError, match=r"ckpt-000000\.spck.*No space left"):
+        C.write_checkpoint_file(target, index=0, kind=0, set_id=b"\0" * 16, memory=[(0, b"\1" * 128)], regs={"rip": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt-000000.spck"]
+    assert target.read_bytes() == b"old contents"
+
+
+@needs_gcc
+def test_failed_checkpoint_write_keeps_the_set_consistent(tmp_path, monkeypatch):
+    real = os.replace
+    calls = {"n": 0}
+
+    def flaky(src, dst):
+        if str(dst).endswith("ckpt-000003.spck"):
+            raise OSError(5, "Input/output error")
+        calls["n"] += 1
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", flaky)
+    with pytest.raises(C.CheckpointWriteError, match="ckpt-000003.spck"):
+        C.checkpoint_guest("ckpt_log", tmp_path / "set", at_port_signal=True, engine="unicorn")
+    names = sorted(p.name for p in (tmp_path / "set").iterdir())
+    assert not [n for n in names if n.endswith(".tmp")]
+    assert "ckpt-000003.spck" not in names
+    monkeypatch.setattr(os, "replace", real)
+    cs = C.open_checkpoint_set(tmp_path / "set")
+    assert cs.indices == [0, 1, 2]
+    assert C.restore_checkpoint(tmp_path / "set", 2).verified
+    with pytest.raises(C.UnknownCheckpoint):
+        C.restore_checkpoint(tmp_path / "set", 3)
+
+
+# ------------------------------------------------------------------ bad input
+@needs_gcc
+@pytest.mark.parametrize("kw, match", [
+    (dict(), "give --every N"),
+    (dict(every=0), "must be a positive number"),
+    (dict(every="lots"), "expected a number of writes"),
+    (dict(at_port_signal=True, port=0xE9), "--port"),
+    (dict(at_port_signal=True, track=[(63 << 20, 2 << 20)]), "beyond guest RAM"),
+])
+def test_bad_checkpoint_input(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        C.checkpoint_guest("ckpt_log", tmp_path / "set", engine="unicorn", **kw)
+
+
+@needs_gcc
+def test_out_dir_must_be_new_or_empty(tmp_path):
+    (tmp_path / "set").mkdir()
+    (tmp_path / "set" / "something").write_text("x")
+    with pytest.raises(ValueError, match="not empty"):
+        C.checkpoint_guest("ckpt_log", tmp_path / "set", engine="unicorn", at_port_signal=True)
+
+
+def test_unknown_guest(tmp_path):
+    with pytest.raises(ValueError, match="neither a file"):
+        C.checkpoint_guest("no_such_guest", tmp_path / "set", engine="unicorn", at_port_signal=True)
+
+
+def test_tracked_regions_refuse_page_tables():
+    if not TOOLCHAIN_OK:
+        pytest.skip(TOOLCHAIN_WHY)
+    from sppkit.engines.x86 import plan_long_mode
+
+    image = load_elf(build_guest("ckpt_log"))
+    layout = plan_long_mode(64 << 20, image.entry, [(s.gpa, s.end) for s in image.segments])
+    with pytest.raises(ValueError, match="page tables"):
+        C.tracked_regions(image, 64 << 20, [(layout.pml4, 4096)], table_range=layout.table_range)
+    regions = C.tracked_regions(image, 64 << 20)
+    assert regions[-1].name == "stack" and regions[-1].end == 64 << 20
+    assert all(r.gpa % 4096 == 0 and r.size % 4096 == 0 for r in regions)
+
+
+# ------------------------------------------------------------------ CLI and demo
+@needs_gcc
+def test_cli_checkpoint_and_restore(tmp_path):
+    from click.testing import CliRunner
+
+    runner = CliRunner()
+    out = tmp_path / "set"
+    r = runner.invoke(C.checkpoint_command, ["ckpt_log", "--at-port-signal", "--out", str(out), "--engine", "unicorn"])
+    assert r.exit_code == 0, r.output
+    assert "4-KiB dirty logging" in r.output
+    r = runner.invoke(C.restore_command, [str(out), "--to", "3", "--resume", "--engine", "unicorn"])
+    assert r.exit_code == 0, r.output
+    assert "identical to the checkpointed run" in r.output and "ckpt_log: ok" in r.output
+    r = runner.invoke(C.restore_command, [str(out), "--to", "42"])
+    assert isinstance(r.exception, C.UnknownCheckpoint)
+    r = runner.invoke(C.checkpoint_command, ["ckpt_kvstore", "--every", "200-writes", "--out", str(tmp_path / "b"),
+                                            "--engine", "unicorn", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["totals"]["checkpoints"] >= 3 and doc["result"]["exit_code"] == 0
+    assert all(c["spp_exits"] >= 200 for c in doc["checkpoints"][1:-1])
+    r = runner.invoke(C.checkpoint_command, ["ckpt_log", "--out", str(tmp_path / "c"), "--engine", "unicorn"])
+    assert isinstance(r.exception, ValueError) and "--every" in str(r.exception)
+
+
+@needs_gcc
+def test_demo_checkpoint_runs():
+    import io
+
+    from rich.console import Console
+
+    buf = io.StringIO()
+    run = C.demo_checkpoint(Console(file=buf, width=160))
+    assert run is not None and run.result.exit_code == 0
+    assert "memory hash matches" in buf.getvalue() and "exits exactly like" in buf.getvalue()
