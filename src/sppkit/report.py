@@ -41,5 +41,6 @@ def print_run(result: RunResult, console: Console, *, max_rows: int = 50) -> Non
     )
     code = "—" if result.exit_code is None else str(result.exit_code)
     console.print(f"stop: {result.stop_reason}, guest exit code {code}"
-                  + (f", rip {_hex(result.rip_at)}" if result.stop_reason in ("stop-decision", "fault", "shutdown")
-                     and result.rip_at is not None else ""))
+                  + (f", rip {_hex(result.rip_at)}" if result.stop_reason in ("stop-decision", "shutdown")
+                     and result.rip_at is not None else "")
+                  + (f" — {escape(result.detail)}" if result.detail else ""))

@@ -245,13 +245,6 @@ def _flat_after_f2():
     return flat(ins)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: engines/x86.py find_writer, still KVM's instruction recovery for images without function "
-    "symbols (flat binaries, stripped ELFs; EngineBase.instruction_before falls back to it): candidates "
-    "ending at RIP-after are tried earliest start first, so a store preceded by a byte that decodes as a "
-    "redundant prefix (here f2, the last byte of `xor rdx,rsi`) is attributed one byte early: rip_at = "
-    "0x400016 for the `mov [600010h],rdx` at 0x400017.  Prefer the candidate without ignored prefixes "
-    "(the latest start whose operand matches)"))
 def test_kvm_rip_at_without_symbols():
     image, ips = _flat_after_f2()
     policy = Policy.from_ranges([(DATA, SUB)])
@@ -454,11 +447,6 @@ def test_readback_crossing_fragment():
     assert k.console.replace(line + f"{want & 0xFFFFFFFF:#x}\n", line + "0x0\n") == u.console
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: the engines disagree on a guest that faults (here `ud2`): KvmEngine returns "
-    "stop_reason='shutdown' with the guest's console as is; UnicornEngine.run returns stop_reason='fault' "
-    "(not one of RunResult's documented reasons exit|stop-decision|halt|shutdown|timeout|error) and appends "
-    "its own '[sppkit: guest fault at rip=...]' text to the guest's console output"))
 def test_guest_fault_is_reported_alike():
     ins = [*putc("A"), Ins.create(Code.UD2), *exit_ins(0)]
     image, ips = flat(ins)

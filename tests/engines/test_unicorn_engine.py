@@ -343,10 +343,6 @@ class TestStop:
         assert eng.uc.reg_read(UC_X86_REG_RDI) == DATA + SUB
         assert eng.uc.reg_read(UC_X86_REG_RCX) == 16
 
-    @pytest.mark.xfail(strict=True, reason=(
-        "BUG: unicorn.py: a 16-byte SSE store (movdqu) reaches _hook_write_prot as two 8-byte writes "
-        "(QEMU splits 128-bit stores), never as one access, so its first half is decided and committed "
-        "before the second half is even seen: under STOP the allowed half has landed, memory is not untouched"))
     def test_sse_store_straddling_an_allowed_and_a_denied_subpage(self):
         a = Asm()
         a.movdqu_load(CODE)
@@ -576,11 +572,7 @@ class TestPageCrossing:
         ("deny", "unprot"), ("allow", "unprot"), ("unprot", "deny"), ("unprot", "allow"),
     ])
     @pytest.mark.parametrize("decision", ["skip", "emulate"])
-    def test_one_page_unprotected(self, request, kind_a, kind_b, size, decision):
-        if kind_a == "unprot":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=_UNICORN_CROSSING_BUG))
-        elif kind_a == "deny" and decision == "skip":
-            request.applymarker(pytest.mark.xfail(strict=True, reason=_UNICORN_RESTORE_BUG))
+    def test_one_page_unprotected(self, kind_a, kind_b, size, decision):
         a, i, addr = crossing_guest(size)
         out = _run_isolated(a, crossing_ranges(kind_a, kind_b), decision, [(addr - 2, size + 4), (MARK, 1)])
         assert out["stop_reason"] == "exit"

@@ -189,8 +189,8 @@ class EngineBase:
             )
         )
 
-    def result(self, stop_reason: str, *, rip_at=None, rip_after=None, exits=None) -> RunResult:
-        return RunResult(
+    def result(self, stop_reason: str, *, rip_at=None, rip_after=None, exits=None, detail: str = "") -> RunResult:
+        return RunResult(detail=detail,
             engine=self.name, exit_code=self.exit_code, console=self.console.decode("utf-8", "replace"),
             stats=self.vm.stats(), violations=list(self.records), stop_reason=stop_reason,
             rip_at=rip_at, rip_after=rip_after, exits=dict(exits or {}),

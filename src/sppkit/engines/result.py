@@ -37,7 +37,8 @@ class RunResult:
     console: str
     stats: dict
     violations: list[ViolationRecord] = field(default_factory=list)
-    stop_reason: str = "exit"  # exit | stop-decision | halt | shutdown | timeout | error
+    stop_reason: str = "exit"  # exit | stop-decision | paused | halt | shutdown | timeout
+    detail: str = ""  # why the run ended, when not by the guest's exit
     rip_at: int | None = None
     rip_after: int | None = None
     exits: dict = field(default_factory=dict)  # exit kind -> count
@@ -48,6 +49,7 @@ class RunResult:
             "exit_code": self.exit_code,
             "console": self.console,
             "stop_reason": self.stop_reason,
+            "detail": self.detail,
             "rip_at": self.rip_at,
             "rip_after": self.rip_after,
             "stats": self.stats,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import threading
 from collections import Counter
 
 from unicorn import (
@@ -86,8 +87,8 @@ class UnicornEngine(EngineBase):
         self._error: BaseException | None = None
         self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
         self._cover: tuple[int, int, int, bool] | None = None  # (rip, lo, hi, ret) of the last whole access
-        self._restore: list[tuple[int, bytes]] = []
-        self._restore_hook = None
+        self._code_hooks: list = []  # one-address code hooks, removed after each run
+        self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self.exits: Counter = Counter()
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
@@ -110,8 +111,34 @@ class UnicornEngine(EngineBase):
         uc.reg_write(UC_X86_REG_RFLAGS, self.layout.rflags)
 
     def _project(self) -> None:
-        """Mirror the Vm's EPT onto Unicorn's page protections (W = 0 → read-only)."""
-        runs = set(self.vm.write_protected(0, self.ram_size))
+        """Mirror the Vm's EPT onto Unicorn's page protections: a page whose leaf has
+        W = 0 is read-only, and so are its two neighbours (a guard band).
+
+        The band is what makes page-crossing stores exact: Unicorn reports a store that
+        starts on a read-only page as one access, but stores the bytes that fall on a
+        writable page itself, before (or after) reporting the protected bytes one by
+        one.  With both neighbours read-only, every store touching a protected page is
+        one whole access decided by ``vm.write`` before any byte lands; stores to the
+        neighbours go through ``vm.write`` too, which allows them.
+        """
+        page = 0x1000
+        ro: list[list[int]] = []
+        for gpa, size, writable in self.vm.write_protected(0, self.ram_size):
+            if writable:
+                continue
+            lo, hi = max(0, gpa - page), min(self.ram_size, gpa + size + page)
+            if ro and lo <= ro[-1][1]:
+                ro[-1][1] = max(ro[-1][1], hi)
+            else:
+                ro.append([lo, hi])
+        runs, pos = set(), 0
+        for lo, hi in ro:
+            if pos < lo:
+                runs.add((pos, lo - pos, True))
+            runs.add((lo, hi - lo, False))
+            pos = hi
+        if pos < self.ram_size:
+            runs.add((pos, self.ram_size - pos, True))
         for gpa, size, writable in sorted(runs - self._prot):
             self.uc.mem_protect(gpa, size, UC_PROT_ALL if writable else _RO)
         self._prot = runs
@@ -161,6 +188,14 @@ class UnicornEngine(EngineBase):
             return cover[3]
         self.exits["WriteProt"] += 1
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        if size == 8:
+            wide = self._vector_store(rip)
+            if wide is not None and address == self._wide_address(rip):
+                # Unicorn hands a 16/32-byte vector store over in 8-byte pieces: decide
+                # the whole store at its first piece, from the source register.
+                reg, n = wide
+                data = (uc.reg_read(reg) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+                size = n
         try:
             r = self.vm.write(address, data, rip=rip)
         except GpaNotMapped:
@@ -173,41 +208,38 @@ class UnicornEngine(EngineBase):
         if r.stopped:
             self._stop = (rip, address)
             return False
-        if not r.committed and (address & 0xFFF) + size > 0x1000:
-            self._protect_other_half(address, size)
         self._cover = (rip, address, address + size, True)
         if self.vm.ept_generation != self._generation:
             self._project()
         if self._pause:
             # Stopping inside a memory hook would leave RIP at this instruction and
-            # repeat it on resume: stop before the next instruction instead.
-            self._arm_code_hook()
+            # repeat it on resume: stop at the next instruction instead.
+            d = decode(self.vm.read(rip, 15), rip, None)
+            self._stop_at(rip + (d.length if d else 1))
         return True
 
-    def _protect_other_half(self, address: int, size: int) -> None:
-        """A discarded page-crossing store: Unicorn will still store the bytes that fall
-        on a writable page itself.  Put the old bytes back before the next instruction."""
-        for lo in (address, (address | 0xFFF) + 1):
-            hi = min(address + size, (lo | 0xFFF) + 1)
-            if (lo >> 12, True) in {(g >> 12, w) for g, n, w in self._prot if g <= lo < g + n}:
-                self._restore.append((lo, self.vm.read(lo, hi - lo)))
-        if self._restore:
-            self._arm_code_hook()
+    def _vector_store(self, rip: int):
+        """(unicorn register, bytes) when the instruction at ``rip`` stores an XMM/YMM
+        register to memory with a single operand wider than 8 bytes, else None."""
+        hit = self._wide_cache.get(rip)
+        if hit is None:
+            hit = self._wide_cache[rip] = _vector_store_info(self.vm.read(rip, 15), rip)
+        return hit[0] if hit else None
 
-    def _arm_code_hook(self) -> None:
-        """Run :meth:`_hook_next` once, before the next instruction executes."""
-        if self._restore_hook is None:
-            self._restore_hook = self.uc.hook_add(UC_HOOK_CODE, self._hook_next)
-            # Blocks translated before the hook existed would not call it: retranslate.
-            self.uc.ctl_flush_tb()
+    def _wide_address(self, rip: int) -> int | None:
+        hit = self._wide_cache.get(rip)
+        if not hit:
+            return None
+        return _operand_address(hit[1], self.regs())
+
+    def _stop_at(self, ip: int) -> None:
+        """Stop the emulation when execution reaches ``ip`` (a code hook limited to that
+        one address; the translated blocks holding it are dropped so the hook is seen)."""
+        self._code_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
+        self.uc.ctl_remove_cache(ip, ip + 1)
 
     @_guard
-    def _hook_next(self, uc, address, size, user_data):
-        for gpa, old in self._restore:
-            self.vm.load(gpa, old)
-        self._restore.clear()
-        uc.hook_del(self._restore_hook)
-        self._restore_hook = None
+    def _hook_stop(self, uc, address, size, user_data):
         if self._pause:
             uc.emu_stop()
 
@@ -243,8 +275,15 @@ class UnicornEngine(EngineBase):
         self._pause = False
         if self.vm.ept_generation != self._generation:
             self._project()  # protections changed since the last run or pause
+        # The timeout is a timer calling emu_stop(): emu_start(timeout=...) would make
+        # Unicorn check a clock in every block (about 20 % slower here).
+        timer = threading.Timer(self.timeout, self._time_out) if self.timeout else None
+        self._timed_out = False
+        if timer:
+            timer.daemon = True
+            timer.start()
         try:
-            uc.emu_start(start, 0, timeout=int(self.timeout * 1_000_000), count=self.max_instructions)
+            uc.emu_start(start, 0, count=self.max_instructions)
         except UcError as e:
             if self._error is not None:
                 raise self._error
@@ -256,8 +295,15 @@ class UnicornEngine(EngineBase):
             if e.errno == UC_ERR_WRITE_PROT and self._stop is not None:
                 return self.result("stop-decision", rip_at=self._stop[0], exits=self.exits)
             d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
-            self.console += f"\n[sppkit: guest fault at rip={rip:#x}: {e}{' (' + d.text + ')' if d else ''}]\n".encode()
-            return self.result("fault", rip_at=rip, exits=self.exits)
+            # A fault with no IDT is a triple fault on a real CPU: KVM reports a shutdown.
+            return self.result("shutdown", rip_at=rip, exits=self.exits,
+                               detail=f"guest fault at rip={rip:#x}: {e}" + (f" (`{d.text}`)" if d else ""))
+        finally:
+            if timer:
+                timer.cancel()
+            for h in self._code_hooks:
+                uc.hook_del(h)
+            self._code_hooks.clear()
         if self._error is not None:
             raise self._error
         rip = uc.reg_read(UC_X86_REG_RIP)
@@ -267,7 +313,56 @@ class UnicornEngine(EngineBase):
         if self._pause:
             self._pause = False
             return self.result("paused", rip_at=rip, exits=self.exits)
-        return self.result("timeout", rip_at=rip, exits=self.exits)
+        if self._timed_out:
+            return self.result("timeout", rip_at=rip, exits=self.exits, detail=f"no exit within {self.timeout} s")
+        return self.result("halt", rip_at=rip, exits=self.exits, detail="the instruction limit was reached")
+
+    def _time_out(self) -> None:
+        self._timed_out = True
+        self.uc.emu_stop()
 
     def close(self) -> None:
         pass
+
+
+def _vector_store_info(code: bytes, rip: int):
+    """Decode ``code``: for `movdqu/movaps/movntdq... [mem], xmm` return
+    ((unicorn register, operand bytes), instruction); () otherwise."""
+    import iced_x86
+    import unicorn.x86_const as X
+
+    ins = iced_x86.Decoder(64, code, ip=rip).decode()
+    if ins.code == iced_x86.Code.INVALID or ins.op_count != 2 or ins.op0_kind != iced_x86.OpKind.MEMORY:
+        return ()
+    if ins.op1_kind != iced_x86.OpKind.REGISTER:
+        return ()
+    reg = ins.op1_register
+    size = iced_x86.MemorySizeInfo(ins.memory_size).size
+    if size <= 8:
+        return ()
+    for prefix, count, width in (("XMM", 32, 16), ("YMM", 32, 32)):
+        for i in range(count):
+            if reg == getattr(iced_x86.Register, f"{prefix}{i}", None):
+                ureg = getattr(X, f"UC_X86_REG_{prefix}{i}", None)
+                if ureg is None or size != width:
+                    return ()
+                return ((ureg, size), ins)
+    return ()
+
+
+def _operand_address(ins, regs: dict[str, int]) -> int | None:
+    """The memory operand's address of ``ins`` with ``regs`` (flat segments)."""
+    import iced_x86
+
+    from .x86 import _REG64
+
+    def val(r):
+        if r == iced_x86.Register.NONE:
+            return 0
+        if r == iced_x86.Register.RIP:
+            return ins.next_ip
+        name = _REG64.get(r)
+        return regs.get(name, 0) if name else 0
+
+    return (val(ins.memory_base) + val(ins.memory_index) * ins.memory_index_scale
+            + ins.memory_displacement) & 0xFFFF_FFFF_FFFF_FFFF

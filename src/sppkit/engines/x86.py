@@ -216,9 +216,15 @@ def find_writer(
             before.append(d)
         elif start == rip_after and d.text.startswith("rep"):
             current = d
-    for d in before:  # earliest start first: the longest encoding
-        if d.address is not None and d.address <= gpa < d.address + max(d.size, 1) and d.size >= size:
-            return d
+    matches = [d for d in before
+               if d.address is not None and d.address <= gpa < d.address + max(d.size, 1) and d.size >= size]
+    # The shortest encoding wins: a byte of the previous instruction may decode as a
+    # prefix the store ignores (f2/f3/segment on a plain mov), giving a longer candidate
+    # with the same effect; a prefix that matters (REX.W, 66) changes the operand size,
+    # and the size check keeps the candidate whose width matches the write.
+    exact = [d for d in matches if d.size == size]
+    if exact or matches:
+        return (exact or matches)[-1]
     for d in before:
         if d.mnemonic in _IMPLICIT and (d.address is None or abs(d.address - gpa) <= 64):
             return d

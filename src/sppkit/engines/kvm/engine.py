@@ -215,11 +215,16 @@ class KvmEngine(EngineBase):
                 if self._pause:
                     self._pause = False
                     return self.result("paused", rip_after=vcpu.sync_rip(), exits=exits)
-                return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits)
+                return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits,
+                                   detail=f"no exit within {self.timeout} s")
             if type(ex) is Hlt:
                 return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
             if type(ex) is Shutdown:
-                return self.result("shutdown", rip_at=vcpu.sync_rip(), exits=exits)
+                rip = vcpu.sync_rip()
+                d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
+                return self.result("shutdown", rip_at=rip, exits=exits,
+                                   detail=f"guest fault at rip={rip:#x} (triple fault: no IDT)"
+                                   + (f" (`{d.text}`)" if d else ""))
             if type(ex) is InternalError:
                 raise self._emulation_error(ex)
             if type(ex) in (FailEntry, ExceptionExit, Debug):

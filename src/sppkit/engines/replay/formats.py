@@ -49,7 +49,7 @@ NO_RIP = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 #: the last ``I`` line of the previous shard, filled in when shard results are merged.
 RIP_CARRY = np.uint64(0xFFFF_FFFF_FFFF_FFFE)
 CHUNK_RECORDS = 1 << 20
-BLOCK_BYTES = 8 << 20
+BLOCK_BYTES = 1 << 20
 MAX_SIZE = 0xFFFF
 FORMATS = ("lackey", "csv", "pinatrace", "native")
 NATIVE_VERSION = "sppkit-trace 1"

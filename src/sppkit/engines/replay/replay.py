@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,16 +115,20 @@ def _ratio(a: float, b: float) -> float | None:
 
 
 class _Scratch:
-    """Reusable work buffers (allocating big arrays per chunk costs page faults)."""
+    """Reusable work buffers (allocating big arrays per chunk costs page faults), one
+    set per thread: a model is shared by the threads of a dask worker."""
 
     def __init__(self) -> None:
-        self._bufs: dict = {}
+        self._local = threading.local()
 
     def get(self, name: str, n: int, dtype) -> np.ndarray:
-        b = self._bufs.get(name)
+        bufs = getattr(self._local, "bufs", None)
+        if bufs is None:
+            bufs = self._local.bufs = {}
+        b = bufs.get(name)
         if b is None or len(b) < n or b.dtype != dtype:
             b = np.empty(max(n, 1 << 16), dtype)
-            self._bufs[name] = b
+            bufs[name] = b
         return b[:n]
 
 
@@ -131,11 +136,10 @@ class PageIndex:
     """A sorted set of guest page numbers (gfns) with a fast membership test for
     whole chunks of write records.
 
-    ``select(gpa, size)`` → ``(accesses, sel)``: the number of page-split accesses in
-    the chunk and ``sel`` — None when no access lands on a listed page, else
-    ``(pid, off, length, src)`` for every access that does: its page's index in
-    :attr:`gfns`, offset and length within the page, and its record's index in the
-    chunk.
+    ``select(gpa, size)`` → ``(accesses, parts)``: the number of page-split accesses
+    in the chunk and a list of ``(pid, off, length, src)`` arrays covering every access
+    that lands on a listed page: its page's index in :attr:`gfns`, offset and length
+    within the page, and its record's index in the chunk (empty list: none does).
 
     Two strategies:
 
@@ -320,12 +324,13 @@ class PageIndex:
     def select(self, gpa: np.ndarray, size: np.ndarray):
         n = len(gpa)
         if n == 0:
-            return 0, None
+            return 0, []
         accesses, cross = self._crossing(gpa, size)
         if self.n == 0:
-            return accesses, None
+            return accesses, []
         if self.direct is None:
-            return accesses, self._select_filtered(gpa, size, accesses)
+            part = self._select_filtered(gpa, size, accesses)
+            return accesses, [] if part is None else [part]
         sc = self._scratch
         tmp = sc.get("u64", n, np.uint64)
         ti = tmp.view(np.int64)
@@ -359,11 +364,7 @@ class PageIndex:
             h = p >= 0
             if h.any():
                 parts.append((p[h], off[h], length[h], src[h]))
-        if not parts:
-            return accesses, None
-        if len(parts) == 1:
-            return accesses, parts[0]
-        return accesses, tuple(np.concatenate(c) for c in zip(*parts))
+        return accesses, parts
 
     def _select_filtered(self, gpa, size, accesses):
         idx = self.candidates(gpa)
@@ -520,25 +521,39 @@ class Replayer:
         self.feed_columns(np.ascontiguousarray(chunk["gpa"], np.uint64),
                           np.ascontiguousarray(chunk["size"]), rip)
 
+    #: records handled per numpy pass: small enough for the work arrays to stay in cache
+    SLICE = 1 << 18
+
     def feed_columns(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None = None) -> None:
         """Contiguous columns: ``gpa`` u64, ``size`` (1..65535, any unsigned dtype),
         ``rip`` u64 or None (unknown)."""
-        r = self.result
         n = len(gpa)
         if n == 0:
             return
         if gpa.dtype != np.uint64:
             gpa = np.ascontiguousarray(gpa, np.uint64)
-        if size.dtype.kind != "u" or size.dtype.itemsize > 2:
+        if size.dtype != np.uint16:
             if len(size) and (size.min() < 1 or size.max() > 0xFFFF):
                 raise ValueError("record sizes must be 1..65535")
             size = np.ascontiguousarray(size, np.uint16)
+        elif len(size) and size.min() < 1:
+            raise ValueError("record sizes must be 1..65535")
+        step = self.SLICE
+        for k in range(0, n, step):
+            self._feed(gpa[k : k + step], size[k : k + step], None if rip is None else rip[k : k + step])
+
+    def _feed(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None) -> None:
+        r = self.result
+        n = len(gpa)
         r.writes += n
-        accesses, sel = self.model.index.select(gpa, size)
+        accesses, parts = self.model.index.select(gpa, size)
         r.accesses += accesses
-        if sel is None:
-            return
-        pid, off, length, src = sel
+        for part in parts:
+            self._count(part, rip)
+
+    def _count(self, part, rip: np.ndarray | None) -> None:
+        r = self.result
+        pid, off, length, src = part
         r.page_granular += len(pid)
         _accumulate(r.pg_per_page, pid)
         s0, s1, touched = _touched(off, length)

@@ -132,8 +132,7 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
     if len(order):
         data = np.where(writes > 0, writes, np.nan)
         vmax = max(1.0, float(np.nanmax(data)) if np.isfinite(data).any() else 1.0)
-        cmap = plt.get_cmap("viridis").copy()
-        cmap.set_bad("#eeeeee")
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#eeeeee")
         im = ax1.imshow(data, aspect="auto", interpolation="nearest", cmap=cmap,
                         norm=LogNorm(vmin=1, vmax=max(vmax, 1.0001)))
         fig.colorbar(im, ax=ax1, label="accesses touching the sub-page", fraction=0.04)

@@ -121,14 +121,13 @@ class SweepModel:
 
     def feed_columns(self, c: "SweepCounters", gpa, size) -> None:
         c.writes += len(gpa)
-        accesses, sel = self.index.select(np.ascontiguousarray(gpa, np.uint64), np.ascontiguousarray(size))
+        accesses, parts = self.index.select(np.ascontiguousarray(gpa, np.uint64),
+                                            np.ascontiguousarray(size, np.uint16))
         c.accesses += accesses
-        if sel is None:
-            return
-        pid, off, length, _src = sel
-        s0 = off >> 7
-        s1 = s0 if self.spp_write_check == SPP_WRITE_CHECK_FIRST else (off + length - 1) >> 7
-        _accumulate(c.hist, pid * 1024 + s0 * 32 + s1)
+        for pid, off, length, _src in parts:
+            s0 = off >> 7
+            s1 = s0 if self.spp_write_check == SPP_WRITE_CHECK_FIRST else (off + length - 1) >> 7
+            _accumulate(c.hist, pid * 1024 + s0 * 32 + s1)
 
     def rows(self, c: "SweepCounters") -> list[SweepRow]:
         P = self.npages
