@@ -94,6 +94,9 @@ class EngineBase:
         self.exit_code: int | None = None
         self._pending: list[tuple[SppViolation, bytes]] = []
         self._port_handlers: dict = {}
+        self._insn_cache: dict = {}
+        self._insn_at: dict = {}
+        self._sym_cache: dict = {}
         self._pause = False
 
     # -- extension points used by the usecases ------------------------------------------
@@ -159,6 +162,9 @@ class EngineBase:
         (exact), else recovered by :func:`~sppkit.engines.x86.find_writer`."""
         from .x86 import decode_forward, find_writer
 
+        d = self._insn_cache.get(rip_after)
+        if d is not None:
+            return d
         try:
             hit = self.image.symbol_at(rip_after - 1)
         except Exception:
@@ -166,10 +172,26 @@ class EngineBase:
         if hit is not None and hit[0].kind == "func" and hit[0].size:
             d = decode_forward(self.vm.read, hit[0].addr, rip_after)
             if d is not None:
+                self._insn_cache[rip_after] = d  # code does not change under us
                 return d
         return find_writer(self.vm.read, rip_after, gpa, size, regs or {})
 
+    def instruction_at(self, rip: int):
+        """The instruction at ``rip`` (decoded once per address)."""
+        from .x86 import decode
+
+        d = self._insn_at.get(rip)
+        if d is None:
+            d = self._insn_at[rip] = decode(self.vm.read(rip, 15), rip, None)
+        return d
+
     def symbolize(self, gpa: int) -> str | None:
+        if gpa in self._sym_cache:
+            return self._sym_cache[gpa]
+        self._sym_cache[gpa] = name = self._symbolize(gpa)
+        return name
+
+    def _symbolize(self, gpa: int) -> str | None:
         try:
             hit = self.image.symbol_at(gpa)
         except Exception:

@@ -201,7 +201,7 @@ class UnicornEngine(EngineBase):
         except GpaNotMapped:
             raise EngineError(f"guest wrote {size} bytes to gpa={address:#x}, outside guest RAM (rip={rip:#x})") from None
         if self._pending:
-            d = decode(self.vm.read(rip, 15), rip, None)
+            d = self.instruction_at(rip)
             for ev, old in self._pending:
                 self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)
             self._pending.clear()

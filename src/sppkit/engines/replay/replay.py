@@ -45,8 +45,8 @@ from .formats import (
 )
 
 __all__ = [
-    "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer", "replay",
-    "replay_arrays", "replay_shard",
+    "MAX_PROTECTED_PAGES", "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer",
+    "SubCounts", "maps_from_ranges", "replay", "replay_arrays", "replay_shard",
 ]
 
 FULL_MAP = 0xFFFF_FFFF
@@ -153,7 +153,7 @@ class PageIndex:
       records near listed pages; those are split into pages and looked up exactly.
     """
 
-    DENSE_LIMIT = 1 << 24  # entries of the dense lookup table (int64) of the filtered strategy
+    DENSE_LIMIT = 1 << 22  # entries of the dense lookup table of the filtered strategy
     CLUSTER_GAP = REGION_2M_PAGES  # pages: a bigger gap starts a new cluster
     MAX_RANGE_TESTS = 4
     MAX_DIRECT = 4
@@ -179,7 +179,7 @@ class PageIndex:
         total = int((self.c_span + 1).sum())
         if total <= self.DENSE_LIMIT:
             self.c_off = np.r_[0, np.cumsum(self.c_span + 1)[:-1]].astype(np.int64)
-            dense = np.full(total, -1, np.int64)
+            dense = np.full(total, -1, np.int32)
             c = np.searchsorted(self.c_lo, gi, side="right") - 1
             dense[self.c_off[c] + (gi - self.c_lo[c])] = np.arange(self.n)
             self.dense = dense
@@ -238,12 +238,12 @@ class PageIndex:
             if len(self.clusters) == 1:
                 k = p - self.c_lo[0]
                 ok = (k >= 0) & (k <= self.c_span[0])
-                return np.where(ok, self.dense[np.where(ok, k, 0)], -1)
+                return np.where(ok, self.dense[np.where(ok, k, 0)], -1).astype(np.int64)
             c = np.searchsorted(self.c_lo, p, side="right") - 1
             cc = np.maximum(c, 0)
             k = p - self.c_lo[cc]
             ok = (c >= 0) & (k >= 0) & (k <= self.c_span[cc])
-            return np.where(ok, self.dense[self.c_off[cc] + np.where(ok, k, 0)], -1)
+            return np.where(ok, self.dense[self.c_off[cc] + np.where(ok, k, 0)], -1).astype(np.int64)
         pos = np.searchsorted(self.gfns, pages.astype(np.uint64))
         pos = np.minimum(pos, self.n - 1)
         return np.where(self.gfns[pos] == pages, pos, -1)
@@ -414,33 +414,139 @@ def _expand_bits(keys_base: np.ndarray, s0: np.ndarray, s1: np.ndarray, bits: np
     return np.concatenate(out) if out else np.zeros(0, np.int64)
 
 
+class SubCounts:
+    """Counts per (page index, sub-page) key ``pid * 32 + s``: a dense array while the
+    policy is small (:attr:`DENSE_LIMIT` keys), else a dict fed with ``np.unique``."""
+
+    DENSE_LIMIT = 1 << 21
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.dense = np.zeros(self.size, np.int64) if self.size <= self.DENSE_LIMIT else None
+        self.sparse: dict | None = None if self.dense is not None else {}
+
+    def add(self, keys: np.ndarray) -> None:
+        if len(keys) == 0:
+            return
+        if self.dense is not None:
+            _accumulate(self.dense, keys)
+            return
+        u, c = np.unique(keys, return_counts=True)
+        d = self.sparse
+        for k, n in zip(u.tolist(), c.tolist()):
+            d[k] = d.get(k, 0) + n
+
+    def merge(self, other: "SubCounts") -> None:
+        if self.dense is not None:
+            self.dense += other.dense
+        else:
+            for k, n in other.sparse.items():
+                self.sparse[k] = self.sparse.get(k, 0) + n
+
+    def nonzero(self) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, counts) of the non-zero keys, in key order."""
+        if self.dense is not None:
+            k = np.flatnonzero(self.dense)
+            return k, self.dense[k]
+        items = sorted((k, n) for k, n in self.sparse.items() if n)
+        return (np.array([k for k, _ in items], np.int64), np.array([n for _, n in items], np.int64))
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        keys = np.asarray(keys, np.int64)
+        if self.dense is not None:
+            return self.dense[keys]
+        return np.array([self.sparse.get(int(k), 0) for k in keys.ravel()], np.int64).reshape(keys.shape)
+
+    def to_array(self) -> np.ndarray:
+        """Dense copy (tests, small policies)."""
+        if self.dense is not None:
+            return self.dense.copy()
+        out = np.zeros(self.size, np.int64)
+        k, n = self.nonzero()
+        out[k] = n
+        return out
+
+
 # =====================================================================================
 # the protection model and its counters
 # =====================================================================================
 
 
+#: Most protected pages a replay handles (16 GiB of protected memory): per-page
+#: counters are dense arrays.
+MAX_PROTECTED_PAGES = 1 << 22
+
+
+def maps_from_ranges(ranges: Iterable[tuple[int, int]], *, limit: int = MAX_PROTECTED_PAGES):
+    """Access maps of byte ranges ``(start, length)``, rounded out to whole sub-pages
+    (as :meth:`sppkit.policy.Policy.access_maps`), computed with numpy:
+    ``(gfns u64 sorted, maps int64)``, pages with something protected only."""
+    pages, clear = [], []
+    total = 0
+    for start, length in ranges:
+        lo = start & ~0x7F
+        hi = (start + length + 0x7F) & ~0x7F
+        g0, g1 = lo >> 12, (hi - 1) >> 12
+        total += g1 - g0 + 1
+        if total > limit:
+            raise ValueError(f"the policy protects more than {limit:,} pages ({limit >> 8:,} MiB); "
+                             "replay supports at most that many")
+        c = np.full(g1 - g0 + 1, FULL_MAP, np.int64)
+        c[0] &= ~((1 << ((lo & 0xFFF) >> 7)) - 1) & FULL_MAP
+        c[-1] &= (2 << (((hi - 1) & 0xFFF) >> 7)) - 1
+        pages.append(np.arange(g0, g1 + 1, dtype=np.uint64))
+        clear.append(c)
+    if not pages:
+        return np.zeros(0, np.uint64), np.zeros(0, np.int64)
+    p = np.concatenate(pages)
+    c = np.concatenate(clear)
+    order = np.argsort(p, kind="stable")
+    p, c = p[order], c[order]
+    first = np.r_[0, np.flatnonzero(np.diff(p)) + 1]
+    cleared = np.bitwise_or.reduceat(c, first)
+    return p[first], (~cleared) & FULL_MAP
+
+
 class ProtectionModel:
     """What the replay checks against: per-page 32-bit access maps (bit i set =
-    sub-page i writable), the write check and the SPPT mode.  Picklable."""
+    sub-page i writable), the write check and the SPPT mode.  Picklable.
 
-    def __init__(self, access_maps: dict[int, int], *, spp_write_check: str = SPP_WRITE_CHECK_ALL,
-                 spp_mode: str = "lazy") -> None:
+    ``access_maps``: ``{gfn: map}``, or a pair of arrays ``(gfns, maps)``.
+    """
+
+    def __init__(self, access_maps, *, spp_write_check: str = SPP_WRITE_CHECK_ALL, spp_mode: str = "lazy") -> None:
         if spp_write_check not in SPP_WRITE_CHECKS:
             raise ValueError(f"spp_write_check={spp_write_check!r}: must be one of {', '.join(SPP_WRITE_CHECKS)}")
         if spp_mode not in ("lazy", "eager"):
             raise ValueError(f"spp_mode={spp_mode!r}: must be 'lazy' or 'eager'")
-        items = sorted((int(g), int(m)) for g, m in access_maps.items() if int(m) != FULL_MAP)
-        for g, m in items:
-            if not 0 <= m <= FULL_MAP:
-                raise ValueError(f"access map {m!r} for gfn {g:#x} is not a 32-bit value")
-        self.index = PageIndex([g for g, _ in items])
-        self.maps = np.array([m for _, m in items], np.int64)
+        if isinstance(access_maps, dict):
+            g = np.array([int(k) for k in access_maps], np.uint64)
+            m = np.array([int(v) for v in access_maps.values()], np.int64)
+        else:
+            g, m = (np.asarray(a) for a in access_maps)
+            g, m = g.astype(np.uint64), m.astype(np.int64)
+        if len(m) and (m.min() < 0 or m.max() > FULL_MAP):
+            bad = int(np.flatnonzero((m < 0) | (m > FULL_MAP))[0])
+            raise ValueError(f"access map {int(m[bad])!r} for gfn {int(g[bad]):#x} is not a 32-bit value")
+        keep = m != FULL_MAP
+        g, m = g[keep], m[keep]
+        if len(np.unique(g)) != len(g):
+            raise ValueError("access maps: a gfn appears twice")
+        if len(g) > MAX_PROTECTED_PAGES:
+            raise ValueError(f"{len(g):,} protected pages: replay supports at most {MAX_PROTECTED_PAGES:,}")
+        order = np.argsort(g)
+        self.index = PageIndex(g[order])
+        self.maps = m[order]
         self.spp_write_check = spp_write_check
         self.spp_mode = spp_mode
 
     @classmethod
     def from_policy(cls, policy, **kw) -> "ProtectionModel":
-        return cls(policy.access_maps() if policy is not None else {}, **kw)
+        """The access maps of a :class:`~sppkit.policy.Policy` (as ``Policy.access_maps()``,
+        computed with numpy so that large ranges stay cheap)."""
+        if policy is None:
+            return cls({}, **kw)
+        return cls(maps_from_ranges((e.start, e.length) for e in policy), **kw)
 
     @property
     def gfns(self) -> np.ndarray:
@@ -465,8 +571,8 @@ class ShardResult:
     violations: int = 0
     pg_per_page: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     viol_per_page: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    viol_per_sub: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    writes_per_sub: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    viol_per_sub: SubCounts = field(default_factory=lambda: SubCounts(0))
+    writes_per_sub: SubCounts = field(default_factory=lambda: SubCounts(0))
     ip_counts: dict = field(default_factory=dict)
     skipped: int = 0
     examples: list = field(default_factory=list)
@@ -478,7 +584,7 @@ class ShardResult:
     def empty(cls, npages: int) -> "ShardResult":
         return cls(
             pg_per_page=np.zeros(npages, np.int64), viol_per_page=np.zeros(npages, np.int64),
-            viol_per_sub=np.zeros(npages * 32, np.int64), writes_per_sub=np.zeros(npages * 32, np.int64),
+            viol_per_sub=SubCounts(npages * 32), writes_per_sub=SubCounts(npages * 32),
         )
 
     def merge(self, later: "ShardResult") -> "ShardResult":
@@ -493,8 +599,8 @@ class ShardResult:
         self.violations += later.violations
         self.pg_per_page += later.pg_per_page
         self.viol_per_page += later.viol_per_page
-        self.viol_per_sub += later.viol_per_sub
-        self.writes_per_sub += later.writes_per_sub
+        self.viol_per_sub.merge(later.viol_per_sub)
+        self.writes_per_sub.merge(later.writes_per_sub)
         for ip, n in later.ip_counts.items():
             key = carry if ip == int(RIP_CARRY) else ip
             self.ip_counts[key] = self.ip_counts.get(key, 0) + n
@@ -564,14 +670,14 @@ class Replayer:
         else:
             viol = denied != 0
         base = pid * 32
-        _accumulate(r.writes_per_sub, _expand_bits(base, s0, s1, touched))
+        r.writes_per_sub.add(_expand_bits(base, s0, s1, touched))
         nv = int(np.count_nonzero(viol))
         if nv == 0:
             return
         r.violations += nv
         vp = pid[viol]
         _accumulate(r.viol_per_page, vp)
-        _accumulate(r.viol_per_sub, _expand_bits(base[viol], s0[viol], s1[viol], denied[viol]))
+        r.viol_per_sub.add(_expand_bits(base[viol], s0[viol], s1[viol], denied[viol]))
         rips = rip[src[viol]] if rip is not None else np.full(nv, NO_RIP)
         u, c = np.unique(rips, return_counts=True)
         d = r.ip_counts
@@ -638,9 +744,9 @@ class ReplayResult:
     def subpage_violations(self) -> dict[tuple[int, int], int]:
         """``{(gfn, sub-page): violations}`` (an access counts once for each protected
         sub-page it touches, as :class:`sppkit.vmm.Stats` does)."""
-        nz = np.flatnonzero(self.c.viol_per_sub)
+        keys, counts = self.c.viol_per_sub.nonzero()
         g = self.model.gfns
-        return {(int(g[k // 32]), int(k % 32)): int(self.c.viol_per_sub[k]) for k in nz}
+        return {(int(g[k // 32]), int(k % 32)): int(n) for k, n in zip(keys.tolist(), counts.tolist())}
 
     def ip_violations(self) -> dict[int | None, int]:
         """``{rip: violations}``; ``None`` for records without an IP."""
@@ -659,15 +765,14 @@ class ReplayResult:
         return out
 
     def top_subpages(self, n: int = 10) -> list[dict]:
-        vs = self.c.viol_per_sub
-        nz = np.flatnonzero(vs)
-        order = nz[np.lexsort((nz, -vs[nz]))][:n]
+        keys, counts = self.c.viol_per_sub.nonzero()
+        order = np.lexsort((keys, -counts))[:n]
+        writes = self.c.writes_per_sub.get(keys[order])
         out = []
-        for k in order:
+        for k, v, w in zip(keys[order].tolist(), counts[order].tolist(), writes.tolist()):
             g = int(self.model.gfns[k // 32])
             s = int(k % 32)
-            out.append({"gfn": g, "subpage": s, "gpa": (g << 12) + 128 * s, "violations": int(vs[k]),
-                        "writes": int(self.c.writes_per_sub[k])})
+            out.append({"gfn": g, "subpage": s, "gpa": (g << 12) + 128 * s, "violations": int(v), "writes": int(w)})
         return out
 
     def top_ips(self, n: int = 10) -> list[dict]:

@@ -123,8 +123,9 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
     P = len(gfns)
     order = np.lexsort((gfns, -c.viol_per_page, -c.pg_per_page))[:max_pages] if P else np.zeros(0, np.int64)
     order = np.sort(order) if len(order) else order
-    writes = c.writes_per_sub.reshape(P, 32)[order] if P else np.zeros((0, 32))
-    viols = c.viol_per_sub.reshape(P, 32)[order] if P else np.zeros((0, 32))
+    keys = order[:, None] * 32 + np.arange(32)[None, :]
+    writes = c.writes_per_sub.get(keys) if P else np.zeros((0, 32))
+    viols = c.viol_per_sub.get(keys) if P else np.zeros((0, 32))
     maps = result.model.maps[order] if P else np.zeros(0, np.int64)
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, max(4.0, 1.2 + 0.22 * max(len(order), 8))),
