@@ -76,6 +76,7 @@ class Access(IntEnum):
 
 
 _unpack = struct.Struct("<Q").unpack_from
+_new_range = tuple.__new__
 _BAD_MEMTYPES = frozenset({2, 3, 7})
 _NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
 _ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
@@ -259,9 +260,8 @@ class Processor:
             if tlb is not None and not paging_structure:
                 # Fast path: a cached mapping that permits the access outright.
                 hit = tlb.get(gpa >> 12)
-                if hit is not None and hit[1] & _NEED[access] and (hit[2] or access != Access.WRITE or not self._ad):
-                    self.cache.hits += 1
-                    return (HostRange(hit[0] | (gpa & 0xFFF), size),)
+                if hit is not None and hit[1] & (1 << access) and (hit[2] or access != 1 or not self._ad):
+                    return (_new_range(HostRange, (hit[0] | (gpa & 0xFFF), size)),)
             return (self._translate_page(gpa, size, access, gla, paging_structure, linear, nmi_unblocking),)
         rest = size - first
         if rest > 4096:
@@ -279,7 +279,7 @@ class Processor:
         if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
             if gpa + size > self.memory.limit:
                 raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
-            return HostRange(gpa, size)
+            return _new_range(HostRange, (gpa, size))
 
         # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
         write = access == Access.WRITE or (paging and self._ad)
@@ -295,12 +295,12 @@ class Processor:
                 if dirty or not write or not self._ad:
                     if acc & need:
                         self.cache.hits += 1
-                        return HostRange(frame | (gpa & 0xFFF), size)
+                        return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
                     if spp_candidate and spp_leaf and acc & 1:
                         # EPT part cached; the SPPT is read at every eligible write.
                         if self._spp_allows(gpa, size, gla, nmi):
                             self.cache.hits += 1
-                            return HostRange(frame | (gpa & 0xFFF), size)
+                            return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
                         del tlb[gpa >> 12]  # the violation invalidates the mapping used
                         raise EptViolation(
                             self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
@@ -368,7 +368,7 @@ class Processor:
                     write_u64(ehpa, new)
         if tlb is not None:
             tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
-        return HostRange(hpa, size)
+        return _new_range(HostRange, (hpa, size))
 
     def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
         if raw & 3 == 2:

@@ -21,7 +21,11 @@ INVEPT_TYPES = {INVEPT_SINGLE_CONTEXT: 1, INVEPT_ALL_CONTEXT: 2}
 
 
 class TranslationCache:
-    """``{ep4ta: {gfn: (host_frame_hpa, combined_rwx, dirty, spp_leaf)}}``."""
+    """``{ep4ta: {gfn: (host_frame_hpa, combined_rwx, dirty, spp_leaf)}}``.
+
+    ``misses`` counts walks taken with the cache on; ``hits`` counts hits on the slow
+    path only (the single-page fast path in ``Processor.translate`` does not count, to
+    stay fast)."""
 
     __slots__ = ("tags", "hits", "misses", "invalidations")
 

@@ -63,20 +63,28 @@ def _parse_protect(arg: str, image):
     return sym.addr + off, length
 
 
-def _load_policy(policy_file, protect, image, *, required: bool):
-    from ...policy import Policy, PolicyError, load_policy
+def _regions(policy_file, protect, image, *, required: bool):
+    """The protected regions ``[(name, start, length), ...]`` of --policy or --protect
+    (None if neither is given).  --protect ranges bypass the Policy class, whose
+    per-page index would make a huge range slow before the page limit is checked."""
+    from ...policy import PolicyError, load_policy
 
     if policy_file and protect:
         raise click.UsageError("give --policy or --protect, not both")
     if policy_file:
         try:
-            return load_policy(policy_file, image)
+            pol = load_policy(policy_file, image)
         except PolicyError as e:
             if image is None and "no guest ELF" in str(e):
                 raise PolicyError(f"{e}; for `sppkit replay` give the guest with --elf FILE") from None
             raise
+        return [(e.name, e.start, e.length) for e in pol]
     if protect:
-        return Policy.from_ranges([_parse_protect(p, image) for p in protect])
+        out = []
+        for p in protect:
+            start, length = _parse_protect(p, image)
+            out.append((p.strip() if not p.strip()[:1].isdigit() else f"{start:#x}:{length:#x}", start, length))
+        return out
     if required:
         raise click.UsageError("nothing to protect: give --policy FILE or --protect START:LENGTH "
                                "(or --sweep with --elf)")
@@ -138,7 +146,7 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
     """
     import json
 
-    from .replay import CostModel, ProtectionModel
+    from .replay import CostModel, ProtectionModel, maps_from_ranges
     from .replay import replay as run_replay
 
     if scheduler and not use_dask:
@@ -154,13 +162,13 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
 
     if sweep:
         from .report import print_sweep
-        from .sweep import SweepModel, candidates_from_elf, candidates_from_policy
+        from .sweep import SweepModel, candidates_from_elf
         from .sweep import sweep as run_sweep
 
         if plot_file:
             raise click.UsageError("--plot is not available with --sweep")
-        pol = _load_policy(policy_file, protect, image, required=image is None)
-        cands = candidates_from_policy(pol) if pol is not None else candidates_from_elf(image)
+        regions = _regions(policy_file, protect, image, required=image is None)
+        cands = regions if regions is not None else candidates_from_elf(image)
         if not cands:
             raise click.UsageError(f"{elf_file}: no sized object symbols to sweep")
         model = SweepModel(cands, spp_write_check=spp_write_check, spp_mode=spp_mode)
@@ -175,8 +183,9 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
                 _console().print(f"… {len(res.rows) - top} more regions (--top 0 for all)")
         return
 
-    pol = _load_policy(policy_file, protect, image, required=True)
-    model = ProtectionModel.from_policy(pol, spp_write_check=spp_write_check, spp_mode=spp_mode)
+    regions = _regions(policy_file, protect, image, required=True)
+    model = ProtectionModel(maps_from_ranges((s, n) for _, s, n in regions), spp_write_check=spp_write_check,
+                            spp_mode=spp_mode)
     res = run_replay(trace, model, fmt, **kw)
     _report_skipped(res.skipped_records, res.c.examples)
     d = res.to_dict(top, image)

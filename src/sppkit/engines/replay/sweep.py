@@ -26,6 +26,8 @@ __all__ = ["SweepModel", "SweepCounters", "SweepRow", "sweep", "sweep_shard", "c
            "candidates_from_policy"]
 
 SUB = 128
+#: Pages the candidates of one sweep may cover (the histogram holds 1024 counters a page).
+MAX_SWEEP_PAGES = 1 << 16
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,14 @@ class SweepModel:
         if not self.candidates:
             raise ValueError("sweep: no candidate regions (give --policy, --protect or --elf with object symbols)")
         rows_c, rows_g, rows_a, rows_b = [], [], [], []
+        total = 0
         for ci, (name, start, length) in enumerate(self.candidates):
             if start < 0 or length <= 0:
                 raise ValueError(f"sweep candidate {name!r}: bad range {start:#x}+{length}")
+            total += ((start + length - 1) >> 12) - (start >> 12) + 1
+            if total > MAX_SWEEP_PAGES:
+                raise ValueError(f"sweep: the candidate regions cover more than {MAX_SWEEP_PAGES:,} pages "
+                                 f"(at {name!r}); sweep fewer or smaller regions")
             lo = start & ~(SUB - 1)
             hi = (start + length + SUB - 1) & ~(SUB - 1)
             sub = lo
