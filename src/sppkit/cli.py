@@ -194,6 +194,19 @@ def _register_replay() -> None:
 _register_replay()
 
 
+def _register_usecases() -> None:
+    from .usecases.checkpoint import checkpoint_command, restore_command
+    from .usecases.device import device_command
+    from .usecases.guard import guard_command
+    from .usecases.monitor import monitor_command
+
+    for cmd in (monitor_command, device_command, checkpoint_command, restore_command, guard_command):
+        main.add_command(cmd)
+
+
+_register_usecases()
+
+
 def _module_loaded(name: str) -> bool:
     import os
 

@@ -149,3 +149,17 @@ def main(console: Console | None = None, engine: str = "auto") -> None:
     processor_demo(console)
     vm_demo(console)
     guest_demo(console, engine)
+    from .guests import toolchain_status
+
+    if not toolchain_status()[0]:
+        return
+    from .usecases.checkpoint import demo_checkpoint
+    from .usecases.device import demo_device
+    from .usecases.guard import demo_guard
+    from .usecases.monitor import demo_monitor
+
+    console.rule("[bold]the four uses of SPP")
+    demo_monitor(console)
+    demo_device(console)
+    demo_checkpoint(console)
+    demo_guard(console)

@@ -339,8 +339,7 @@ class LackeySource(_TextSource):
         for blk in self._blocks():
             yield self._parse(blk)
 
-    def _parse(self, blk: _Block) -> np.ndarray:
-        n = len(blk)
+    def _parse(self, blk: _Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c0, c1, c2 = blk.char(0), blk.char(1), blk.char(2)
         is_i = (c0 == 73) & (c1 == 32) & (c2 == 32)  # "I  "
         data = (c0 == 32) & (c2 == 32)
@@ -437,7 +436,7 @@ class CsvSource(_TextSource):
         dv, dok = _parse_uint(buf, a, b, 10)
         return np.where(hexa, hv, dv), np.where(hexa, hok, dok)
 
-    def _parse(self, blk: _Block) -> np.ndarray:
+    def _parse(self, blk: _Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         buf = blk.buf
         commas = np.flatnonzero(buf[: len(blk.raw)] == 44)
         s, e = blk.starts, blk.ends
@@ -511,7 +510,7 @@ class PinatraceSource(_TextSource):
         for blk in self._blocks():
             yield self._parse(blk)
 
-    def _parse(self, blk: _Block) -> np.ndarray:
+    def _parse(self, blk: _Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         buf = blk.buf
         s, e = blk.starts, blk.ends
         colons = np.flatnonzero(buf[: len(blk.raw)] == 58)
@@ -696,7 +695,6 @@ def _as_unsigned(a, dtype) -> np.ndarray:
 
 def _pyarrow_parquet():
     try:
-        import pyarrow  # noqa: F401
         import pyarrow.parquet as pq
     except ImportError:
         raise MissingDependency(
@@ -710,6 +708,10 @@ def _pyarrow_parquet():
 # =====================================================================================
 
 _SOURCES = {"lackey": LackeySource, "csv": CsvSource, "pinatrace": PinatraceSource, "native": NativeSource}
+
+
+_NUM = rb"\s*(?:0[xX][0-9a-fA-F]+|\d+)\s*"
+_CSV_LINE = re.compile(rb"^" + _NUM + rb"," + _NUM + rb"(?:," + _NUM + rb")?$")
 
 
 def detect_format(path) -> str:
@@ -737,8 +739,7 @@ def detect_format(path) -> str:
             votes["lackey"] += 1
         elif _PIN_LINE.match(ln) or ln.strip() == b"#eof":
             votes["pinatrace"] += 1
-        elif re.match(rb"^\s*(0[xX][0-9a-fA-F]+|\d+)\s*,\s*(0[xX][0-9a-fA-F]+|\d+)\s*(,\s*(0[xX][0-9a-fA-F]+|\d+)\s*)?$",
-                      ln):
+        elif _CSV_LINE.match(ln):
             votes["csv"] += 1
     best = max(votes, key=votes.get)
     if votes[best] == 0:
@@ -855,7 +856,8 @@ class NativeWriter:
             tmp = self.path.with_name(f".{self.path.name}.partial")
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for c, dt in _COLUMNS:
-                    with zf.open(c + ".npy", "w", force_zip64=True) as out, open(os.path.join(self._dir, c), "rb") as src:
+                    spool = os.path.join(self._dir, c)
+                    with zf.open(c + ".npy", "w", force_zip64=True) as out, open(spool, "rb") as src:
                         np.lib.format.write_array_header_2_0(
                             out, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
                                   "shape": (self.count,)})

@@ -28,7 +28,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -958,7 +957,8 @@ def _replay_dask_generic(fn, shards, model, fmt, kw, *, scheduler, workers, prog
         from dask.distributed import as_completed
 
         m = client.scatter(model, broadcast=True)
-        futures = [client.submit(fn, str(p), m, fmt, pure=False, **kw) for p in shards]
+        # absolute paths: a remote cluster's workers must see the same files (shared filesystem)
+        futures = [client.submit(fn, os.path.abspath(p), m, fmt, pure=False, **kw) for p in shards]
         if _want_progress(progress):
             with _progress_bar(len(futures), "shards") as bar:
                 task = bar.add_task("replay (dask)", total=len(futures))
