@@ -99,8 +99,9 @@ def _policy(policy_file, protect, image, decision):
 @click.option("--entry", metavar="GPA", help="Entry point of a flat binary.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
 @click.option("--record", "record_file", type=click.Path(dir_okay=False),
-              help="Record the writes the engine hands to the VMM (gpa, size, rip) as a native trace "
-                   "(.npz, or .parquet with pyarrow) for `sppkit replay`.")
+              help="Record the guest's writes (gpa, size, rip) as a native trace (.npz, or .parquet "
+                   "with pyarrow) for `sppkit replay`: every write under Unicorn, the writes to "
+                   "protected pages under KVM.")
 def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, timeout, flat_at, entry, as_json,
         record_file):
     """Run GUEST (an x86-64 ELF, a flat binary, or a bundled program: selftest,
@@ -129,7 +130,11 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
             from .engines.replay.cli import recorder_for
 
             recorder = recorder_for(record_file)
-            eng.vm.on_write(recorder)
+            eng.record_writes(recorder)
+            if not eng.records_every_write:
+                err.print(f"[yellow]--record with the {eng.name} engine: only writes to pages holding a "
+                          "protected sub-page reach the VMM and are recorded (the rest run on the CPU); "
+                          "use --engine unicorn to record every write[/]")
         result = eng.run()
     finally:
         eng.close()

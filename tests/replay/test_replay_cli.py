@@ -226,7 +226,8 @@ def test_run_record_then_replay_gives_the_runs_violations(tmp_path):
     assert d["violations"] == st["violations"] > 0
     assert d["page_granular_exits"] == st["page_granular"]
     assert d["spp_misses"] == st["spp_misses"]
-    assert d["writes"] == st["writes"]
+    # under Unicorn the recording holds every guest write, not just those the VMM saw
+    assert d["writes"] > d["page_granular_exits"] and d["writes"] >= st["writes"]
     # symbolised with --elf: the bundled policy protects secret, config and canary
     assert {s["symbol"] for s in d["top_subpages"]} == {"secret", "config", "canary"}
     # --protect with a symbol name

@@ -115,6 +115,15 @@ class EngineBase:
             self._pause = True
         return self._pause
 
+    #: whether :meth:`record_writes` sees every guest write (False: only writes to
+    #: pages holding a protected sub-page, the ones that reach the VMM)
+    records_every_write = False
+
+    def record_writes(self, callback) -> None:
+        """Call ``callback(gpa, size, rip)`` for guest writes, e.g. to record a trace.
+        This base version sees the writes the engine hands to ``vm.write``."""
+        self.vm.on_write(callback)
+
     def request_pause(self) -> None:
         """Ask the run to stop at the next instruction boundary the engine can reach
         (KVM: once the current exit is handled; Unicorn: after the next instruction).  :meth:`run` then returns ``stop_reason == "paused"`` and a

@@ -26,8 +26,15 @@ class ViolationRecord:
     symbol: str | None = None
     old: str | None = None  # hex of the bytes there before the write
 
+    @property
+    def rip(self) -> int | None:
+        """The writing instruction when known, else the instruction after it."""
+        return self.rip_at if self.rip_at is not None else self.rip_after
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["rip"] = self.rip
+        return d
 
 
 @dataclass

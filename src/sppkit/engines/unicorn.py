@@ -27,6 +27,7 @@ from unicorn import (
     UC_ERR_WRITE_PROT,
     UC_HOOK_CODE,
     UC_HOOK_INSN,
+    UC_HOOK_MEM_WRITE,
     UC_HOOK_MEM_WRITE_PROT,
     UC_MODE_64,
     UC_PROT_ALL,
@@ -231,6 +232,29 @@ class UnicornEngine(EngineBase):
         if not hit:
             return None
         return _operand_address(hit[1], self.regs())
+
+    records_every_write = True
+
+    def record_writes(self, callback) -> None:
+        """Call ``callback(gpa, size, rip)`` for *every* guest write (a memory hook on
+        all of RAM: slower, but the trace holds the whole workload)."""
+        last = [None]
+
+        def hook(uc, access, address, size, value, user_data):
+            try:
+                rip = uc.reg_read(UC_X86_REG_RIP)
+                prev = last[0]
+                if prev is not None and prev[0] == rip and prev[1] <= address and address + size <= prev[2] \
+                        and size < prev[2] - prev[1]:
+                    return  # Unicorn's byte-by-byte re-report of an access already recorded
+                last[0] = (rip, address, address + size)
+                callback(address, size, rip)
+            except BaseException as e:
+                if self._error is None:
+                    self._error = e
+                uc.emu_stop()
+
+        self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
 
     def _stop_at(self, ip: int) -> None:
         """Stop the emulation when execution reaches ``ip`` (a code hook limited to that
