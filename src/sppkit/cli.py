@@ -144,7 +144,7 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
         click.echo(json.dumps(result.to_dict()))
     else:
         print_run(result, Console())
-    sys.exit((result.exit_code & 0xFF) if result.stop_reason == "exit" and result.exit_code is not None else 1)
+    sys.exit(result.exit_status)
 
 
 @main.command()

@@ -50,6 +50,12 @@ class RunResult:
     rip_after: int | None = None
     exits: dict = field(default_factory=dict)  # exit kind -> count
 
+    @property
+    def exit_status(self) -> int:
+        """The command-line status for this run: the guest's exit code (low 8 bits) when
+        it exited, 1 when the run ended otherwise."""
+        return (self.exit_code & 0xFF) if self.stop_reason == "exit" and self.exit_code is not None else 1
+
     def to_dict(self, max_violations: int = 1000) -> dict:
         return {
             "engine": self.engine,

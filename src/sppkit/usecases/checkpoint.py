@@ -1142,7 +1142,7 @@ def checkpoint_command(guest, every, at_port_signal, port, out_dir, engine, memo
     else:
         print_checkpoint_run(run, Console())
     r = run.result
-    raise SystemExit((r.exit_code & 0xFF) if r.stop_reason == "exit" and r.exit_code is not None else 1)
+    raise SystemExit(r.exit_status)
 
 
 @click.command("restore")
@@ -1167,7 +1167,7 @@ def restore_command(directory, to, resume, engine, timeout, as_json):
         print_restore(res, Console())
     if res.result is not None:
         r = res.result
-        raise SystemExit((r.exit_code & 0xFF) if r.stop_reason == "exit" and r.exit_code is not None else 1)
+        raise SystemExit(r.exit_status)
     raise SystemExit(0 if res.verified else 1)
 
 

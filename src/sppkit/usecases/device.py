@@ -555,7 +555,7 @@ def device_command(guest, engine, page_granular, page, cpl, timeout, as_json):
         Console(stderr=True).print(f"[dim]engine: {rep.engine_reason}[/]")
         print_device(rep, Console())
     res = rep.result
-    sys.exit((res.exit_code & 0xFF) if res.stop_reason == "exit" and res.exit_code is not None else 1)
+    sys.exit(res.exit_status)
 
 
 def demo_device(console) -> DeviceReport | None:

@@ -482,7 +482,7 @@ def guard_command(guest, decision, engine, buffers, overflow_buffer, overflow_by
     r = rep.result
     if rep.overflow:
         raise SystemExit(1)
-    raise SystemExit((r.exit_code & 0xFF) if r.stop_reason == "exit" and r.exit_code is not None else 1)
+    raise SystemExit(r.exit_status)
 
 
 # ============================================================================ demo

@@ -816,7 +816,7 @@ def monitor_command(guest, protect_symbols, policy_file, engine, decision, cpl, 
         Console(stderr=True).print(f"[dim]engine: {rep.engine_reason}[/]")
         print_monitor(rep, Console())
     res = rep.result
-    sys.exit((res.exit_code & 0xFF) if res.stop_reason == "exit" and res.exit_code is not None else 1)
+    sys.exit(res.exit_status)
 
 
 # ====================================================================== demo
