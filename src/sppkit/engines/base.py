@@ -151,6 +151,13 @@ class EngineBase:
             self.vm.set_subpage_access(gfns[i], [maps[g] for g in gfns[i : j + 1]])
             i = j + 1
 
+    def handle_violation(self, ev: SppViolation) -> Decision:
+        """The engine's own violation handler (installed with ``vm.on_violation`` at
+        construction): it queues the event for a violation record and returns the
+        policy's decision.  A use case that installs its own handler calls this one for
+        the violations it wants recorded."""
+        return self._on_violation(ev)
+
     def _on_violation(self, ev: SppViolation) -> Decision:
         self._pending.append((ev, self.vm.read(ev.gpa, ev.size)))  # the bytes before the write
         if self.policy is None:

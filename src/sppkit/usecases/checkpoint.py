@@ -69,10 +69,10 @@ __all__ = [
     "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
     "CheckpointInfo", "CheckpointMissing", "CheckpointRun", "CheckpointSet", "CheckpointTruncated",
     "CheckpointVersionMismatch", "CheckpointWriteError", "Checkpointer", "DirtyTracker", "GuestMismatch",
-    "NotACheckpointSet", "ProjectionCache", "Region", "RestoreResult", "RestoredState", "UnknownCheckpoint",
+    "NotACheckpointSet", "Region", "RestoreResult", "RestoredState", "UnknownCheckpoint",
     "apply_state", "atomic_write", "checkpoint_command", "checkpoint_guest", "demo_checkpoint", "encode_checkpoint",
-    "load_guest_spec", "memory_digest", "open_checkpoint_set", "pause_from_write_hook", "read_checkpoint_file",
-    "restore_checkpoint", "restore_command", "sync_engine_protections", "tracked_regions", "write_checkpoint_file",
+    "load_guest_spec", "memory_digest", "open_checkpoint_set", "read_checkpoint_file",
+    "restore_checkpoint", "restore_command", "tracked_regions", "write_checkpoint_file",
 ]
 
 #: Port on which the bundled ckpt_* workloads signal phase boundaries.
@@ -163,75 +163,6 @@ def load_guest_spec(guest: str | os.PathLike):
         f"guest {spec!r} is neither a file (an ELF or a .c) nor a bundled program "
         f"({', '.join(list_programs())})"
     )
-
-
-def sync_engine_protections(engine) -> None:
-    """Make the engine mirror the Vm's EPT now (KVM memslots / Unicorn page protections).
-
-    Engines re-project after a guest write; access maps changed from the host side
-    between two ``run()`` calls need this call (the engines have no public method
-    for it yet, so this uses their ``_project``)."""
-    if engine.vm.ept_generation != getattr(engine, "_generation", None):
-        engine._project()
-
-
-def pause_from_write_hook(engine) -> None:
-    """``engine.request_pause()`` from inside a violation handler or write observer.
-
-    Under Unicorn the engine answers a pause requested in a write hook by adding a
-    code hook and flushing the translation cache; QEMU defers that flush until the
-    CPU leaves its chain of translated blocks, which a tight guest loop may never do
-    before the guest exits (the pause is then lost).  Invalidating the guest's code
-    pages unlinks the chained blocks at once, so the code hook runs within a block or
-    two.  KVM needs nothing more: it pauses as soon as the exit is handled."""
-    engine.request_pause()
-    uc = getattr(engine, "uc", None)
-    if uc is not None and hasattr(uc, "ctl_remove_cache"):
-        for seg in engine.image.segments:
-            if seg.executable:
-                uc.ctl_remove_cache(seg.gpa, seg.end)
-
-
-class ProjectionCache:
-    """Skip engine re-projections that cannot change anything.
-
-    The Vm bumps ``ept_generation`` on every access-map change, also when an
-    UNPROTECT leaves the page partly protected (the EPT leaf stays W = 0), and the
-    engines then re-walk the whole EPT (~10 ms for 64 MiB of RAM, once per tracked
-    first write).  While this use case owns all protections, a page's EPT W bit is
-    exactly "its access map is 0xFFFFFFFF", so the projection only has to be redone
-    when that changes for some watched page.  Installed on the engine instance;
-    :meth:`uninstall` puts the engine's own method back."""
-
-    def __init__(self, engine, gfns: Iterable[int]) -> None:
-        self.engine = engine
-        slot = engine.vm.memslots()[0]
-        if len(engine.vm.memslots()) != 1 or slot.gpa != 0:  # pragma: no cover - engines have one RAM slot
-            raise RuntimeError("ProjectionCache expects the engines' single RAM memslot at gpa 0")
-        self.slot = slot
-        self.idx = np.array(sorted(set(gfns)), dtype=np.int64) - slot.base_gfn
-        self._key = None
-        self._orig = engine._project
-        self.skipped = 0
-        self.done = 0
-        engine._project = self._project
-
-    def _state(self) -> bytes:
-        return (self.slot.maps[self.idx] == 0xFFFFFFFF).tobytes() if self.slot.maps is not None else b""
-
-    def _project(self) -> None:
-        key = self._state()
-        if key == self._key:
-            self.engine._generation = self.engine.vm.ept_generation
-            self.skipped += 1
-            return
-        self._orig()
-        self._key = key
-        self.done += 1
-
-    def uninstall(self) -> None:
-        if self.engine.__dict__.get("_project") == self._project:
-            del self.engine._project
 
 
 # =============================================================================== regions
@@ -828,7 +759,6 @@ class Checkpointer:
         self.on_checkpoint = on_checkpoint
         self.regions = tracked_regions(engine.image, engine.ram_size, track, table_range=engine.layout.table_range)
         self.tracker = DirtyTracker(engine.vm, self.regions, on_dirty=self._on_dirty if self.every else None)
-        self.projection = ProjectionCache(engine, self.tracker.gfns)
         self.set_id = uuid.uuid4().bytes
         self.infos: list[CheckpointInfo] = []
         self._reason: list[str] = []
@@ -859,7 +789,7 @@ class Checkpointer:
         if n >= self.every:
             if n == self.every:
                 self._reason.append(f"every {self.every} tracked writes")
-            pause_from_write_hook(self.engine)
+            self.engine.request_pause()
 
     # -- checkpoints ----------------------------------------------------------------------
     def _write_manifest(self) -> None:
@@ -905,7 +835,6 @@ class Checkpointer:
             tr.arm()
         else:
             tr.rearm()
-        sync_engine_protections(eng)
         info.seconds = time.perf_counter() - t0
         self.infos.append(info)
         if self.on_checkpoint is not None:
@@ -918,17 +847,14 @@ class Checkpointer:
         _prepare_dir(self.out)
         atomic_write(self.out / GUEST_FILE, self._elf)
         eng.vm.on_violation(self.tracker.handle)
-        try:
-            self._take("base", base=True)
-            while True:
-                result = eng.run()
-                if result.stop_reason != "paused":
-                    break
-                reason = "; ".join(self._reason) or "pause"
-                self._reason.clear()
-                self._take(reason, base=False)
-        finally:
-            self.projection.uninstall()
+        self._take("base", base=True)
+        while True:
+            result = eng.run()  # the engine mirrors protections changed by _take itself
+            if result.stop_reason != "paused":
+                break
+            reason = "; ".join(self._reason) or "pause"
+            self._reason.clear()
+            self._take(reason, base=False)
         self.manifest["final"] = {
             "stop_reason": result.stop_reason, "exit_code": result.exit_code,
             "console_sha256": hashlib.sha256(result.console.encode()).hexdigest(),

@@ -42,7 +42,6 @@ from .monitor import (
     WatchManager,
     _as_decision,
     load_guest_image,
-    sync_engine,
 )
 
 __all__ = [
@@ -446,12 +445,10 @@ def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto"
     t0 = time.perf_counter()
     try:
         vm = eng.vm
-        bus = DeviceBus(vm, chain=eng._on_violation, page_granular=page_granular)
+        bus = DeviceBus(vm, chain=eng.handle_violation, page_granular=page_granular)
         bus.attach(dev, gpa)
-        sync_engine(eng)
         result = eng.run()
         while result.stop_reason == "paused":
-            sync_engine(eng)
             result = eng.run()
     finally:
         eng.close()

@@ -35,7 +35,7 @@ import numpy as np
 from ..engines import DEFAULT_RAM, choose_engine, parse_size
 from ..engines.result import RunResult
 from ..vmm import Decision
-from .checkpoint import load_guest_spec, sync_engine_protections
+from .checkpoint import load_guest_spec
 
 __all__ = [
     "GUANARY_BUFFERS_RATIO", "GUANARY_MEMORY_RATIO", "GUARD_PORT", "GuardBuffer", "GuardError", "GuardHit",
@@ -279,8 +279,7 @@ class GuardSession:
         if guards:
             policy = Policy.from_ranges([(g, GUARD_SIZE) for g in guards], self.decision.value, source=TABLE_SYMBOL)
             eng.policy = policy
-            eng.apply_policy(policy)
-            sync_engine_protections(eng)
+            eng.apply_policy(policy)  # the engine mirrors it after this port handler
         self.protected = set(guards)
         self.exact = self.exact and self._check_exact(guards)
         self.table = table

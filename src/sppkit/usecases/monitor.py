@@ -506,14 +506,6 @@ def exact_instruction(image, read: Callable[[int, int], bytes], rip_after: int):
     return decode_forward(read, hit[0].addr, rip_after)
 
 
-def sync_engine(eng) -> None:
-    """Mirror the Vm's EPT onto the engine if protections changed since it last looked
-    (the engines also do this themselves before a run and after a port handler; this
-    keeps the use cases correct with engines that only re-project after write exits)."""
-    if eng.vm.ept_generation != getattr(eng, "_generation", eng.vm.ept_generation):
-        eng._project()
-
-
 # ====================================================================== the run
 @dataclass
 class MonitorReport:
@@ -619,7 +611,7 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
 
         def chain(ev: SppViolation) -> Decision:
             log.append({"ev": ev, "stage": stage[0], "watches": [], "decision": None})
-            return eng._on_violation(ev)  # the engine records it (old bytes, instruction)
+            return eng.handle_violation(ev)  # the engine records it (old bytes, instruction)
 
         def on_watch(wev: WatchEvent):
             log[-1]["watches"] = [w.name for w in wev.watches]
@@ -641,10 +633,8 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
                 return None
 
             eng.add_port_handler(port, on_port)
-        sync_engine(eng)
-        result = eng.run()
+        result = eng.run()  # engines mirror protection changes before running and after port handlers
         while result.stop_reason == "paused":
-            sync_engine(eng)
             result = eng.run()
     finally:
         eng.close()
