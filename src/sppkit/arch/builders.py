@@ -42,20 +42,26 @@ def _index(gpa: int, level: Level) -> int:
     return (gpa >> level.shift) & 0x1FF
 
 
+def _root_frame(memory: HostMemory, root: int | None, what: str) -> int:
+    """The root table's HPA: a new frame, or ``root`` checked (4-KiB aligned, in range)."""
+    if root is None:
+        return memory.alloc_frame()
+    _check_int(what, root)
+    if root & 0xFFF:
+        raise ValueError(f"{what}={root:#x} is not 4-KiB aligned (bits 11:0 must be 0)")
+    if root >= memory.limit:
+        raise ValueError(f"{what}={root:#x} is at or above 2**maxphyaddr")
+    return root
+
+
 class EptBuilder:
     """Builds and edits a 4-level EPT rooted at a PML4 frame it allocates (or is given)."""
 
     def __init__(self, memory: HostMemory, *, pml4: int | None = None) -> None:
         self.memory = memory
         self._amask = addr_mask(memory.maxphyaddr)
-        if pml4 is None:
-            pml4 = memory.alloc_frame()
-        else:
-            _check_int("pml4", pml4)
-            if pml4 & 0xFFF:
-                raise ValueError(f"pml4={pml4:#x} is not 4-KiB aligned")
-        self.pml4 = pml4
-        self.tables: set[int] = {pml4}
+        self.pml4 = _root_frame(memory, pml4, "pml4")
+        self.tables: set[int] = {self.pml4}
 
     def eptp(self, *, memory_type: int = MT_WB, accessed_dirty: bool = False) -> int:
         return make_eptp(self.pml4, memory_type=memory_type, accessed_dirty=accessed_dirty)
@@ -278,16 +284,8 @@ class SpptBuilder:
     def __init__(self, memory: HostMemory, *, root: int | None = None) -> None:
         self.memory = memory
         self._amask = addr_mask(memory.maxphyaddr)
-        if root is None:
-            root = memory.alloc_frame()
-        else:
-            _check_int("root", root)
-            if root & 0xFFF:
-                raise ValueError(f"SPPTP root={root:#x} is not 4-KiB aligned (bits 11:0 must be 0)")
-            if root >= memory.limit:
-                raise ValueError(f"SPPTP root={root:#x} is at or above 2**maxphyaddr")
-        self.root = root
-        self.tables: set[int] = {root}
+        self.root = _root_frame(memory, root, "SPPTP root")
+        self.tables: set[int] = {self.root}
 
     @property
     def spptp(self) -> int:
