@@ -127,6 +127,7 @@ class Processor:
         self.memory = memory
         self.maxphyaddr = memory.maxphyaddr
         self.spp_write_check = spp_write_check
+        self._first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
         self.execute_only = execute_only
         self.cache: TranslationCache | None = TranslationCache() if cache else None
         n = self.maxphyaddr
@@ -282,8 +283,8 @@ class Processor:
             return _new_range(HostRange, (gpa, size))
 
         # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
-        write = access == Access.WRITE or (paging and self._ad)
-        need = 2 if write else (1 if access == Access.READ else 4)
+        write = access == 1 or (paging and self._ad)
+        need = 2 if write else (1 if access == 0 else 4)
         spp_candidate = write and not paging and linear and self._spp_on
 
         # -- cached combined mapping (optional) ---------------------------------
@@ -314,7 +315,8 @@ class Processor:
         frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
         base = self._pml4
         acc = 7
-        used = []  # (hpa, raw) of each entry, for the A/D update
+        ad = self._ad
+        used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
         for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
             f = frames.get(ehpa >> 12)
@@ -326,16 +328,17 @@ class Processor:
                     gpa, gla if (linear or paging) else None,
                     level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail="EPT entry not present",
                 )
-            leaf = lvl == 1 or (rsv_leaf is not None and raw & EPT_LARGE)
+            leaf = lvl == 1 or (rsv_leaf is not None and raw & 0x80)  # bit 7: large page
             if (
                 raw & 3 == 2
                 or raw & (rsv_leaf if leaf else rsv_table)
                 or (leaf and (raw >> 3) & 7 in _BAD_MEMTYPES)
-                or (not self.execute_only and raw & 7 == 4)
+                or (raw & 7 == 4 and not self.execute_only)
             ):
                 bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
                 raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
-            used.append((ehpa, raw))
+            if ad:
+                used.append((ehpa, raw))
             if leaf:
                 break
             base = raw & self._amask
@@ -349,13 +352,13 @@ class Processor:
                 raise EptViolation(
                     self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
                     gpa, gla if (linear or paging) else None,
-                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=used[-1][0],
+                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa,
                     detail="write denied by the SPP vector" if eligible else "access not permitted by EPT",
                 )
 
         # -- 4. accessed and dirty flags -----------------------------------------------
         dirty = bool(raw & EPT_DIRTY)  # the leaf's D flag as cached (re-walk to set it)
-        if self._ad:
+        if ad:
             write_u64 = self.memory.write_u64
             last = len(used) - 1
             for i, (ehpa, e) in enumerate(used):
@@ -395,8 +398,8 @@ class Processor:
     # ------------------------------------------------------------------ SPPT walk
     def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool:
         """Walk the SPPT for an eligible write and look up its sub-page permission."""
-        vector = self.spp_vector(gpa, gla=gla, nmi_unblocking=nmi)
-        if self.spp_write_check == SPP_WRITE_CHECK_FIRST:
+        vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi else 0)
+        if self._first_byte:
             bit = 1 << (2 * ((gpa >> 7) & 0x1F))
             return bool(vector & bit)
         mask = _touched_mask(gpa & 0xFFF, size)
@@ -409,8 +412,10 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
+        return self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi_unblocking else 0)
+
+    def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int:
         frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
-        nmi = QUAL_NMI_UNBLOCKING if nmi_unblocking else 0
         base = self._sppt_base
         rsv = self._sppt_rsv
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
