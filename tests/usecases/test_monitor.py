@@ -339,6 +339,9 @@ class TestMinikernelEndToEnd:
                    if not e["watches"])
         # page-granular protection would have exited on every one of the workload's writes
         assert rep.stats["page_granular"] > 20 * rep.stats["violations"]
+        # ... and the replay engine, fed the run's recorded writes, computes the same counts
+        assert rep.replay["page_granular_exits"] == rep.stats["page_granular"]
+        assert rep.replay["violations"] == rep.stats["violations"]
         idt = next(p for p in rep.pages if p["watches"] == ["idt"])
         table = next(p for p in rep.pages if p["watches"] == ["syscall_table"])
         assert idt["writes"] == idt["spp_exits"] == 2  # the IDT fills its page: SPP = page-granular there

@@ -523,6 +523,9 @@ class MonitorReport:
     watch_stats: dict
     seconds: float
     verdict: dict | None = None
+    #: the run's recorded writes replayed by sppkit.engines.replay against the watches'
+    #: access maps: ``{"writes", "page_granular_exits", "violations"}``
+    replay: dict | None = None
 
     @property
     def exit_code(self) -> int | None:
@@ -547,6 +550,7 @@ class MonitorReport:
             "seconds": round(self.seconds, 3), "verdict": self.verdict,
             "exits": {"spp": self.stats["violations"], "page_granular": self.stats["page_granular"],
                       "avoided": self.stats["page_granular"] - self.stats["violations"]},
+            "replay": self.replay,
         }
 
 
@@ -618,6 +622,17 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
             return _strictest(w.decision for w in wev.watches)
 
         wm = WatchManager(vm, chain=chain, armed=port is None, page_granular=page_granular)
+        # Record the run's writes once the watches are armed: the replay engine then
+        # computes what page-granular protection would have cost for this very run.
+        recorded: tuple[list, list, list] = ([], [], [])
+
+        def record(gpa: int, size: int, rip) -> None:
+            if wm.armed:
+                recorded[0].append(gpa)
+                recorded[1].append(size)
+                recorded[2].append(rip if rip is not None else -1)
+
+        eng.record_writes(record)
         watches = [wm.watch(t.start, t.length, on_watch, name=t.name, decision=t.decision or dec) for t in tlist]
         snapshot: dict[int, bytes] = {}
         if port is None:
@@ -678,6 +693,7 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
         d["intact"] = (vm.read(w.start, w.length) == snapshot[w.id]) if w.id in snapshot else None
         d["symbol"] = image.describe(w.start)
         wlist.append(d)
+    replayed = _replay_recorded(vm, watches, recorded)
     verdict = None
     is_minikernel = Path(image.where).name.startswith("minikernel")
     if is_minikernel and result.stop_reason == "exit" and result.exit_code is not None:
@@ -687,8 +703,24 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
     return MonitorReport(
         engine=eng.name, engine_reason=why, guest=image.where, cpl=int(cpl), decision=dec.value,
         page_granular=page_granular, result=result, watches=wlist, events=events, pages=pages, stats=st,
-        watch_stats=wm.stats(), seconds=seconds, verdict=verdict,
+        watch_stats=wm.stats(), seconds=seconds, verdict=verdict, replay=replayed,
     )
+
+
+def _replay_recorded(vm, watches, recorded) -> dict:
+    """Replay the writes recorded during the run against the watched pages' access maps
+    (sppkit.engines.replay): page-granular exits and SPP exits for the same run."""
+    import numpy as np
+
+    from ..engines.replay import ProtectionModel, replay_arrays
+
+    gfns = sorted({g for w in watches for g, _ in w.subpages()})
+    maps = {g: m for g in gfns if (m := vm.get_subpage_access(g, 1)[0]) != 0xFFFFFFFF}
+    gpa = np.array(recorded[0], dtype=np.uint64)
+    size = np.array(recorded[1], dtype=np.uint16)
+    rip = np.array([r & 0xFFFF_FFFF_FFFF_FFFF for r in recorded[2]], dtype=np.uint64)
+    res = replay_arrays(ProtectionModel(maps), [(gpa, size, rip)] if len(gpa) else [])
+    return {"writes": res.writes, "page_granular_exits": res.page_granular_exits, "violations": res.violations}
 
 
 # ====================================================================== reports
@@ -743,6 +775,9 @@ def print_monitor(rep: MonitorReport, console, *, max_rows: int = 40) -> None:
                   str(p["watched_writes"]), str(p["same_subpage_writes"]))
     console.print(t)
     st, ws = rep.stats, rep.watch_stats
+    if rep.replay is not None:
+        console.print(f"replay of the run's {rep.replay['writes']} recorded writes: page-granular protection "
+                      f"would take {rep.replay['page_granular_exits']} exits, SPP {rep.replay['violations']}")
     console.print(
         f"exits: SPP {st['violations']} vs page-granular {st['page_granular']} "
         f"(avoided {st['page_granular'] - st['violations']}); {ws['notified']} writes to watched bytes, "
