@@ -39,6 +39,7 @@ REGION_2M = 1 << 21
 REGION_1G = 1 << 30
 _ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
+_SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
 
 ViolationHandler = Callable[[SppViolation], Decision]
 
@@ -432,7 +433,8 @@ class Vm:
             if m is None:
                 raise GpaNotMapped(fgpa, "guest write")
             i = (fgpa - m.gpa) >> 12
-            if m.maps is not None and m.maps[i] != FULL_ACCESS_MAP:
+            amap = FULL_ACCESS_MAP if m.maps is None else int(m.maps[i])
+            if amap != FULL_ACCESS_MAP:
                 # what page-granular write protection would trap: one exit per page
                 st.page_granular += 1
                 st.page_granular_by_page.add(fgpa >> 12)
@@ -457,21 +459,19 @@ class Vm:
                         self._sync_leaf(m, i)
                         self._invept()
                         continue
-                    amap = int(m.maps[i]) if m.maps is not None else FULL_ACCESS_MAP
                     if amap == FULL_ACCESS_MAP:
                         raise VmmError(f"unexpected EPT violation on an unprotected page: {e}") from None
                     ev = self._violation(e, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
                     events.append(ev)
                     decision = self._decide(ev)
-                    if decision is Decision.SKIP or decision is Decision.STOP:
-                        return WriteResult(
-                            False, decision, tuple(events), stopped=decision is Decision.STOP, spp_misses=misses
-                        )
-                    if decision is Decision.EMULATE:
+                    if decision is _SKIP or decision is _STOP:
+                        return WriteResult(False, decision, tuple(events), decision is _STOP, False, misses)
+                    if decision is _EMULATE:
                         targets.append(m.hpa + (fgpa - m.gpa))
                         break
                     # UNPROTECT: the touched sub-pages become writable; translate again
-                    self._apply([(m, i, amap | _touched_bits(fgpa & 0xFFF, fn))])
+                    amap |= _touched_bits(fgpa & 0xFFF, fn)
+                    self._apply([(m, i, amap)])
             else:
                 raise VmmError(f"write at gpa={fgpa:#x} still faults after {_MAX_RETRIES} attempts")
         # -- commit: every page decided, now the bytes land
@@ -497,7 +497,7 @@ class Vm:
     def _violation(self, e, fgpa, fn, fdata, amap, vcpu, rip, wgpa, wn) -> SppViolation:
         off = fgpa & 0xFFF
         touched = tuple(range(off >> 7, ((off + fn - 1) >> 7) + 1))
-        denied = tuple(s for s in touched if not (amap >> s) & 1)
+        denied = tuple([s for s in touched if not (amap >> s) & 1])
         st = self._stats
         st.violations += 1
         gfn = fgpa >> 12
@@ -511,7 +511,7 @@ class Vm:
 
     def _decide(self, ev: SppViolation) -> Decision:
         if self._handler is None:
-            d = Decision.SKIP
+            d = _SKIP
         else:
             d = self._handler(ev)
             if not isinstance(d, Decision):
