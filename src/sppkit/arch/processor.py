@@ -128,7 +128,10 @@ class Processor:
         self.maxphyaddr = memory.maxphyaddr
         self.spp_write_check = spp_write_check
         self._first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
-        self.execute_only = execute_only
+        # R/W/X combinations that are a misconfiguration: write without read, and
+        # execute-only where it is not supported
+        self._bad_rwx = tuple((rwx & 3) == 2 or (rwx == 4 and not execute_only) for rwx in range(8))
+        self._execute_only = bool(execute_only)
         self.cache: TranslationCache | None = TranslationCache() if cache else None
         n = self.maxphyaddr
         self._amask = addr_mask(n)
@@ -152,6 +155,11 @@ class Processor:
             secondary_controls=SECONDARY_ENABLE_EPT if secondary_controls is None else secondary_controls,
             spptp=spptp,
         )
+
+    @property
+    def execute_only(self) -> bool:
+        """Whether execute-only EPT entries are supported (fixed at construction)."""
+        return self._execute_only
 
     # ------------------------------------------------------------------ controls
     @property
@@ -316,6 +324,7 @@ class Processor:
         base = self._pml4
         acc = 7
         ad = self._ad
+        bad_rwx = self._bad_rwx
         used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
         for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
@@ -330,10 +339,9 @@ class Processor:
                 )
             leaf = lvl == 1 or (rsv_leaf is not None and raw & 0x80)  # bit 7: large page
             if (
-                raw & 3 == 2
+                bad_rwx[raw & 7]
                 or raw & (rsv_leaf if leaf else rsv_table)
                 or (leaf and (raw >> 3) & 7 in _BAD_MEMTYPES)
-                or (raw & 7 == 4 and not self.execute_only)
             ):
                 bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
                 raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
@@ -376,7 +384,7 @@ class Processor:
     def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
         if raw & 3 == 2:
             return "write permission without read permission (bit 1 = 1, bit 0 = 0)"
-        if not self.execute_only and raw & 7 == 4:
+        if not self._execute_only and raw & 7 == 4:
             return "execute-only entry, and execute-only translations are not supported"
         if raw & rsv:
             return f"reserved bits set: {raw & rsv:#x}"

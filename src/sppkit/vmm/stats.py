@@ -26,9 +26,13 @@ class TopCounter:
         c = self.counts
         c[key] = c.get(key, 0) + n
         if len(c) >= 2 * self.capacity:
-            keep = sorted(c.items(), key=lambda kv: kv[1], reverse=True)[: self.capacity]
-            self.counts = dict(keep)
-            self.pruned = True
+            self.prune()
+
+    def prune(self) -> None:
+        """Keep the ``capacity`` largest counts (called once the table doubles)."""
+        keep = sorted(self.counts.items(), key=lambda kv: kv[1], reverse=True)[: self.capacity]
+        self.counts = dict(keep)
+        self.pruned = True
 
     def top(self, n: int = 10) -> list:
         return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]

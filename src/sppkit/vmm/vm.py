@@ -40,6 +40,7 @@ REGION_1G = 1 << 30
 _ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
+_new_event = tuple.__new__  # builds the NamedTuple without its Python-level __new__
 
 ViolationHandler = Callable[[SppViolation], Decision]
 
@@ -428,8 +429,9 @@ class Vm:
         decision = None
         misses = 0
         st = self._stats
+        last = self.slots._last
         for fgpa, fn, doff in frags:
-            m = self.slots.find(fgpa)
+            m = last if last is not None and last.gpa <= fgpa < last.gpa + last.size else self.slots.find(fgpa)
             if m is None:
                 raise GpaNotMapped(fgpa, "guest write")
             i = (fgpa - m.gpa) >> 12
@@ -463,9 +465,13 @@ class Vm:
                         raise VmmError(f"unexpected EPT violation on an unprotected page: {e}") from None
                     ev = self._violation(e, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
                     events.append(ev)
-                    decision = self._decide(ev)
+                    if self._handler is None:  # no handler: SKIP
+                        decision = _SKIP
+                        st.decisions["skip"] += 1
+                    else:
+                        decision = self._decide(ev)
                     if decision is _SKIP or decision is _STOP:
-                        return WriteResult(False, decision, tuple(events), decision is _STOP, False, misses)
+                        return _new_event(WriteResult, (False, decision, tuple(events), decision is _STOP, False, misses))
                     if decision is _EMULATE:
                         targets.append(m.hpa + (fgpa - m.gpa))
                         break
@@ -504,10 +510,11 @@ class Vm:
         st.violations_by_page.add(gfn)
         for s in denied:
             st.violations_by_subpage.add((gfn, s))
-        return SppViolation(
-            gpa=fgpa, gla=e.gla, size=fn, data=bytes(fdata), rip=rip, vcpu=vcpu, qualification=e.qualification,
-            subpages=touched, denied=denied, write_gpa=wgpa, write_size=wn,
-        )
+        # positional: (gpa, gla, size, data, rip, vcpu, qualification, subpages, denied, write_gpa, write_size)
+        return _new_event(SppViolation, (
+            fgpa, e.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu, e.qualification,
+            touched, denied, wgpa, wn,
+        ))
 
     def _decide(self, ev: SppViolation) -> Decision:
         if self._handler is None:
