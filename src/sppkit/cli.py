@@ -57,7 +57,7 @@ def _load_guest(guest: str, flat_at: str | None, entry: str | None):
 
     if flat_at is not None:
         data = open(guest, "rb").read()
-        return flat_image(data, int(flat_at, 0), int(entry, 0) if entry else None)
+        return flat_image(data, _address(flat_at, "--flat-at"), _address(entry, "--entry") if entry else None)
     if os.path.exists(guest):
         return load_elf(guest)
     if guest in list_programs():
@@ -65,6 +65,17 @@ def _load_guest(guest: str, flat_at: str | None, entry: str | None):
     raise click.BadParameter(
         f"{guest!r} is neither a file nor a bundled program ({', '.join(list_programs())})", param_hint="GUEST"
     )
+
+
+def _address(text: str, option: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not an address (decimal or 0x-prefixed hex)",
+                                 param_hint=option) from None
+    if value < 0:
+        raise click.BadParameter(f"{text!r} is negative", param_hint=option)
+    return value
 
 
 def _policy(policy_file, protect, image, decision):
