@@ -3,7 +3,7 @@
 Random raw EPT entries at all four levels (large leaves, reserved bits, memory types,
 W-without-R, bit 61, not-present entries with junk), random raw SPPT entries (present
 bits, reserved bits, odd vector bits), random accesses and controls.  The oracle below
-is a second formulation of the rules of ../shared/spec/spp-architecture.md (§2–§8 and
+is a second formulation of the rules of docs/spp-rules.md (§2–§8 and
 the SDM EPT rules it relies on).  It uses no sppkit decoder or constant: only a plain
 dict of the raw entries it was given.
 """

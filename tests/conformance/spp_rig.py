@@ -2,7 +2,7 @@
 
 Every table entry is written as a raw u64 with ``HostMemory.write_u64``.  The
 builders of ``sppkit.arch.builders`` are deliberately not used, and the bit constants
-below are spelled from the spec (../shared/spec/spp-architecture.md) rather than
+below are spelled from the spec (docs/spp-rules.md) rather than
 imported from sppkit, so a wrong constant in sppkit cannot hide in both places.
 
 The style follows volatility3's ``test_intel_large_pages.py``: tables built by hand,

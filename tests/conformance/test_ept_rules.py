@@ -1,6 +1,6 @@
 """Conformance: the EPT walk under the SPP model, one test class per rule.
 
-The SPP spec (../shared/spec/spp-architecture.md) builds on the general SDM EPT rules
+The SPP spec (docs/spp-rules.md) builds on the general SDM EPT rules
 (§2 "EPT accessed/dirty", §4 qualification bits, §6 caching, §7 ordering): those are
 the rules tested here.  Every entry under test is a raw ``write_u64`` (spp_rig.py).
 """

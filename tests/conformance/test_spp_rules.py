@@ -1,6 +1,6 @@
 """Conformance: sub-page write permissions (SPP), one test class per rule of the spec.
 
-Spec: ../shared/spec/spp-architecture.md (§ numbers below).  The rule under test is
+Spec: docs/spp-rules.md (§ numbers below).  The rule under test is
 always built by hand with raw ``write_u64`` entries (see spp_rig.py).  "No SPPT read"
 is proved twice: the SPPT is left empty (any read would be an SPP miss, exit 66) and
 the reads of SPPT frames are recorded.

@@ -1,6 +1,6 @@
 """sppkit.arch — the processor: EPT + SPPT walks, SPP eligibility, VM exits, TLB/INVEPT.
 
-Exact to the bit as ``spp-architecture.md`` writes it down; knows nothing of
+Exact to the bit as ``docs/spp-rules.md`` writes it down; knows nothing of
 hypervisors.  Modelling choices: docs/modelling.md.
 """
 

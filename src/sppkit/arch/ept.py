@@ -2,7 +2,7 @@
 
 Entries stay raw ``int`` values in host memory; everything here is a pure function
 of the raw value (and MAXPHYADDR), so it can be tested without a processor.
-Bit positions follow the SDM tables (spec: spp-architecture.md §2).
+Bit positions follow the SDM tables (spec: docs/spp-rules.md §2).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """VM exits that a guest-physical access can cause, and their exit qualifications.
 
-Spec: spp-architecture.md §4.  Each exit is an exception carrying the fields the
+Spec: docs/spp-rules.md §4.  Each exit is an exception carrying the fields the
 processor writes to the VMCS: ``reason``, ``qualification``, ``gpa`` (guest-physical
 address field) and ``gla`` (guest-linear address field, None when not valid or not
 known), plus diagnostics the VMCS does not hold: the level that failed and its raw entry.

@@ -1,7 +1,7 @@
 """The processor: what happens when a guest touches a guest-physical address under EPT + SPP.
 
 :meth:`Processor.translate` is the whole decision for one access, in the order of the
-SDM flow as Bochs implements it (spec: spp-architecture.md §7):
+SDM flow as Bochs implements it (spec: docs/spp-rules.md §7):
 
 1. EPT walk, level by level: a not-present entry ends it with an EPT violation (48);
    a present entry with reserved bits, an invalid memory type or W without R ends it

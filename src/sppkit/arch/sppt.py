@@ -1,6 +1,6 @@
 """SPPT formats: the SPPTP, non-leaf entries (L4E, L3E, L2E) and the L1E "SPP vector".
 
-Spec: spp-architecture.md §1 (SPPTP), §3 (format and walk).  Pure functions only.
+Spec: docs/spp-rules.md §1 (SPPTP), §3 (format and walk).  Pure functions only.
 """
 
 from __future__ import annotations

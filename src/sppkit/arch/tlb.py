@@ -1,6 +1,6 @@
 """EPTP-tagged translation cache (guest-physical mappings) and INVEPT.
 
-Spec: spp-architecture.md §6; modelling choices in docs/modelling.md ("Caching").
+Spec: docs/spp-rules.md §6; modelling choices in docs/modelling.md ("Caching").
 
 * Entries are tagged with the EP4TA (the EPTP's PML4 address), as the SDM tags
   guest-physical mappings; switching EPTP keeps each tag's entries.

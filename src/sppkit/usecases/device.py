@@ -1,6 +1,6 @@
 """Device virtualization at 128 bytes: a device's registers share a 4-KiB page with
 ordinary RAM; SPP traps only the register sub-pages (the XPDDS18 "device
-virtualization" use case, hypervisor-spp.md §2).
+virtualization" use case of Intel's Xen SPP talk).
 
 * :class:`Device` — declare registers (offset, width, access, reset value) in one
   page and receive guest writes to them as ``write(offset, size, value)``, returning

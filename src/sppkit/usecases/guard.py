@@ -4,8 +4,8 @@ GuaNary (POMACS / SIGMETRICS 2024, "Efficient Buffer Overflow Detection In
 Virtualized Clouds Using Intel EPT-based Sub-Page Write Protection Support") puts a
 128-byte guard after each heap buffer and write-protects it with SPP, instead of a
 4-KiB guard page, and reports 8.3x less memory for the same protected buffers, or
-25x more buffers per MB (numbers from its artifact README; see
-/work/shared/spec/hypervisor-spp.md, [GUANARY]).
+25x more buffers per MB (numbers from the GuaNary artifact README,
+POMACS/SIGMETRICS 2024).
 
 Guest side: ``guests/programs/guardalloc.h``, a slab allocator that rounds each
 buffer up to 128 bytes, places it so that it ENDS where its guard sub-page begins,

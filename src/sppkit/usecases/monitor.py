@@ -1,5 +1,5 @@
 """Guest OS monitoring at 128 bytes: write hooks smaller than a page, as Bitdefender's
-hvmi does with SPP (hypervisor-spp.md §3.2), on real guests.
+hvmi does with SPP (its introcore GPA write hooks and SPP glue), on real guests.
 
 * :class:`WatchManager` — the integrator's API.  Register *watched regions* (byte
   ranges of guest-physical memory) with callbacks.  Each 128-byte sub-page carries a

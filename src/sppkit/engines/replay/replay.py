@@ -65,7 +65,7 @@ class CostModel:
 
     * ``exit_cycles`` (500): a VM-exit + VM-entry round trip handled in the kernel on a
       Haswell-class CPU (~3000 on the first VT-x parts, ~400 on Broadwell) — Bitdefender's
-      HVI paper, citing Intel [HVI-EXT in shared/spec/hypervisor-spp.md §4.3].
+      "HVI extensions" paper (bitdefender/hvmi, docs/papers), citing Intel.
     * ``user_exit_cycles`` (1500): the same exit handled in user space (KVM_RUN returns to
       the VMM), ~3x the in-kernel cost: KVM's ``vmexit`` unit test measured
       ``inl_from_qemu`` / ``inl_from_kernel`` = 46747 / 15218 ≈ 3.1 and 44826 / 13518 ≈ 3.3
