@@ -30,7 +30,6 @@ import sys
 import time
 
 from sppkit.arch import (
-    PAGE_2M,
     SECONDARY_ENABLE_EPT,
     SECONDARY_SPP,
     Access,

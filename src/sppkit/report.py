@@ -44,3 +44,19 @@ def print_run(result: RunResult, console: Console, *, max_rows: int = 50) -> Non
                   + (f", rip {_hex(result.rip_at)}" if result.stop_reason in ("stop-decision", "shutdown")
                      and result.rip_at is not None else "")
                   + (f" — {escape(result.detail)}" if result.detail else ""))
+
+
+def emit_report(report, as_json: bool, printer) -> None:
+    """Print a use-case report (``report.to_dict()`` as one JSON object, or the engine
+    choice on stderr and ``printer(report, console)``), then exit with the guest's status."""
+    import json
+    import sys
+
+    import click
+
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        Console(stderr=True).print(f"[dim]engine: {report.engine_reason}[/]")
+        printer(report, Console())
+    sys.exit(report.result.exit_status)

@@ -21,7 +21,6 @@ from sppkit.arch import (
     EPT_X,
     FULL_ACCESS_MAP,
     MT_UC,
-    MT_WB,
     PAGE_1G,
     PAGE_2M,
     PAGE_4K,

@@ -15,18 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from sppkit.engines.kvm.binding import kvm_status
-from sppkit.guests import build_guest, load_elf, toolchain_status
+from sppkit.guests import build_guest, load_elf
 from sppkit.usecases import checkpoint as C
 
-TOOLCHAIN_OK, TOOLCHAIN_WHY = toolchain_status()
-KVM_OK, KVM_WHY = kvm_status()
-
-needs_gcc = pytest.mark.skipif(not TOOLCHAIN_OK, reason=TOOLCHAIN_WHY)
-ENGINES = [
-    pytest.param("unicorn", id="unicorn"),
-    pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable: {KVM_WHY}")),
-]
+from usecase_engines import ENGINES, KVM_OK, KVM_WHY, needs_gcc
+from usecase_engines import GCC_OK as TOOLCHAIN_OK, GCC_WHY as TOOLCHAIN_WHY
 
 
 def engine_class(name):

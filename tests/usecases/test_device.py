@@ -11,8 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from sppkit.arch.sppt import FULL_ACCESS_MAP
-from sppkit.engines.kvm.binding import kvm_status
-from sppkit.guests import build_guest, load_elf, toolchain_status
+from sppkit.guests import build_guest, load_elf
 from sppkit.usecases.device import (
     Device,
     DeviceBus,
@@ -25,13 +24,7 @@ from sppkit.usecases.device import (
 )
 from sppkit.vmm import Decision, Vm
 
-GCC_OK, GCC_WHY = toolchain_status()
-KVM_OK, KVM_WHY = kvm_status()
-needs_gcc = pytest.mark.skipif(not GCC_OK, reason=GCC_WHY)
-ENGINES = [
-    pytest.param("unicorn", id="unicorn"),
-    pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(not KVM_OK, reason=KVM_WHY)),
-]
+from usecase_engines import ENGINES, GCC_OK, GCC_WHY, needs_gcc
 DEV = 0x20000
 TEXT = b"hello through the ring\n"
 

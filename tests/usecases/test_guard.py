@@ -10,19 +10,13 @@ import struct
 
 import pytest
 
-from sppkit.engines.kvm.binding import kvm_status
 from sppkit.engines.x86 import decode
-from sppkit.guests import build_guest, load_elf, toolchain_status
+from sppkit.guests import build_guest, load_elf
 from sppkit.usecases import guard as G
 
-TOOLCHAIN_OK, TOOLCHAIN_WHY = toolchain_status()
-KVM_OK, KVM_WHY = kvm_status()
+from usecase_engines import ENGINES, KVM_OK, KVM_WHY, needs_gcc
 
-pytestmark = pytest.mark.skipif(not TOOLCHAIN_OK, reason=TOOLCHAIN_WHY)
-ENGINES = [
-    pytest.param("unicorn", id="unicorn"),
-    pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(not KVM_OK, reason=f"KVM not usable: {KVM_WHY}")),
-]
+pytestmark = needs_gcc
 
 # guard_bufs: size of buffer i (sizes[(i * 17 + 3) % 40])
 SIZES = [1, 7, 8, 13, 16, 24, 31, 32, 40, 48, 63, 64, 72, 96, 100, 127, 128, 129, 160, 200,

@@ -9,8 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from sppkit.arch.sppt import FULL_ACCESS_MAP, vector_from_map
-from sppkit.engines.kvm.binding import kvm_status
-from sppkit.guests import build_guest, load_elf, toolchain_status
+from sppkit.guests import build_guest, load_elf
 from sppkit.usecases.monitor import (
     DEFAULT_SYMBOLS,
     MonitorError,
@@ -24,13 +23,7 @@ from sppkit.usecases.monitor import (
 )
 from sppkit.vmm import Decision, Vm
 
-GCC_OK, GCC_WHY = toolchain_status()
-KVM_OK, KVM_WHY = kvm_status()
-needs_gcc = pytest.mark.skipif(not GCC_OK, reason=GCC_WHY)
-ENGINES = [
-    pytest.param("unicorn", id="unicorn"),
-    pytest.param("kvm", id="kvm", marks=pytest.mark.skipif(not KVM_OK, reason=KVM_WHY)),
-]
+from usecase_engines import ENGINES, GCC_OK, GCC_WHY, needs_gcc
 PAGE = 0x10000  # gfn 0x10 of the bare Vm
 TICKS = 480
 POST = max(1, TICKS // 6)

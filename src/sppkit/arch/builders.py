@@ -14,8 +14,6 @@ from .ept import (
     EPT_SPP,
     EPT_W,
     MT_WB,
-    PAGE_1G,
-    PAGE_2M,
     PAGE_4K,
     LEAF_LEVEL_FOR_SIZE,
     VALID_LEAF_MEMTYPES,

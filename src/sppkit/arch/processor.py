@@ -27,7 +27,6 @@ from typing import NamedTuple
 from .ept import (
     EPT_ACCESSED,
     EPT_DIRTY,
-    EPT_LARGE,
     EPT_MEMTYPE_MASK,
     EPT_MEMTYPE_SHIFT,
     EPT_SPP,

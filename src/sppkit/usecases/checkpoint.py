@@ -59,7 +59,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import click
-import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine, parse_size
 from ..engines.result import RunResult

@@ -540,19 +540,10 @@ def device_command(guest, engine, page_granular, page, cpl, timeout, as_json):
     Exit status: the guest's exit code (devdriver: 0 = the device's checksum
     matched), 1 when the run ends otherwise, 2 on bad input.
     """
-    import json
-    import sys
-
-    from rich.console import Console
+    from ..report import emit_report
 
     rep = run_device(guest, engine=engine, page_granular=page_granular, page=page, cpl=int(cpl), timeout=timeout)
-    if as_json:
-        click.echo(json.dumps(rep.to_dict()))
-    else:
-        Console(stderr=True).print(f"[dim]engine: {rep.engine_reason}[/]")
-        print_device(rep, Console())
-    res = rep.result
-    sys.exit(res.exit_status)
+    emit_report(rep, as_json, print_device)
 
 
 def demo_device(console) -> DeviceReport | None:

@@ -415,7 +415,7 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
         for group in _group_hits(rep.hits)[:max_rows]:
             h, last, n = group[0], group[-1], len(group)
             b = h.buffer
-            who = (f"buffer #{b.index} (start {b.start:#x}, {b.size} bytes)" if b else f"an unknown buffer")
+            who = (f"buffer #{b.index} (start {b.start:#x}, {b.size} bytes)" if b else "an unknown buffer")
             off = (f"+{h.offset}" if n == 1 or h.offset == last.offset else f"+{h.offset}..+{last.offset}") \
                 if h.offset is not None else "?"
             rip = f"{h.rip_at:#x}" if h.rip_at is not None else f"before {h.rip_after:#x}"

@@ -826,22 +826,13 @@ def monitor_command(guest, protect_symbols, policy_file, engine, decision, cpl, 
     intact; bits 1/2/4 = syscall/creds/IDT changed, 8 = hot data disturbed), 1 when the
     run ends otherwise, 2 on bad input.
     """
-    import json
-    import sys
-
-    from rich.console import Console
+    from ..report import emit_report
 
     if protect_symbols is not None and policy_file is not None:
         raise click.UsageError("give --protect-symbols or --policy, not both")
     rep = run_monitor(guest, protect_symbols=protect_symbols, policy=policy_file, engine=engine, decision=decision,
                       cpl=int(cpl), page_granular=page_granular, timeout=timeout, ticks=ticks)
-    if as_json:
-        click.echo(json.dumps(rep.to_dict()))
-    else:
-        Console(stderr=True).print(f"[dim]engine: {rep.engine_reason}[/]")
-        print_monitor(rep, Console())
-    res = rep.result
-    sys.exit(res.exit_status)
+    emit_report(rep, as_json, print_monitor)
 
 
 # ====================================================================== demo

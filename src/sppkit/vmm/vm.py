@@ -7,7 +7,7 @@ every engine uses: ``vm.write`` → ``Processor.translate`` → decision.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 

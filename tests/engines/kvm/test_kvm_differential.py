@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import struct
-from pathlib import Path
 
 import pytest
 from kvm_engine_helpers import (

@@ -23,7 +23,7 @@ from collections import Counter
 from ...vmm import GpaNotMapped
 from ..base import DEFAULT_RAM, EngineBase, EngineError
 from ..result import RunResult
-from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, find_writer, segments_for
+from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 from .binding import (
     CAP_NR_MEMSLOTS,
     CAP_READONLY_MEM,
