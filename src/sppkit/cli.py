@@ -160,7 +160,8 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
 @main.command()
 def doctor():
-    """Report what this machine offers: KVM, Unicorn, gcc/binutils, valgrind."""
+    """Report what this machine offers: KVM, Unicorn (and its native write hook),
+    gcc/binutils, valgrind."""
     import shutil
 
     from rich.console import Console
@@ -188,6 +189,11 @@ def doctor():
         from .engines.unicorn import unicorn_version
 
         t.add_row("Unicorn", "[green]ok[/]", unicorn_version())
+        from .engines.native import native_status
+
+        ok, why = native_status()
+        t.add_row("Unicorn native write hook", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
+                  why if ok else f"{why}; the Python hook decides alone (same results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status

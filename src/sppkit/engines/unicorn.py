@@ -385,6 +385,7 @@ class UnicornEngine(EngineBase):
         try:
             uc.emu_start(start, 0, count=self.max_instructions)
         except UcError as e:
+            self._sync_native()  # before any result: its statistics include the native writes
             if self._error is not None:
                 raise self._error
             rip = uc.reg_read(UC_X86_REG_RIP)
