@@ -14,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -77,7 +78,7 @@ def _build() -> Path:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise RuntimeError(f"cannot run {cc} --version: {e}") from None
-    key = hashlib.sha256(src + version.encode() + sys.platform.encode()).hexdigest()[:16]
+    key = hashlib.sha256(src + version.encode() + f"{sys.platform} {platform.machine()}".encode()).hexdigest()[:16]
     suffix = ".dylib" if sys.platform == "darwin" else ".so"
     out = cache_dir() / f"writeprot-{key}{suffix}"
     if out.exists():
