@@ -46,6 +46,7 @@ from .exits import (
     QUAL_WRITE,
     EptMisconfig,
     EptViolation,
+    ExitInfo,
     SppEvent,
     VmEntryFailure,
 )
@@ -76,6 +77,7 @@ class Access(IntEnum):
 
 _unpack = struct.Struct("<Q").unpack_from
 _new_range = tuple.__new__
+_new_exit = tuple.__new__  # builds an ExitInfo without its Python-level __new__
 _BAD_MEMTYPES = frozenset({2, 3, 7})
 _NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
 _ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
@@ -134,18 +136,28 @@ class Processor:
         self.cache: TranslationCache | None = TranslationCache() if cache else None
         n = self.maxphyaddr
         self._amask = addr_mask(n)
-        # Geometry as data: (level, index shift, reserved if table, reserved if leaf
-        # (None: no leaf here), page-frame mask of a leaf, offset mask of a leaf).
+        # Geometry as data: (level, index shift, leaf bits, reserved if table, reserved
+        # if leaf, page-frame mask of a leaf, offset mask of a leaf).  An entry is a leaf
+        # when ``raw & leaf_bits``: never in a PML4E (0), with bit 7 in a PDPTE/PDE, always
+        # in a PTE (-1: every bit; a present entry is non-zero).
         self._geometry = tuple(
             (
                 lvl,
                 shift,
+                {4: 0, 3: 0x80, 2: 0x80, 1: -1}[lvl],
                 reserved_mask(Level(lvl), False, n),
-                None if lvl == 4 else reserved_mask(Level(lvl), True, n),
+                reserved_mask(Level(lvl), True, n),
                 self._amask & ~((1 << shift) - 1),
                 (1 << shift) - 1,
             )
             for lvl, shift in ((4, 39), (3, 30), (2, 21), (1, 12))
+        )
+        # Misconfiguration by bits 5:0 of a present entry: bad R/W/X, or (leaf) a bad
+        # memory type.  Valid for table entries too: there bits 5:3 are reserved bits,
+        # so a table entry the memory-type test would flag is a misconfiguration anyway
+        # (and _ept_misconfig names the right reason).
+        self._bad_low = tuple(
+            self._bad_rwx[low & 7] or (low >> 3) in _BAD_MEMTYPES for low in range(64)
         )
         self._sppt_rsv = sppt_nonleaf_reserved(n)
         self._eptp = self._spptp = self._controls = 0
@@ -281,13 +293,42 @@ class Processor:
             ),
         )
 
+    def translate_one(self, gpa: int, size: int, access: Access, gla: int | None = None) -> int | ExitInfo:
+        """:meth:`translate` for the VMM's write path: one linear data access within one
+        4-KiB page, whose exit is returned rather than raised.
+
+        Returns the host-physical address of ``gpa`` when the access is allowed, else
+        the exit as an :class:`ExitInfo` (``.exception()`` is what ``translate`` would
+        raise).  The arguments are not checked: the caller guarantees ``access`` is an
+        :class:`Access`, ``0 < size``, ``[gpa, gpa+size)`` inside one page below 2**48,
+        ``gla`` None or a non-negative int.  Same decision, same side effects
+        (cache, A/D flags) as ``translate(gpa, size, access, gla=gla)``.
+        """
+        tlb = self._tlb
+        if tlb is not None:
+            # Fast path: a cached mapping that permits the access outright (as translate's).
+            hit = tlb.get(gpa >> 12)
+            if hit is not None and hit[1] & (1 << access) and (hit[2] or access != 1 or not self._ad):
+                return hit[0] | (gpa & 0xFFF)
+        return self._page(gpa, size, access, gla, False, True, False)
+
     def _translate_page(
         self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
     ) -> HostRange:
+        hpa = self._page(gpa, size, access, gla, paging, linear, nmi)
+        if type(hpa) is not int:
+            raise hpa.exception()
+        return _new_range(HostRange, (hpa, size))
+
+    def _page(
+        self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
+    ) -> int | ExitInfo:
+        """The whole decision for an access within one page: the host-physical address,
+        or the exit (unraised)."""
         if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
             if gpa + size > self.memory.limit:
                 raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
-            return _new_range(HostRange, (gpa, size))
+            return gpa
 
         # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
         write = access == 1 or (paging and self._ad)
@@ -303,65 +344,70 @@ class Processor:
                 if dirty or not write or not self._ad:
                     if acc & need:
                         self.cache.hits += 1
-                        return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
+                        return frame | (gpa & 0xFFF)
                     if spp_candidate and spp_leaf and acc & 1:
                         # EPT part cached; the SPPT is read at every eligible write.
-                        if self._spp_allows(gpa, size, gla, nmi):
+                        allowed = self._spp_allows(gpa, size, gla, nmi)
+                        if allowed is True:
                             self.cache.hits += 1
-                            return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
+                            return frame | (gpa & 0xFFF)
+                        if allowed is not False:
+                            return allowed  # the SPP-related event (the mapping stays)
                         del tlb[gpa >> 12]  # the violation invalidates the mapping used
-                        raise EptViolation(
-                            self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                            gpa, gla if (linear or paging) else None, level="PTE",
-                            detail="write denied by the SPP vector (cached EPT mapping)",
-                        )
+                        return _new_exit(ExitInfo, (
+                            EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                            gpa, gla if (linear or paging) else None, "PTE", None, None,
+                            "write denied by the SPP vector (cached EPT mapping)",
+                        ))
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
             self.cache.misses += 1
 
         # -- 1. EPT walk ---------------------------------------------------------
         frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
+        amask = self._amask
         base = self._pml4
         acc = 7
         ad = self._ad
-        bad_rwx = self._bad_rwx
+        bad_low = self._bad_low
         used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
-        for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
+        for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
             f = frames.get(ehpa >> 12)
             raw = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
             acc &= raw
             if not raw & 7:
-                raise EptViolation(
-                    self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
+                return _new_exit(ExitInfo, (
+                    EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
                     gpa, gla if (linear or paging) else None,
-                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail="EPT entry not present",
-                )
-            leaf = lvl == 1 or (rsv_leaf is not None and raw & 0x80)  # bit 7: large page
-            if (
-                bad_rwx[raw & 7]
-                or raw & (rsv_leaf if leaf else rsv_table)
-                or (leaf and (raw >> 3) & 7 in _BAD_MEMTYPES)
-            ):
-                bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
-                raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
+                    _EPT_LEVEL_NAMES[lvl], raw, ehpa, "EPT entry not present",
+                ))
+            leaf = raw & leaf_bits
+            rsv = rsv_leaf if leaf else rsv_table
+            if bad_low[raw & 0x3F] or raw & rsv:
+                return _new_exit(ExitInfo, (
+                    EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, ehpa,
+                    self._ept_misconfig(raw, rsv, leaf),
+                ))
             if ad:
                 used.append((ehpa, raw))
             if leaf:
                 break
-            base = raw & self._amask
+            base = raw & amask
         hpa = (raw & frame_mask) | (gpa & off_mask)
 
         # -- 2. permission check with the accumulated R/W/X ------------------------
         if not acc & need:
             # -- 3. sub-page write permissions ----------------------------------------
             eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
-            if not (eligible and self._spp_allows(gpa, size, gla, nmi)):
-                raise EptViolation(
-                    self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                    gpa, gla if (linear or paging) else None,
-                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa,
-                    detail="write denied by the SPP vector" if eligible else "access not permitted by EPT",
-                )
+            allowed = self._spp_allows(gpa, size, gla, nmi) if eligible else False
+            if allowed is not True:
+                if allowed is not False:
+                    return allowed  # the SPP-related event
+                return _new_exit(ExitInfo, (
+                    EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                    gpa, gla if (linear or paging) else None, _EPT_LEVEL_NAMES[lvl], raw, ehpa,
+                    "write denied by the SPP vector" if eligible else "access not permitted by EPT",
+                ))
 
         # -- 4. accessed and dirty flags -----------------------------------------------
         dirty = bool(raw & EPT_DIRTY)  # the leaf's D flag as cached (re-walk to set it)
@@ -378,7 +424,7 @@ class Processor:
                     write_u64(ehpa, new)
         if tlb is not None:
             tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
-        return _new_range(HostRange, (hpa, size))
+        return hpa
 
     def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
         if raw & 3 == 2:
@@ -403,9 +449,12 @@ class Processor:
         return q | (QUAL_NMI_UNBLOCKING if nmi else 0)
 
     # ------------------------------------------------------------------ SPPT walk
-    def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool:
-        """Walk the SPPT for an eligible write and look up its sub-page permission."""
+    def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool | ExitInfo:
+        """Walk the SPPT for an eligible write and look up its sub-page permission:
+        True / False, or the SPP-related event the walk ends in."""
         vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi else 0)
+        if type(vector) is not int:
+            return vector
         if self._first_byte:
             bit = 1 << (2 * ((gpa >> 7) & 0x1F))
             return bool(vector & bit)
@@ -419,29 +468,38 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
-        return self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi_unblocking else 0)
+        vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi_unblocking else 0)
+        if type(vector) is not int:
+            raise vector.exception()
+        return vector
 
-    def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int:
+    def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int | ExitInfo:
+        """The SPP vector of ``gpa``'s page, or the SPP-related event (unraised)."""
         frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
         base = self._sppt_base
         rsv = self._sppt_rsv
+        amask = self._amask
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
             ehpa = base + ((gpa >> shift) & 0x1FF) * 8
             f = frames.get(ehpa >> 12)
             e = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
             if not e & 1:
-                raise SppEvent(QUAL_SPP_MISS | nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
-                               detail="entry not present")
+                return _new_exit(ExitInfo, (
+                    SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, ehpa, "entry not present",
+                ))
             if e & rsv:
-                raise SppEvent(nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
-                               detail=f"reserved bits set: {e & rsv:#x}")
-            base = e & self._amask
+                return _new_exit(ExitInfo, (
+                    SppEvent, nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, ehpa, f"reserved bits set: {e & rsv:#x}",
+                ))
+            base = e & amask
         ehpa = base + ((gpa >> 12) & 0x1FF) * 8
         f = frames.get(ehpa >> 12)
         vector = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
         if vector & SPP_VECTOR_ODD_BITS:
-            raise SppEvent(nmi, gpa, gla, level="L1E", entry=vector, entry_hpa=ehpa,
-                           detail=f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}")
+            return _new_exit(ExitInfo, (
+                SppEvent, nmi, gpa, gla, "L1E", vector, ehpa,
+                f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}",
+            ))
         return vector
 
 

@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..arch.ept import Level
-from ..arch.exits import EptViolation, SppEvent
+from ..arch.exits import QUAL_SPP_MISS, EptViolation, SppEvent
 from ..arch.memory import HostMemory
-from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor
+from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor, _check_extra
 from ..arch.sppt import FULL_ACCESS_MAP, SPP_VECTOR_ODD_BITS, map_from_vector, vector_from_map
 from .ept_manager import EptManager
 from .errors import (
@@ -423,7 +423,7 @@ class Vm:
         else:
             first = 4096 - off
             frags = ((gpa, first, 0), (gpa + first, n - first, first))
-        translate = self.processor.translate
+        translate = self.processor.translate_one  # the exit comes back as an ExitInfo, unraised
         targets = []
         events: list[SppViolation] = []
         decision = None
@@ -435,23 +435,27 @@ class Vm:
             if m is None:
                 raise GpaNotMapped(fgpa, "guest write")
             i = (fgpa - m.gpa) >> 12
-            amap = FULL_ACCESS_MAP if m.maps is None else int(m.maps[i])
+            amap = FULL_ACCESS_MAP if m.maps is None else m.maps.item(i)
             if amap != FULL_ACCESS_MAP:
                 # what page-granular write protection would trap: one exit per page
                 st.page_granular += 1
                 st.page_granular_by_page.add(fgpa >> 12)
             fgla = None if gla is None else gla + doff
+            if fgla is not None:
+                _check_extra(Access.WRITE, fgla, False, True)  # as translate would
             for _ in range(_MAX_RETRIES):
-                try:
-                    targets.append(translate(fgpa, fn, Access.WRITE, gla=fgla)[0][0])
+                r = translate(fgpa, fn, Access.WRITE, fgla)
+                if type(r) is int:
+                    targets.append(r)
                     break
-                except SppEvent as e:
-                    if not e.is_miss:
-                        raise SppMisconfiguration(e, self.sppt.builder.walk(fgpa)) from None
+                kind = r.kind
+                if kind is SppEvent:
+                    if not r.qualification & QUAL_SPP_MISS:
+                        raise SppMisconfiguration(r.exception(), self.sppt.builder.walk(fgpa))
                     misses += 1
                     self._stats.spp_misses += 1
                     self._handle_miss(fgpa)
-                except EptViolation as e:
+                elif kind is EptViolation:
                     if m.readonly:
                         st.readonly_writes += 1
                         return WriteResult(False, decision, tuple(events), readonly=True, spp_misses=misses)
@@ -462,8 +466,8 @@ class Vm:
                         self._invept()
                         continue
                     if amap == FULL_ACCESS_MAP:
-                        raise VmmError(f"unexpected EPT violation on an unprotected page: {e}") from None
-                    ev = self._violation(e, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
+                        raise VmmError(f"unexpected EPT violation on an unprotected page: {r.exception()}")
+                    ev = self._violation(r, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
                     events.append(ev)
                     if self._handler is None:  # no handler: SKIP
                         decision = _SKIP
@@ -478,6 +482,8 @@ class Vm:
                     # UNPROTECT: the touched sub-pages become writable; translate again
                     amap |= _touched_bits(fgpa & 0xFFF, fn)
                     self._apply([(m, i, amap)])
+                else:  # an EPT misconfiguration: a VMM bug, raised as translate raises it
+                    raise r.exception()
             else:
                 raise VmmError(f"write at gpa={fgpa:#x} still faults after {_MAX_RETRIES} attempts")
         # -- commit: every page decided, now the bytes land
