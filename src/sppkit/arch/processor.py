@@ -20,7 +20,6 @@ docs/modelling.md.
 
 from __future__ import annotations
 
-import struct
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -75,7 +74,6 @@ class Access(IntEnum):
     EXECUTE = 2
 
 
-_unpack = struct.Struct("<Q").unpack_from
 _new_range = tuple.__new__
 _new_exit = tuple.__new__  # builds an ExitInfo without its Python-level __new__
 _BAD_MEMTYPES = frozenset({2, 3, 7})
@@ -363,7 +361,9 @@ class Processor:
             self.cache.misses += 1
 
         # -- 1. EPT walk ---------------------------------------------------------
-        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
+        # Table addresses are masked below 2**MAXPHYADDR and 4-KiB aligned: an entry is
+        # word ``idx`` of frame ``base >> 12``, at host-physical ``base + idx * 8``.
+        words = self.memory._words
         amask = self._amask
         base = self._pml4
         acc = 7
@@ -371,25 +371,25 @@ class Processor:
         bad_low = self._bad_low
         used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
         for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
-            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            f = frames.get(ehpa >> 12)
-            raw = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
+            table = words.get(base >> 12)
+            idx = (gpa >> shift) & 0x1FF
+            raw = table[idx] if table is not None else 0
             acc &= raw
             if not raw & 7:
                 return _new_exit(ExitInfo, (
                     EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
                     gpa, gla if (linear or paging) else None,
-                    _EPT_LEVEL_NAMES[lvl], raw, ehpa, "EPT entry not present",
+                    _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8, "EPT entry not present",
                 ))
             leaf = raw & leaf_bits
             rsv = rsv_leaf if leaf else rsv_table
             if bad_low[raw & 0x3F] or raw & rsv:
                 return _new_exit(ExitInfo, (
-                    EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, ehpa,
+                    EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
                     self._ept_misconfig(raw, rsv, leaf),
                 ))
             if ad:
-                used.append((ehpa, raw))
+                used.append((base + idx * 8, raw))
             if leaf:
                 break
             base = raw & amask
@@ -405,7 +405,7 @@ class Processor:
                     return allowed  # the SPP-related event
                 return _new_exit(ExitInfo, (
                     EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                    gpa, gla if (linear or paging) else None, _EPT_LEVEL_NAMES[lvl], raw, ehpa,
+                    gpa, gla if (linear or paging) else None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
                     "write denied by the SPP vector" if eligible else "access not permitted by EPT",
                 ))
 
@@ -475,29 +475,31 @@ class Processor:
 
     def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int | ExitInfo:
         """The SPP vector of ``gpa``'s page, or the SPP-related event (unraised)."""
-        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
+        words = self.memory._words  # as in the EPT walk: entry idx of frame base >> 12
         base = self._sppt_base
         rsv = self._sppt_rsv
         amask = self._amask
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
-            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            f = frames.get(ehpa >> 12)
-            e = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
+            table = words.get(base >> 12)
+            idx = (gpa >> shift) & 0x1FF
+            e = table[idx] if table is not None else 0
             if not e & 1:
                 return _new_exit(ExitInfo, (
-                    SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, ehpa, "entry not present",
+                    SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
+                    "entry not present",
                 ))
             if e & rsv:
                 return _new_exit(ExitInfo, (
-                    SppEvent, nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, ehpa, f"reserved bits set: {e & rsv:#x}",
+                    SppEvent, nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
+                    f"reserved bits set: {e & rsv:#x}",
                 ))
             base = e & amask
-        ehpa = base + ((gpa >> 12) & 0x1FF) * 8
-        f = frames.get(ehpa >> 12)
-        vector = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
+        table = words.get(base >> 12)
+        idx = (gpa >> 12) & 0x1FF
+        vector = table[idx] if table is not None else 0
         if vector & SPP_VECTOR_ODD_BITS:
             return _new_exit(ExitInfo, (
-                SppEvent, nmi, gpa, gla, "L1E", vector, ehpa,
+                SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,
                 f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}",
             ))
         return vector

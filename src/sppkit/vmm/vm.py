@@ -467,7 +467,28 @@ class Vm:
                         continue
                     if amap == FULL_ACCESS_MAP:
                         raise VmmError(f"unexpected EPT violation on an unprotected page: {r.exception()}")
-                    ev = self._violation(r, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
+                    # -- the SppViolation (built inline: this is the hot path of a denied write)
+                    fo = fgpa & 0xFFF
+                    s0 = fo >> 7
+                    s1 = (fo + fn - 1) >> 7
+                    if s0 == s1:  # one sub-page touched (the common case)
+                        touched = (s0,)
+                        denied = () if (amap >> s0) & 1 else touched
+                    else:
+                        touched = tuple(range(s0, s1 + 1))
+                        denied = tuple([s for s in touched if not (amap >> s) & 1])
+                    st.violations += 1
+                    gfn = fgpa >> 12
+                    st.violations_by_page.add(gfn)
+                    for s in denied:
+                        st.violations_by_subpage.add((gfn, s))
+                    fdata = data if fn == n else data[doff : doff + fn]
+                    # positional: (gpa, gla, size, data, rip, vcpu, qualification, subpages, denied,
+                    # write_gpa, write_size)
+                    ev = _new_event(SppViolation, (
+                        fgpa, r.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu,
+                        r.qualification, touched, denied, gpa, n,
+                    ))
                     events.append(ev)
                     if self._handler is None:  # no handler: SKIP
                         decision = _SKIP
@@ -505,22 +526,6 @@ class Vm:
         if type(gpa) is not int or gpa < 0:
             raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
         raise ValueError(f"write of {len(data)} bytes: must be 1 to 4096 bytes")
-
-    def _violation(self, e, fgpa, fn, fdata, amap, vcpu, rip, wgpa, wn) -> SppViolation:
-        off = fgpa & 0xFFF
-        touched = tuple(range(off >> 7, ((off + fn - 1) >> 7) + 1))
-        denied = tuple([s for s in touched if not (amap >> s) & 1])
-        st = self._stats
-        st.violations += 1
-        gfn = fgpa >> 12
-        st.violations_by_page.add(gfn)
-        for s in denied:
-            st.violations_by_subpage.add((gfn, s))
-        # positional: (gpa, gla, size, data, rip, vcpu, qualification, subpages, denied, write_gpa, write_size)
-        return _new_event(SppViolation, (
-            fgpa, e.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu, e.qualification,
-            touched, denied, wgpa, wn,
-        ))
 
     def _decide(self, ev: SppViolation) -> Decision:
         if self._handler is None:
