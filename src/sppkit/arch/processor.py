@@ -50,7 +50,7 @@ from .exits import (
     VmEntryFailure,
 )
 from .memory import HostMemory
-from .sppt import SPP_VECTOR_EVEN_BITS, SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
+from .sppt import SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
 from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
 
 SECONDARY_ENABLE_EPT = 1 << 1  #: secondary processor-based control "enable EPT"
@@ -88,13 +88,6 @@ class HostRange(NamedTuple):
     size: int
 
 
-def _touched_mask(off: int, size: int) -> int:
-    """Even-bit mask of the SPP vector bits of every sub-page in [off, off+size) of one page."""
-    first = off >> 7
-    last = (off + size - 1) >> 7
-    return ((1 << (2 * last + 2)) - (1 << (2 * first))) & SPP_VECTOR_EVEN_BITS
-
-
 class Processor:
     """A VMX processor running a guest with EPT and, optionally, sub-page write permissions.
 
@@ -126,7 +119,14 @@ class Processor:
         self.memory = memory
         self.maxphyaddr = memory.maxphyaddr
         self.spp_write_check = spp_write_check
-        self._first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
+        first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
+        # The SPP-vector bits a write must find set, by (first, last) sub-page touched,
+        # at index first * 32 + last: every touched sub-page, or the first one only.
+        self._spp_masks = tuple(
+            sum(1 << (2 * s) for s in range(first, first + 1 if first_byte else last + 1))
+            for first in range(32)
+            for last in range(32)
+        )
         # R/W/X combinations that are a misconfiguration: write without read, and
         # execute-only where it is not supported
         self._bad_rwx = tuple((rwx & 3) == 2 or (rwx == 4 and not execute_only) for rwx in range(8))
@@ -345,7 +345,7 @@ class Processor:
                         return frame | (gpa & 0xFFF)
                     if spp_candidate and spp_leaf and acc & 1:
                         # EPT part cached; the SPPT is read at every eligible write.
-                        allowed = self._spp_allows(gpa, size, gla, nmi)
+                        allowed = self._spp_walk(gpa, size, gla, nmi)
                         if allowed is True:
                             self.cache.hits += 1
                             return frame | (gpa & 0xFFF)
@@ -399,7 +399,7 @@ class Processor:
         if not acc & need:
             # -- 3. sub-page write permissions ----------------------------------------
             eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
-            allowed = self._spp_allows(gpa, size, gla, nmi) if eligible else False
+            allowed = self._spp_walk(gpa, size, gla, nmi) if eligible else False
             if allowed is not True:
                 if allowed is not False:
                     return allowed  # the SPP-related event
@@ -449,18 +449,6 @@ class Processor:
         return q | (QUAL_NMI_UNBLOCKING if nmi else 0)
 
     # ------------------------------------------------------------------ SPPT walk
-    def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool | ExitInfo:
-        """Walk the SPPT for an eligible write and look up its sub-page permission:
-        True / False, or the SPP-related event the walk ends in."""
-        vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi else 0)
-        if type(vector) is not int:
-            return vector
-        if self._first_byte:
-            bit = 1 << (2 * ((gpa >> 7) & 0x1F))
-            return bool(vector & bit)
-        mask = _touched_mask(gpa & 0xFFF, size)
-        return vector & mask == mask
-
     def spp_vector(self, gpa: int, *, gla: int | None = None, nmi_unblocking: bool = False) -> int:
         """The SPPT walk (spec §3, §8): return the L1E (SPP vector) for ``gpa``.
 
@@ -468,13 +456,18 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
-        vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi_unblocking else 0)
+        vector = self._spp_walk(gpa, None, gla, nmi_unblocking)
         if type(vector) is not int:
             raise vector.exception()
         return vector
 
-    def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int | ExitInfo:
-        """The SPP vector of ``gpa``'s page, or the SPP-related event (unraised)."""
+    def _spp_walk(self, gpa: int, size: int | None, gla: int | None, nmi: bool) -> bool | int | ExitInfo:
+        """Walk the SPPT for ``gpa``.  Returns the SPP-related event the walk ends in
+        (unraised), else: with ``size`` None, the SPP vector; otherwise whether the
+        vector permits a write of ``size`` bytes at ``gpa`` (True / False).
+
+        (One function for both, as a write's check is on the hot path of the VMM.)"""
+        nmi = QUAL_NMI_UNBLOCKING if nmi else 0
         words = self.memory._words  # as in the EPT walk: entry idx of frame base >> 12
         base = self._sppt_base
         rsv = self._sppt_rsv
@@ -502,7 +495,11 @@ class Processor:
                 SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,
                 f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}",
             ))
-        return vector
+        if size is None:
+            return vector
+        off = gpa & 0xFFF
+        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+        return vector & mask == mask
 
 
 def _coerce_access(access) -> Access:
