@@ -38,6 +38,10 @@ if sys.byteorder == "little":
 else:  # big-endian host: a native-order view would read the entries byte-swapped
     _words_of = _LittleEndianWords
 
+#: The words of a frame that was never written (all zero): what ``_words.get(pfn, ZERO_WORDS)``
+#: gives for a frame not in memory, so that a walk reads such a frame without a test.
+ZERO_WORDS = _words_of(bytes(PAGE_SIZE))
+
 
 class PhysicalAddressError(ValueError):
     """An address outside the host-physical address space (at or above 2**maxphyaddr)."""

@@ -49,7 +49,7 @@ from .exits import (
     SppEvent,
     VmEntryFailure,
 )
-from .memory import HostMemory
+from .memory import ZERO_WORDS, HostMemory
 from .sppt import SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
 from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
 
@@ -150,12 +150,13 @@ class Processor:
             )
             for lvl, shift in ((4, 39), (3, 30), (2, 21), (1, 12))
         )
-        # Misconfiguration by bits 5:0 of a present entry: bad R/W/X, or (leaf) a bad
-        # memory type.  Valid for table entries too: there bits 5:3 are reserved bits,
-        # so a table entry the memory-type test would flag is a misconfiguration anyway
-        # (and _ept_misconfig names the right reason).
+        # By bits 5:0 of an entry, whether the walk stops there: not present (R=W=X=0),
+        # or a misconfiguration — bad R/W/X, or (leaf) a bad memory type.  Valid for
+        # table entries too: there bits 5:3 are reserved bits, so a table entry the
+        # memory-type test flags is a misconfiguration anyway (_ept_misconfig then
+        # names the right reason).
         self._bad_low = tuple(
-            self._bad_rwx[low & 7] or (low >> 3) in _BAD_MEMTYPES for low in range(64)
+            low & 7 == 0 or self._bad_rwx[low & 7] or (low >> 3) in _BAD_MEMTYPES for low in range(64)
         )
         self._sppt_rsv = sppt_nonleaf_reserved(n)
         self._eptp = self._spptp = self._controls = 0
@@ -371,23 +372,22 @@ class Processor:
         bad_low = self._bad_low
         used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
         for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
-            table = words.get(base >> 12)
             idx = (gpa >> shift) & 0x1FF
-            raw = table[idx] if table is not None else 0
-            acc &= raw
-            if not raw & 7:
-                return _new_exit(ExitInfo, (
-                    EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
-                    gpa, gla if (linear or paging) else None,
-                    _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8, "EPT entry not present",
-                ))
+            raw = words.get(base >> 12, ZERO_WORDS)[idx]
             leaf = raw & leaf_bits
             rsv = rsv_leaf if leaf else rsv_table
-            if bad_low[raw & 0x3F] or raw & rsv:
+            if bad_low[raw & 0x3F] or raw & rsv:  # not present, or present and misconfigured
+                if not raw & 7:  # the not-present test comes first
+                    return _new_exit(ExitInfo, (
+                        EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
+                        gpa, gla if (linear or paging) else None,
+                        _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8, "EPT entry not present",
+                    ))
                 return _new_exit(ExitInfo, (
                     EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
                     self._ept_misconfig(raw, rsv, leaf),
                 ))
+            acc &= raw
             if ad:
                 used.append((base + idx * 8, raw))
             if leaf:
@@ -471,25 +471,24 @@ class Processor:
         words = self.memory._words  # as in the EPT walk: entry idx of frame base >> 12
         base = self._sppt_base
         rsv = self._sppt_rsv
+        check = rsv | 1  # of these bits, a usable entry has exactly bit 0 (present) set
         amask = self._amask
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
-            table = words.get(base >> 12)
             idx = (gpa >> shift) & 0x1FF
-            e = table[idx] if table is not None else 0
-            if not e & 1:
-                return _new_exit(ExitInfo, (
-                    SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
-                    "entry not present",
-                ))
-            if e & rsv:
+            e = words.get(base >> 12, ZERO_WORDS)[idx]
+            if e & check != 1:  # not present, or present with reserved bits
+                if not e & 1:  # the not-present test comes first
+                    return _new_exit(ExitInfo, (
+                        SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
+                        "entry not present",
+                    ))
                 return _new_exit(ExitInfo, (
                     SppEvent, nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
                     f"reserved bits set: {e & rsv:#x}",
                 ))
             base = e & amask
-        table = words.get(base >> 12)
         idx = (gpa >> 12) & 0x1FF
-        vector = table[idx] if table is not None else 0
+        vector = words.get(base >> 12, ZERO_WORDS)[idx]
         if vector & SPP_VECTOR_ODD_BITS:
             return _new_exit(ExitInfo, (
                 SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,

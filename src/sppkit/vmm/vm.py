@@ -39,6 +39,7 @@ REGION_2M = 1 << 21
 REGION_1G = 1 << 30
 _ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
+_ATTEMPTS = range(_MAX_RETRIES)  # built once: the write path loops over it
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
 _new_event = tuple.__new__  # builds the NamedTuple without its Python-level __new__
 
@@ -425,7 +426,7 @@ class Vm:
             frags = ((gpa, first, 0), (gpa + first, n - first, first))
         translate = self.processor.translate_one  # the exit comes back as an ExitInfo, unraised
         targets = []
-        events: list[SppViolation] = []
+        events: tuple[SppViolation, ...] = ()  # at most one per page: a tuple, ready for the result
         decision = None
         misses = 0
         st = self._stats
@@ -443,7 +444,7 @@ class Vm:
             fgla = None if gla is None else gla + doff
             if fgla is not None:
                 _check_extra(Access.WRITE, fgla, False, True)  # as translate would
-            for _ in range(_MAX_RETRIES):
+            for _ in _ATTEMPTS:
                 r = translate(fgpa, fn, Access.WRITE, fgla)
                 if type(r) is int:
                     targets.append(r)
@@ -458,7 +459,7 @@ class Vm:
                 elif kind is EptViolation:
                     if m.readonly:
                         st.readonly_writes += 1
-                        return WriteResult(False, decision, tuple(events), readonly=True, spp_misses=misses)
+                        return WriteResult(False, decision, events, readonly=True, spp_misses=misses)
                     if m.dirty_log and not m.dirty[i]:
                         m.dirty[i] = True
                         self._stats.dirty_log_faults += 1
@@ -489,14 +490,14 @@ class Vm:
                         fgpa, r.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu,
                         r.qualification, touched, denied, gpa, n,
                     ))
-                    events.append(ev)
+                    events += (ev,)
                     if self._handler is None:  # no handler: SKIP
                         decision = _SKIP
                         st.decisions["skip"] += 1
                     else:
                         decision = self._decide(ev)
                     if decision is _SKIP or decision is _STOP:
-                        return _new_event(WriteResult, (False, decision, tuple(events), decision is _STOP, False, misses))
+                        return _new_event(WriteResult, (False, decision, events, decision is _STOP, False, misses))
                     if decision is _EMULATE:
                         targets.append(m.hpa + (fgpa - m.gpa))
                         break
@@ -518,7 +519,7 @@ class Vm:
                 o = hpa & 0xFFF
                 mem.frame(hpa >> 12)[o : o + fn] = data[doff : doff + fn]
         if events or misses:
-            return WriteResult(True, decision, tuple(events), spp_misses=misses)
+            return WriteResult(True, decision, events, spp_misses=misses)
         return _ALLOWED
 
     @staticmethod
