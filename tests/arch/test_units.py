@@ -355,6 +355,64 @@ class TestHostMemory:
         with pytest.raises(PhysicalAddressError):
             mem.frame(-1)
 
+    @staticmethod
+    def _words_match(mem: HostMemory) -> None:
+        """``_words`` holds exactly the frames of ``_frames``, as their u64 words."""
+        assert mem._words.keys() == mem._frames.keys()
+        for pfn, f in mem._frames.items():
+            for i in (0, 1, 0x1FF):
+                assert mem._words[pfn][i] == mem.read_u64((pfn << 12) + 8 * i)
+
+    def test_words_follow_frames(self):
+        mem = HostMemory(40)
+        a = mem.alloc_frame()
+        mem.write_u64(a + 8, 0x0102_0304_0506_0708)
+        mem.write_u64(0x5000, 1 << 63)  # a frame created by a write
+        r = mem.alloc_range(3 * 4096, backing=bytearray(3 * 4096))
+        mem.write_u64(r + 4096 + 0xFF8, 0xAB)
+        self._words_match(mem)
+        assert mem._words[(a >> 12)][1] == 0x0102_0304_0506_0708
+        mem.free_frame(a)
+        mem.free_range(r, 3 * 4096)
+        self._words_match(mem)
+        b = mem.alloc_frame()  # re-used frame: zeroed, and its words too
+        assert b == a and mem._words[b >> 12][1] == 0
+        self._words_match(mem)
+
+    def test_little_endian_words_fallback(self):
+        """The big-endian fallback reads the same values as the native view does here."""
+        from sppkit.arch.memory import _LittleEndianWords
+
+        f = bytearray(4096)
+        f[8:16] = (0x0102_0304_0506_0708).to_bytes(8, "little")
+        f[0xFF8:] = (0xFFFF_0000_0000_0001).to_bytes(8, "little")
+        words = _LittleEndianWords(f)
+        assert (words[0], words[1], words[0x1FF]) == (0, 0x0102_0304_0506_0708, 0xFFFF_0000_0000_0001)
+
+    def test_walks_through_little_endian_words_fallback(self, monkeypatch):
+        """EPT and SPPT walks give the same decisions through the big-endian fallback."""
+        from sppkit import Vm
+        from sppkit.arch import memory as memory_mod
+
+        monkeypatch.setattr(memory_mod, "_words_of", memory_mod._LittleEndianWords)
+        vm = Vm(cache=True)
+        vm.add_memslot(0, 0x10000000, 8 * 4096)
+        vm.enable_spp("eager")
+        vm.set_subpage_access(0x10000, [0x0000FFFF])
+        assert all(type(w) is memory_mod._LittleEndianWords for w in vm.memory._words.values())
+        assert vm.write(0x10000000, b"ok").committed
+        assert not vm.write(0x10000000 + 16 * 128, b"no").committed
+        assert vm.write(0x10001000 + 16 * 128, b"ok").committed
+
+    def test_pickle_keeps_words(self):
+        mem = HostMemory(40)
+        mem.write_u64(0x3000, 0x1234)
+        clone = pickle.loads(pickle.dumps(mem))
+        assert clone.read_u64(0x3000) == 0x1234
+        self._words_match(clone)
+        clone.write_u64(0x3000, 0x5678)  # the clone's words view the clone's frames
+        assert clone._words[3][0] == 0x5678 and mem._words[3][0] == 0x1234
+
 
 # =====================================================================================
 @pytest.fixture

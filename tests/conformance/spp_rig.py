@@ -90,11 +90,12 @@ class Mapping(NamedTuple):
 
 
 class _RecordingFrames(dict):
-    """The frame dictionary of a RecordingMemory: remembers every frame number looked up."""
+    """A frame dictionary of a RecordingMemory: remembers every frame number looked up
+    (in ``looked_up``, which the memory's two dictionaries share)."""
 
-    def __init__(self, *a, **kw) -> None:
-        super().__init__(*a, **kw)
-        self.looked_up: set[int] = set()
+    def __init__(self, frames: dict, looked_up: set[int]) -> None:
+        super().__init__(frames)
+        self.looked_up = looked_up
 
     def get(self, pfn, default=None):
         self.looked_up.add(pfn)
@@ -112,13 +113,16 @@ class _RecordingFrames(dict):
 class RecordingMemory(HostMemory):
     """HostMemory that records which 4-KiB frames are looked up (read or written).
 
-    Recording happens at the frame dictionary, the one thing every reader of host
-    memory (``read_u64`` or the processor's own fast path) has to go through.
+    Recording happens at the frame dictionaries, which every reader of host memory
+    has to go through: ``_frames`` (``read_u64``, ``read``) and ``_words``, the u64 view
+    of the same frames that the processor's table walks read.
     """
 
     def __init__(self, maxphyaddr: int = 46) -> None:
         super().__init__(maxphyaddr)
-        self._frames = _RecordingFrames(self._frames)
+        looked_up: set[int] = set()
+        self._frames = _RecordingFrames(self._frames, looked_up)
+        self._words = _RecordingFrames(self._words, looked_up)
 
     @property
     def frames_looked_up(self) -> set[int]:

@@ -36,6 +36,7 @@ from .exits import (
     QUAL_SPP_MISS,
     EptMisconfig,
     EptViolation,
+    ExitInfo,
     SppEvent,
     VmEntryFailure,
     VmExit,

@@ -8,6 +8,8 @@ known), plus diagnostics the VMCS does not hold: the level that failed and its r
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 EXIT_REASON_EPT_VIOLATION = 48
 EXIT_REASON_EPT_MISCONFIG = 49
 EXIT_REASON_SPP = 66
@@ -117,6 +119,29 @@ class SppEvent(VmExit):
     def _message(self) -> str:
         kind = "SPP miss" if self.qualification & QUAL_SPP_MISS else "SPP misconfiguration"
         return f"{kind}: " + super()._message()
+
+
+class ExitInfo(NamedTuple):
+    """A VM exit described but not raised: what :meth:`Processor.translate_one` returns
+    for an access that exits.  Building a tuple is much cheaper than building and
+    raising an exception, which matters on the write path of a VMM that handles
+    (and discards) thousands of denied writes a second.  :meth:`exception` gives the
+    exit as :meth:`Processor.translate` raises it."""
+
+    kind: type  #: EptViolation, EptMisconfig or SppEvent
+    qualification: int
+    gpa: int
+    gla: int | None
+    level: str | None = None
+    entry: int | None = None
+    entry_hpa: int | None = None
+    detail: str = ""
+
+    def exception(self) -> VmExit:
+        return self.kind(
+            self.qualification, self.gpa, self.gla,
+            level=self.level, entry=self.entry, entry_hpa=self.entry_hpa, detail=self.detail,
+        )
 
 
 class VmEntryFailure(ValueError):

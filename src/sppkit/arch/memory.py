@@ -8,12 +8,39 @@ written reads as zeros.
 from __future__ import annotations
 
 import struct
+import sys
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
 _U64 = struct.Struct("<Q")
+
+
+class _LittleEndianWords:
+    """A frame as a sequence of little-endian u64 words: the portable fallback of
+    ``memoryview(frame).cast("Q")`` (whose words are in host byte order)."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self, buf) -> None:
+        self._buf = buf
+
+    def __getitem__(self, i: int) -> int:
+        return _U64.unpack_from(self._buf, i << 3)[0]
+
+
+if sys.byteorder == "little":
+
+    def _words_of(buf) -> memoryview:
+        return memoryview(buf).cast("B").cast("Q")
+
+else:  # big-endian host: a native-order view would read the entries byte-swapped
+    _words_of = _LittleEndianWords
+
+#: The words of a frame that was never written (all zero): what ``_words.get(pfn, ZERO_WORDS)``
+#: gives for a frame not in memory, so that a walk reads such a frame without a test.
+ZERO_WORDS = _words_of(bytes(PAGE_SIZE))
 
 
 class PhysicalAddressError(ValueError):
@@ -34,6 +61,11 @@ class HostMemory:
         self.maxphyaddr = maxphyaddr
         self.limit = 1 << maxphyaddr
         self._frames: dict[int, bytearray] = {}
+        # The same frames as sequences of u64 words (``_words[pfn][i]`` is the entry at
+        # ``pfn << 12 | i << 3``), sharing their bytes: the processor's table walks read
+        # here, faster than struct.  Every method that adds or drops a frame in
+        # ``_frames`` does the same here (_add_frame / _drop_frame).
+        self._words: dict = {}
         self._next = first_frame >> PAGE_SHIFT
         self._free: list[int] = []
 
@@ -52,13 +84,32 @@ class HostMemory:
             )
 
     # -- frames -----------------------------------------------------------------
+    def _add_frame(self, pfn: int, buf) -> None:
+        self._frames[pfn] = buf
+        self._words[pfn] = _words_of(buf)
+
+    def _drop_frame(self, pfn: int):
+        """Forget frame ``pfn``; its buffer, or None if it had none."""
+        self._words.pop(pfn, None)
+        return self._frames.pop(pfn, None)
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_words"] = None  # memoryviews do not pickle: rebuilt from the frames
+        return d
+
+    def __setstate__(self, d: dict) -> None:
+        self.__dict__.update(d)
+        self._words = {pfn: _words_of(f) for pfn, f in self._frames.items()}
+
     def frame(self, pfn: int) -> bytearray:
         """The backing bytearray of page frame ``pfn`` (created zeroed on first use)."""
         f = self._frames.get(pfn)
         if f is None:
             if not 0 <= pfn < (self.limit >> PAGE_SHIFT):
                 raise PhysicalAddressError(f"frame number {pfn:#x} is outside 2**maxphyaddr")
-            f = self._frames[pfn] = bytearray(PAGE_SIZE)
+            f = bytearray(PAGE_SIZE)
+            self._add_frame(pfn, f)
         return f
 
     def alloc_frame(self) -> int:
@@ -66,7 +117,7 @@ class HostMemory:
         while self._free:
             pfn = self._free.pop()
             if pfn not in self._frames:
-                self._frames[pfn] = bytearray(PAGE_SIZE)
+                self._add_frame(pfn, bytearray(PAGE_SIZE))
                 return pfn << PAGE_SHIFT
         pfn = self._next
         while pfn in self._frames:
@@ -74,7 +125,7 @@ class HostMemory:
         if pfn >= self.limit >> PAGE_SHIFT:
             raise MemoryError("host-physical address space exhausted")
         self._next = pfn + 1
-        self._frames[pfn] = bytearray(PAGE_SIZE)
+        self._add_frame(pfn, bytearray(PAGE_SIZE))
         return pfn << PAGE_SHIFT
 
     def alloc_range(self, size: int, *, align: int = PAGE_SIZE, offset: int = 0, backing=None) -> int:
@@ -106,20 +157,20 @@ class HostMemory:
         if backing is not None:
             base = start >> PAGE_SHIFT
             for k in range(size >> PAGE_SHIFT):
-                self._frames[base + k] = mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
+                self._add_frame(base + k, mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT])
         return start
 
     def free_range(self, hpa: int, size: int) -> None:
         """Drop the contents of a range obtained from :meth:`alloc_range`."""
         for pfn in range(hpa >> PAGE_SHIFT, (hpa + size) >> PAGE_SHIFT):
-            self._frames.pop(pfn, None)
+            self._drop_frame(pfn)
 
     def free_frame(self, hpa: int) -> None:
         """Return a frame obtained from :meth:`alloc_frame`; its contents are dropped."""
         if hpa & (PAGE_SIZE - 1):
             raise ValueError(f"hpa={hpa:#x} is not 4-KiB aligned")
         pfn = hpa >> PAGE_SHIFT
-        if self._frames.pop(pfn, None) is None:
+        if self._drop_frame(pfn) is None:
             raise ValueError(f"hpa={hpa:#x} is not an allocated frame")
         self._free.append(pfn)
 

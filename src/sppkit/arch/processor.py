@@ -20,7 +20,6 @@ docs/modelling.md.
 
 from __future__ import annotations
 
-import struct
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -46,11 +45,12 @@ from .exits import (
     QUAL_WRITE,
     EptMisconfig,
     EptViolation,
+    ExitInfo,
     SppEvent,
     VmEntryFailure,
 )
-from .memory import HostMemory
-from .sppt import SPP_VECTOR_EVEN_BITS, SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
+from .memory import ZERO_WORDS, HostMemory
+from .sppt import SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
 from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
 
 SECONDARY_ENABLE_EPT = 1 << 1  #: secondary processor-based control "enable EPT"
@@ -74,8 +74,8 @@ class Access(IntEnum):
     EXECUTE = 2
 
 
-_unpack = struct.Struct("<Q").unpack_from
 _new_range = tuple.__new__
+_new_exit = tuple.__new__  # builds an ExitInfo without its Python-level __new__
 _BAD_MEMTYPES = frozenset({2, 3, 7})
 _NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
 _ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
@@ -86,13 +86,6 @@ class HostRange(NamedTuple):
 
     hpa: int
     size: int
-
-
-def _touched_mask(off: int, size: int) -> int:
-    """Even-bit mask of the SPP vector bits of every sub-page in [off, off+size) of one page."""
-    first = off >> 7
-    last = (off + size - 1) >> 7
-    return ((1 << (2 * last + 2)) - (1 << (2 * first))) & SPP_VECTOR_EVEN_BITS
 
 
 class Processor:
@@ -126,7 +119,14 @@ class Processor:
         self.memory = memory
         self.maxphyaddr = memory.maxphyaddr
         self.spp_write_check = spp_write_check
-        self._first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
+        first_byte = spp_write_check == SPP_WRITE_CHECK_FIRST
+        # The SPP-vector bits a write must find set, by (first, last) sub-page touched,
+        # at index first * 32 + last: every touched sub-page, or the first one only.
+        self._spp_masks = tuple(
+            sum(1 << (2 * s) for s in range(first, first + 1 if first_byte else last + 1))
+            for first in range(32)
+            for last in range(32)
+        )
         # R/W/X combinations that are a misconfiguration: write without read, and
         # execute-only where it is not supported
         self._bad_rwx = tuple((rwx & 3) == 2 or (rwx == 4 and not execute_only) for rwx in range(8))
@@ -134,18 +134,29 @@ class Processor:
         self.cache: TranslationCache | None = TranslationCache() if cache else None
         n = self.maxphyaddr
         self._amask = addr_mask(n)
-        # Geometry as data: (level, index shift, reserved if table, reserved if leaf
-        # (None: no leaf here), page-frame mask of a leaf, offset mask of a leaf).
+        # Geometry as data: (level, index shift, leaf bits, reserved if table, reserved
+        # if leaf, page-frame mask of a leaf, offset mask of a leaf).  An entry is a leaf
+        # when ``raw & leaf_bits``: never in a PML4E (0), with bit 7 in a PDPTE/PDE, always
+        # in a PTE (-1: every bit; a present entry is non-zero).
         self._geometry = tuple(
             (
                 lvl,
                 shift,
+                {4: 0, 3: 0x80, 2: 0x80, 1: -1}[lvl],
                 reserved_mask(Level(lvl), False, n),
-                None if lvl == 4 else reserved_mask(Level(lvl), True, n),
+                reserved_mask(Level(lvl), True, n),
                 self._amask & ~((1 << shift) - 1),
                 (1 << shift) - 1,
             )
             for lvl, shift in ((4, 39), (3, 30), (2, 21), (1, 12))
+        )
+        # By bits 5:0 of an entry, whether the walk stops there: not present (R=W=X=0),
+        # or a misconfiguration — bad R/W/X, or (leaf) a bad memory type.  Valid for
+        # table entries too: there bits 5:3 are reserved bits, so a table entry the
+        # memory-type test flags is a misconfiguration anyway (_ept_misconfig then
+        # names the right reason).
+        self._bad_low = tuple(
+            low & 7 == 0 or self._bad_rwx[low & 7] or (low >> 3) in _BAD_MEMTYPES for low in range(64)
         )
         self._sppt_rsv = sppt_nonleaf_reserved(n)
         self._eptp = self._spptp = self._controls = 0
@@ -281,13 +292,42 @@ class Processor:
             ),
         )
 
+    def translate_one(self, gpa: int, size: int, access: Access, gla: int | None = None) -> int | ExitInfo:
+        """:meth:`translate` for the VMM's write path: one linear data access within one
+        4-KiB page, whose exit is returned rather than raised.
+
+        Returns the host-physical address of ``gpa`` when the access is allowed, else
+        the exit as an :class:`ExitInfo` (``.exception()`` is what ``translate`` would
+        raise).  The arguments are not checked: the caller guarantees ``access`` is an
+        :class:`Access`, ``0 < size``, ``[gpa, gpa+size)`` inside one page below 2**48,
+        ``gla`` None or a non-negative int.  Same decision, same side effects
+        (cache, A/D flags) as ``translate(gpa, size, access, gla=gla)``.
+        """
+        tlb = self._tlb
+        if tlb is not None:
+            # Fast path: a cached mapping that permits the access outright (as translate's).
+            hit = tlb.get(gpa >> 12)
+            if hit is not None and hit[1] & (1 << access) and (hit[2] or access != 1 or not self._ad):
+                return hit[0] | (gpa & 0xFFF)
+        return self._page(gpa, size, access, gla, False, True, False)
+
     def _translate_page(
         self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
     ) -> HostRange:
+        hpa = self._page(gpa, size, access, gla, paging, linear, nmi)
+        if type(hpa) is not int:
+            raise hpa.exception()
+        return _new_range(HostRange, (hpa, size))
+
+    def _page(
+        self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
+    ) -> int | ExitInfo:
+        """The whole decision for an access within one page: the host-physical address,
+        or the exit (unraised)."""
         if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
             if gpa + size > self.memory.limit:
                 raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
-            return _new_range(HostRange, (gpa, size))
+            return gpa
 
         # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
         write = access == 1 or (paging and self._ad)
@@ -303,65 +343,71 @@ class Processor:
                 if dirty or not write or not self._ad:
                     if acc & need:
                         self.cache.hits += 1
-                        return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
+                        return frame | (gpa & 0xFFF)
                     if spp_candidate and spp_leaf and acc & 1:
                         # EPT part cached; the SPPT is read at every eligible write.
-                        if self._spp_allows(gpa, size, gla, nmi):
+                        allowed = self._spp_walk(gpa, size, gla, nmi)
+                        if allowed is True:
                             self.cache.hits += 1
-                            return _new_range(HostRange, (frame | (gpa & 0xFFF), size))
+                            return frame | (gpa & 0xFFF)
+                        if allowed is not False:
+                            return allowed  # the SPP-related event (the mapping stays)
                         del tlb[gpa >> 12]  # the violation invalidates the mapping used
-                        raise EptViolation(
-                            self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                            gpa, gla if (linear or paging) else None, level="PTE",
-                            detail="write denied by the SPP vector (cached EPT mapping)",
-                        )
+                        return _new_exit(ExitInfo, (
+                            EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                            gpa, gla if (linear or paging) else None, "PTE", None, None,
+                            "write denied by the SPP vector (cached EPT mapping)",
+                        ))
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
             self.cache.misses += 1
 
         # -- 1. EPT walk ---------------------------------------------------------
-        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
+        # Table addresses are masked below 2**MAXPHYADDR and 4-KiB aligned: an entry is
+        # word ``idx`` of frame ``base >> 12``, at host-physical ``base + idx * 8``.
+        words = self.memory._words
+        amask = self._amask
         base = self._pml4
         acc = 7
         ad = self._ad
-        bad_rwx = self._bad_rwx
+        bad_low = self._bad_low
         used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
-        for lvl, shift, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
-            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            f = frames.get(ehpa >> 12)
-            raw = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
+        for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
+            idx = (gpa >> shift) & 0x1FF
+            raw = words.get(base >> 12, ZERO_WORDS)[idx]
+            leaf = raw & leaf_bits
+            rsv = rsv_leaf if leaf else rsv_table
+            if bad_low[raw & 0x3F] or raw & rsv:  # not present, or present and misconfigured
+                if not raw & 7:  # the not-present test comes first
+                    return _new_exit(ExitInfo, (
+                        EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
+                        gpa, gla if (linear or paging) else None,
+                        _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8, "EPT entry not present",
+                    ))
+                return _new_exit(ExitInfo, (
+                    EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
+                    self._ept_misconfig(raw, rsv, leaf),
+                ))
             acc &= raw
-            if not raw & 7:
-                raise EptViolation(
-                    self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
-                    gpa, gla if (linear or paging) else None,
-                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail="EPT entry not present",
-                )
-            leaf = lvl == 1 or (rsv_leaf is not None and raw & 0x80)  # bit 7: large page
-            if (
-                bad_rwx[raw & 7]
-                or raw & (rsv_leaf if leaf else rsv_table)
-                or (leaf and (raw >> 3) & 7 in _BAD_MEMTYPES)
-            ):
-                bad = self._ept_misconfig(raw, rsv_leaf if leaf else rsv_table, leaf)
-                raise EptMisconfig(0, gpa, None, level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa, detail=bad)
             if ad:
-                used.append((ehpa, raw))
+                used.append((base + idx * 8, raw))
             if leaf:
                 break
-            base = raw & self._amask
+            base = raw & amask
         hpa = (raw & frame_mask) | (gpa & off_mask)
 
         # -- 2. permission check with the accumulated R/W/X ------------------------
         if not acc & need:
             # -- 3. sub-page write permissions ----------------------------------------
             eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
-            if not (eligible and self._spp_allows(gpa, size, gla, nmi)):
-                raise EptViolation(
-                    self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                    gpa, gla if (linear or paging) else None,
-                    level=_EPT_LEVEL_NAMES[lvl], entry=raw, entry_hpa=ehpa,
-                    detail="write denied by the SPP vector" if eligible else "access not permitted by EPT",
-                )
+            allowed = self._spp_walk(gpa, size, gla, nmi) if eligible else False
+            if allowed is not True:
+                if allowed is not False:
+                    return allowed  # the SPP-related event
+                return _new_exit(ExitInfo, (
+                    EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                    gpa, gla if (linear or paging) else None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
+                    "write denied by the SPP vector" if eligible else "access not permitted by EPT",
+                ))
 
         # -- 4. accessed and dirty flags -----------------------------------------------
         dirty = bool(raw & EPT_DIRTY)  # the leaf's D flag as cached (re-walk to set it)
@@ -378,7 +424,7 @@ class Processor:
                     write_u64(ehpa, new)
         if tlb is not None:
             tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
-        return _new_range(HostRange, (hpa, size))
+        return hpa
 
     def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
         if raw & 3 == 2:
@@ -403,15 +449,6 @@ class Processor:
         return q | (QUAL_NMI_UNBLOCKING if nmi else 0)
 
     # ------------------------------------------------------------------ SPPT walk
-    def _spp_allows(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool:
-        """Walk the SPPT for an eligible write and look up its sub-page permission."""
-        vector = self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi else 0)
-        if self._first_byte:
-            bit = 1 << (2 * ((gpa >> 7) & 0x1F))
-            return bool(vector & bit)
-        mask = _touched_mask(gpa & 0xFFF, size)
-        return vector & mask == mask
-
     def spp_vector(self, gpa: int, *, gla: int | None = None, nmi_unblocking: bool = False) -> int:
         """The SPPT walk (spec §3, §8): return the L1E (SPP vector) for ``gpa``.
 
@@ -419,30 +456,49 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
-        return self._spp_walk(gpa, gla, QUAL_NMI_UNBLOCKING if nmi_unblocking else 0)
+        vector = self._spp_walk(gpa, None, gla, nmi_unblocking)
+        if type(vector) is not int:
+            raise vector.exception()
+        return vector
 
-    def _spp_walk(self, gpa: int, gla: int | None, nmi: int) -> int:
-        frames = self.memory._frames  # entry addresses are masked below 2**MAXPHYADDR
+    def _spp_walk(self, gpa: int, size: int | None, gla: int | None, nmi: bool) -> bool | int | ExitInfo:
+        """Walk the SPPT for ``gpa``.  Returns the SPP-related event the walk ends in
+        (unraised), else: with ``size`` None, the SPP vector; otherwise whether the
+        vector permits a write of ``size`` bytes at ``gpa`` (True / False).
+
+        (One function for both, as a write's check is on the hot path of the VMM.)"""
+        nmi = QUAL_NMI_UNBLOCKING if nmi else 0
+        words = self.memory._words  # as in the EPT walk: entry idx of frame base >> 12
         base = self._sppt_base
         rsv = self._sppt_rsv
+        check = rsv | 1  # of these bits, a usable entry has exactly bit 0 (present) set
+        amask = self._amask
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
-            ehpa = base + ((gpa >> shift) & 0x1FF) * 8
-            f = frames.get(ehpa >> 12)
-            e = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
-            if not e & 1:
-                raise SppEvent(QUAL_SPP_MISS | nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
-                               detail="entry not present")
-            if e & rsv:
-                raise SppEvent(nmi, gpa, gla, level=SPPT_LEVEL_NAMES[lvl], entry=e, entry_hpa=ehpa,
-                               detail=f"reserved bits set: {e & rsv:#x}")
-            base = e & self._amask
-        ehpa = base + ((gpa >> 12) & 0x1FF) * 8
-        f = frames.get(ehpa >> 12)
-        vector = _unpack(f, ehpa & 0xFFF)[0] if f is not None else 0
+            idx = (gpa >> shift) & 0x1FF
+            e = words.get(base >> 12, ZERO_WORDS)[idx]
+            if e & check != 1:  # not present, or present with reserved bits
+                if not e & 1:  # the not-present test comes first
+                    return _new_exit(ExitInfo, (
+                        SppEvent, QUAL_SPP_MISS | nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
+                        "entry not present",
+                    ))
+                return _new_exit(ExitInfo, (
+                    SppEvent, nmi, gpa, gla, SPPT_LEVEL_NAMES[lvl], e, base + idx * 8,
+                    f"reserved bits set: {e & rsv:#x}",
+                ))
+            base = e & amask
+        idx = (gpa >> 12) & 0x1FF
+        vector = words.get(base >> 12, ZERO_WORDS)[idx]
         if vector & SPP_VECTOR_ODD_BITS:
-            raise SppEvent(nmi, gpa, gla, level="L1E", entry=vector, entry_hpa=ehpa,
-                           detail=f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}")
-        return vector
+            return _new_exit(ExitInfo, (
+                SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,
+                f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}",
+            ))
+        if size is None:
+            return vector
+        off = gpa & 0xFFF
+        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+        return vector & mask == mask
 
 
 def _coerce_access(access) -> Access:

@@ -12,9 +12,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..arch.ept import Level
-from ..arch.exits import EptViolation, SppEvent
+from ..arch.exits import QUAL_SPP_MISS, EptViolation, SppEvent
 from ..arch.memory import HostMemory
-from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor
+from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor, _check_extra
 from ..arch.sppt import FULL_ACCESS_MAP, SPP_VECTOR_ODD_BITS, map_from_vector, vector_from_map
 from .ept_manager import EptManager
 from .errors import (
@@ -39,6 +39,7 @@ REGION_2M = 1 << 21
 REGION_1G = 1 << 30
 _ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
+_ATTEMPTS = range(_MAX_RETRIES)  # built once: the write path loops over it
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
 _new_event = tuple.__new__  # builds the NamedTuple without its Python-level __new__
 
@@ -475,9 +476,9 @@ class Vm:
         else:
             first = 4096 - off
             frags = ((gpa, first, 0), (gpa + first, n - first, first))
-        translate = self.processor.translate
+        translate = self.processor.translate_one  # the exit comes back as an ExitInfo, unraised
         targets = []
-        events: list[SppViolation] = []
+        events: tuple[SppViolation, ...] = ()  # at most one per page: a tuple, ready for the result
         decision = None
         misses = 0
         st = self._stats
@@ -487,26 +488,30 @@ class Vm:
             if m is None:
                 raise GpaNotMapped(fgpa, "guest write")
             i = (fgpa - m.gpa) >> 12
-            amap = FULL_ACCESS_MAP if m.maps is None else int(m.maps[i])
+            amap = FULL_ACCESS_MAP if m.maps is None else m.maps.item(i)
             if amap != FULL_ACCESS_MAP:
                 # what page-granular write protection would trap: one exit per page
                 st.page_granular += 1
                 st.page_granular_by_page.add(fgpa >> 12)
             fgla = None if gla is None else gla + doff
-            for _ in range(_MAX_RETRIES):
-                try:
-                    targets.append(translate(fgpa, fn, Access.WRITE, gla=fgla)[0][0])
+            if fgla is not None:
+                _check_extra(Access.WRITE, fgla, False, True)  # as translate would
+            for _ in _ATTEMPTS:
+                r = translate(fgpa, fn, Access.WRITE, fgla)
+                if type(r) is int:
+                    targets.append(r)
                     break
-                except SppEvent as e:
-                    if not e.is_miss:
-                        raise SppMisconfiguration(e, self.sppt.builder.walk(fgpa)) from None
+                kind = r.kind
+                if kind is SppEvent:
+                    if not r.qualification & QUAL_SPP_MISS:
+                        raise SppMisconfiguration(r.exception(), self.sppt.builder.walk(fgpa))
                     misses += 1
                     self._stats.spp_misses += 1
                     self._handle_miss(fgpa)
-                except EptViolation as e:
+                elif kind is EptViolation:
                     if m.readonly:
                         st.readonly_writes += 1
-                        return WriteResult(False, decision, tuple(events), readonly=True, spp_misses=misses)
+                        return WriteResult(False, decision, events, readonly=True, spp_misses=misses)
                     if m.dirty_log and not m.dirty[i]:
                         m.dirty[i] = True
                         self._stats.dirty_log_faults += 1
@@ -514,22 +519,45 @@ class Vm:
                         self._invept()
                         continue
                     if amap == FULL_ACCESS_MAP:
-                        raise VmmError(f"unexpected EPT violation on an unprotected page: {e}") from None
-                    ev = self._violation(e, fgpa, fn, data[doff : doff + fn], amap, vcpu, rip, gpa, n)
-                    events.append(ev)
+                        raise VmmError(f"unexpected EPT violation on an unprotected page: {r.exception()}")
+                    # -- the SppViolation (built inline: this is the hot path of a denied write)
+                    fo = fgpa & 0xFFF
+                    s0 = fo >> 7
+                    s1 = (fo + fn - 1) >> 7
+                    if s0 == s1:  # one sub-page touched (the common case)
+                        touched = (s0,)
+                        denied = () if (amap >> s0) & 1 else touched
+                    else:
+                        touched = tuple(range(s0, s1 + 1))
+                        denied = tuple([s for s in touched if not (amap >> s) & 1])
+                    st.violations += 1
+                    gfn = fgpa >> 12
+                    st.violations_by_page.add(gfn)
+                    for s in denied:
+                        st.violations_by_subpage.add((gfn, s))
+                    fdata = data if fn == n else data[doff : doff + fn]
+                    # positional: (gpa, gla, size, data, rip, vcpu, qualification, subpages, denied,
+                    # write_gpa, write_size)
+                    ev = _new_event(SppViolation, (
+                        fgpa, r.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu,
+                        r.qualification, touched, denied, gpa, n,
+                    ))
+                    events += (ev,)
                     if self._handler is None:  # no handler: SKIP
                         decision = _SKIP
                         st.decisions["skip"] += 1
                     else:
                         decision = self._decide(ev)
                     if decision is _SKIP or decision is _STOP:
-                        return _new_event(WriteResult, (False, decision, tuple(events), decision is _STOP, False, misses))
+                        return _new_event(WriteResult, (False, decision, events, decision is _STOP, False, misses))
                     if decision is _EMULATE:
                         targets.append(m.hpa + (fgpa - m.gpa))
                         break
                     # UNPROTECT: the touched sub-pages become writable; translate again
                     amap |= _touched_bits(fgpa & 0xFFF, fn)
                     self._apply([(m, i, amap)])
+                else:  # an EPT misconfiguration: a VMM bug, raised as translate raises it
+                    raise r.exception()
             else:
                 raise VmmError(f"write at gpa={fgpa:#x} still faults after {_MAX_RETRIES} attempts")
         # -- commit: every page decided, now the bytes land
@@ -543,7 +571,7 @@ class Vm:
                 o = hpa & 0xFFF
                 mem.frame(hpa >> 12)[o : o + fn] = data[doff : doff + fn]
         if events or misses:
-            return WriteResult(True, decision, tuple(events), spp_misses=misses)
+            return WriteResult(True, decision, events, spp_misses=misses)
         return _ALLOWED
 
     @staticmethod
@@ -551,22 +579,6 @@ class Vm:
         if type(gpa) is not int or gpa < 0:
             raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
         raise ValueError(f"write of {len(data)} bytes: must be 1 to 4096 bytes")
-
-    def _violation(self, e, fgpa, fn, fdata, amap, vcpu, rip, wgpa, wn) -> SppViolation:
-        off = fgpa & 0xFFF
-        touched = tuple(range(off >> 7, ((off + fn - 1) >> 7) + 1))
-        denied = tuple([s for s in touched if not (amap >> s) & 1])
-        st = self._stats
-        st.violations += 1
-        gfn = fgpa >> 12
-        st.violations_by_page.add(gfn)
-        for s in denied:
-            st.violations_by_subpage.add((gfn, s))
-        # positional: (gpa, gla, size, data, rip, vcpu, qualification, subpages, denied, write_gpa, write_size)
-        return _new_event(SppViolation, (
-            fgpa, e.gla, fn, fdata if type(fdata) is bytes else bytes(fdata), rip, vcpu, e.qualification,
-            touched, denied, wgpa, wn,
-        ))
 
     def _decide(self, ev: SppViolation) -> Decision:
         if self._handler is None:
