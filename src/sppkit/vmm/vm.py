@@ -398,7 +398,7 @@ class Vm:
         p = self.processor
         if p.cache is None or p._ad or self._observer is not None:
             return None
-        if p._first_byte:
+        if p.spp_write_check != SPP_WRITE_CHECK_ALL:
             return None  # the Bochs-compatible check reads one sub-page: leave it to write()
         m = self.slots.find(gpa)
         if m is None or m.readonly or m.dirty_log:
