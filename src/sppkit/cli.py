@@ -120,6 +120,10 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
     Exit status: the guest's exit code (its write to port 0xF4) when it exits, 1 when
     the run ends otherwise (STOP decision, fault, timeout), 2 on bad input.
+
+    Under Unicorn, stores to writable sub-pages of protected pages are committed by a
+    native hook built on first use with the host C compiler; SPPKIT_NATIVE=0 turns it
+    off (same results, slower).  `sppkit doctor` says whether it is in use.
     """
     import json
 
@@ -132,9 +136,14 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     pol = _policy(policy_file, protect, image, decision)
     cls, why = choose_engine(engine)
     err = Console(stderr=True)
-    if not as_json:
-        err.print(f"[dim]engine: {why}[/]")
     eng = cls(image, policy=pol, ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout, spp_mode=spp_mode)
+    if not as_json:
+        if getattr(eng, "name", "") == "unicorn":
+            from .engines.native import native_status
+
+            ok, what = native_status()
+            why += "; native write hook " + ("on" if ok else f"off ({what})")
+        err.print(f"[dim]engine: {why}[/]")
     recorder = None
     try:
         if record_file:

@@ -209,3 +209,17 @@ def test_doctor_says_why_the_native_hook_is_missing(monkeypatch):
     assert r.exit_code == 0, r.output
     assert "native write hook" in r.stdout and "no C compiler found" in r.stdout
     assert "the Python hook decides alone" in r.stdout
+
+
+@needs_gcc
+def test_run_says_whether_the_native_hook_is_on(monkeypatch):
+    from click.testing import CliRunner
+
+    from sppkit.cli import main as cli_main
+
+    monkeypatch.setenv("SPPKIT_NATIVE", "0")
+    monkeypatch.setattr(native, "_status", None)
+    monkeypatch.setattr(native, "_lib", None)
+    r = CliRunner().invoke(cli_main, ["run", "selftest", "--engine", "unicorn"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert "engine: unicorn; native write hook off (disabled by SPPKIT_NATIVE=0)" in r.output
