@@ -11,17 +11,13 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     ``unicorn.Uc`` running the very same code and memory image with the same long-mode
     set-up and **no hooks at all** (it stops at the exit ``out`` by address).
     Target: the engine runs the guest at >= 0.8x bare speed when <= 1 % of the
-    stores hit protected pages.  The engine runs with its native write-protect hook
-    (the default where a C compiler built it); a second column runs it with the
-    Python hook alone (``native=False``), the fallback on machines without one.  One more figure times bare Unicorn with the
+    stores hit protected pages.  One more figure times bare Unicorn with the
     ``emu_start(timeout=...)`` the engine passes, which accounts for the gap when no
     page is protected at all.
 (b) Cost per protected write.  A guest storing N times to a protected page: to a
-    writable sub-page (allowed: committed by the native hook, or by ``vm.write`` from
-    the Python hook) and to a protected one (denied, SKIP: always ``vm.write`` and a
-    violation record).  Per-write cost = (engine time - bare time for the same guest)
-    / N, with and without the native hook.  For scale, ``Vm.write`` alone for the same
-    write, called from Python.
+    writable sub-page (allowed, committed by ``vm.write``) and to a protected one
+    (denied, SKIP).  Per-write cost = (engine time - bare time for the same guest) / N.
+    For scale, the cost of ``Vm.write`` alone for the same write, called from Python.
 
 Each figure is the best of ``--reps`` runs, interleaved across contenders; times are
 the process's CPU time (all threads) for the run only, set-up excluded on both sides.
@@ -56,7 +52,6 @@ from unicorn.x86_const import (
     UC_X86_REG_SS,
 )
 
-from sppkit.engines.native import native_status
 from sppkit.engines.unicorn import MSR_EFER, UnicornEngine
 from sppkit.engines.x86 import CR0, CR4, EFER, plan_long_mode, segments_for
 from sppkit.guests import flat_image
@@ -182,10 +177,9 @@ def run_bare(code: bytes, out_ip: int, timeout: float = 0.0) -> float:
         ram.close()
 
 
-def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip",
-               native: bool = True) -> tuple[float, dict]:
+def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip") -> tuple[float, dict]:
     eng = UnicornEngine(flat_image(code, CODE), policy=Policy.from_ranges(ranges, decision) if ranges else None,
-                        ram_size=RAM, timeout=ENGINE_TIMEOUT, native=native)
+                        ram_size=RAM, timeout=ENGINE_TIMEOUT)
     try:
         t = clock()
         r = eng.run()
@@ -220,10 +214,6 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="runs per figure (best is kept)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    ok, why = native_status()
-    if not ok:
-        raise SystemExit(f"bench_unicorn: the native write-protect hook is unavailable ({why}); "
-                         "this benchmark compares the engine with and without it")
     console.print(f"[bold]sppkit Unicorn engine vs bare Unicorn {unicorn_version}[/] "
                   f"(CPL 3, {RAM >> 20} MiB RAM, best of {args.reps})")
 
@@ -238,36 +228,31 @@ def main() -> None:
     timeout_t = []
     for label, every, ranges in configs:
         code, out_ip = loop_guest(args.iterations, every, ALLOWED)
-        bare_t, eng_t, py_t, info = [], [], [], None
+        bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):  # interleaved
             bare_t.append(run_bare(code, out_ip))
             dt, info = run_engine(code, ranges)
             eng_t.append(dt)
-            dt, py_info = run_engine(code, ranges, native=False)
-            py_t.append(dt)
             if not ranges:
                 timeout_t.append(run_bare(code, out_ip, timeout=ENGINE_TIMEOUT))
         stores = args.iterations * K + args.iterations // every
         protected = args.iterations // every if ranges else 0
-        # every protected store was decided and counted exactly once, by either hook
-        assert info["writes"] == py_info["writes"] == protected, (info, py_info)
-        b, e, py = min(bare_t), min(eng_t), min(py_t)
-        rows.append((label, stores, protected, b, e, b / e, py, b / py))
+        assert info["writes"] == protected, info  # every protected store reached vm.write exactly once
+        b, e = min(bare_t), min(eng_t)
+        rows.append((label, stores, protected, b, e, b / e))
 
     t = Table(title=f"(a) guest speed, engine vs bare Unicorn (no hooks); {args.iterations:,} iterations "
                     f"x {K} stores to unprotected memory, + the protected ones")
-    for col in ("stores to a protected page", "bare", "engine", "engine speed", f">= {TARGET_RATIO}x",
-                "Python hook only", "its speed"):
+    for col in ("stores to a protected page", "bare", "engine", "engine speed", f">= {TARGET_RATIO}x"):
         t.add_column(col, justify="left" if col.startswith("stores") else "right")
     ratio_1pct = None
-    for label, stores, protected, b, e, ratio, py, py_ratio in rows:
+    for label, stores, protected, b, e, ratio in rows:
         verdict = ""
         if protected and protected / stores <= 0.01:
             verdict = "[green]met[/]" if ratio >= TARGET_RATIO else "[red]NOT met[/]"
             if ratio_1pct is None:
                 ratio_1pct = ratio
-        t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{ratio:.2f}x", verdict,
-                  f"{py * 1e3:.0f} ms", f"{py_ratio:.2f}x")
+        t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{ratio:.2f}x", verdict)
     console.print(t)
     bare0, tmo = rows[0][3], min(timeout_t)
     console.print(f"  bare Unicorn with emu_start(timeout={ENGINE_TIMEOUT:.0f} s), as the engine calls it, on the "
@@ -278,25 +263,22 @@ def main() -> None:
     cost = {}
     for name, target, want_viol in (("allowed (committed)", ALLOWED, 0), ("denied (SKIP)", DENIED, n)):
         code, out_ip = loop_guest_simple(n, target)
-        bare_t, eng_t, py_t, info = [], [], [], None
+        bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):
             bare_t.append(run_bare(code, out_ip))
             dt, info = run_engine(code, [(DENIED, 0x10)], "skip")
             eng_t.append(dt)
-            dt, py_info = run_engine(code, [(DENIED, 0x10)], "skip", native=False)
-            py_t.append(dt)
-        for i in (info, py_info):
-            assert i["writes"] == n and i["violations"] == want_viol, i
+        assert info["writes"] == n and info["violations"] == want_viol, info
         vm_us = min(vm_write_cost(n, target) for _ in range(args.reps))
-        b, e, py = min(bare_t), min(eng_t), min(py_t)
-        cost[name] = ((e - b) / n * 1e6, (py - b) / n * 1e6, vm_us)
+        b, e = min(bare_t), min(eng_t)
+        cost[name] = ((e - b) / n * 1e6, vm_us)
 
     t = Table(title=f"(b) cost per protected write ({n:,} stores to one protected page)",
-              caption="engine - bare: the hook(s), vm.write, violation records, Unicorn's fault path")
-    for col in ("write", "engine - bare", "Python hook only - bare", "Vm.write alone"):
+              caption="rest = the hook, violation records, Unicorn's fault path")
+    for col in ("write", "engine - bare", "Vm.write alone", "rest"):
         t.add_column(col, justify="left" if col == "write" else "right")
-    for name, (us, py_us, vm_us) in cost.items():
-        t.add_row(name, f"{us:.2f} µs", f"{py_us:.2f} µs", f"{vm_us:.2f} µs")
+    for name, (us, vm_us) in cost.items():
+        t.add_row(name, f"{us:.1f} µs", f"{vm_us:.1f} µs", f"{us - vm_us:.1f} µs")
     console.print(t)
 
     # ---- verdict

@@ -120,10 +120,6 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
     Exit status: the guest's exit code (its write to port 0xF4) when it exits, 1 when
     the run ends otherwise (STOP decision, fault, timeout), 2 on bad input.
-
-    Under Unicorn, stores to writable sub-pages of protected pages are committed by a
-    native hook built on first use with the host C compiler; SPPKIT_NATIVE=0 turns it
-    off (same results, slower).  `sppkit doctor` says whether it is in use.
     """
     import json
 
@@ -136,14 +132,9 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     pol = _policy(policy_file, protect, image, decision)
     cls, why = choose_engine(engine)
     err = Console(stderr=True)
-    eng = cls(image, policy=pol, ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout, spp_mode=spp_mode)
     if not as_json:
-        if getattr(eng, "name", "") == "unicorn":
-            from .engines.native import native_status
-
-            ok, what = native_status()
-            why += "; native write hook " + ("on" if ok else f"off ({what})")
         err.print(f"[dim]engine: {why}[/]")
+    eng = cls(image, policy=pol, ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout, spp_mode=spp_mode)
     recorder = None
     try:
         if record_file:
@@ -169,8 +160,7 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
 @main.command()
 def doctor():
-    """Report what this machine offers: KVM, Unicorn (and its native write hook),
-    gcc/binutils, valgrind."""
+    """Report what this machine offers: KVM, Unicorn, gcc/binutils, valgrind."""
     import shutil
 
     from rich.console import Console
@@ -198,11 +188,6 @@ def doctor():
         from .engines.unicorn import unicorn_version
 
         t.add_row("Unicorn", "[green]ok[/]", unicorn_version())
-        from .engines.native import native_status
-
-        ok, why = native_status()
-        t.add_row("Unicorn native write hook", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
-                  why if ok else f"{why}; the Python hook decides alone (same results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status

@@ -13,15 +13,6 @@ write path of every engine.  The hook fires *before* the store retires:
 
 An exception raised inside a hook is stored and re-raised from :meth:`run`, never
 swallowed at the C boundary.
-
-In front of that hook sits a native one (``writeprot.c``, built on first use, see
-:mod:`sppkit.engines.native`): a software TLB that commits a store touching only
-sub-pages the Vm has said are writable (:meth:`Vm.fast_write_entry`), counts it into
-the Vm's statistics, and passes everything else — every store that touches a protected
-sub-page, every page or instruction it does not know — to the Python hook.  It forgets
-what it knows whenever the Vm's translation epoch moves (INVEPT, EPT change).  Same
-decisions, same memory, same statistics either way; ``native=False`` (or
-``SPPKIT_NATIVE=0``) runs the Python hook alone.
 """
 
 from __future__ import annotations
@@ -63,7 +54,6 @@ from unicorn.x86_const import (
 )
 
 from ..vmm import GpaNotMapped
-from . import native as _native
 from .base import DEFAULT_RAM, EngineBase, EngineError
 from .result import RunResult
 from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
@@ -78,15 +68,12 @@ def unicorn_version() -> str:
 
 class UnicornEngine(EngineBase):
     """Run a guest image under Unicorn with the Vm deciding every write to a
-    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit.
-    ``native``: the native write-protect hook — None uses it when it can be built,
-    True requires it (EngineError if it cannot be built), False never uses it."""
+    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit."""
 
     name = "unicorn"
 
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
-                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
-                 native: bool | None = None) -> None:
+                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0) -> None:
         self.timeout = timeout
         self.max_instructions = max_instructions
         self._ram = mmap.mmap(-1, ram_size)
@@ -107,22 +94,7 @@ class UnicornEngine(EngineBase):
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
-        from unicorn.unicorn_py3.unicorn import uclib
-
-        self._rip_buf = ctypes.c_uint64()
-        self._rip_ref = ctypes.byref(self._rip_buf)
-        self._reg_read = uclib.uc_reg_read  # RIP in every write hook: the raw call is 5x cheaper
-        lib = _native.load() if native is not False else None
-        if native and lib is None:
-            raise EngineError(f"the native write-protect hook is unavailable: {_native.native_status()[1]}")
-        self._native: _native.NativeHook | None = None
-        self._native_seen: set[int] = set()  # pages described to the native hook (or declined) this epoch
-        if lib is not None:
-            self._native = _native.NativeHook(lib, uc, ctypes.addressof(self._ram_ptr), ram_size,
-                                              self._hook_write_prot_slow)
-            self._native_epoch = self.vm.translation_epoch
-        else:
-            uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
+        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup_cpu(self) -> None:
@@ -196,7 +168,6 @@ class UnicornEngine(EngineBase):
             uc.emu_stop()
         elif self._port_handlers:
             pause = self._port_out(port, value & ((1 << (8 * size)) - 1))
-            self._sync_native()
             if self.vm.ept_generation != self._generation:
                 self._project()
             if pause:
@@ -207,38 +178,9 @@ class UnicornEngine(EngineBase):
         self.exits["Io"] += 1
         return (1 << (8 * size)) - 1
 
-    def _rip(self) -> int:
-        self._reg_read(self.uc._uch, UC_X86_REG_RIP, self._rip_ref)
-        return self._rip_buf.value
-
-    def _sync_native(self) -> None:
-        """Collect the native hook's counts into the Vm; forget its pages when the
-        Vm's translation epoch moved."""
-        nh = self._native
-        if nh is None:
-            return
-        if nh.state.pending:
-            count = self.vm.count_fast_writes
-            n_all = 0
-            for gfn, n, protected in nh.collect():
-                count(gfn, n, protected)
-                n_all += n
-            self.exits["WriteProt"] += n_all
-        epoch = self.vm.translation_epoch
-        if epoch != self._native_epoch:
-            nh.clear_pages()
-            self._native_seen.clear()
-            self._native_epoch = epoch
-
-    def _hook_write_prot_slow(self, access, address, size, value) -> bool:
-        """The Python hook behind the native one."""
-        if self._native.state.pending:
-            self._sync_native()  # the Vm's statistics are current for any handler
-        return self._hook_write_prot(self.uc, access, address, size, value, None)
-
     @_guard
     def _hook_write_prot(self, uc, access, address, size, value, user_data):
-        rip = self._rip()
+        rip = uc.reg_read(UC_X86_REG_RIP)
         cover = self._cover
         if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
                 and size < cover[2] - cover[1]:
@@ -247,11 +189,8 @@ class UnicornEngine(EngineBase):
             return cover[3]
         self.exits["WriteProt"] += 1
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        nh = self._native
         if size == 8:
             wide = self._vector_store(rip)
-            if wide is None and nh is not None:
-                nh.add_rip(rip)  # a plain 8-byte store: the native hook may take it
             if wide is not None and address == self._wide_address(rip):
                 # Unicorn hands a 16/32-byte vector store over in 8-byte pieces: decide
                 # the whole store at its first piece, from the source register.
@@ -271,11 +210,6 @@ class UnicornEngine(EngineBase):
             self._stop = (rip, address)
             return False
         self._cover = (rip, address, address + size, True)
-        if nh is not None:
-            nh.set_cover(rip, address, address + size, True)
-            if r.committed and not r.events and not r.spp_misses and (address & 0xFFF) + size <= 0x1000:
-                self._native_describe(address >> 12)
-            self._sync_native()
         if self.vm.ept_generation != self._generation:
             self._project()
         if self._pause:
@@ -284,15 +218,6 @@ class UnicornEngine(EngineBase):
             d = decode(self.vm.read(rip, 15), rip, None)
             self._stop_at(rip + (d.length if d else 1))
         return True
-
-    def _native_describe(self, gfn: int) -> None:
-        """Tell the native hook what the Vm allows on page ``gfn`` (once per epoch)."""
-        if gfn in self._native_seen:
-            return
-        entry = self.vm.fast_write_entry(gfn << 12)
-        self._native_seen.add(gfn)
-        if entry is not None:
-            self._native.add_page(gfn, entry[0], entry[1])  # a full table: the page stays with Python
 
     def _vector_store(self, rip: int):
         """(unicorn register, bytes) when the instruction at ``rip`` stores an XMM/YMM
@@ -374,7 +299,6 @@ class UnicornEngine(EngineBase):
         self._pause = False
         if self.vm.ept_generation != self._generation:
             self._project()  # protections changed since the last run or pause
-        self._sync_native()
         # The timeout is a timer calling emu_stop(): emu_start(timeout=...) would make
         # Unicorn check a clock in every block (about 20 % slower here).
         timer = threading.Timer(self.timeout, self._time_out) if self.timeout else None
@@ -385,7 +309,6 @@ class UnicornEngine(EngineBase):
         try:
             uc.emu_start(start, 0, count=self.max_instructions)
         except UcError as e:
-            self._sync_native()  # before any result: its statistics include the native writes
             if self._error is not None:
                 raise self._error
             rip = uc.reg_read(UC_X86_REG_RIP)
@@ -402,7 +325,6 @@ class UnicornEngine(EngineBase):
         finally:
             if timer:
                 timer.cancel()
-            self._sync_native()  # the result's statistics include the natively committed writes
             for h in self._code_hooks:
                 uc.hook_del(h)
             self._code_hooks.clear()

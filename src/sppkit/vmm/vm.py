@@ -83,7 +83,6 @@ class Vm:
         self.sppt: SpptManager | None = None
         self._handler: ViolationHandler | None = None
         self._observer: Callable[[int, int, int | None], None] | None = None
-        self._observer_epoch = 0  # moves with on_write(): see translation_epoch
         self._stats = Stats()
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
@@ -371,56 +370,6 @@ class Vm:
                 runs.append([lo, hi - lo, w])
         return [tuple(r) for r in runs]
 
-    # ================================================================ engine write caches
-    @property
-    def translation_epoch(self) -> tuple[int, int, int]:
-        """Moves whenever a cached decision may have become stale: at every INVEPT the
-        Vm or anyone else issues, at every EPT change, and when a write observer is
-        registered or removed.  An engine that caches :meth:`fast_write_entry` results
-        (a software TLB, as the Unicorn engine's native hook does) drops them then."""
-        cache = self.processor.cache
-        return (cache.invalidations if cache is not None else -1, self.ept.version, self._observer_epoch)
-
-    def fast_write_entry(self, gpa: int) -> tuple[int, bool] | None:
-        """What an engine may decide on its own for writes to the page of ``gpa`` until
-        :attr:`translation_epoch` moves: ``(allowed, protected)`` — the 32-bit map of
-        sub-pages a write may touch and be committed exactly as :meth:`write` would
-        commit it (its SPP vector as the processor reads it from the SPPT), and whether
-        the page holds a protected sub-page (it counts in ``page_granular``).  A write
-        that touches a sub-page outside ``allowed``, or crosses the page, still needs
-        :meth:`write`; report the writes decided outside with :meth:`count_fast_writes`.
-
-        None when some write to the page needs :meth:`write` every time: no translation
-        cache, EPT A/D flags on, a write observer, a read-only or dirty-logged slot, a
-        page outside every slot, or an SPPT path that is not (yet) valid — a lazy SPPT
-        miss or a misconfiguration, which :meth:`write` handles and counts.
-        """
-        p = self.processor
-        if p.cache is None or p._ad or self._observer is not None:
-            return None
-        if p.spp_write_check != SPP_WRITE_CHECK_ALL:
-            return None  # the Bochs-compatible check reads one sub-page: leave it to write()
-        m = self.slots.find(gpa)
-        if m is None or m.readonly or m.dirty_log:
-            return None
-        amap = FULL_ACCESS_MAP if m.maps is None else int(m.maps[(gpa - m.gpa) >> 12])
-        if amap == FULL_ACCESS_MAP:
-            return FULL_ACCESS_MAP, False
-        try:
-            vector = p.spp_vector(gpa & ~0xFFF)
-        except SppEvent:
-            return None
-        return map_from_vector(vector), True
-
-    def count_fast_writes(self, gfn: int, n: int, protected: bool) -> None:
-        """Account ``n`` writes to page ``gfn`` that an engine committed on its own under
-        a :meth:`fast_write_entry` (the counters :meth:`write` keeps for allowed writes)."""
-        st = self._stats
-        st.writes += n
-        if protected:
-            st.page_granular += n
-            st.page_granular_by_page.add(gfn, n)
-
     # ================================================================ dirty logging
     def get_dirty_log(self, slot: int) -> bytes:
         """The slot's dirty bitmap (bit i of byte i//8 = page i written since the last
@@ -452,7 +401,6 @@ class Vm:
         if callback is not None and not callable(callback):
             raise TypeError("on_write needs a callable (gpa, size, rip) -> None, or None")
         self._observer = callback
-        self._observer_epoch += 1
 
     def write(
         self, gpa: int, data: bytes, *, vcpu: int = 0, rip: int | None = None, gla: int | None = None
