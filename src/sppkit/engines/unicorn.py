@@ -95,6 +95,12 @@ class UnicornEngine(EngineBase):
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
+        from unicorn.unicorn_py3.unicorn import uclib
+
+        # RIP is read in every write hook: the library call is ~5x cheaper than reg_read().
+        self._rip_buf = ctypes.c_uint64()
+        self._rip_ref = ctypes.byref(self._rip_buf)
+        self._reg_read = uclib.uc_reg_read
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup_cpu(self) -> None:
@@ -178,9 +184,14 @@ class UnicornEngine(EngineBase):
         self.exits["Io"] += 1
         return (1 << (8 * size)) - 1
 
+    def _rip(self) -> int:
+        if self._reg_read(self.uc._uch, UC_X86_REG_RIP, self._rip_ref):
+            return self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
+        return self._rip_buf.value
+
     @_guard
     def _hook_write_prot(self, uc, access, address, size, value, user_data):
-        rip = uc.reg_read(UC_X86_REG_RIP)
+        rip = self._rip()
         cover = self._cover
         if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
                 and size < cover[2] - cover[1]:
