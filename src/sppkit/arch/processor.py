@@ -26,14 +26,13 @@ from typing import NamedTuple
 from .ept import (
     EPT_ACCESSED,
     EPT_DIRTY,
-    EPT_MEMTYPE_MASK,
-    EPT_MEMTYPE_SHIFT,
     EPT_SPP,
     EPTP_AD_ENABLE,
     Level,
     VALID_LEAF_MEMTYPES,
     addr_mask,
     eptp_check,
+    misconfig_reason,
     reserved_mask,
 )
 from .exits import (
@@ -76,7 +75,7 @@ class Access(IntEnum):
 
 _new_range = tuple.__new__
 _new_exit = tuple.__new__  # builds an ExitInfo without its Python-level __new__
-_BAD_MEMTYPES = frozenset({2, 3, 7})
+_BAD_MEMTYPES = frozenset(m for m in range(8) if m not in VALID_LEAF_MEMTYPES)
 _NEED = {Access.READ: 1, Access.WRITE: 2, Access.EXECUTE: 4}
 _ACCESS_BY_NAME = {"read": Access.READ, "write": Access.WRITE, "execute": Access.EXECUTE, "fetch": Access.EXECUTE}
 
@@ -153,7 +152,7 @@ class Processor:
         # By bits 5:0 of an entry, whether the walk stops there: not present (R=W=X=0),
         # or a misconfiguration — bad R/W/X, or (leaf) a bad memory type.  Valid for
         # table entries too: there bits 5:3 are reserved bits, so a table entry the
-        # memory-type test flags is a misconfiguration anyway (_ept_misconfig then
+        # memory-type test flags is a misconfiguration anyway (misconfig_reason then
         # names the right reason).
         self._bad_low = tuple(
             low & 7 == 0 or self._bad_rwx[low & 7] or (low >> 3) in _BAD_MEMTYPES for low in range(64)
@@ -385,7 +384,7 @@ class Processor:
                     ))
                 return _new_exit(ExitInfo, (
                     EptMisconfig, 0, gpa, None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
-                    self._ept_misconfig(raw, rsv, leaf),
+                    misconfig_reason(raw, Level(lvl), self.maxphyaddr, execute_only=self._execute_only),
                 ))
             acc &= raw
             if ad:
@@ -425,17 +424,6 @@ class Processor:
         if tlb is not None:
             tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
         return hpa
-
-    def _ept_misconfig(self, raw: int, rsv: int, leaf: bool) -> str | None:
-        if raw & 3 == 2:
-            return "write permission without read permission (bit 1 = 1, bit 0 = 0)"
-        if not self._execute_only and raw & 7 == 4:
-            return "execute-only entry, and execute-only translations are not supported"
-        if raw & rsv:
-            return f"reserved bits set: {raw & rsv:#x}"
-        if leaf and (raw & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT not in VALID_LEAF_MEMTYPES:
-            return f"invalid memory type {(raw & EPT_MEMTYPE_MASK) >> EPT_MEMTYPE_SHIFT}"
-        return None
 
     def _qualification(self, access: Access, paging: bool, linear: bool, nmi: bool) -> int:
         """Bits 2:0, 7, 8 and 12 of an EPT-violation qualification (5:3 added by the caller)."""
