@@ -835,3 +835,113 @@ class TestSppAndTranslationCache:
         other = rig.mem.alloc_frame()
         rig.put(m.entry["PTE"], other | SPP_LEAF)
         assert rig.run(cpu, G, 8, READ) == ((other, 8),)
+
+
+# =====================================================================================
+class TestSppVectorCachedWithMapping:
+    """spec §6 (model: docs/modelling.md "The translation cache", option ``cache_spp``):
+    with ``cache_spp=True`` the vector read by a walk that permitted a write is kept with
+    the EPTP-tagged mapping (the patent's sub-page control storage).  A later write that
+    the cached vector permits reads no SPPT; a write it does not permit drops the entry
+    and walks again (a stale vector denies nothing by itself); INVEPT drops the vector
+    with the mapping; nothing is cached from a denied write, a miss or a
+    misconfiguration; the mapping still never becomes writable."""
+
+    def test_needs_the_translation_cache(self, rig):
+        with pytest.raises(ValueError, match="cache_spp=True needs cache=True"):
+            rig.cpu(cache=False, cache_spp=True)
+
+    def test_permitted_write_then_no_sppt_read(self, rig):
+        m, _ = spp_page(rig, vec=vector(0, 1))
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G + 0x10, 8, WRITE) == ((m.hpa + 0x10, 8),)
+        assert rig.sppt_was_read
+        assert rig.run(cpu, G + 0x80, 8, WRITE) == ((m.hpa + 0x80, 8),)  # sub-page 1, same vector
+        assert not rig.sppt_was_read
+        # the neighbour rule: without the option every eligible write reads the SPPT
+        plain = rig.cpu(cache=True)
+        assert rig.run(plain, G, 8, WRITE) == ((m.hpa, 8),)
+        assert rig.run(plain, G, 8, WRITE) == ((m.hpa, 8),) and rig.sppt_was_read
+
+    def test_stale_vector_permits_until_invept(self, rig):
+        m, s = spp_page(rig, vec=ALL_WRITABLE)
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        rig.put(s["L1E"], 0)  # deny everything, no INVEPT
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        cpu.invept("single-context", rig.eptp())
+        assert rig.run(cpu, G, 8, WRITE, gla=GLA) == Exit(EPT_VIOLATION, Q_WRITE_DENIED_R, G, GLA)
+
+    def test_all_context_invept_drops_the_vector(self, rig):
+        m, s = spp_page(rig, vec=ALL_WRITABLE)
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        rig.put(s["L2E"], rig.get(s["L2E"]) & ~1)
+        cpu.invept("all-context")
+        assert rig.run(cpu, G, 8, WRITE, gla=GLA) == Exit(SPP_EVENT, Q_SPP_MISS, G, GLA)
+
+    def test_write_the_cached_vector_denies_walks_again(self, rig):
+        m, s = spp_page(rig, vec=vector(0))
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        rig.put(s["L1E"], vector(0, 3))  # more permissive, no INVEPT
+        assert rig.run(cpu, G + 3 * 128, 8, WRITE) == ((m.hpa + 3 * 128, 8),)
+        assert rig.sppt_was_read
+        rig.put(s["L1E"], vector(0))
+        assert rig.run(cpu, G + 5 * 128, 8, WRITE, gla=GLA) == Exit(
+            EPT_VIOLATION, Q_WRITE_DENIED_R, G + 5 * 128, GLA)
+
+    def test_denied_write_drops_the_mapping(self, rig):
+        m, s = spp_page(rig, vec=vector(0))
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        assert rig.run(cpu, G + 128, 8, WRITE).reason == EPT_VIOLATION
+        rig.put(s["L1E"], 0)  # no INVEPT: the violation already dropped the cached vector
+        assert rig.run(cpu, G, 8, WRITE).reason == EPT_VIOLATION
+
+    @pytest.mark.parametrize("offset, size, ok", [(0x7C, 8, True), (0xFC, 8, False), (0xF8, 8, True)])
+    def test_write_spanning_subpages_checks_every_touched_one(self, rig, offset, size, ok):
+        m, _ = spp_page(rig, vec=vector(0, 1))
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        got = rig.run(cpu, G + offset, size, WRITE)
+        assert (got == ((m.hpa + offset, size),)) is ok, got
+
+    def test_first_byte_mode_with_cached_vector(self, rig):
+        m, _ = spp_page(rig, vec=vector(0))
+        cpu = rig.cpu(cache=True, cache_spp=True, spp_write_check="first-byte")
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        assert rig.run(cpu, G + 0x7C, 8, WRITE) == ((m.hpa + 0x7C, 8),)
+        assert not rig.sppt_was_read
+        assert rig.run(cpu, G + 0x80, 8, WRITE).reason == EPT_VIOLATION
+
+    def test_cached_vector_ignored_when_spp_is_turned_off(self, rig):
+        m, _ = spp_page(rig, vec=ALL_WRITABLE)
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        cpu.load_controls(secondary_controls=ENABLE_EPT)
+        assert rig.run(cpu, G, 8, WRITE).reason == EPT_VIOLATION
+
+    def test_read_then_write_caches_the_vector(self, rig):
+        m, _ = spp_page(rig, vec=vector(0))
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, READ) == ((m.hpa, 8),)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),) and rig.sppt_was_read
+        assert rig.run(cpu, G + 8, 8, WRITE) == ((m.hpa + 8, 8),) and not rig.sppt_was_read
+
+    def test_nothing_cached_from_a_miss_or_misconfiguration(self, rig):
+        m, s = spp_page(rig, vec=vector(0) | (1 << 1))  # odd bit: misconfiguration
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE).reason == SPP_EVENT
+        assert rig.run(cpu, G, 8, WRITE).reason == SPP_EVENT and rig.sppt_was_read
+        rig.put(s["L2E"], rig.get(s["L2E"]) & ~1)
+        assert rig.run(cpu, G, 8, WRITE, gla=GLA) == Exit(SPP_EVENT, Q_SPP_MISS, G, GLA)
+
+    def test_the_mapping_never_becomes_writable(self, rig):
+        m, _ = spp_page(rig, vec=ALL_WRITABLE)
+        cpu = rig.cpu(cache=True, cache_spp=True)
+        assert rig.run(cpu, G, 8, WRITE) == ((m.hpa, 8),)
+        (entry,) = cpu.cache.tags[rig.pml4].values()
+        assert not entry[1] & 2 and entry[4] == ALL_WRITABLE
+        assert rig.run(cpu, G, 8, WRITE, paging_structure=True).reason == EPT_VIOLATION
+        assert rig.run(cpu, G, 8, WRITE, linear=False).reason == EPT_VIOLATION

@@ -430,13 +430,13 @@ def test_miss_then_violation_on_one_write(mode):
 
 # ---------------------------------------------------------------- misconfiguration
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("cache, cache_spp", [(True, False), (False, False), (True, True)])
 @pytest.mark.parametrize(
     "level, bits",
     [("L2E", 1 << 1), ("L2E", 1 << 63), ("L3E", 1 << 5), ("L4E", 1 << 11), ("L1E", 1 << 1), ("L1E", 1 << 63)],
 )
-def test_corrupted_sppt_entry_is_a_misconfiguration(mode, cache, level, bits):
-    vm = spp_vm(mode, cache=cache)
+def test_corrupted_sppt_entry_is_a_misconfiguration(mode, cache, cache_spp, level, bits):
+    vm = spp_vm(mode, cache=cache, cache_spp=cache_spp)
     vm.set_subpage_access(GFN, [0xFFFF])
     assert vm.write(BASE, b"a").committed  # the SPPT path exists (lazy: after a miss)
     walk = vm.sppt.builder.walk(BASE)
@@ -444,6 +444,11 @@ def test_corrupted_sppt_entry_is_a_misconfiguration(mode, cache, level, bits):
     assert names == ["L4E", "L3E", "L2E", "L1E"]
     _, hpa, raw = walk[names.index(level)]
     vm.memory.write_u64(hpa, raw | bits)
+    if cache_spp:
+        # The vector cached with the mapping still permits (as a processor caching SPP
+        # data would): the corruption is seen once the mapping is invalidated.
+        assert vm.write(BASE + 2, b"z").committed
+        vm.processor.invept("single-context", vm.processor.eptp)
     with pytest.raises(SppMisconfiguration) as ei:
         vm.write(BASE + 1, b"b")
     e = ei.value

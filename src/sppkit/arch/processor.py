@@ -107,6 +107,7 @@ class Processor:
         spptp: int = 0,
         spp_write_check: str = SPP_WRITE_CHECK_ALL,
         cache: bool = False,
+        cache_spp: bool = False,
         execute_only: bool = True,
     ) -> None:
         if not isinstance(memory, HostMemory):
@@ -131,6 +132,12 @@ class Processor:
         self._bad_rwx = tuple((rwx & 3) == 2 or (rwx == 4 and not execute_only) for rwx in range(8))
         self._execute_only = bool(execute_only)
         self.cache: TranslationCache | None = TranslationCache() if cache else None
+        if cache_spp and not cache:
+            raise ValueError("cache_spp=True needs cache=True: SPP vectors are cached with the mappings")
+        # Whether an SPP vector that permitted a write is kept with the cached mapping
+        # (docs/modelling.md, "The translation cache"); off: the SPPT is read at every
+        # SPP-eligible write, as Bochs does.
+        self.cache_spp = bool(cache_spp)
         n = self.maxphyaddr
         self._amask = addr_mask(n)
         # Geometry as data: (level, index shift, leaf bits, reserved if table, reserved
@@ -278,8 +285,15 @@ class Processor:
             if tlb is not None and not paging_structure:
                 # Fast path: a cached mapping that permits the access outright.
                 hit = tlb.get(gpa >> 12)
-                if hit is not None and hit[1] & (1 << access) and (hit[2] or access != 1 or not self._ad):
-                    return (_new_range(HostRange, (hit[0] | (gpa & 0xFFF), size)),)
+                if hit is not None and (hit[2] or access != 1 or not self._ad):
+                    if hit[1] & (1 << access):
+                        return (_new_range(HostRange, (hit[0] | (gpa & 0xFFF), size)),)
+                    if hit[4] is not None and access == 1 and linear and self._spp_on:
+                        # an SPP-eligible write and the cached vector permits it
+                        off = gpa & 0xFFF
+                        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+                        if hit[4] & mask == mask:
+                            return (_new_range(HostRange, (hit[0] | off, size)),)
             return (self._translate_page(gpa, size, access, gla, paging_structure, linear, nmi_unblocking),)
         rest = size - first
         if rest > 4096:
@@ -306,8 +320,14 @@ class Processor:
         if tlb is not None:
             # Fast path: a cached mapping that permits the access outright (as translate's).
             hit = tlb.get(gpa >> 12)
-            if hit is not None and hit[1] & (1 << access) and (hit[2] or access != 1 or not self._ad):
-                return hit[0] | (gpa & 0xFFF)
+            if hit is not None and (hit[2] or access != 1 or not self._ad):
+                if hit[1] & (1 << access):
+                    return hit[0] | (gpa & 0xFFF)
+                if hit[4] is not None and access == 1 and self._spp_on:
+                    off = gpa & 0xFFF  # an SPP-eligible write: the cached vector decides
+                    mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+                    if hit[4] & mask == mask:
+                        return hit[0] | off
         return self._page(gpa, size, access, gla, False, True, False)
 
     def _translate_page(
@@ -338,28 +358,48 @@ class Processor:
         if tlb is not None:
             hit = tlb.get(gpa >> 12)
             if hit is not None:
-                frame, acc, dirty, spp_leaf = hit
+                frame, acc, dirty, spp_leaf, vector = hit
                 if dirty or not write or not self._ad:
                     if acc & need:
                         self.cache.hits += 1
                         return frame | (gpa & 0xFFF)
                     if spp_candidate and spp_leaf and acc & 1:
-                        # EPT part cached; the SPPT is read at every eligible write.
-                        allowed = self._spp_walk(gpa, size, gla, nmi)
+                        off = gpa & 0xFFF
+                        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+                        if vector is not None:
+                            # The vector cached with the mapping permits the write, or
+                            # (a stale vector denies nothing by itself) the walk decides.
+                            if vector & mask == mask:
+                                self.cache.hits += 1
+                                return frame | off
+                            allowed = None
+                        elif self.cache_spp:
+                            # EPT part cached; the SPPT walk's vector joins the mapping.
+                            vector = self._spp_walk(gpa, None, gla, nmi)
+                            if type(vector) is not int:
+                                return vector  # the SPP-related event (the mapping stays)
+                            allowed = vector & mask == mask
+                            if allowed:
+                                tlb[gpa >> 12] = (frame, acc, dirty, spp_leaf, vector)
+                        else:
+                            # EPT part cached; the SPPT is read at every eligible write.
+                            allowed = self._spp_walk(gpa, size, gla, nmi)
                         if allowed is True:
                             self.cache.hits += 1
-                            return frame | (gpa & 0xFFF)
-                        if allowed is not False:
+                            return frame | off
+                        if allowed is False:
+                            del tlb[gpa >> 12]  # the violation invalidates the mapping used
+                            return _new_exit(ExitInfo, (
+                                EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
+                                gpa, gla if (linear or paging) else None, "PTE", None, None,
+                                "write denied by the SPP vector (cached EPT mapping)",
+                            ))
+                        if allowed is not None:
                             return allowed  # the SPP-related event (the mapping stays)
-                        del tlb[gpa >> 12]  # the violation invalidates the mapping used
-                        return _new_exit(ExitInfo, (
-                            EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                            gpa, gla if (linear or paging) else None, "PTE", None, None,
-                            "write denied by the SPP vector (cached EPT mapping)",
-                        ))
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
             self.cache.misses += 1
 
+        vector = None  # the SPP vector that permits this write, when it is to be cached
         # -- 1. EPT walk ---------------------------------------------------------
         # Table addresses are masked below 2**MAXPHYADDR and 4-KiB aligned: an entry is
         # word ``idx`` of frame ``base >> 12``, at host-physical ``base + idx * 8``.
@@ -398,7 +438,16 @@ class Processor:
         if not acc & need:
             # -- 3. sub-page write permissions ----------------------------------------
             eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
-            allowed = self._spp_walk(gpa, size, gla, nmi) if eligible else False
+            if eligible and self.cache_spp and tlb is not None:
+                vector = self._spp_walk(gpa, None, gla, nmi)
+                if type(vector) is int:
+                    off = gpa & 0xFFF
+                    mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+                    allowed = vector & mask == mask
+                else:
+                    allowed = vector
+            else:
+                allowed = self._spp_walk(gpa, size, gla, nmi) if eligible else False
             if allowed is not True:
                 if allowed is not False:
                     return allowed  # the SPP-related event
@@ -422,7 +471,7 @@ class Processor:
                 if new != e:
                     write_u64(ehpa, new)
         if tlb is not None:
-            tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP))
+            tlb[gpa >> 12] = (hpa & ~0xFFF, acc & 7, dirty, bool(lvl == 1 and raw & EPT_SPP), vector)
         return hpa
 
     def _qualification(self, access: Access, paging: bool, linear: bool, nmi: bool) -> int:

@@ -57,7 +57,9 @@ class Vm:
     """An empty VM.  Add memslots, enable SPP, set access maps, write.
 
     ``maxphyaddr``: host physical-address width.  ``cache``: the processor's
-    translation cache (INVEPT is issued after every EPT change).  ``spp_write_check``:
+    translation cache (INVEPT is issued after every EPT and SPPT change).
+    ``cache_spp``: the cache also keeps the SPP vector that permitted a write (default:
+    as ``cache``); the INVEPTs make it change no decision.  ``spp_write_check``:
     ``"all-touched"`` (default) or ``"first-byte"`` (Bochs), see docs/modelling.md.
     ``ept_ad``: EPT accessed/dirty flags (EPTP bit 6).
     """
@@ -67,6 +69,7 @@ class Vm:
         *,
         maxphyaddr: int = 46,
         cache: bool = True,
+        cache_spp: bool | None = None,
         spp_write_check: str = SPP_WRITE_CHECK_ALL,
         ept_ad: bool = False,
     ) -> None:
@@ -78,6 +81,9 @@ class Vm:
             secondary_controls=SECONDARY_ENABLE_EPT,
             spp_write_check=spp_write_check,
             cache=cache,
+            # The VMM follows every SPPT change with an INVEPT, so caching the vectors
+            # with the mappings changes no decision (docs/modelling.md).
+            cache_spp=cache if cache_spp is None else cache_spp,
         )
         self.slots = MemslotTable()
         self.sppt: SpptManager | None = None
