@@ -41,6 +41,7 @@ _ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
 _ATTEMPTS = range(_MAX_RETRIES)  # built once: the write path loops over it
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
+_WRITE = Access.WRITE
 _new_event = tuple.__new__  # builds the NamedTuple without its Python-level __new__
 
 ViolationHandler = Callable[[SppViolation], Decision]
@@ -421,11 +422,27 @@ class Vm:
         n = len(data)
         if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
             self._bad_write(gpa, data)
-        self._stats.writes += 1
+        st = self._stats
+        st.writes += 1
         if self._observer is not None:
             self._observer(gpa, n, rip)
         off = gpa & 0xFFF
+        tried = None  # the first translation's exit, when the fast path below took it
         if off + n <= 4096:
+            # The common case first: one page of the last memslot used, permitted at
+            # the first translation (the same steps as the loop below, in its order).
+            m = self.slots._last
+            if gla is None and m is not None and m.gpa <= gpa < m.gpa + m.size:
+                tried = self.processor.translate_one(gpa, n, _WRITE, None)
+                if type(tried) is int:
+                    maps = m.maps
+                    if maps is not None and maps.item((gpa - m.gpa) >> 12) != FULL_ACCESS_MAP:
+                        st.page_granular += 1
+                        st.page_granular_by_page.add(gpa >> 12)
+                    o = tried & 0xFFF
+                    self.memory.frame(tried >> 12)[o : o + n] = data
+                    return _ALLOWED
+                # an exit: the loop below goes on from it
             frags = ((gpa, n, 0),)
         else:
             first = 4096 - off
@@ -435,7 +452,6 @@ class Vm:
         events: tuple[SppViolation, ...] = ()  # at most one per page: a tuple, ready for the result
         decision = None
         misses = 0
-        st = self._stats
         last = self.slots._last
         for fgpa, fn, doff in frags:
             m = last if last is not None and last.gpa <= fgpa < last.gpa + last.size else self.slots.find(fgpa)
@@ -451,7 +467,10 @@ class Vm:
             if fgla is not None:
                 _check_extra(Access.WRITE, fgla, False, True)  # as translate would
             for _ in _ATTEMPTS:
-                r = translate(fgpa, fn, Access.WRITE, fgla)
+                if tried is None:
+                    r = translate(fgpa, fn, _WRITE, fgla)
+                else:
+                    r, tried = tried, None
                 if type(r) is int:
                     targets.append(r)
                     break
