@@ -54,12 +54,16 @@ from unicorn.x86_const import (
 )
 
 from ..vmm import GpaNotMapped
+from ..vmm.vm import ALLOWED
 from .base import DEFAULT_RAM, EngineBase, EngineError
 from .result import RunResult
 from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 
 MSR_EFER = 0xC0000080
 _RO = UC_PROT_READ | UC_PROT_EXEC
+# uc_cb_eventmem_t: (uc, type, address, size, value, user_data) -> bool
+_WRITE_PROT_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int,
+                                     ctypes.c_int64, ctypes.c_void_p)
 
 
 def unicorn_version() -> str:
@@ -94,13 +98,24 @@ class UnicornEngine(EngineBase):
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
-        uc.hook_add(UC_HOOK_MEM_WRITE_PROT, self._hook_write_prot)
         from unicorn.unicorn_py3.unicorn import uclib
 
-        # RIP is read in every write hook: the library call is ~5x cheaper than reg_read().
+        # The write-protect hook is on the path of every protected store, so it is
+        # registered with the library directly: one Python frame per call instead of the
+        # binding's three (its exception discipline is kept: see _hook_write_prot).
+        # RIP is read with the library call too (~5x cheaper than reg_read()).
         self._rip_buf = ctypes.c_uint64()
         self._rip_ref = ctypes.byref(self._rip_buf)
         self._reg_read = uclib.uc_reg_read
+        self._uch = uc._uch
+        self._ept = self.vm.ept
+        self._wp_calls = 0  # write-protect faults handed to vm.write (exits["WriteProt"])
+        self._wp_cb = _WRITE_PROT_CFUNC(self._hook_write_prot)
+        handle = ctypes.c_size_t()
+        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE_PROT,
+                                ctypes.cast(self._wp_cb, ctypes.c_void_p), None, 1, 0)
+        if err:
+            raise UcError(err)
 
     # -- set-up ----------------------------------------------------------------------------
     def _setup_cpu(self) -> None:
@@ -185,64 +200,67 @@ class UnicornEngine(EngineBase):
         return (1 << (8 * size)) - 1
 
     def _rip(self) -> int:
-        if self._reg_read(self.uc._uch, UC_X86_REG_RIP, self._rip_ref):
+        if self._reg_read(self._uch, UC_X86_REG_RIP, self._rip_ref):
             return self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
         return self._rip_buf.value
 
-    @_guard
-    def _hook_write_prot(self, uc, access, address, size, value, user_data):
-        rip = self._rip()
-        cover = self._cover
-        if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
-                and size < cover[2] - cover[1]:
-            # Unicorn re-reports an unaligned or page-crossing store byte by byte after
-            # the whole access: that access was already decided.
-            return cover[3]
-        self.exits["WriteProt"] += 1
-        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        if size == 8:
-            wide = self._vector_store(rip)
-            if wide is not None and address == self._wide_address(rip):
-                # Unicorn hands a 16/32-byte vector store over in 8-byte pieces: decide
-                # the whole store at its first piece, from the source register.
-                reg, n = wide
-                data = (uc.reg_read(reg) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
-                size = n
+    def _hook_write_prot(self, uch, access, address, size, value, user_data):
+        """A guest store to a read-only page, before it retires: hand it to vm.write.
+
+        Called by the library directly.  Like every hook here it never lets an
+        exception out: the first one is kept, the emulation stopped, and run()
+        re-raises it."""
         try:
-            r = self.vm.write(address, data, rip=rip)
-        except GpaNotMapped:
-            raise EngineError(f"guest wrote {size} bytes to gpa={address:#x}, outside guest RAM (rip={rip:#x})") from None
-        if self._pending:
-            d = self.instruction_at(rip)
-            for ev, old in self._pending:
-                self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)
-            self._pending.clear()
-        if r.stopped:
-            self._stop = (rip, address)
+            if self._reg_read(uch, UC_X86_REG_RIP, self._rip_ref):
+                rip = self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
+            else:
+                rip = self._rip_buf.value
+            cover = self._cover
+            if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
+                    and size < cover[2] - cover[1]:
+                # Unicorn re-reports an unaligned or page-crossing store byte by byte after
+                # the whole access: that access was already decided.
+                return cover[3]
+            self._wp_calls += 1
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            if size == 8:
+                wide = self._wide_cache.get(rip)
+                if wide is None:
+                    wide = self._wide_cache[rip] = _vector_store_info(self.vm.read(rip, 15), rip)
+                if wide and address == _operand_address(wide[1], self.regs()):
+                    # Unicorn hands a 16/32-byte vector store over in 8-byte pieces:
+                    # decide the whole store at its first piece, from the source register.
+                    reg, n = wide[0]
+                    data = (self.uc.reg_read(reg) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
+                    size = n
+            try:
+                r = self.vm.write(address, data, rip=rip)
+            except GpaNotMapped:
+                raise EngineError(f"guest wrote {size} bytes to gpa={address:#x}, outside guest RAM "
+                                  f"(rip={rip:#x})") from None
+            if r is not ALLOWED:  # (the result of every write permitted outright)
+                if self._pending:
+                    d = self.instruction_at(rip)
+                    for ev, old in self._pending:
+                        self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)
+                    self._pending.clear()
+                if r.stopped:
+                    self._stop = (rip, address)
+                    return False
+            self._cover = (rip, address, address + size, True)
+            if self._ept.version != self._generation:
+                self._project()
+            if self._pause:
+                # Stopping inside a memory hook would leave RIP at this instruction and
+                # repeat it on resume: stop at the next instruction instead.
+                d = decode(self.vm.read(rip, 15), rip, None)
+                self._stop_at(rip + (d.length if d else 1))
+            return True
+        except BaseException as e:  # re-raised from run()
+            if self._error is None:
+                self._error = e
+            self.uc.emu_stop()
             return False
-        self._cover = (rip, address, address + size, True)
-        if self.vm.ept_generation != self._generation:
-            self._project()
-        if self._pause:
-            # Stopping inside a memory hook would leave RIP at this instruction and
-            # repeat it on resume: stop at the next instruction instead.
-            d = decode(self.vm.read(rip, 15), rip, None)
-            self._stop_at(rip + (d.length if d else 1))
-        return True
-
-    def _vector_store(self, rip: int):
-        """(unicorn register, bytes) when the instruction at ``rip`` stores an XMM/YMM
-        register to memory with a single operand wider than 8 bytes, else None."""
-        hit = self._wide_cache.get(rip)
-        if hit is None:
-            hit = self._wide_cache[rip] = _vector_store_info(self.vm.read(rip, 15), rip)
-        return hit[0] if hit else None
-
-    def _wide_address(self, rip: int) -> int | None:
-        hit = self._wide_cache.get(rip)
-        if not hit:
-            return None
-        return _operand_address(hit[1], self.regs())
 
     records_every_write = True
 
@@ -318,7 +336,11 @@ class UnicornEngine(EngineBase):
             timer.daemon = True
             timer.start()
         try:
-            uc.emu_start(start, 0, count=self.max_instructions)
+            try:
+                uc.emu_start(start, 0, count=self.max_instructions)
+            finally:
+                if self._wp_calls:
+                    self.exits["WriteProt"] = self._wp_calls
         except UcError as e:
             if self._error is not None:
                 raise self._error

@@ -38,6 +38,9 @@ SPP_BATCH_LIMIT = 512
 REGION_2M = 1 << 21
 REGION_1G = 1 << 30
 _ALLOWED = WriteResult(True)
+#: The result of every write permitted outright (no event, no SPP miss): engines on a
+#: hot path may test ``result is ALLOWED``.
+ALLOWED = _ALLOWED
 _MAX_RETRIES = 8
 _ATTEMPTS = range(_MAX_RETRIES)  # built once: the write path loops over it
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
