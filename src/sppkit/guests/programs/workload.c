@@ -16,8 +16,9 @@
  * with a policy protecting `guarded` about 1 store in 9 * param_stats_every + 1
  * goes through the write-protect path and is allowed.  `guarded` is written only
  * when `param_touch_guarded` is non-zero (once, at the end).  The host may patch
- * the param_* words before the run.  Returns the low byte of a checksum of
- * everything written, so a lost or misplaced store changes the exit code.
+ * the param_* words before the run.  Prints the record count and a checksum of
+ * everything written, and returns its low byte, so a lost or misplaced store changes
+ * the output and the exit code.
  */
 #include "sppkit_rt.h"
 
@@ -118,5 +119,10 @@ int main(void)
     u64 all = sum;
     for (int i = 0; i < 16; i++)
         all = all * 31 + shared_page.stats[i];
+    rt_puts("workload: ");
+    rt_put_dec(records_done);
+    rt_puts(" records, checksum ");
+    rt_put_hex(all);
+    rt_putc('\n');
     return (int)((all ^ (all >> 8) ^ (all >> 16)) & 0xff);
 }
