@@ -503,7 +503,7 @@ class _NativeHook:
         lane = engine.vm.write_lane()
         if lane is None:
             return None, "off: the Vm has no translation cache"
-        return cls(engine, _native.load(HOOK_SOURCE), lane), f"on: {what}"
+        return cls(engine, _native.load(HOOK_SOURCE), lane), "on (C hook + the Vm's write lane)"
 
     def set_cover(self, rip: int, lo: int, hi: int) -> None:
         st = self.state
