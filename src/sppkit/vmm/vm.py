@@ -424,6 +424,10 @@ class Vm:
         handled (rebuild, retry); a denied write becomes an :class:`SppViolation` passed
         to the handler, whose :class:`Decision` applies to the whole write.  No byte
         lands before every page has been decided.
+
+        The first step — a one-page write the processor's cached mapping permits
+        outright is committed and counted — also exists compiled, as the
+        :meth:`write_lane`, for engines whose writes arrive in native code.
         """
         n = len(data)
         if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
