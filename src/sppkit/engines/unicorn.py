@@ -212,11 +212,6 @@ class UnicornEngine(EngineBase):
         self.exits["Io"] += 1
         return (1 << (8 * size)) - 1
 
-    def _rip(self) -> int:
-        if self._reg_read(self._uch, UC_X86_REG_RIP, self._rip_ref):
-            return self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
-        return self._rip_buf.value
-
     def _hook_write_prot(self, uch, access, address, size, value, user_data):
         """A guest store to a read-only page, before it retires: hand it to vm.write.
 
