@@ -26,9 +26,14 @@ def _decide(ev):
     return (Decision.SKIP, Decision.EMULATE, Decision.UNPROTECT, Decision.SKIP)[(ev.gfn + ev.denied[0]) % 4]
 
 
+LOGGED = 0x40000  # a dirty-logged slot: its clean pages are write-protected
+LPAGES = 3
+
+
 def make_vm(**kw) -> Vm:
     vm = Vm(**kw)
     vm.add_memslot(0, BASE, (PAGES + 1) << 12)  # room for a write crossing the last page
+    vm.add_memslot(1, LOGGED, LPAGES << 12, dirty_log=True)
     vm.enable_spp()
     vm.on_violation(_decide)
     return vm
@@ -65,6 +70,20 @@ class LaneAgreesWithWrite(RuleBasedStateMachine):
         else:
             assert (ra.committed, ra.decision, len(ra.events)) == (rb.committed, rb.decision, len(rb.events))
 
+    @rule(page=st.integers(0, LPAGES - 1), off=st.integers(0, 4088), byte=st.integers(0, 255))
+    def write_logged(self, page, off, byte):
+        gpa = LOGGED + (page << 12) + off
+        data = bytes([byte]) * 8
+        ra = lane_write(self.a, gpa, data)
+        rb = self.b.write(gpa, data)
+        assert rb.committed and (ra == "lane" or ra.committed)
+        if ra == "lane":
+            self.lane_hits += 1
+
+    @rule()
+    def dirty_log(self):
+        assert self.a.get_dirty_log(1) == self.b.get_dirty_log(1)
+
     @rule(page=st.integers(0, PAGES - 1), amap=st.sampled_from([0xFFFFFFFF, 0xFFFFFFFE, 0x0000FFFF, 0, 0x80000001]))
     def protect(self, page, amap):
         for vm in (self.a, self.b):
@@ -88,6 +107,7 @@ class LaneAgreesWithWrite(RuleBasedStateMachine):
     @invariant()
     def same_memory_and_stats(self):
         assert self.a.read(BASE, (PAGES + 1) << 12) == self.b.read(BASE, (PAGES + 1) << 12)
+        assert self.a.read(LOGGED, LPAGES << 12) == self.b.read(LOGGED, LPAGES << 12)
         assert self.a.stats(top=100) == self.b.stats(top=100)
         assert self.a.get_subpage_access(GFN0, PAGES) == self.b.get_subpage_access(GFN0, PAGES)
 
