@@ -6,13 +6,11 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     (built here with iced-x86) makes K = 100 stores per iteration into an unprotected
     buffer and, every M-th iteration, one store into a page holding a protected
     sub-page (to a writable sub-page of it, so every such store faults into the
-    write-protect hook and is handed to the Vm).  M = 1 is "1 store in 101 hits a
-    protected page" (0.99 %).  Nearly every instruction is a store: the worst case for
-    the hook.  Contenders: ``UnicornEngine.run()`` with that policy — with its C hook
-    and the Vm's write lane (the default) and with the Python hook alone
-    (``native=False``) — and a bare ``unicorn.Uc`` running the very same code and
-    memory image with the same long-mode set-up and **no hooks at all** (it stops at
-    the exit ``out`` by address).  Target: the engine runs the guest at >= 0.8x bare
+    write-protect hook and is handed to ``vm.write``).  M = 1 is "1 store in 101 hits
+    a protected page" (0.99 %).  Nearly every instruction is a store: the worst case
+    for the hook.  Contenders: ``UnicornEngine.run()`` with that policy, and a bare
+    ``unicorn.Uc`` running the very same code and memory image with the same long-mode
+    set-up and **no hooks at all** (it stops at the exit ``out`` by address).  Target: the engine runs the guest at >= 0.8x bare
     speed when <= 1 % of the stores hit protected pages.
 (a2) The same on compiled code: the bundled ``workload`` guest (gcc -O2: hashing, a
     hash-table insert, a histogram, a ring log; about 9 stores in 60 instructions a
@@ -20,8 +18,8 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     fraction of its stores that hit the protected page is counted with a write hook on
     a short run first.
 (b) Cost per protected write.  A guest storing N times to a protected page: to a
-    writable sub-page (allowed: committed by the write lane, or by ``vm.write`` from
-    the Python hook) and to a protected one (denied, SKIP: always ``vm.write``).
+    writable sub-page (allowed, committed by ``vm.write``) and to a protected one
+    (denied, SKIP).
     Per-write cost = (engine time - bare time for the same guest) / N.  For scale, the
     cost of ``Vm.write`` alone for the same write, called from Python.
 
@@ -45,22 +43,10 @@ from rich.console import Console
 from rich.table import Table
 from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import __version__ as unicorn_version
-from unicorn.x86_const import (
-    UC_X86_REG_CR0,
-    UC_X86_REG_CR3,
-    UC_X86_REG_CR4,
-    UC_X86_REG_CS,
-    UC_X86_REG_DS,
-    UC_X86_REG_ES,
-    UC_X86_REG_MSR,
-    UC_X86_REG_RAX,
-    UC_X86_REG_RFLAGS,
-    UC_X86_REG_RSP,
-    UC_X86_REG_SS,
-)
+from unicorn.x86_const import UC_X86_REG_RAX
 
-from sppkit.engines.unicorn import MSR_EFER, UnicornEngine, native_status
-from sppkit.engines.x86 import CR0, CR4, EFER, plan_long_mode, segments_for
+from sppkit.engines.unicorn import UnicornEngine, setup_cpu
+from sppkit.engines.x86 import plan_long_mode
 from sppkit.guests import flat_image
 from sppkit.policy import Policy
 from sppkit.vmm import Decision, Vm
@@ -173,16 +159,7 @@ def run_bare_ram(ram: mmap.mmap, layout, entry: int, out_ip: int) -> tuple[float
     ptr = ctypes.c_char.from_buffer(ram)
     try:
         uc.mem_map_ptr(0, len(ram), UC_PROT_ALL, ctypes.addressof(ptr))
-        uc.reg_write(UC_X86_REG_CR3, layout.pml4)
-        uc.reg_write(UC_X86_REG_CR4, CR4)
-        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER))
-        uc.reg_write(UC_X86_REG_CR0, CR0)
-        cs, ds = segments_for(3)
-        uc.reg_write(UC_X86_REG_CS, cs.selector)
-        for reg in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES):
-            uc.reg_write(reg, ds.selector)
-        uc.reg_write(UC_X86_REG_RSP, layout.rsp)
-        uc.reg_write(UC_X86_REG_RFLAGS, layout.rflags)
+        setup_cpu(uc, layout, 3)
         t = clock()
         uc.emu_start(entry, out_ip)
         dt = clock() - t
@@ -192,12 +169,9 @@ def run_bare_ram(ram: mmap.mmap, layout, entry: int, out_ip: int) -> tuple[float
         del ptr
 
 
-def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip", native: bool = True
-               ) -> tuple[float, dict]:
+def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip") -> tuple[float, dict]:
     eng = UnicornEngine(flat_image(code, CODE), policy=Policy.from_ranges(ranges, decision) if ranges else None,
-                        ram_size=RAM, timeout=ENGINE_TIMEOUT, native=native)
-    if native and eng.native is None:
-        raise SystemExit(f"bench_unicorn: the native hook is unavailable: {eng.native_status}")
+                        ram_size=RAM, timeout=ENGINE_TIMEOUT)
     try:
         t = clock()
         r = eng.run()
@@ -224,10 +198,10 @@ def _workload():
     return image, out_ip
 
 
-def _workload_engine(image, records: int, every: int, protect: bool, native: bool = True) -> UnicornEngine:
+def _workload_engine(image, records: int, every: int, protect: bool) -> UnicornEngine:
     g = image.symbols["guarded"]
     eng = UnicornEngine(image, policy=Policy.from_ranges([(g.addr, g.size)], "skip") if protect else None,
-                        ram_size=WORKLOAD_RAM, timeout=ENGINE_TIMEOUT, native=native)
+                        ram_size=WORKLOAD_RAM, timeout=ENGINE_TIMEOUT)
     for name, v in (("param_records", records), ("param_stats_every", every)):
         eng.vm.load(image.symbols[name].addr, v.to_bytes(8, "little"))
     return eng
@@ -243,8 +217,8 @@ def workload_fraction(image, every: int, records: int = 3000) -> tuple[int, int]
     return n[0], r.stats["writes"]
 
 
-def run_workload(image, out_ip: int, records: int, every: int) -> tuple[float, float, float]:
-    """(bare, engine, engine with the Python hook) CPU seconds; the exit codes must agree."""
+def run_workload(image, out_ip: int, records: int, every: int) -> tuple[float, float]:
+    """(bare, engine) CPU seconds; the exit codes must agree."""
     bare_eng = _workload_engine(image, records, every, False)
     ram = mmap.mmap(-1, WORKLOAD_RAM)
     ram[:] = bare_eng._ram[:]  # the engine's loaded image, page tables and patched params
@@ -254,17 +228,15 @@ def run_workload(image, out_ip: int, records: int, every: int) -> tuple[float, f
         b, rax = run_bare_ram(ram, layout, image.entry, out_ip)
     finally:
         ram.close()
-    times = []
-    for native in (True, False):
-        eng = _workload_engine(image, records, every, True, native)
-        t = clock()
-        r = eng.run()
-        times.append(clock() - t)
-        eng.close()
-        if r.stop_reason != "exit" or r.exit_code != rax & 0xFF:
-            raise SystemExit(f"bench_unicorn: workload disagrees with bare Unicorn: {r.stop_reason} "
-                             f"exit {r.exit_code} vs {rax & 0xFF}")
-    return b, times[0], times[1]
+    eng = _workload_engine(image, records, every, True)
+    t = clock()
+    r = eng.run()
+    e = clock() - t
+    eng.close()
+    if r.stop_reason != "exit" or r.exit_code != rax & 0xFF:
+        raise SystemExit(f"bench_unicorn: workload disagrees with bare Unicorn: {r.stop_reason} "
+                         f"exit {r.exit_code} vs {rax & 0xFF}")
+    return b, e
 
 
 def vm_write_cost(n: int, gpa: int) -> float:
@@ -283,6 +255,12 @@ def vm_write_cost(n: int, gpa: int) -> float:
 
 
 # ------------------------------------------------------------------ main
+def _verdict(protected_fraction: float, ratio: float) -> str:
+    if not protected_fraction or protected_fraction > 0.01:
+        return ""
+    return "[green]met[/]" if ratio >= TARGET_RATIO else "[red]NOT met[/]"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--iterations", type=int, default=40_000, help="loop iterations of (a) (K=100 stores each)")
@@ -291,15 +269,15 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="runs per figure (best is kept)")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    ok, what = native_status()
     console.print(f"[bold]sppkit Unicorn engine vs bare Unicorn {unicorn_version}[/] "
-                  f"(CPL 3, {RAM >> 20} MiB RAM, best of {args.reps}); C hook + write lane: "
-                  + ("on" if ok else f"[red]unavailable[/] ({what})"))
-    if not ok:
-        raise SystemExit("bench_unicorn: build the native hook first (a C compiler is needed); see `sppkit doctor`")
+                  f"(CPL 3, {RAM >> 20} MiB RAM, best of {args.reps})")
 
     # ---- (a)
-    rows = []
+    t = Table(title=f"(a) stress loop, engine vs bare Unicorn (no hooks); {args.iterations:,} iterations "
+                    f"x {K} stores to unprotected memory, + the protected ones")
+    for col in ("stores to a protected page", "bare", "engine", "engine speed", f">= {TARGET_RATIO}x"):
+        t.add_column(col, justify="left" if col.startswith("stores") else "right")
+    verdicts = {}
     configs = [  # (label, a protected store every M-th iteration, protected ranges)
         ("none (no protected page)", 1, []),
         ("1 in 101 stores (0.99 %)", 1, [(DENIED, 0x10)]),
@@ -308,63 +286,46 @@ def main() -> None:
     ]
     for label, every, ranges in configs:
         code, out_ip = loop_guest(args.iterations, every, ALLOWED)
-        bare_t, eng_t, py_t, info = [], [], [], None
+        bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):  # interleaved
             bare_t.append(run_bare(code, out_ip))
             dt, info = run_engine(code, ranges)
             eng_t.append(dt)
-            py_t.append(run_engine(code, ranges, native=False)[0])
         stores = args.iterations * K + args.iterations // every
         protected = args.iterations // every if ranges else 0
-        assert info["writes"] == protected, info  # every protected store reached the Vm exactly once
-        b, e, p = min(bare_t), min(eng_t), min(py_t)
-        rows.append((label, stores, protected, b, e, p))
-
-    t = Table(title=f"(a) stress loop, engine vs bare Unicorn (no hooks); {args.iterations:,} iterations "
-                    f"x {K} stores to unprotected memory, + the protected ones")
-    for col in ("stores to a protected page", "bare", "engine", "engine speed", f">= {TARGET_RATIO}x",
-                "Python hook only"):
-        t.add_column(col, justify="left" if col.startswith("stores") else "right")
-    ratio_1pct = None
-    for label, stores, protected, b, e, p in rows:
-        verdict = ""
+        assert info["writes"] == protected, info  # every protected store reached vm.write exactly once
+        b, e = min(bare_t), min(eng_t)
         if protected and protected / stores <= 0.01:
-            verdict = "[green]met[/]" if b / e >= TARGET_RATIO else "[red]NOT met[/]"
-            if ratio_1pct is None:
-                ratio_1pct = b / e
-        t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{b / e:.2f}x", verdict, f"{b / p:.2f}x")
+            verdicts.setdefault("stress loop", b / e)
+        t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{b / e:.2f}x", _verdict(protected / stores, b / e))
     console.print(t)
 
     # ---- (a2)
     image, wl_out = _workload()
     t = Table(title=f"(a2) compiled workload guest, {args.records:,} records, engine vs bare Unicorn")
     for col in ("counter update every", "stores to the protected page", "bare", "engine", "engine speed",
-                f">= {TARGET_RATIO}x", "Python hook only"):
+                f">= {TARGET_RATIO}x"):
         t.add_column(col, justify="right")
-    wl_1pct = None
     for every in (11, 110):
         total, hooked = workload_fraction(image, every)
         runs = [run_workload(image, wl_out, args.records, every) for _ in range(args.reps)]
-        b, e, p = (min(r[i] for r in runs) for i in range(3))
+        b, e = (min(r[i] for r in runs) for i in range(2))
         frac = hooked / total
-        verdict = ("[green]met[/]" if b / e >= TARGET_RATIO else "[red]NOT met[/]") if frac <= 0.01 else ""
-        if wl_1pct is None and frac <= 0.01:
-            wl_1pct = b / e
+        if frac <= 0.01:
+            verdicts.setdefault("compiled workload", b / e)
         t.add_row(f"{every} records", f"{frac:.3%}", f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{b / e:.2f}x",
-                  verdict, f"{b / p:.2f}x")
+                  _verdict(frac, b / e))
     console.print(t)
 
     # ---- (b)
     n = args.writes
     cost = {}
-    for name, target, want_viol, native in (("allowed, write lane", ALLOWED, 0, True),
-                                           ("allowed, Python hook + vm.write", ALLOWED, 0, False),
-                                           ("denied (SKIP), vm.write", DENIED, n, True)):
+    for name, target, want_viol in (("allowed (committed)", ALLOWED, 0), ("denied (SKIP)", DENIED, n)):
         code, out_ip = loop_guest_simple(n, target)
         bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):
             bare_t.append(run_bare(code, out_ip))
-            dt, info = run_engine(code, [(DENIED, 0x10)], "skip", native=native)
+            dt, info = run_engine(code, [(DENIED, 0x10)], "skip")
             eng_t.append(dt)
         assert info["writes"] == n and info["violations"] == want_viol, info
         vm_us = min(vm_write_cost(n, target) for _ in range(args.reps))
@@ -372,15 +333,15 @@ def main() -> None:
         cost[name] = ((e - b) / n * 1e6, vm_us)
 
     t = Table(title=f"(b) cost per protected write ({n:,} stores to one protected page)",
-              caption="Vm.write alone: the same write from a Python loop, for scale")
-    for col in ("write", "engine - bare", "Vm.write alone"):
+              caption="rest = the hook, violation records, Unicorn's fault path")
+    for col in ("write", "engine - bare", "Vm.write alone", "rest"):
         t.add_column(col, justify="left" if col == "write" else "right")
     for name, (us, vm_us) in cost.items():
-        t.add_row(name, f"{us:.2f} µs", f"{vm_us:.1f} µs")
+        t.add_row(name, f"{us:.1f} µs", f"{vm_us:.1f} µs", f"{us - vm_us:.1f} µs")
     console.print(t)
 
     # ---- verdict
-    for what, ratio in (("stress loop", ratio_1pct), ("compiled workload", wl_1pct)):
+    for what, ratio in verdicts.items():
         met = ratio >= TARGET_RATIO
         console.print(f"Target: engine >= {TARGET_RATIO}x bare Unicorn at <= 1 % of stores on protected pages "
                       f"({what}): " + (f"[green]met[/] ({ratio:.2f}x)" if met else f"[red]NOT met[/] ({ratio:.2f}x)"))

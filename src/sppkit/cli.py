@@ -120,11 +120,6 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
     Exit status: the guest's exit code (its write to port 0xF4) when it exits, 1 when
     the run ends otherwise (STOP decision, fault, timeout), 2 on bad input.
-
-    Under Unicorn, stores to protected pages go through a small C hook and the VM's
-    compiled write lane, built on first use with the host C compiler (see `sppkit
-    doctor`); SPPKIT_NATIVE=0 sends every such store to the Python path instead
-    (same results, slower).
     """
     import json
 
@@ -140,8 +135,6 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     if not as_json:
         err.print(f"[dim]engine: {why}[/]")
     eng = cls(image, policy=pol, ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout, spp_mode=spp_mode)
-    if not as_json and getattr(eng, "native_status", None):
-        err.print(f"[dim]native write-protect hook: {eng.native_status}[/]")
     recorder = None
     try:
         if record_file:
@@ -195,11 +188,6 @@ def doctor():
         from .engines.unicorn import unicorn_version
 
         t.add_row("Unicorn", "[green]ok[/]", unicorn_version())
-        from .engines.unicorn import native_status
-
-        ok, why = native_status()
-        t.add_row("native write hook (Unicorn)", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
-                  why if ok else f"{why}; protected stores take the Python hook (same results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status

@@ -232,8 +232,6 @@ class Processor:
         self._sppt_base = spptp & self._amask
         # With EPT off there is nothing to cache: guest-physical is host-physical.
         self._tlb = self.cache.for_tag(self._pml4) if (self.cache is not None and self._ept_on) else None
-        if self.cache is not None and self.cache.listeners:
-            self.cache.switched()
 
     # ------------------------------------------------------------------ INVEPT
     def invept(self, kind: str, eptp: int | None = None) -> None:
@@ -391,8 +389,6 @@ class Processor:
                             return frame | off
                         if allowed is False:
                             del tlb[gpa >> 12]  # the violation invalidates the mapping used
-                            if self.cache.listeners:
-                                self.cache.dropped(gpa >> 12)
                             return _new_exit(ExitInfo, (
                                 EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
                                 gpa, gla if (linear or paging) else None, "PTE", None, None,
@@ -401,8 +397,6 @@ class Processor:
                         if allowed is not None:
                             return allowed  # the SPP-related event (the mapping stays)
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
-                if self.cache.listeners:
-                    self.cache.dropped(gpa >> 12)
             self.cache.misses += 1
 
         vector = None  # the SPP vector that permits this write, when it is to be cached

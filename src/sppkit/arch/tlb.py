@@ -32,27 +32,13 @@ class TranslationCache:
     path only (the single-page fast path in ``Processor.translate`` does not count, to
     stay fast)."""
 
-    __slots__ = ("tags", "hits", "misses", "invalidations", "listeners")
+    __slots__ = ("tags", "hits", "misses", "invalidations")
 
     def __init__(self) -> None:
         self.tags: dict[int, dict[int, tuple[int, int, bool, bool, int | None]]] = {}
         self.hits = 0
         self.misses = 0
         self.invalidations = 0
-        #: Objects told whenever mappings go away (a copy of the cache kept elsewhere,
-        #: e.g. the VMM's compiled write lane): ``dropped(gfn)`` when the processor drops
-        #: the current tag's mapping of ``gfn``; ``invalidated()`` at every INVEPT and
-        #: when the current tag changes.
-        self.listeners: list = []
-
-    def dropped(self, gfn: int) -> None:
-        for listener in self.listeners:
-            listener.dropped(gfn)
-
-    def switched(self) -> None:
-        """The processor now uses another tag's mappings (EPTP or EPT enable changed)."""
-        for listener in self.listeners:
-            listener.invalidated()
 
     def for_tag(self, ep4ta: int) -> dict[int, tuple[int, int, bool, bool, int | None]]:
         d = self.tags.get(ep4ta)
@@ -65,15 +51,11 @@ class TranslationCache:
         if d:
             d.clear()
         self.invalidations += 1
-        for listener in self.listeners:
-            listener.invalidated()
 
     def invalidate_all(self) -> None:
         for d in self.tags.values():
             d.clear()
         self.invalidations += 1
-        for listener in self.listeners:
-            listener.invalidated()
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.tags.values())

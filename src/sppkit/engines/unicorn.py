@@ -21,7 +21,6 @@ import ctypes
 import mmap
 import threading
 from collections import Counter
-from pathlib import Path
 
 from unicorn import (
     UC_ARCH_X86,
@@ -54,7 +53,6 @@ from unicorn.x86_const import (
     UC_X86_REG_SS,
 )
 
-from .. import _native
 from ..vmm import GpaNotMapped
 from ..vmm.vm import ALLOWED
 from .base import DEFAULT_RAM, EngineBase, EngineError
@@ -72,18 +70,30 @@ def unicorn_version() -> str:
     return UNICORN_VERSION
 
 
+def setup_cpu(uc: Uc, layout, cpl: int) -> None:
+    """Put ``uc``'s vCPU in 64-bit long mode on ``layout``'s page tables (a
+    ``plan_long_mode`` result) at privilege level ``cpl``, as the engine starts a guest."""
+    uc.reg_write(UC_X86_REG_CR3, layout.pml4)
+    uc.reg_write(UC_X86_REG_CR4, CR4)
+    uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER))
+    uc.reg_write(UC_X86_REG_CR0, CR0)
+    code, data = segments_for(cpl)
+    if cpl:
+        uc.reg_write(UC_X86_REG_CS, code.selector)
+        for reg in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES):
+            uc.reg_write(reg, data.selector)
+    uc.reg_write(UC_X86_REG_RSP, layout.rsp)
+    uc.reg_write(UC_X86_REG_RFLAGS, layout.rflags)
+
+
 class UnicornEngine(EngineBase):
     """Run a guest image under Unicorn with the Vm deciding every write to a
-    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit.
-    ``native``: use the C write-protect hook and the Vm's write lane where they can be
-    built (``native_status`` says whether they are in use, and why not); False: every
-    protected store goes to ``vm.write`` from Python."""
+    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit."""
 
     name = "unicorn"
 
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
-                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
-                 native: bool = True) -> None:
+                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0) -> None:
         self.timeout = timeout
         self.max_instructions = max_instructions
         self._ram = mmap.mmap(-1, ram_size)
@@ -91,7 +101,7 @@ class UnicornEngine(EngineBase):
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._ram_ptr = ctypes.c_char.from_buffer(self._ram)
         uc.mem_map_ptr(0, ram_size, UC_PROT_ALL, ctypes.addressof(self._ram_ptr))
-        self._setup_cpu()
+        setup_cpu(uc, self.layout, self.cpl)
         self._prot: set[tuple[int, int, bool]] = set()
         self._generation = -1
         self._project()
@@ -117,34 +127,13 @@ class UnicornEngine(EngineBase):
         self._ept = self.vm.ept
         self._wp_calls = 0  # write-protect faults handed to vm.write (exits["WriteProt"])
         self._wp_cb = _WRITE_PROT_CFUNC(self._hook_write_prot)
-        # With a C compiler the hook is uc_write_hook.c: it hands each store to the Vm's
-        # write lane (Vm.write's fast path, compiled) and the rest to _hook_write_prot.
-        self.native: _NativeHook | None = None
-        self.native_status = "off: SPPKIT_NATIVE=0" if not native else ""
-        if native:
-            self.native, self.native_status = _NativeHook.create(self)
-        fn, data = (self.native.function, self.native.address) if self.native else \
-            (ctypes.cast(self._wp_cb, ctypes.c_void_p).value, None)
         handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE_PROT, fn, data, 1, 0)
+        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE_PROT,
+                                ctypes.cast(self._wp_cb, ctypes.c_void_p), None, 1, 0)
         if err:
             raise UcError(err)
 
     # -- set-up ----------------------------------------------------------------------------
-    def _setup_cpu(self) -> None:
-        uc = self.uc
-        uc.reg_write(UC_X86_REG_CR3, self.layout.pml4)
-        uc.reg_write(UC_X86_REG_CR4, CR4)
-        uc.reg_write(UC_X86_REG_MSR, (MSR_EFER, EFER))
-        uc.reg_write(UC_X86_REG_CR0, CR0)
-        code, data = segments_for(self.cpl)
-        if self.cpl:
-            uc.reg_write(UC_X86_REG_CS, code.selector)
-            for reg in (UC_X86_REG_SS, UC_X86_REG_DS, UC_X86_REG_ES):
-                uc.reg_write(reg, data.selector)
-        uc.reg_write(UC_X86_REG_RSP, self.layout.rsp)
-        uc.reg_write(UC_X86_REG_RFLAGS, self.layout.rflags)
-
     def _project(self) -> None:
         """Mirror the Vm's EPT onto Unicorn's page protections: a page whose leaf has
         W = 0 is read-only, and so are its two neighbours (a guard band).
@@ -223,15 +212,14 @@ class UnicornEngine(EngineBase):
                 rip = self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
             else:
                 rip = self._rip_buf.value
-            cover = self._cover  # (the native hook checks its own cover before calling here)
+            cover = self._cover
             if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
-                    and size < cover[2] - cover[1] and self.native is None:
+                    and size < cover[2] - cover[1]:
                 # Unicorn re-reports an unaligned or page-crossing store byte by byte after
                 # the whole access: that access was already decided.
                 return cover[3]
             self._wp_calls += 1
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-            wide = None
             if size == 8:
                 wide = self._wide_cache.get(rip)
                 if wide is None:
@@ -257,13 +245,6 @@ class UnicornEngine(EngineBase):
                     self._stop = (rip, address)
                     return False
             self._cover = (rip, address, address + size, True)
-            native = self.native
-            if native is not None:
-                native.set_cover(rip, address, address + size)
-                if r.committed:
-                    native.lane.install(address)  # the page's cached mapping, if it permits
-                    if size == 8 and not wide:
-                        native.add_rip(rip)  # an 8-byte store, not a piece of a wider one
             if self._ept.version != self._generation:
                 self._project()
             if self._pause:
@@ -355,9 +336,8 @@ class UnicornEngine(EngineBase):
             try:
                 uc.emu_start(start, 0, count=self.max_instructions)
             finally:
-                n = self._wp_calls + (self.native.state.fast if self.native else 0)
-                if n:
-                    self.exits["WriteProt"] = n
+                if self._wp_calls:
+                    self.exits["WriteProt"] = self._wp_calls
         except UcError as e:
             if self._error is not None:
                 raise self._error
@@ -440,69 +420,3 @@ def _operand_address(ins, regs: dict[str, int]) -> int | None:
 
     return (val(ins.memory_base) + val(ins.memory_index) * ins.memory_index_scale
             + ins.memory_displacement) & 0xFFFF_FFFF_FFFF_FFFF
-
-
-HOOK_SOURCE = Path(__file__).with_name("uc_write_hook.c")
-_RIP_SLOTS = 4096
-
-
-class _HookState(ctypes.Structure):
-    """Mirror of ``struct hook`` in uc_write_hook.c."""
-
-    _fields_ = [
-        ("reg_read", ctypes.c_void_p), ("rip_reg", ctypes.c_int32), ("use_lane", ctypes.c_int32),
-        ("lane_write", ctypes.c_void_p), ("lane", ctypes.c_void_p), ("slow", ctypes.c_void_p),
-        ("rips", ctypes.c_void_p), ("rip_slots", ctypes.c_uint32), ("rip_used", ctypes.c_uint32),
-        ("cover_rip", ctypes.c_uint64), ("cover_lo", ctypes.c_uint64), ("cover_hi", ctypes.c_uint64),
-        ("cover_valid", ctypes.c_int32), ("cover_ret", ctypes.c_int32),
-        ("fast", ctypes.c_uint64),
-    ]
-
-
-def native_status() -> tuple[bool, str]:
-    """``(available, what)`` of the C write-protect hook and the Vm's write lane."""
-    from ..vmm import write_lane
-
-    ok, what = _native.status(HOOK_SOURCE)
-    if not ok:
-        return False, what
-    ok, lane_what = write_lane.available()
-    return ok, (what if ok else f"write lane {lane_what}")
-
-
-class _NativeHook:
-    """One engine's C write-protect hook: its state and instruction table."""
-
-    def __init__(self, engine: "UnicornEngine", lib, lane) -> None:
-        from unicorn.unicorn_py3.unicorn import uclib
-
-        self.lib = lib
-        self.lane = lane
-        self._rips = (ctypes.c_uint64 * _RIP_SLOTS)()
-        st = self.state = _HookState()
-        st.reg_read = ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p).value
-        st.rip_reg, st.use_lane = UC_X86_REG_RIP, 1
-        st.lane_write, st.lane = lane.write_function, lane.address
-        st.slow = ctypes.cast(engine._wp_cb, ctypes.c_void_p).value
-        st.rips, st.rip_slots = ctypes.addressof(self._rips), _RIP_SLOTS
-        self.address = ctypes.addressof(st)
-        self.function = ctypes.cast(lib.sppkit_uc_write_prot, ctypes.c_void_p).value
-        self._add_rip = lib.sppkit_uc_add_rip
-        self._add_rip.argtypes = [ctypes.c_void_p, ctypes.c_uint64]
-
-    @classmethod
-    def create(cls, engine: "UnicornEngine") -> tuple["_NativeHook | None", str]:
-        ok, what = native_status()
-        if not ok:
-            return None, f"off: {what}"
-        lane = engine.vm.write_lane()
-        if lane is None:
-            return None, "off: the Vm has no translation cache"
-        return cls(engine, _native.load(HOOK_SOURCE), lane), "on (C hook + the Vm's write lane)"
-
-    def set_cover(self, rip: int, lo: int, hi: int) -> None:
-        st = self.state
-        st.cover_rip, st.cover_lo, st.cover_hi, st.cover_ret, st.cover_valid = rip, lo, hi, 1, 1
-
-    def add_rip(self, rip: int) -> None:
-        self._add_rip(self.address, rip)

@@ -93,7 +93,6 @@ class Vm:
         self.sppt: SpptManager | None = None
         self._handler: ViolationHandler | None = None
         self._observer: Callable[[int, int, int | None], None] | None = None
-        self._lane = None  # the compiled fast path, once an engine asks for it
         self._stats = Stats()
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
@@ -412,8 +411,6 @@ class Vm:
         if callback is not None and not callable(callback):
             raise TypeError("on_write needs a callable (gpa, size, rip) -> None, or None")
         self._observer = callback
-        if self._lane is not None:
-            self._lane.set_enabled(callback is None)  # an observer sees every write
 
     def write(
         self, gpa: int, data: bytes, *, vcpu: int = 0, rip: int | None = None, gla: int | None = None
@@ -424,10 +421,6 @@ class Vm:
         handled (rebuild, retry); a denied write becomes an :class:`SppViolation` passed
         to the handler, whose :class:`Decision` applies to the whole write.  No byte
         lands before every page has been decided.
-
-        The first step — a one-page write the processor's cached mapping permits
-        outright is committed and counted — also exists compiled, as the
-        :meth:`write_lane`, for engines whose writes arrive in native code.
         """
         n = len(data)
         if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
@@ -590,29 +583,10 @@ class Vm:
     # ================================================================ statistics
     def stats(self, top: int = 10) -> dict:
         """Write-path statistics as plain, JSON-serialisable data."""
-        if self._lane is not None:
-            self._lane.fold()
         return self._stats.as_dict(top)
 
     def reset_stats(self) -> None:
-        if self._lane is not None:
-            self._lane.fold()
         self._stats = Stats()
-
-    # ================================================================ the compiled fast path
-    def write_lane(self):
-        """The :class:`~sppkit.vmm.write_lane.WriteLane` of this Vm — the fast path of
-        :meth:`write`, compiled, for engines whose writes arrive in native code — or
-        None when it cannot be built here (``write_lane.available()`` says why) or the
-        Vm has no translation cache.  Created on first call."""
-        if self._lane is None:
-            from . import write_lane
-
-            lib = write_lane._lib()
-            if lib is None or self.processor.cache is None:
-                return None
-            self._lane = write_lane.WriteLane(self, lib)
-        return self._lane
 
     def spp_memory(self) -> dict:
         """Memory the SPP state uses: access maps (4 bytes a page) and SPPT frames."""
