@@ -37,10 +37,9 @@ from .subpage import SpptManager
 SPP_BATCH_LIMIT = 512
 REGION_2M = 1 << 21
 REGION_1G = 1 << 30
-_ALLOWED = WriteResult(True)
 #: The result of every write permitted outright (no event, no SPP miss): engines on a
 #: hot path may test ``result is ALLOWED``.
-ALLOWED = _ALLOWED
+ALLOWED = WriteResult(True)
 _MAX_RETRIES = 8
 _ATTEMPTS = range(_MAX_RETRIES)  # built once: the write path loops over it
 _SKIP, _EMULATE, _STOP = Decision.SKIP, Decision.EMULATE, Decision.STOP
@@ -444,7 +443,7 @@ class Vm:
                         st.page_granular_by_page.add(gpa >> 12)
                     o = tried & 0xFFF
                     self.memory.frame(tried >> 12)[o : o + n] = data
-                    return _ALLOWED
+                    return ALLOWED
                 # an exit: the loop below goes on from it
             frags = ((gpa, n, 0),)
         else:
@@ -548,7 +547,7 @@ class Vm:
                 mem.frame(hpa >> 12)[o : o + fn] = data[doff : doff + fn]
         if events or misses:
             return WriteResult(True, decision, events, spp_misses=misses)
-        return _ALLOWED
+        return ALLOWED
 
     @staticmethod
     def _bad_write(gpa, data) -> None:
