@@ -21,6 +21,7 @@ import ctypes
 import mmap
 import threading
 from collections import Counter
+from pathlib import Path
 
 from unicorn import (
     UC_ARCH_X86,
@@ -70,6 +71,52 @@ def unicorn_version() -> str:
     return UNICORN_VERSION
 
 
+class _HookState(ctypes.Structure):
+    """``struct hook`` of uc_write_hook.c."""
+
+    _fields_ = [
+        ("reg_read", ctypes.c_void_p),
+        ("emu_stop", ctypes.c_void_p),
+        ("callback", ctypes.c_void_p),
+        ("error", ctypes.c_void_p),
+        ("rip_reg", ctypes.c_int32),
+        ("cover_valid", ctypes.c_int32),
+        ("cover_rip", ctypes.c_uint64),
+        ("cover_lo", ctypes.c_uint64),
+        ("cover_hi", ctypes.c_uint64),
+        ("calls", ctypes.c_uint64),
+    ]
+
+
+_HOOK_SOURCE = Path(__file__).with_name("uc_write_hook.c")
+_lib_cache: list = []
+
+
+def _native_lib():
+    """The C trampoline's library (ctypes.PyDLL: its helpers run with the GIL held),
+    or None when it cannot be built (see :func:`native_status`)."""
+    if not _lib_cache:
+        from .. import _native
+
+        lib = _native.load(_HOOK_SOURCE)
+        if lib is not None:
+            lib = ctypes.PyDLL(lib._name)
+            lib.sppkit_uc_take_error.restype = ctypes.py_object
+            lib.sppkit_uc_take_error.argtypes = [ctypes.c_void_p]
+            lib.sppkit_uc_reset_cover.restype = None
+            lib.sppkit_uc_reset_cover.argtypes = [ctypes.c_void_p]
+        _lib_cache.append(lib)
+    return _lib_cache[0]
+
+
+def native_status() -> tuple[bool, str]:
+    """``(available, what)`` of the C write-protect hook trampoline."""
+    from .. import _native
+
+    _native_lib()
+    return _native.status(_HOOK_SOURCE)
+
+
 def setup_cpu(uc: Uc, layout, cpl: int) -> None:
     """Put ``uc``'s vCPU in 64-bit long mode on ``layout``'s page tables (a
     ``plan_long_mode`` result) at privilege level ``cpl``, as the engine starts a guest."""
@@ -88,12 +135,18 @@ def setup_cpu(uc: Uc, layout, cpl: int) -> None:
 
 class UnicornEngine(EngineBase):
     """Run a guest image under Unicorn with the Vm deciding every write to a
-    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit."""
+    write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit.
+
+    ``native_hook``: hand protected stores to ``vm.write`` through the small C
+    trampoline (built on first use with the host C compiler; about half the cost per
+    protected store) — None: when it can be built, True: required (EngineError
+    otherwise), False: never (a ctypes callback).  Results are identical either way."""
 
     name = "unicorn"
 
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
-                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0) -> None:
+                 timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
+                 native_hook: bool | None = None) -> None:
         self.timeout = timeout
         self.max_instructions = max_instructions
         self._ram = mmap.mmap(-1, ram_size)
@@ -107,31 +160,57 @@ class UnicornEngine(EngineBase):
         self._project()
         self._error: BaseException | None = None
         self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
-        self._cover: tuple[int, int, int, bool] | None = None  # (rip, lo, hi, ret) of the last whole access
         self._code_hooks: list = []  # one-address code hooks, removed after each run
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self.exits: Counter = Counter()
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
+        self._ept = self.vm.ept
+        self._wp_calls = 0  # stores handed to vm.write by the Python trampoline
+        self._native = None
+        lib = None
+        if native_hook is not False:
+            lib = _native_lib()
+            if lib is None and native_hook:
+                raise EngineError(f"native write-protect hook unavailable: {native_status()[1]}")
+        # The write-protect hook is on the path of every protected store, so it is
+        # registered with the library directly, not through the binding: the C
+        # trampoline (uc_write_hook.c) when it is built, else a ctypes callback.  Both
+        # hand each store to the same Python method, _on_store, which calls vm.write.
         from unicorn.unicorn_py3.unicorn import uclib
 
-        # The write-protect hook is on the path of every protected store, so it is
-        # registered with the library directly: one Python frame per call instead of the
-        # binding's three (its exception discipline is kept: see _hook_write_prot).
-        # RIP is read with the library call too (~5x cheaper than reg_read()).
-        self._rip_buf = ctypes.c_uint64()
-        self._rip_ref = ctypes.byref(self._rip_buf)
-        self._reg_read = uclib.uc_reg_read
         self._uch = uc._uch
-        self._ept = self.vm.ept
-        self._wp_calls = 0  # write-protect faults handed to vm.write (exits["WriteProt"])
-        self._wp_cb = _WRITE_PROT_CFUNC(self._hook_write_prot)
+        self._on_store_ref = self._on_store  # one bound method, kept alive for the C side
+        if lib is not None:
+            state = _HookState(reg_read=ctypes.cast(uclib.uc_reg_read, ctypes.c_void_p),
+                               emu_stop=ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p),
+                               callback=id(self._on_store_ref), rip_reg=UC_X86_REG_RIP)
+            self._native = (lib, state)
+            fn, data = ctypes.cast(lib.sppkit_uc_write_prot, ctypes.c_void_p), ctypes.addressof(state)
+        else:
+            self._rip_buf = ctypes.c_uint64()
+            self._rip_ref = ctypes.byref(self._rip_buf)
+            self._reg_read = uclib.uc_reg_read
+            self._cover: tuple[int, int, int] | None = None  # (rip, lo, hi) of the last access decided whole
+            self._wp_cb = _WRITE_PROT_CFUNC(self._hook_write_prot)
+            fn, data = ctypes.cast(self._wp_cb, ctypes.c_void_p), None
         handle = ctypes.c_size_t()
-        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE_PROT,
-                                ctypes.cast(self._wp_cb, ctypes.c_void_p), None, 1, 0)
+        err = uclib.uc_hook_add(self._uch, ctypes.byref(handle), UC_HOOK_MEM_WRITE_PROT, fn, data, 1, 0)
         if err:
             raise UcError(err)
+
+    @property
+    def native_hook(self) -> bool:
+        """Whether protected stores reach vm.write through the C trampoline."""
+        return self._native is not None
+
+    @property
+    def native_status(self) -> str:
+        return "in use" if self._native is not None else f"not used ({native_status()[1]})"
+
+    def _write_prot_calls(self) -> int:
+        return self._native[1].calls if self._native is not None else self._wp_calls
 
     # -- set-up ----------------------------------------------------------------------------
     def _project(self) -> None:
@@ -202,24 +281,46 @@ class UnicornEngine(EngineBase):
         return (1 << (8 * size)) - 1
 
     def _hook_write_prot(self, uch, access, address, size, value, user_data):
+        """The pure-Python trampoline (when the C one is not built): what
+        uc_write_hook.c does, with a ctypes callback.  Called by the library directly."""
+        try:
+            rip = None if self._reg_read(uch, UC_X86_REG_RIP, self._rip_ref) else self._rip_buf.value
+            cover = self._cover
+            if rip is not None and cover is not None and cover[0] == rip and cover[1] <= address \
+                    and address + size <= cover[2] and size < cover[2] - cover[1]:
+                # Unicorn re-reports an unaligned or page-crossing store byte by byte after
+                # the whole access (and a vector store in 8-byte pieces): already decided.
+                return True
+            self._cover = None
+            self._wp_calls += 1
+            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little") if 1 <= size <= 8 else None
+        except BaseException as e:  # re-raised from run()
+            if self._error is None:
+                self._error = e
+            self.uc.emu_stop()
+            return False
+        r = self._on_store(address, data, rip)
+        if r is False:
+            return False
+        if rip is not None:
+            self._cover = (rip, address, address + (size if r is True else r))
+        return True
+
+    def _on_store(self, address: int, data: bytes | None, rip: int | None):
         """A guest store to a read-only page, before it retires: hand it to vm.write.
 
-        Called by the library directly.  Like every hook here it never lets an
-        exception out: the first one is kept, the emulation stopped, and run()
-        re-raises it."""
+        Called by a trampoline (see uc_write_hook.c for the protocol).  Returns True
+        to continue (the store was committed or skipped), False to stop the run at this
+        instruction, or the size of a whole vector store decided at its first 8-byte
+        piece.  Like every hook here it never lets an exception out: the first one is
+        kept, the emulation stopped, and run() re-raises it."""
         try:
-            if self._reg_read(uch, UC_X86_REG_RIP, self._rip_ref):
+            if rip is None:
                 rip = self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
-            else:
-                rip = self._rip_buf.value
-            cover = self._cover
-            if cover is not None and cover[0] == rip and cover[1] <= address and address + size <= cover[2] \
-                    and size < cover[2] - cover[1]:
-                # Unicorn re-reports an unaligned or page-crossing store byte by byte after
-                # the whole access: that access was already decided.
-                return cover[3]
-            self._wp_calls += 1
-            data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+            if data is None:
+                raise EngineError(f"Unicorn reported a store of unsupported size to gpa={address:#x} "
+                                  f"(rip={rip:#x})")
+            size = n = len(data)
             if size == 8:
                 wide = self._wide_cache.get(rip)
                 if wide is None:
@@ -229,11 +330,10 @@ class UnicornEngine(EngineBase):
                     # decide the whole store at its first piece, from the source register.
                     reg, n = wide[0]
                     data = (self.uc.reg_read(reg) & ((1 << (8 * n)) - 1)).to_bytes(n, "little")
-                    size = n
             try:
                 r = self.vm.write(address, data, rip=rip)
             except GpaNotMapped:
-                raise EngineError(f"guest wrote {size} bytes to gpa={address:#x}, outside guest RAM "
+                raise EngineError(f"guest wrote {n} bytes to gpa={address:#x}, outside guest RAM "
                                   f"(rip={rip:#x})") from None
             if r is not ALLOWED:  # (the result of every write permitted outright)
                 if self._pending:
@@ -244,7 +344,6 @@ class UnicornEngine(EngineBase):
                 if r.stopped:
                     self._stop = (rip, address)
                     return False
-            self._cover = (rip, address, address + size, True)
             if self._ept.version != self._generation:
                 self._project()
             if self._pause:
@@ -252,7 +351,7 @@ class UnicornEngine(EngineBase):
                 # repeat it on resume: stop at the next instruction instead.
                 d = decode(self.vm.read(rip, 15), rip, None)
                 self._stop_at(rip + (d.length if d else 1))
-            return True
+            return True if n == size else n
         except BaseException as e:  # re-raised from run()
             if self._error is None:
                 self._error = e
@@ -332,12 +431,21 @@ class UnicornEngine(EngineBase):
         if timer:
             timer.daemon = True
             timer.start()
+        if self._native is not None:
+            self._native[0].sppkit_uc_reset_cover(ctypes.byref(self._native[1]))
+        else:
+            self._cover = None
         try:
             try:
                 uc.emu_start(start, 0, count=self.max_instructions)
             finally:
-                if self._wp_calls:
-                    self.exits["WriteProt"] = self._wp_calls
+                calls = self._write_prot_calls()
+                if calls:
+                    self.exits["WriteProt"] = calls
+                if self._native is not None:
+                    err = self._native[0].sppkit_uc_take_error(ctypes.byref(self._native[1]))
+                    if err is not None and self._error is None:
+                        self._error = err
         except UcError as e:
             if self._error is not None:
                 raise self._error

@@ -1,0 +1,138 @@
+/*
+ * sppkit: the Unicorn engine's write-protect hook trampoline, in C.
+ *
+ * Unicorn calls sppkit_uc_write_prot for every guest store to a page mapped
+ * read-only (a page whose EPT leaf has W = 0, or a neighbour in the guard band).  It
+ * decides nothing: it reads RIP, packs the store's bytes and hands the store to the
+ * engine's Python callback, which calls Vm.write — the one write path.  What it saves
+ * over a ctypes callback is the argument conversion and a separate RIP read.
+ *
+ * One thing is the engine's own, exactly as in its pure-Python hook: the cover.
+ * Unicorn re-reports an unaligned or page-crossing store byte by byte after the
+ * whole access (and a 16-byte vector store as two 8-byte pieces); those re-reports
+ * get the answer Vm.write gave the whole access, without a second call.
+ *
+ * Callback protocol: callback(address: int, data: bytes | None, rip: int | None)
+ *   -> True  (continue; the access [address, address + len(data)) is decided),
+ *      int n (continue; [address, address + n) is decided: a whole vector store),
+ *      False (stop: the run ends at this instruction).
+ * data is None when Unicorn reports a size outside 1..8; rip is None when RIP cannot
+ * be read.  An exception escaping the callback is kept (sppkit_uc_take_error) and the
+ * emulation stopped, never swallowed.
+ *
+ * Built on first use by sppkit/_native.py against this interpreter's headers.
+ */
+#include <Python.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef int (*reg_read_fn)(void *uc, int regid, void *value);
+typedef int (*emu_stop_fn)(void *uc);
+
+struct hook {
+    reg_read_fn reg_read;
+    emu_stop_fn emu_stop;
+    PyObject *callback; /* borrowed: the engine keeps it alive */
+    PyObject *error;    /* an exception that escaped the callback (owned), or NULL */
+    int32_t rip_reg;
+    int32_t cover_valid;
+    uint64_t cover_rip, cover_lo, cover_hi;
+    uint64_t calls; /* stores handed to the callback */
+};
+
+bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
+{
+    struct hook *h = user_data;
+    uint64_t rip = 0;
+    int rip_ok = h->reg_read(uc, h->rip_reg, &rip) == 0;
+    if (rip_ok && h->cover_valid && rip == h->cover_rip && address >= h->cover_lo
+        && address + (uint64_t)size <= h->cover_hi && (uint64_t)size < h->cover_hi - h->cover_lo)
+        return true; /* a re-report of a store already allowed whole */
+    h->cover_valid = 0;
+    h->calls++;
+
+    PyGILState_STATE gil = PyGILState_Ensure();
+    bool ret = false;
+    PyObject *args[3] = {NULL, NULL, NULL};
+    args[0] = PyLong_FromUnsignedLongLong(address);
+    if (size >= 1 && size <= 8) {
+        unsigned char buf[8];
+        uint64_t v = (uint64_t)value;
+        for (int i = 0; i < size; i++) /* little-endian, whatever the host */
+            buf[i] = (unsigned char)(v >> (8 * i));
+        args[1] = PyBytes_FromStringAndSize((const char *)buf, size);
+    } else {
+        Py_INCREF(Py_None);
+        args[1] = Py_None;
+    }
+    if (rip_ok) {
+        args[2] = PyLong_FromUnsignedLongLong(rip);
+    } else {
+        Py_INCREF(Py_None);
+        args[2] = Py_None;
+    }
+    PyObject *r = NULL;
+    if (args[0] && args[1] && args[2])
+        r = PyObject_Vectorcall(h->callback, args, 3, NULL);
+    Py_XDECREF(args[0]);
+    Py_XDECREF(args[1]);
+    Py_XDECREF(args[2]);
+    if (r == NULL) {
+        /* keep the first exception for the engine to re-raise; stop the emulation */
+        PyObject *type_, *val, *tb;
+        PyErr_Fetch(&type_, &val, &tb);
+        PyErr_NormalizeException(&type_, &val, &tb);
+        if (h->error == NULL && val != NULL) {
+            if (tb != NULL)
+                PyException_SetTraceback(val, tb);
+            h->error = val;
+            val = NULL;
+        }
+        Py_XDECREF(type_);
+        Py_XDECREF(val);
+        Py_XDECREF(tb);
+        h->emu_stop(uc);
+    } else {
+        uint64_t hi = address + (uint64_t)size;
+        if (r == Py_True) {
+            ret = true;
+        } else if (PyLong_Check(r)) {
+            long long n = PyLong_AsLongLong(r);
+            if (n > 0) {
+                ret = true;
+                hi = address + (uint64_t)n;
+            } else {
+                PyErr_Clear();
+            }
+        }
+        if (ret && rip_ok) {
+            h->cover_rip = rip;
+            h->cover_lo = address;
+            h->cover_hi = hi;
+            h->cover_valid = 1;
+        }
+        Py_DECREF(r);
+    }
+    PyGILState_Release(gil);
+    return ret;
+}
+
+/* The exception kept by the trampoline, or None (a new reference); clears it.
+   Call with the GIL held (ctypes.PyDLL). */
+PyObject *sppkit_uc_take_error(struct hook *h)
+{
+    PyObject *e = h->error;
+    h->error = NULL;
+    if (e == NULL) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    return e;
+}
+
+/* Forget the last decided access (a new run, or protections changed). */
+void sppkit_uc_reset_cover(struct hook *h)
+{
+    h->cover_valid = 0;
+}
