@@ -188,6 +188,11 @@ def doctor():
         from .engines.unicorn import unicorn_version
 
         t.add_row("Unicorn", "[green]ok[/]", unicorn_version())
+        from .engines.unicorn import native_status
+
+        ok, why = native_status()
+        t.add_row("C hook trampoline (Unicorn)", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
+                  why if ok else f"{why}; protected stores take a ctypes callback (same results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status

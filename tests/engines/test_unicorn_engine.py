@@ -17,6 +17,9 @@ The rules (README, "Two engines, one write path"):
 
 Cases where the engine crashed the interpreter while these tests were written run
 in a child process (see ``_run_isolated``), so a crash fails one test, not the run.
+
+Every test runs twice: with the C trampoline handing protected stores to vm.write,
+and with the ctypes callback used where it cannot be built (``trampoline`` fixture).
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from iced_x86 import Instruction as Ins
 from unicorn.x86_const import UC_X86_REG_RCX, UC_X86_REG_RDI, UC_X86_REG_RIP, UC_X86_REG_RSP
 
 from sppkit.cli import main as cli_main
-from sppkit.engines.unicorn import UnicornEngine
+import sppkit.engines.unicorn as unicorn_engine
+from sppkit.engines.unicorn import UnicornEngine, native_status
 from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf, toolchain_status
 from sppkit.policy import Policy, load_policy
 from sppkit.vmm import Decision
@@ -52,6 +56,20 @@ MIXED_POLICY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "
 
 _toolchain_ok, _toolchain_why = toolchain_status()
 needs_gcc = pytest.mark.skipif(not _toolchain_ok, reason=f"guest programs cannot be built: {_toolchain_why}")
+
+
+@pytest.fixture(autouse=True, params=["c-trampoline", "ctypes-trampoline"])
+def trampoline(request, monkeypatch):
+    """Run the test with either write-protect hook trampoline (both call vm.write)."""
+    if request.param == "c-trampoline":
+        ok, why = native_status()
+        if not ok:
+            pytest.skip(f"the C trampoline cannot be built here: {why}")
+    else:
+        # as on a machine without a C compiler (child processes too)
+        monkeypatch.setenv("SPPKIT_NATIVE", "0")
+        monkeypatch.setattr(unicorn_engine, "_lib_cache", [None])
+    return request.param
 
 
 # ---------------------------------------------------------------- a tiny assembler
@@ -764,8 +782,11 @@ def runner():
 def test_doctor_names_every_component(runner):
     r = runner.invoke(cli_main, ["doctor"], env={"COLUMNS": "200"})
     assert r.exit_code == 0, r.output
-    for word in ("KVM", "Unicorn", "gcc", "valgrind"):
+    for word in ("KVM", "Unicorn", "C hook trampoline", "gcc", "valgrind"):
         assert word in r.stdout, f"`sppkit doctor` does not mention {word}:\n{r.stdout}"
+    ok, why = native_status()
+    line = next(ln for ln in r.stdout.splitlines() if "C hook trampoline" in ln)
+    assert ("ok" if ok else "unavailable") in line, line
 
 
 @needs_gcc
