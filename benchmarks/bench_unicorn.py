@@ -19,7 +19,8 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     a short run first.
 (b) Cost per protected write.  A guest storing N times to a protected page: to a
     writable sub-page (allowed, committed by ``vm.write``) and to a protected one
-    (denied, SKIP).
+    (denied, SKIP); through the C trampoline and through the ctypes callback used where
+    it cannot be built.
     Per-write cost = (engine time - bare time for the same guest) / N.  For scale, the
     cost of ``Vm.write`` alone for the same write, called from Python.
 
@@ -45,7 +46,7 @@ from unicorn import UC_ARCH_X86, UC_MODE_64, UC_PROT_ALL, Uc
 from unicorn import __version__ as unicorn_version
 from unicorn.x86_const import UC_X86_REG_RAX
 
-from sppkit.engines.unicorn import UnicornEngine, setup_cpu
+from sppkit.engines.unicorn import UnicornEngine, native_status, setup_cpu
 from sppkit.engines.x86 import plan_long_mode
 from sppkit.guests import flat_image
 from sppkit.policy import Policy
@@ -169,9 +170,10 @@ def run_bare_ram(ram: mmap.mmap, layout, entry: int, out_ip: int) -> tuple[float
         del ptr
 
 
-def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip") -> tuple[float, dict]:
+def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip",
+               native_hook: bool | None = None) -> tuple[float, dict]:
     eng = UnicornEngine(flat_image(code, CODE), policy=Policy.from_ranges(ranges, decision) if ranges else None,
-                        ram_size=RAM, timeout=ENGINE_TIMEOUT)
+                        ram_size=RAM, timeout=ENGINE_TIMEOUT, native_hook=native_hook)
     try:
         t = clock()
         r = eng.run()
@@ -269,8 +271,11 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="runs per figure (best is kept)")
     args = ap.parse_args()
     t0 = time.perf_counter()
+    native_ok, native_why = native_status()
     console.print(f"[bold]sppkit Unicorn engine vs bare Unicorn {unicorn_version}[/] "
                   f"(CPL 3, {RAM >> 20} MiB RAM, best of {args.reps})")
+    console.print("write-protect hook: " + ("C trampoline -> vm.write" if native_ok else
+                                            f"ctypes callback -> vm.write (C trampoline: {native_why})"))
 
     # ---- (a)
     t = Table(title=f"(a) stress loop, engine vs bare Unicorn (no hooks); {args.iterations:,} iterations "
@@ -320,12 +325,15 @@ def main() -> None:
     # ---- (b)
     n = args.writes
     cost = {}
-    for name, target, want_viol in (("allowed (committed)", ALLOWED, 0), ("denied (SKIP)", DENIED, n)):
+    rows = [("allowed (committed)", ALLOWED, 0, None), ("denied (SKIP)", DENIED, n, None)]
+    if native_ok:  # the same, through the fallback used where the C trampoline cannot be built
+        rows += [("allowed, ctypes trampoline", ALLOWED, 0, False), ("denied, ctypes trampoline", DENIED, n, False)]
+    for name, target, want_viol, native_hook in rows:
         code, out_ip = loop_guest_simple(n, target)
         bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):
             bare_t.append(run_bare(code, out_ip))
-            dt, info = run_engine(code, [(DENIED, 0x10)], "skip")
+            dt, info = run_engine(code, [(DENIED, 0x10)], "skip", native_hook)
             eng_t.append(dt)
         assert info["writes"] == n and info["violations"] == want_viol, info
         vm_us = min(vm_write_cost(n, target) for _ in range(args.reps))
@@ -333,7 +341,7 @@ def main() -> None:
         cost[name] = ((e - b) / n * 1e6, vm_us)
 
     t = Table(title=f"(b) cost per protected write ({n:,} stores to one protected page)",
-              caption="rest = the hook, violation records, Unicorn's fault path")
+              caption="rest = the trampoline, the engine's hook, violation records, Unicorn's fault path")
     for col in ("write", "engine - bare", "Vm.write alone", "rest"):
         t.add_column(col, justify="left" if col == "write" else "right")
     for name, (us, vm_us) in cost.items():
