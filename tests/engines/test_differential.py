@@ -46,18 +46,13 @@ from iced_x86 import Instruction as Ins
 
 from sppkit.engines.kvm.binding import kvm_status
 from sppkit.engines.unicorn import UnicornEngine
-from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf, toolchain_status
+from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf
 from sppkit.policy import Policy, load_policy, parse_policy
+from engine_helpers import MIXED_POLICY, PAGE, RAM, SUB, needs_gcc
 
-PAGE = 4096
-SUB = 128
-RAM = 16 << 20
 TIMEOUT = 60.0
-MIXED_POLICY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "mixed.toml")
 
 KVM_OK, KVM_WHY = kvm_status()
-_toolchain_ok, _toolchain_why = toolchain_status()
-needs_gcc = pytest.mark.skipif(not _toolchain_ok, reason=f"guest programs cannot be built: {_toolchain_why}")
 
 
 def skip_without_kvm() -> None:

@@ -19,7 +19,6 @@ through a ctypes callback.  Neither decides anything; both call the engine's
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
@@ -30,16 +29,11 @@ import sppkit._native as native
 import sppkit.engines.unicorn as unicorn_engine
 from sppkit.engines.base import EngineError
 from sppkit.engines.unicorn import UnicornEngine, native_status
-from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf, toolchain_status
+from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf
 from sppkit.policy import Policy, load_policy
+from engine_helpers import MIXED_POLICY, PAGE, RAM, SUB, needs_gcc
 
-PAGE = 4096
-SUB = 128
-RAM = 16 << 20
-MIXED_POLICY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "mixed.toml")
 
-_toolchain_ok, _toolchain_why = toolchain_status()
-needs_gcc = pytest.mark.skipif(not _toolchain_ok, reason=f"guest programs cannot be built: {_toolchain_why}")
 _native_ok, _native_why = native_status()
 needs_native = pytest.mark.skipif(not _native_ok, reason=f"the C trampoline cannot be built here: {_native_why}")
 

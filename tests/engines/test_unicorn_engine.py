@@ -25,7 +25,6 @@ and with the ctypes callback used where it cannot be built (``trampoline`` fixtu
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -41,21 +40,16 @@ from unicorn.x86_const import UC_X86_REG_RCX, UC_X86_REG_RDI, UC_X86_REG_RIP, UC
 from sppkit.cli import main as cli_main
 import sppkit.engines.unicorn as unicorn_engine
 from sppkit.engines.unicorn import UnicornEngine, native_status
-from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf, toolchain_status
+from sppkit.guests import GuestImage, Segment, build_guest, list_programs, load_elf
 from sppkit.policy import Policy, load_policy
 from sppkit.vmm import Decision
+from engine_helpers import MIXED_POLICY, PAGE, RAM, SUB, needs_gcc
 
 CODE = 0x400000  # flat guests' code
 DATA = 0x600000  # flat guests' data: DATA_PAGES pages, pre-filled with a pattern
 DATA_PAGES = 8
 MARK = DATA + 0x7000  # an unprotected page for "the next instruction ran" markers
-PAGE = 4096
-SUB = 128
-RAM = 16 << 20
-MIXED_POLICY = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "mixed.toml")
 
-_toolchain_ok, _toolchain_why = toolchain_status()
-needs_gcc = pytest.mark.skipif(not _toolchain_ok, reason=f"guest programs cannot be built: {_toolchain_why}")
 
 
 @pytest.fixture(autouse=True, params=["c-trampoline", "ctypes-trampoline"])
