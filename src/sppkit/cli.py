@@ -115,8 +115,9 @@ def _policy(policy_file, protect, image, decision):
                    "protected pages under KVM.")
 def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, timeout, flat_at, entry, as_json,
         record_file):
-    """Run GUEST (an x86-64 ELF, a flat binary, or a bundled program: selftest,
-    mixed, readback) with sub-page write protection.
+    """Run GUEST (an x86-64 ELF, a flat binary, or a bundled program such as
+    selftest, mixed or workload; a name that is neither lists them all) with sub-page
+    write protection.
 
     Exit status: the guest's exit code (its write to port 0xF4) when it exits, 1 when
     the run ends otherwise (STOP decision, fault, timeout), 2 on bad input.
@@ -160,7 +161,7 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
 
 @main.command()
 def doctor():
-    """Report what this machine offers: KVM, Unicorn, gcc/binutils, valgrind."""
+    """Report what this machine offers: KVM, Unicorn (and its C hook trampoline), gcc/binutils, valgrind."""
     import shutil
 
     from rich.console import Console
