@@ -13,6 +13,12 @@ write path of every engine.  The hook fires *before* the store retires:
 
 An exception raised inside a hook is stored and re-raised from :meth:`run`, never
 swallowed at the C boundary.
+
+The hook is registered with the library directly: a small C trampoline
+(``uc_write_hook.c``, built on first use by :mod:`sppkit._native`) where a C compiler
+and this Python's headers are present, else a ctypes callback.  Both only read RIP,
+pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
+``vm.write``; the results are the same either way, only the cost per store differs.
 """
 
 from __future__ import annotations
