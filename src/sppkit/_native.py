@@ -21,15 +21,13 @@ import sysconfig
 import tempfile
 from pathlib import Path
 
+from ._cache import cache_root
+
 _loaded: dict[Path, tuple[ctypes.CDLL | None, str]] = {}
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("SPPKIT_CACHE")
-    if env:
-        return Path(env) / "native"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "sppkit" / "native"
+    return cache_root() / "native"
 
 
 def compiler() -> str | None:

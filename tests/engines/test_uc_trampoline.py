@@ -151,7 +151,7 @@ def test_no_compiler_is_reported_and_the_engine_falls_back(fresh_native, monkeyp
     with pytest.raises(EngineError, match="native write-protect hook unavailable: .*no C compiler"):
         UnicornEngine(_store_guest(), ram_size=RAM, native_hook=True)
     eng = UnicornEngine(_store_guest(), policy=Policy.from_ranges([(DATA, SUB)]), ram_size=RAM)
-    assert not eng.native_hook and "no C compiler" in eng.native_status
+    assert not eng.native_hook
     r = eng.run()
     assert r.exit_code == 0 and r.exits["WriteProt"] == 1
     assert eng.vm.read(DATA + 0x800, 8) == (0x1122334455667788).to_bytes(8, "little")

@@ -29,14 +29,6 @@ DEV = 0x20000
 TEXT = b"hello through the ring\n"
 
 
-@pytest.fixture
-def vm():
-    v = Vm()
-    v.add_memslot(0, 0, 4 << 20)
-    v.enable_spp()
-    return v
-
-
 def u32(vm, gpa):
     return int.from_bytes(vm.read(gpa, 4), "little")
 

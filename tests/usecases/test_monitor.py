@@ -30,14 +30,6 @@ POST = max(1, TICKS // 6)
 
 
 # ====================================================================== a bare Vm
-@pytest.fixture
-def vm():
-    v = Vm()
-    v.add_memslot(0, 0, 4 << 20)
-    v.enable_spp()
-    return v
-
-
 def amap(vm, gpa=PAGE):
     return vm.get_subpage_access(gpa >> 12, 1)[0]
 

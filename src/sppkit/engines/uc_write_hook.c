@@ -38,7 +38,6 @@ struct hook {
     int32_t rip_reg;
     int32_t cover_valid;
     uint64_t cover_rip, cover_lo, cover_hi;
-    uint64_t calls; /* stores handed to the callback */
 };
 
 bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
@@ -50,7 +49,6 @@ bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_
         && address + (uint64_t)size <= h->cover_hi && (uint64_t)size < h->cover_hi - h->cover_lo)
         return true; /* a re-report of a store already allowed whole */
     h->cover_valid = 0;
-    h->calls++;
 
     PyGILState_STATE gil = PyGILState_Ensure();
     bool ret = false;

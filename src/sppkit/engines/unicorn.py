@@ -90,7 +90,6 @@ class _HookState(ctypes.Structure):
         ("cover_rip", ctypes.c_uint64),
         ("cover_lo", ctypes.c_uint64),
         ("cover_hi", ctypes.c_uint64),
-        ("calls", ctypes.c_uint64),
     ]
 
 
@@ -173,7 +172,7 @@ class UnicornEngine(EngineBase):
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_INSN, self._hook_in, None, 1, 0, UC_X86_INS_IN)
         self._ept = self.vm.ept
-        self._wp_calls = 0  # stores handed to vm.write by the Python trampoline
+        self._wp_calls = 0  # stores handed to _on_store (exits["WriteProt"])
         self._native = None
         lib = None
         if native_hook is not False:
@@ -210,13 +209,6 @@ class UnicornEngine(EngineBase):
     def native_hook(self) -> bool:
         """Whether protected stores reach vm.write through the C trampoline."""
         return self._native is not None
-
-    @property
-    def native_status(self) -> str:
-        return "in use" if self._native is not None else f"not used ({native_status()[1]})"
-
-    def _write_prot_calls(self) -> int:
-        return self._native[1].calls if self._native is not None else self._wp_calls
 
     # -- set-up ----------------------------------------------------------------------------
     def _project(self) -> None:
@@ -298,7 +290,6 @@ class UnicornEngine(EngineBase):
                 # the whole access (and a vector store in 8-byte pieces): already decided.
                 return True
             self._cover = None
-            self._wp_calls += 1
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little") if 1 <= size <= 8 else None
         except BaseException as e:  # re-raised from run()
             if self._error is None:
@@ -320,6 +311,7 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
+        self._wp_calls += 1
         try:
             if rip is None:
                 rip = self.uc.reg_read(UC_X86_REG_RIP)  # the library refused: let the binding raise
@@ -445,9 +437,8 @@ class UnicornEngine(EngineBase):
             try:
                 uc.emu_start(start, 0, count=self.max_instructions)
             finally:
-                calls = self._write_prot_calls()
-                if calls:
-                    self.exits["WriteProt"] = calls
+                if self._wp_calls:
+                    self.exits["WriteProt"] = self._wp_calls
                 if self._native is not None:
                     err = self._native[0].sppkit_uc_take_error(ctypes.byref(self._native[1]))
                     if err is not None and self._error is None:

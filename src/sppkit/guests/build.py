@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from .._cache import cache_root
+
 __all__ = [
     "BASE_CFLAGS", "GuestBuildError", "PROGRAMS_DIR", "RUNTIME_DIR", "build_guest", "guest_cache_dir",
     "list_programs", "program_path", "toolchain_status",
@@ -57,12 +59,7 @@ def guest_cache_dir(override: str | os.PathLike | None = None) -> Path:
     ``${XDG_CACHE_HOME:-~/.cache}/sppkit/guests``."""
     if override is not None:
         return Path(override)
-    env = os.environ.get("SPPKIT_CACHE")
-    if env:
-        return Path(env) / "guests"
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "sppkit" / "guests"
+    return cache_root() / "guests"
 
 
 def list_programs() -> list[str]:
