@@ -335,6 +335,7 @@ class SpptBuilder:
         if vector & SPP_VECTOR_ODD_BITS:
             raise ValueError(f"vector={vector:#018x} sets reserved odd bits {vector & SPP_VECTOR_ODD_BITS:#x}")
         table = self.l1_table(gpa)
+        assert table is not None  # (allocated)
         self.memory.write_u64(table + 8 * ((gpa >> 12) & 0x1FF), vector)
 
     def get_vector(self, gpa: int) -> int | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 import sys
+from collections.abc import Callable
+from typing import Any
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -30,13 +32,13 @@ class _LittleEndianWords:
         return _U64.unpack_from(self._buf, i << 3)[0]
 
 
-if sys.byteorder == "little":
+def _native_words(buf) -> memoryview:
+    return memoryview(buf).cast("B").cast("Q")
 
-    def _words_of(buf) -> memoryview:
-        return memoryview(buf).cast("B").cast("Q")
 
-else:  # big-endian host: a native-order view would read the entries byte-swapped
-    _words_of = _LittleEndianWords
+#: A frame's words: a native-order view on a little-endian host; on a big-endian host
+#: such a view would read the entries byte-swapped, so the portable fallback.
+_words_of: Callable[[Any], Any] = _native_words if sys.byteorder == "little" else _LittleEndianWords
 
 #: The words of a frame that was never written (all zero): what ``_words.get(pfn, ZERO_WORDS)``
 #: gives for a frame not in memory, so that a walk reads such a frame without a test.

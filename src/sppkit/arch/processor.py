@@ -334,7 +334,7 @@ class Processor:
         self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool
     ) -> HostRange:
         hpa = self._page(gpa, size, access, gla, paging, linear, nmi)
-        if type(hpa) is not int:
+        if not isinstance(hpa, int):
             raise hpa.exception()
         return _new_range(HostRange, (hpa, size))
 
@@ -343,6 +343,9 @@ class Processor:
     ) -> int | ExitInfo:
         """The whole decision for an access within one page: the host-physical address,
         or the exit (unraised)."""
+        vector: int | None  # the SPP vector that permits this write, when it is to be cached
+        walked: int | ExitInfo  # what an SPPT walk gave
+        allowed: bool | ExitInfo | None  # the SPP check: its answer, or the SPP-related event
         if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
             if gpa + size > self.memory.limit:
                 raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
@@ -356,12 +359,14 @@ class Processor:
         # -- cached combined mapping (optional) ---------------------------------
         tlb = self._tlb
         if tlb is not None:
+            cache = self.cache  # (a tlb is one tag of it)
+            assert cache is not None
             hit = tlb.get(gpa >> 12)
             if hit is not None:
                 frame, acc, dirty, spp_leaf, vector = hit
                 if dirty or not write or not self._ad:
                     if acc & need:
-                        self.cache.hits += 1
+                        cache.hits += 1
                         return frame | (gpa & 0xFFF)
                     if spp_candidate and spp_leaf and acc & 1:
                         off = gpa & 0xFFF
@@ -370,22 +375,23 @@ class Processor:
                             # The vector cached with the mapping permits the write, or
                             # (a stale vector denies nothing by itself) the walk decides.
                             if vector & mask == mask:
-                                self.cache.hits += 1
+                                cache.hits += 1
                                 return frame | off
                             allowed = None
                         elif self.cache_spp:
                             # EPT part cached; the SPPT walk's vector joins the mapping.
-                            vector = self._spp_walk(gpa, None, gla, nmi)
-                            if type(vector) is not int:
-                                return vector  # the SPP-related event (the mapping stays)
+                            walked = self._spp_walk(gpa, gla, nmi)
+                            if not isinstance(walked, int):
+                                return walked  # the SPP-related event (the mapping stays)
+                            vector = walked
                             allowed = vector & mask == mask
                             if allowed:
                                 tlb[gpa >> 12] = (frame, acc, dirty, spp_leaf, vector)
                         else:
                             # EPT part cached; the SPPT is read at every eligible write.
-                            allowed = self._spp_walk(gpa, size, gla, nmi)
+                            allowed = self._spp_permits(gpa, size, gla, nmi)
                         if allowed is True:
-                            self.cache.hits += 1
+                            cache.hits += 1
                             return frame | off
                         if allowed is False:
                             del tlb[gpa >> 12]  # the violation invalidates the mapping used
@@ -397,9 +403,9 @@ class Processor:
                         if allowed is not None:
                             return allowed  # the SPP-related event (the mapping stays)
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
-            self.cache.misses += 1
+            cache.misses += 1
 
-        vector = None  # the SPP vector that permits this write, when it is to be cached
+        vector = None
         # -- 1. EPT walk ---------------------------------------------------------
         # Table addresses are masked below 2**MAXPHYADDR and 4-KiB aligned: an entry is
         # word ``idx`` of frame ``base >> 12``, at host-physical ``base + idx * 8``.
@@ -409,7 +415,7 @@ class Processor:
         acc = 7
         ad = self._ad
         bad_low = self._bad_low
-        used = [] if ad else None  # (hpa, raw) of each entry, for the A/D update
+        used: list[tuple[int, int]] = []  # (hpa, raw) of each entry, for the A/D update (EPT A/D on)
         for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             idx = (gpa >> shift) & 0x1FF
             raw = words.get(base >> 12, ZERO_WORDS)[idx]
@@ -439,15 +445,16 @@ class Processor:
             # -- 3. sub-page write permissions ----------------------------------------
             eligible = spp_candidate and lvl == 1 and raw & EPT_SPP and acc & 1
             if eligible and self.cache_spp and tlb is not None:
-                vector = self._spp_walk(gpa, None, gla, nmi)
-                if type(vector) is int:
+                walked = self._spp_walk(gpa, gla, nmi)
+                if isinstance(walked, int):
+                    vector = walked
                     off = gpa & 0xFFF
                     mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
                     allowed = vector & mask == mask
                 else:
-                    allowed = vector
+                    allowed = walked
             else:
-                allowed = self._spp_walk(gpa, size, gla, nmi) if eligible else False
+                allowed = self._spp_permits(gpa, size, gla, nmi) if eligible else False
             if allowed is not True:
                 if allowed is not False:
                     return allowed  # the SPP-related event
@@ -493,18 +500,25 @@ class Processor:
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
         """
-        vector = self._spp_walk(gpa, None, gla, nmi_unblocking)
-        if type(vector) is not int:
+        vector = self._spp_walk(gpa, gla, nmi_unblocking)
+        if not isinstance(vector, int):
             raise vector.exception()
         return vector
 
-    def _spp_walk(self, gpa: int, size: int | None, gla: int | None, nmi: bool) -> bool | int | ExitInfo:
-        """Walk the SPPT for ``gpa``.  Returns the SPP-related event the walk ends in
-        (unraised), else: with ``size`` None, the SPP vector; otherwise whether the
-        vector permits a write of ``size`` bytes at ``gpa`` (True / False).
+    def _spp_permits(self, gpa: int, size: int, gla: int | None, nmi: bool) -> bool | ExitInfo:
+        """Whether the SPP vector of ``gpa``'s page permits a write of ``size`` bytes at
+        ``gpa`` (True / False), or the SPP-related event the SPPT walk ends in (unraised)."""
+        vector = self._spp_walk(gpa, gla, nmi)
+        if not isinstance(vector, int):
+            return vector
+        off = gpa & 0xFFF
+        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
+        return vector & mask == mask
 
-        (One function for both, as a write's check is on the hot path of the VMM.)"""
-        nmi = QUAL_NMI_UNBLOCKING if nmi else 0
+    def _spp_walk(self, gpa: int, gla: int | None, nmi_unblocking: bool) -> int | ExitInfo:
+        """Walk the SPPT for ``gpa``: the SPP vector (L1E), or the SPP-related event the
+        walk ends in (unraised)."""
+        nmi = QUAL_NMI_UNBLOCKING if nmi_unblocking else 0
         words = self.memory._words  # as in the EPT walk: entry idx of frame base >> 12
         base = self._sppt_base
         rsv = self._sppt_rsv
@@ -531,11 +545,7 @@ class Processor:
                 SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,
                 f"reserved (odd) bits set: {vector & SPP_VECTOR_ODD_BITS:#x}",
             ))
-        if size is None:
-            return vector
-        off = gpa & 0xFFF
-        mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
-        return vector & mask == mask
+        return vector
 
 
 def _coerce_access(access) -> Access:

@@ -84,7 +84,9 @@ class EptManager:
             if writable and not spp and not saved and raw & 0b10:
                 return
             self.ensure_4k(gpa)
-            level, ehpa, raw = self.builder.leaf(gpa)
+            leaf = self.builder.leaf(gpa)
+            assert leaf is not None  # (split, still mapped)
+            level, ehpa, raw = leaf
         new = self.leaf_raw(hpa & ~0xFFF, writable=writable, spp=spp, saved=saved, keep=raw)
         if new != raw:
             self.memory.write_u64(ehpa, new)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -26,8 +27,9 @@ class Memslot:
     hpa: int
     readonly: bool = False
     dirty_log: bool = False
-    maps: np.ndarray | None = None
-    dirty: np.ndarray | None = field(default=None, repr=False)
+    # (Any: numpy arrays, or None.  A uint32 access map per page; a bool per page.)
+    maps: Any = None
+    dirty: Any = field(default=None, repr=False)
 
     @property
     def npages(self) -> int:

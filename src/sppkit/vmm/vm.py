@@ -327,6 +327,7 @@ class Vm:
             self._sync_leaf(m, i)
             sppt_changes.append((gfn, new))
         if update_sppt and sppt_changes:
+            assert self.sppt is not None  # (maps exist only with SPP on)
             self.sppt.on_change(sppt_changes)
         for region, m in sorted(freed, key=lambda t: t[0]):
             self._maybe_merge(region, m)
@@ -445,14 +446,14 @@ class Vm:
                     self.memory.frame(tried >> 12)[o : o + n] = data
                     return ALLOWED
                 # an exit: the loop below goes on from it
-            frags = ((gpa, n, 0),)
+            frags: tuple[tuple[int, int, int], ...] = ((gpa, n, 0),)
         else:
             first = 4096 - off
             frags = ((gpa, first, 0), (gpa + first, n - first, first))
         translate = self.processor.translate_one  # the exit comes back as an ExitInfo, unraised
         targets = []
         events: tuple[SppViolation, ...] = ()  # at most one per page: a tuple, ready for the result
-        decision = None
+        decision: Decision | None = None
         misses = 0
         last = self.slots._last
         for fgpa, fn, doff in frags:
@@ -473,12 +474,13 @@ class Vm:
                     r = translate(fgpa, fn, _WRITE, fgla)
                 else:
                     r, tried = tried, None
-                if type(r) is int:
+                if isinstance(r, int):
                     targets.append(r)
                     break
                 kind = r.kind
                 if kind is SppEvent:
                     if not r.qualification & QUAL_SPP_MISS:
+                        assert self.sppt is not None  # (an SPPT walk happened)
                         raise SppMisconfiguration(r.exception(), self.sppt.builder.walk(fgpa))
                     misses += 1
                     self._stats.spp_misses += 1
@@ -499,6 +501,8 @@ class Vm:
                     fo = fgpa & 0xFFF
                     s0 = fo >> 7
                     s1 = (fo + fn - 1) >> 7
+                    touched: tuple[int, ...]
+                    denied: tuple[int, ...]
                     if s0 == s1:  # one sub-page touched (the common case)
                         touched = (s0,)
                         denied = () if (amap >> s0) & 1 else touched
@@ -576,6 +580,7 @@ class Vm:
             a, b = (lo - m.gpa) >> 12, (hi - m.gpa) >> 12
             for i in np.nonzero(m.maps[a:b] != FULL_ACCESS_MAP)[0]:
                 protected.append((m.base_gfn + a + int(i), int(m.maps[a + int(i)])))
+        assert self.sppt is not None  # (an SPP miss happened)
         self.sppt.rebuild_region(gpa, protected)
         self._invept()
 
