@@ -18,6 +18,10 @@ PAGE_MASK = ~(PAGE_SIZE - 1)
 
 _U64 = struct.Struct("<Q")
 
+#: A frame's backing buffer: a bytearray, or a memoryview of a range's backing (an
+#: engine's guest RAM, see :meth:`HostMemory.alloc_range`).
+Frame = bytearray | memoryview
+
 
 class _LittleEndianWords:
     """A frame as a sequence of little-endian u64 words: the portable fallback of
@@ -62,7 +66,7 @@ class HostMemory:
             raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
         self.maxphyaddr = maxphyaddr
         self.limit = 1 << maxphyaddr
-        self._frames: dict[int, bytearray] = {}
+        self._frames: dict[int, Frame] = {}
         # The same frames as sequences of u64 words (``_words[pfn][i]`` is the entry at
         # ``pfn << 12 | i << 3``), sharing their bytes: the processor's table walks read
         # here, faster than struct.  Every method that adds or drops a frame in
@@ -104,8 +108,8 @@ class HostMemory:
         self.__dict__.update(d)
         self._words = {pfn: _words_of(f) for pfn, f in self._frames.items()}
 
-    def frame(self, pfn: int) -> bytearray:
-        """The backing bytearray of page frame ``pfn`` (created zeroed on first use)."""
+    def frame(self, pfn: int) -> Frame:
+        """The backing buffer of page frame ``pfn`` (created zeroed on first use)."""
         f = self._frames.get(pfn)
         if f is None:
             if not 0 <= pfn < (self.limit >> PAGE_SHIFT):
