@@ -12,6 +12,7 @@ from .arch import (
     EptBuilder,
     HostMemory,
     Processor,
+    SppEvent,
     SpptBuilder,
     VmExit,
     vector_from_map,
@@ -62,7 +63,7 @@ def processor_demo(console: Console) -> list[tuple[str, str]]:
             row = (what, f"{gpa:#x}", f"[green]allowed[/] → hpa {hr.hpa:#x}", "—", "—")
             results.append((what, "allowed"))
         except VmExit as e:
-            row = (what, f"{gpa:#x}", f"[red]{e.name}[/]" + (f" ({'miss' if e.is_miss else 'misconfig'})" if e.reason == 66 else ""),
+            row = (what, f"{gpa:#x}", f"[red]{e.name}[/]" + (f" ({'miss' if e.is_miss else 'misconfig'})" if isinstance(e, SppEvent) else ""),
                    str(e.reason), f"{e.qualification:#x}")
             results.append((what, e.name))
         table.add_row(*row)

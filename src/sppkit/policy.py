@@ -29,7 +29,7 @@ import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from .vmm.events import Decision
 
@@ -344,11 +344,13 @@ def load_policy(path: str | os.PathLike, image: "GuestImage | str | os.PathLike 
         raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
     except UnicodeDecodeError as e:
         raise PolicyError(f"{path}: not UTF-8 text: {e}") from None
-    if image is not None and not hasattr(image, "symbols"):
+    if image is None or hasattr(image, "symbols"):
+        img = cast("GuestImage | None", image)
+    else:
         from .guests.elf import load_elf
 
-        image = load_elf(image)
-    return parse_policy(text, source=str(path), image=image)
+        img = load_elf(cast("str | Path", image))
+    return parse_policy(text, source=str(path), image=img)
 
 
 def parse_protect_arg(arg: str) -> tuple[int, int]:

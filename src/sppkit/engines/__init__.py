@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from .base import DEFAULT_RAM, EngineError, parse_size
+from .base import DEFAULT_RAM, EngineBase, EngineError, parse_size
 from .result import RunResult, ViolationRecord
 
 ENGINES = ("kvm", "unicorn")
@@ -19,7 +19,7 @@ def kvm_usable() -> tuple[bool, str]:
     return kvm_status()
 
 
-def choose_engine(name: str) -> tuple[type, str]:
+def choose_engine(name: str) -> tuple[type[EngineBase], str]:
     """The engine class for ``name`` (kvm, unicorn or auto) and why it was chosen."""
     if name == "auto":
         ok, why = kvm_usable()

@@ -130,6 +130,15 @@ class EngineBase:
         later :meth:`run` continues from there."""
         self._pause = True
 
+    def run(self) -> RunResult:  # pragma: no cover - engines override
+        """Run (or, after a pause, continue) the guest until it exits, halts, faults,
+        stops on a decision, pauses or times out."""
+        raise NotImplementedError
+
+    def close(self) -> None:  # pragma: no cover - engines override
+        """Release the engine's resources (the VM, its memory)."""
+        raise NotImplementedError
+
     def regs(self) -> dict[str, int]:  # pragma: no cover - engines override
         raise NotImplementedError
 

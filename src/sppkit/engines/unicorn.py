@@ -138,6 +138,22 @@ def setup_cpu(uc: Uc, layout, cpl: int) -> None:
     uc.reg_write(UC_X86_REG_RFLAGS, layout.rflags)
 
 
+def _guard(fn):
+    """Decorator for the engine's Unicorn hooks: the first exception is kept and the
+    emulation stopped, and run() re-raises it (never swallowed at the C boundary)."""
+
+    def wrapper(self, uc, *args):
+        try:
+            return fn(self, uc, *args)
+        except BaseException as e:  # re-raised from run()
+            if self._error is None:
+                self._error = e
+            uc.emu_stop()
+            return False
+
+    return wrapper
+
+
 class UnicornEngine(EngineBase):
     """Run a guest image under Unicorn with the Vm deciding every write to a
     write-protected page.  ``timeout`` in seconds; ``max_instructions`` 0 = no limit.
@@ -246,18 +262,6 @@ class UnicornEngine(EngineBase):
         self._generation = self.vm.ept_generation
 
     # -- hooks ---------------------------------------------------------------------------
-    def _guard(fn):  # noqa: N805 - decorator: keep the first exception, stop the emulation
-        def wrapper(self, uc, *args):
-            try:
-                return fn(self, uc, *args)
-            except BaseException as e:  # re-raised from run()
-                if self._error is None:
-                    self._error = e
-                uc.emu_stop()
-                return False
-
-        return wrapper
-
     @_guard
     def _hook_out(self, uc, port, size, value, user_data):
         self.exits["Io"] += 1
@@ -335,6 +339,7 @@ class UnicornEngine(EngineBase):
                                   f"(rip={rip:#x})") from None
             if r is not ALLOWED:  # (the result of every write permitted outright)
                 if self._pending:
+                    assert r.decision is not None  # (a violation was handled: it has a decision)
                     d = self.instruction_at(rip)
                     for ev, old in self._pending:
                         self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)

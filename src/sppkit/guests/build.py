@@ -93,6 +93,7 @@ def _find_compiler() -> str:
 def _compiler_version(gcc: str) -> str:
     """``gcc --version`` plus the target triple, cached per compiler binary (path,
     mtime, size), so a cache hit costs no compiler run."""
+    key: tuple[str, int | None, int | None]
     try:
         st = os.stat(gcc)
         key = (gcc, st.st_mtime_ns, st.st_size)
@@ -135,8 +136,11 @@ def _source_files(src: Path) -> list[Path]:
     """Every file whose content determines the output: runtime + program + its headers."""
     files = sorted(RUNTIME_DIR.iterdir()) + [src]
     files += sorted(p for p in src.parent.glob("*.h") if p.is_file())
-    seen: set[Path] = set()
-    return [f for f in files if f.is_file() and not (f in seen or seen.add(f))]
+    out: list[Path] = []
+    for f in files:
+        if f.is_file() and f not in out:
+            out.append(f)
+    return out
 
 
 def _build_key(src: Path, flags: list[str], version: str) -> str:

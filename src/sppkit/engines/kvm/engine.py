@@ -208,10 +208,10 @@ class KvmEngine(EngineBase):
                 elif ex.direction == "in":
                     vcpu.complete_io_in(b"\xff" * (ex.size * ex.count))
                 elif self._port_handlers and self._port_out(ex.port, int.from_bytes(ex.data[: ex.size], "little")):
-                    vcpu.immediate_exit = 1  # KVM_RUN completes the OUT, then returns at once
+                    vcpu.immediate_exit = True  # KVM_RUN completes the OUT, then returns at once
                 continue
             if type(ex) is Intr:
-                vcpu.immediate_exit = 0
+                vcpu.immediate_exit = False
                 if self._pause:
                     self._pause = False
                     return self.result("paused", rip_after=vcpu.sync_rip(), exits=exits)
@@ -240,11 +240,11 @@ class KvmEngine(EngineBase):
             raise EngineError(f"guest wrote {len(data)} bytes to gpa={gpa:#x}, outside guest RAM "
                               f"(instruction before rip={rip_after:#x})") from None
         if self._pending:
+            assert r.decision is not None  # (a violation was handled: it has a decision)
             regs = self._regs()
             for ev, old in self._pending:
                 d = self.instruction_before(rip_after, ev.gpa, ev.size, regs)
-                dec = r.decision if r.decision is not None else None
-                self.record(ev, dec, old=old, rip_at=d.rip if d else None, rip_after=rip_after,
+                self.record(ev, r.decision, old=old, rip_at=d.rip if d else None, rip_after=rip_after,
                             instruction=d.text if d else None)
             self._pending.clear()
             if r.stopped:
@@ -253,7 +253,7 @@ class KvmEngine(EngineBase):
         if self.vm.ept_generation != self._generation:
             self._project()
         if self._pause:
-            self.vcpu.immediate_exit = 1
+            self.vcpu.immediate_exit = True
         return None
 
     def _emulation_error(self, ex: InternalError) -> EngineError:
