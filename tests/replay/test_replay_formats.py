@@ -212,6 +212,41 @@ def test_native_bad_sizes_are_malformed_records(tmp_path):
         read_trace(p, "native", strict=True)
 
 
+def _npz_with_header_version(path, version, stored, **arrays):
+    """An .npz whose members are .npy files of the given header version."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED) as zf:
+        for name, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, a, version=version)
+            zf.writestr(name + ".npy", buf.getvalue())
+
+
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "deflated"])
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+def test_native_reads_every_npy_header_version(tmp_path, version, stored):
+    """numpy writes .npy headers of version 1.0, 2.0 (large headers) and 3.0 (utf-8
+    field names); a trace's members may carry any of them."""
+    arr = _sample(500)
+    p = tmp_path / "v.npz"
+    _npz_with_header_version(p, version, stored, gpa=arr["gpa"], size=arr["size"], rip=arr["rip"])
+    assert np.array_equal(read_trace(p, "native", chunk_records=128), arr)
+
+
+def test_native_unknown_npy_header_version_is_a_clear_error(tmp_path):
+    arr = _sample(10)
+    p = tmp_path / "v.npz"
+    _npz_with_header_version(p, (2, 0), True, gpa=arr["gpa"], size=arr["size"])
+    raw = bytearray(p.read_bytes())
+    at = raw.index(b"\x93NUMPY\x02\x00")
+    raw[at + 6] = 7  # header version 7.0
+    p.write_bytes(bytes(raw))
+    with pytest.raises(TraceFormatError, match=r"header version 7\.0 is not supported"):
+        read_trace(p, "native")
+
+
 def test_native_missing_column_is_a_clear_error(tmp_path):
     p = tmp_path / "x.npz"
     np.savez(p, address=np.arange(3))

@@ -21,6 +21,7 @@ guest write of ``size`` bytes at ``gpa`` by the instruction at ``rip``.
 
 from __future__ import annotations
 
+import ast
 import bz2
 import gzip
 import lzma
@@ -31,7 +32,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -335,7 +336,7 @@ class LackeySource(_TextSource):
 
     format = "lackey"
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for blk in self._blocks():
             yield self._parse(blk)
 
@@ -378,7 +379,9 @@ class LackeySource(_TextSource):
                     bad_i.add(int(line))
                     ipv[j] = NO_RIP
                 else:
-                    ipv[j] = int(_LACKEY_LINE.match(blk.line(int(line))).group(1), 16)
+                    m_ip = _LACKEY_LINE.match(blk.line(int(line)))
+                    assert m_ip is not None  # _slow_ok just matched this very line
+                    ipv[j] = int(m_ip.group(1), 16)
         ip_of = np.full(len(ii), NO_RIP, np.uint64)
         ip_of[need] = ipv
         have = k >= 0
@@ -395,8 +398,8 @@ class LackeySource(_TextSource):
                     addr[j], size[j], ok[j] = int(m.group(1), 16), int(m.group(2)), True
                 else:
                     bad_lines.append((int(st[j]), self._why(line)))
-        for i in np.flatnonzero(other):
-            bad_lines.append((int(i), "not a lackey line (expected 'I  ', ' S ', ' M ', ' L ' or '==pid==')"))
+        for i_other in np.flatnonzero(other):
+            bad_lines.append((int(i_other), "not a lackey line (expected 'I  ', ' S ', ' M ', ' L ' or '==pid==')"))
         for i in bad_i:
             bad_lines.append((i, "malformed instruction line (the IP of the stores after it is unknown)"))
         for i, why in sorted(bad_lines):
@@ -406,7 +409,7 @@ class LackeySource(_TextSource):
     @staticmethod
     def _slow_ok(line: bytes) -> bool:
         m = _LACKEY_LINE.match(line)
-        return bool(m) and len(m.group(1)) <= 16
+        return m is not None and len(m.group(1)) <= 16
 
     @staticmethod
     def _why(line: bytes) -> str:
@@ -426,7 +429,7 @@ class CsvSource(_TextSource):
 
     format = "csv"
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for blk in self._blocks():
             yield self._parse(blk)
 
@@ -465,6 +468,7 @@ class CsvSource(_TextSource):
         if not text or text.startswith(b"#"):
             return None
         parts = [p.strip() for p in text.split(b",")]
+        vals: list[int] | None
         vals = []
         try:
             for p in parts:
@@ -506,7 +510,7 @@ class PinatraceSource(_TextSource):
             raise ValueError(f"--size {size}: must be 1..{MAX_SIZE}")
         self.size = size
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for blk in self._blocks():
             yield self._parse(blk)
 
@@ -595,10 +599,41 @@ def _npy_header(f) -> tuple[tuple, np.dtype]:
         shape, fortran, dtype = fmt.read_array_header_1_0(f)
     elif version == (2, 0):
         shape, fortran, dtype = fmt.read_array_header_2_0(f)
+    elif version == (3, 0):
+        shape, dtype = _npy_header_3_0(f)
     else:
-        shape, fortran, dtype = fmt._read_array_header(f, version)
+        raise ValueError(f".npy header version {version[0]}.{version[1]} is not supported (1.0, 2.0 or 3.0)")
     if dtype.hasobject:
         raise ValueError("object arrays are not traces")
+    return shape, dtype
+
+
+def _npy_header_3_0(f) -> tuple[tuple, np.dtype]:
+    """An ``.npy`` header of version 3.0 (what numpy writes for utf-8 field names): the
+    2.0 layout (a little-endian u32 length, then a Python dict literal) in utf-8.
+    numpy has no public reader for it; the dict is checked as numpy checks it."""
+    raw = f.read(4)
+    if len(raw) != 4:
+        raise ValueError(".npy header is truncated")
+    n = int.from_bytes(raw, "little")
+    text = f.read(n)
+    if len(text) != n:
+        raise ValueError(".npy header is truncated")
+    try:
+        d = ast.literal_eval(text.decode("utf-8"))
+    except (UnicodeDecodeError, SyntaxError, ValueError) as e:
+        raise ValueError(f".npy header is not a dict literal: {e}") from None
+    if not isinstance(d, dict) or set(d) != {"descr", "fortran_order", "shape"}:
+        raise ValueError(f".npy header must hold exactly descr, fortran_order and shape: {d!r}")
+    shape = d["shape"]
+    if not isinstance(shape, tuple) or not all(isinstance(x, int) and x >= 0 for x in shape):
+        raise ValueError(f".npy header shape is not a tuple of sizes: {shape!r}")
+    if not isinstance(d["fortran_order"], bool):
+        raise ValueError(f".npy header fortran_order is not a bool: {d['fortran_order']!r}")
+    try:
+        dtype = np.lib.format.descr_to_dtype(d["descr"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f".npy header descr is not a dtype: {d['descr']!r} ({e})") from None
     return shape, dtype
 
 
@@ -609,7 +644,7 @@ class NativeSource(TraceSource):
 
     format = "native"
 
-    def _chunks(self) -> Iterator[np.ndarray]:
+    def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         if self.path.suffix.lower() in (".parquet", ".pq"):
             yield from self._parquet()
         else:
@@ -633,7 +668,7 @@ class NativeSource(TraceSource):
             g, sz, r = g[keep], sz[keep], r[keep]
         return g, sz.astype(np.uint16, copy=False), r
 
-    def _npz(self) -> Iterator[np.ndarray]:
+    def _npz(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         try:
             zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
@@ -660,7 +695,7 @@ class NativeSource(TraceSource):
                 yield self._check(cols["gpa"], cols["size"], cols.get("rip"), a)
         self.bytes_done = self.bytes_total
 
-    def _parquet(self) -> Iterator[np.ndarray]:
+    def _parquet(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         pq = _pyarrow_parquet()
         try:
             pf = pq.ParquetFile(self.path)
@@ -741,7 +776,7 @@ def detect_format(path) -> str:
             votes["pinatrace"] += 1
         elif _CSV_LINE.match(ln):
             votes["csv"] += 1
-    best = max(votes, key=votes.get)
+    best = max(votes, key=votes.__getitem__)
     if votes[best] == 0:
         raise TraceFormatError(f"{path}: cannot tell the trace format; give --format ({', '.join(FORMATS)})")
     return best
@@ -771,7 +806,7 @@ def open_trace(path, fmt: str = "auto", *, size: int = 8, chunk_records: int = C
         fmt = detect_format(path)
     if fmt not in _SOURCES:
         raise TraceFormatError(f"trace format {fmt!r}: must be one of {', '.join(FORMATS)} or auto")
-    kw = {"chunk_records": chunk_records, "diagnostics": diagnostics}
+    kw: dict[str, Any] = {"chunk_records": chunk_records, "diagnostics": diagnostics}
     if fmt == "pinatrace":
         kw["size"] = size
     return _SOURCES[fmt](path, **kw)
@@ -831,7 +866,7 @@ class NativeWriter:
         if n == 0:
             return
         names = records.dtype.names or ()
-        cols = {
+        cols: dict[str, np.ndarray] = {
             "gpa": np.ascontiguousarray(records["gpa"], np.uint64),
             "size": np.ascontiguousarray(records["size"], np.uint16),
             "rip": np.ascontiguousarray(records["rip"], np.uint64) if "rip" in names else np.full(n, NO_RIP),

@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
@@ -181,7 +181,7 @@ class PageIndex:
             dense = np.full(total, -1, np.int32)
             c = np.searchsorted(self.c_lo, gi, side="right") - 1
             dense[self.c_off[c] + (gi - self.c_lo[c])] = np.arange(self.n)
-            self.dense = dense
+            self.dense: np.ndarray | None = dense
         else:
             self.dense = None
         # direct tables: clusters merged into windows while a window's table stays small
@@ -202,7 +202,7 @@ class PageIndex:
                 self.direct.append((_U64(lo << 12), t))
         # candidate test on record start addresses (filtered strategy)
         if len(self.clusters) <= self.MAX_RANGE_TESTS:
-            self.ranges = []
+            self.ranges: list[tuple[np.uint64, np.uint64]] | None = []
             for lo, hi in self.clusters:
                 base = max(lo - _LOOKBACK, 0) << 12
                 self.ranges.append((_U64(base), _U64(((hi + 1) << 12) - base)))
@@ -297,7 +297,9 @@ class PageIndex:
             tmp = sc.get("u64", n, np.uint64)
             np.right_shift(gpa, _U64(21), out=tmp)
             np.bitwise_and(tmp, _U64(0xFFFF), out=tmp)
-            np.take(self.bytemap, tmp.view(np.int64), out=mask, mode="clip")
+            bytemap = self.bytemap
+            assert bytemap is not None  # __init__ sets the byte map whenever it sets ranges to None
+            np.take(bytemap, tmp.view(np.int64), out=mask, mode="clip")
         if not mask.any():
             return None
         return np.flatnonzero(mask)
@@ -346,6 +348,7 @@ class PageIndex:
                 p2 = sc.get("pid2", n, table.dtype)
                 np.take(table, ti, out=p2, mode="clip")
                 np.maximum(pid, p2, out=pid)
+        assert pid is not None  # self.direct holds at least one table (n > 0), so the loop set pid
         hit = sc.get("mask", n, np.bool_)
         np.greater_equal(pid, 0, out=hit)
         ncross = int(np.count_nonzero(cross))
@@ -432,29 +435,37 @@ class SubCounts:
             return
         u, c = np.unique(keys, return_counts=True)
         d = self.sparse
+        assert d is not None  # exactly one of dense and sparse is set
         for k, n in zip(u.tolist(), c.tolist()):
             d[k] = d.get(k, 0) + n
 
     def merge(self, other: "SubCounts") -> None:
         if self.dense is not None:
+            assert other.dense is not None  # counters of one model have the same size, so the same layout
             self.dense += other.dense
         else:
-            for k, n in other.sparse.items():
-                self.sparse[k] = self.sparse.get(k, 0) + n
+            sparse, other_sparse = self.sparse, other.sparse
+            assert sparse is not None and other_sparse is not None  # not dense, and same size as other: sparse
+            for k, n in other_sparse.items():
+                sparse[k] = sparse.get(k, 0) + n
 
     def nonzero(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, counts) of the non-zero keys, in key order."""
         if self.dense is not None:
             k = np.flatnonzero(self.dense)
             return k, self.dense[k]
-        items = sorted((k, n) for k, n in self.sparse.items() if n)
+        sparse = self.sparse
+        assert sparse is not None  # exactly one of dense and sparse is set
+        items = sorted((k, n) for k, n in sparse.items() if n)
         return (np.array([k for k, _ in items], np.int64), np.array([n for _, n in items], np.int64))
 
     def get(self, keys: np.ndarray) -> np.ndarray:
         keys = np.asarray(keys, np.int64)
         if self.dense is not None:
             return self.dense[keys]
-        return np.array([self.sparse.get(int(k), 0) for k in keys.ravel()], np.int64).reshape(keys.shape)
+        sparse = self.sparse
+        assert sparse is not None  # exactly one of dense and sparse is set
+        return np.array([sparse.get(int(k), 0) for k in keys.ravel()], np.int64).reshape(keys.shape)
 
     def to_array(self) -> np.ndarray:
         """Dense copy (tests, small policies)."""
@@ -804,7 +815,7 @@ class ReplayResult:
                 s["symbol"] = sym(s["gpa"])
             for i in ips:
                 i["symbol"] = sym(i["rip"])
-        d = {
+        d: dict[str, Any] = {
             "trace": self.trace,
             "shards": len(self.c.files),
             "formats": sorted(set(self.c.formats)),
@@ -891,6 +902,7 @@ def replay(trace, model: ProtectionModel, fmt: str = "auto", *, size: int = 8, s
     shards = list_shards(trace)
     t0 = time.perf_counter()
     kw = {"size": size, "strict": strict, "chunk_records": chunk_records}
+    parts: Iterable[ShardResult]
     if dask:
         parts = _replay_dask(shards, model, fmt, kw, scheduler=scheduler, workers=workers, progress=progress)
     else:

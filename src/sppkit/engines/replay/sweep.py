@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 
@@ -236,7 +236,7 @@ def sweep(trace, model: SweepModel, fmt: str = "auto", *, sort: str = "avoided",
         raise ValueError(f"sort {sort!r}: must be one of {', '.join(_SORT_KEYS)}")
     shards = list_shards(trace)
     t0 = time.perf_counter()
-    kw = {"size": size, "strict": strict, "chunk_records": chunk_records}
+    kw: dict[str, Any] = {"size": size, "strict": strict, "chunk_records": chunk_records}
     if dask:
         parts = _replay_dask_generic(sweep_shard, shards, model, fmt, kw, scheduler=scheduler, workers=workers,
                                      progress=progress)
