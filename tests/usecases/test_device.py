@@ -174,6 +174,15 @@ class TestBadInput:
     def test_errors_are_value_errors(self):
         assert issubclass(DeviceError, ValueError)
 
+    def test_a_detached_device_is_named_not_attached(self, vm):
+        bus = DeviceBus(vm)
+        dev = bus.attach(RingConsole(), DEV)
+        bus.detach(dev)
+        for call in (lambda: bus.exits_by_subpage(dev), lambda: bus.page_writes(dev),
+                     lambda: dev.get_register("doorbell"), lambda: dev.read(0, 8)):
+            with pytest.raises(DeviceError, match="'ringcon' is not attached"):
+                call()
+
 
 # ====================================================================== end to end
 @pytest.fixture(scope="module")

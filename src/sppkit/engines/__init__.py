@@ -7,10 +7,26 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol
+
 from .base import DEFAULT_RAM, EngineBase, EngineError, parse_size
 from .result import RunResult, ViolationRecord
 
+if TYPE_CHECKING:
+    from ..guests.elf import GuestImage
+    from ..policy import Policy
+
 ENGINES = ("kvm", "unicorn")
+
+
+class EngineClass(Protocol):
+    """An engine class as :func:`choose_engine` returns it (``KvmEngine`` or
+    ``UnicornEngine``): its name, and the constructor arguments both engines take."""
+
+    name: str
+
+    def __call__(self, image: GuestImage, *, policy: Policy | None = None, ram_size: int = DEFAULT_RAM,
+                 cpl: int = 3, timeout: float = 60.0, spp_mode: str = "lazy") -> EngineBase: ...
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -19,7 +35,7 @@ def kvm_usable() -> tuple[bool, str]:
     return kvm_status()
 
 
-def choose_engine(name: str) -> tuple[type[EngineBase], str]:
+def choose_engine(name: str) -> tuple[EngineClass, str]:
     """The engine class for ``name`` (kvm, unicorn or auto) and why it was chosen."""
     if name == "auto":
         ok, why = kvm_usable()

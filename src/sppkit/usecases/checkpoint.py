@@ -563,7 +563,7 @@ class CheckpointSet:
         """Verify checkpoints 0..k, then rebuild the tracked memory, registers and console."""
         k = self._check_index(k)
         files = [self.read(i) for i in range(k + 1)]  # everything verified before use
-        memory = {r.gpa: None for r in self.regions}
+        memory: dict[int, bytearray | None] = {r.gpa: None for r in self.regions}
         base = files[0]
         for gpa, data in base.memory:
             r = next((r for r in self.regions if r.gpa == gpa and r.size == len(data)), None)
@@ -573,15 +573,19 @@ class CheckpointSet:
         missing = [r.name for r in self.regions if memory[r.gpa] is None]
         if missing:
             raise CheckpointCorrupted(base.path, f"base checkpoint lacks region(s) {', '.join(missing)}")
+        restored: dict[int, bytearray] = {}
+        for gpa, buf in memory.items():
+            assert buf is not None  # `missing` is empty: the base held every tracked region
+            restored[gpa] = buf
         for f in files[1:]:
             for gpa, data in f.memory:
                 r = next((r for r in self.regions if r.gpa <= gpa and gpa + len(data) <= r.end), None)
                 if r is None:
                     raise CheckpointCorrupted(
                         f.path, f"record at {gpa:#x}+{len(data):#x} lies outside the tracked regions")
-                memory[r.gpa][gpa - r.gpa : gpa - r.gpa + len(data)] = data
+                restored[r.gpa][gpa - r.gpa : gpa - r.gpa + len(data)] = data
         console = b"".join(f.console for f in files)
-        return RestoredState(k, self.regions, memory, dict(files[-1].regs), console,
+        return RestoredState(k, self.regions, restored, dict(files[-1].regs), console,
                              self.entries[k].get("memory_sha256"))
 
     def guest_image(self):
@@ -785,9 +789,11 @@ class Checkpointer:
         # The KVM engine pauses right after this write; Unicorn at the end of the
         # translated block it is running (a few more tracked writes may land first):
         # either way the checkpoint is taken at an instruction boundary.
-        if n >= self.every:
-            if n == self.every:
-                self._reason.append(f"every {self.every} tracked writes")
+        every = self.every
+        assert every is not None  # __init__ hands this callback to the tracker only when `every` is set
+        if n >= every:
+            if n == every:
+                self._reason.append(f"every {every} tracked writes")
             self.engine.request_pause()
 
     # -- checkpoints ----------------------------------------------------------------------
@@ -1113,10 +1119,12 @@ def demo_checkpoint(console, engine: str = "auto"):
         print_checkpoint_run(run, console)
         k = min(2, len(run.checkpoints) - 1)
         res = restore_checkpoint(Path(d) / "set", k, resume=True, engine=cls.name)
-        same = res.result.exit_code == run.result.exit_code and res.result.console == run.result.console
+        resumed = res.result
+        assert resumed is not None  # resume=True: restore_checkpoint ran the guest and set its result
+        same = resumed.exit_code == run.result.exit_code and resumed.console == run.result.console
         console.print(
             f"restore --to {k}: memory hash {'matches' if res.verified else 'DOES NOT match'} the one taken at the "
             f"checkpoint; resumed run {'prints and exits exactly like' if same else 'DIFFERS from'} the "
-            f"checkpointed run (exit code {res.result.exit_code})"
+            f"checkpointed run (exit code {resumed.exit_code})"
         )
     return run

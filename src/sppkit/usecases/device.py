@@ -138,25 +138,33 @@ class Device:
     # -- guest memory, from the device's side -------------------------------------
     @property
     def vm(self) -> Vm:
-        if self.bus is None:
+        return self._attached()[0]
+
+    def _attached(self) -> tuple[Vm, int]:
+        """``(vm, gpa)`` of the attached device; DeviceError when it is not attached."""
+        if self.bus is None or self.gpa is None:  # attach() and detach() set and clear both
             raise DeviceError(f"device {self.name!r} is not attached")
-        return self.bus.vm
+        return self.bus.vm, self.gpa
 
     def set_register(self, name: str, value: int) -> None:
         """Update the RAM copy of a register: what the guest's next read returns."""
         r = self.register(name)
-        self.vm.load(self.gpa + r.offset, (value & ((1 << (8 * r.width)) - 1)).to_bytes(r.width, "little"))
+        vm, gpa = self._attached()
+        vm.load(gpa + r.offset, (value & ((1 << (8 * r.width)) - 1)).to_bytes(r.width, "little"))
 
     def get_register(self, name: str) -> int:
         r = self.register(name)
-        return int.from_bytes(self.vm.read(self.gpa + r.offset, r.width), "little")
+        vm, gpa = self._attached()
+        return int.from_bytes(vm.read(gpa + r.offset, r.width), "little")
 
     def read(self, offset: int, n: int) -> bytes:
         """Bytes of the device's page (its RAM part: rings, buffers)."""
-        return self.vm.read(self.gpa + offset, n)
+        vm, gpa = self._attached()
+        return vm.read(gpa + offset, n)
 
     def load(self, offset: int, data: bytes) -> None:
-        self.vm.load(self.gpa + offset, data)
+        vm, gpa = self._attached()
+        vm.load(gpa + offset, data)
 
     # -- the write path -------------------------------------------------------------
     def reset(self) -> None:
@@ -241,7 +249,9 @@ class DeviceBus:
 
     def _callback(self, device: Device):
         def on_write(ev: WatchEvent):
-            off = ev.gpa - device.gpa
+            gpa = device.gpa
+            assert gpa is not None  # the watches live only while the device is attached (detach unwatches first)
+            off = ev.gpa - gpa
             d = _as_decision(device.write(off, ev.size, int.from_bytes(ev.new, "little")) or Decision.SKIP,
                              f"{device.name}.write")
             self.decisions[d.value] += 1
@@ -251,13 +261,13 @@ class DeviceBus:
 
     def exits_by_subpage(self, device: Device) -> dict[int, int]:
         """SPP exits (violations) per sub-page of ``device``'s page, from the Vm's counters."""
-        gfn = device.gpa >> 12
+        gfn = device._attached()[1] >> 12
         st = self.vm.stats(top=1 << 16)
         return {d["subpage"]: d["violations"] for d in st["top_subpages"] if d["gfn"] == gfn}
 
     def page_writes(self, device: Device) -> int:
         """Guest writes to ``device``'s page = the exits of page-granular trapping."""
-        gfn = device.gpa >> 12
+        gfn = device._attached()[1] >> 12
         st = self.vm.stats(top=1 << 16)
         return next((d["writes"] for d in st["top_page_granular"] if d["gfn"] == gfn), 0)
 

@@ -140,7 +140,8 @@ def read_guard_table(read: Callable[[int, int], bytes], image, ram_size: int) ->
             f"{where}: arena [{arena:#x}, {arena + asize:#x}) (used {used:#x}) is not page-aligned or lies "
             f"beyond guest RAM ({ram_size >> 20} MiB)")
     raw = read(sym.addr + _HDR.size, count * _ENT.size)
-    buffers, seen = [], {}
+    buffers: list[GuardBuffer] = []
+    seen: dict[int, int] = {}  # guard gpa -> index of the entry it belongs to
     for i in range(count):
         start, size, guard, slot, state = _ENT.unpack_from(raw, i * _ENT.size)
         w = f"{where}: entry {i}"
@@ -316,7 +317,7 @@ class GuardSession:
         return out
 
 
-def _patch_params(engine, params: dict[str, int]) -> None:
+def _patch_params(engine, params: dict[str, int | None]) -> None:
     image = engine.image
     for key, value in params.items():
         if value is None:
@@ -425,24 +426,24 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
                 f"`{escape(h.instruction or '?')}` at {rip} ({h.decision}: {state})", highlight=False)
     else:
         console.print("no overflow: no write reached a guard")
-    n = rep.numbers
-    if n.get("buffers"):
-        t = Table(title=f"memory for {n['buffers']} guarded buffers ({n['buffer_bytes']} bytes of data)")
+    nums = rep.numbers  # not `n`: that is the group size (an int) above
+    if nums.get("buffers"):
+        t = Table(title=f"memory for {nums['buffers']} guarded buffers ({nums['buffer_bytes']} bytes of data)")
         for col in ("", "128-B guards", "4-KiB guard pages", "ratio"):
             t.add_column(col, justify="right")
-        t.add_row("guard bytes", f"{n['subpage_guard_bytes']:,} B", f"{n['page_guard_bytes']:,} B",
-                  f"{n['guard_bytes_ratio']:.1f}×")
-        t.add_row("footprint", f"{n['subpage_footprint_bytes']:,} B",
-                  f"{n['page_footprint_bytes']:,} B", f"{n['footprint_ratio']:.1f}×")
-        t.add_row("overhead", f"{n['subpage_overhead_bytes']:,} B", f"{n['page_overhead_bytes']:,} B",
-                  f"{n['overhead_ratio']:.1f}×")
-        t.add_row("buffers per MiB", f"{n['subpage_buffers_per_mib']:.0f}", f"{n['page_buffers_per_mib']:.0f}",
-                  f"{n['buffers_per_mib_ratio']:.1f}×")
+        t.add_row("guard bytes", f"{nums['subpage_guard_bytes']:,} B", f"{nums['page_guard_bytes']:,} B",
+                  f"{nums['guard_bytes_ratio']:.1f}×")
+        t.add_row("footprint", f"{nums['subpage_footprint_bytes']:,} B",
+                  f"{nums['page_footprint_bytes']:,} B", f"{nums['footprint_ratio']:.1f}×")
+        t.add_row("overhead", f"{nums['subpage_overhead_bytes']:,} B", f"{nums['page_overhead_bytes']:,} B",
+                  f"{nums['overhead_ratio']:.1f}×")
+        t.add_row("buffers per MiB", f"{nums['subpage_buffers_per_mib']:.0f}", f"{nums['page_buffers_per_mib']:.0f}",
+                  f"{nums['buffers_per_mib_ratio']:.1f}×")
         console.print(t)
         console.print("footprint = buffers rounded up to 128 B (4 KiB) + one guard each; overhead = footprint - data")
         console.print(f"GuaNary (SIGMETRICS 2024) reports {GUANARY_MEMORY_RATIO}× less memory and "
                       f"{GUANARY_BUFFERS_RATIO:.0f}× more buffers per MB with SPP guards; the guest's slab arena "
-                      f"used {n.get('arena_used_bytes', 0):,} B (slabs hold unused slots too)")
+                      f"used {nums.get('arena_used_bytes', 0):,} B (slabs hold unused slots too)")
     r = rep.result
     console.print(f"stop: {r.stop_reason}, guest exit code {r.exit_code}"
                   + (f", rip {r.rip_at:#x}" if r.stop_reason == "stop-decision" and r.rip_at is not None else ""))

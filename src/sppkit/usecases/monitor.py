@@ -358,7 +358,7 @@ class WatchManager:
             return outer
         foreign = any(not (page.base_map >> s) & 1 for s in ev.denied)
         hit = [w for w in page.watches if w.overlaps(ev.gpa, ev.size)]
-        decisions = [outer if outer is not Decision.UNPROTECT else Decision.EMULATE] if foreign else []
+        decisions: list[Decision] = [outer if outer is not Decision.UNPROTECT else Decision.EMULATE] if foreign else []
         if foreign:
             self.foreign += 1
         if hit:
