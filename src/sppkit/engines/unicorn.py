@@ -366,7 +366,7 @@ class UnicornEngine(EngineBase):
     def record_writes(self, callback) -> None:
         """Call ``callback(gpa, size, rip)`` for *every* guest write (a memory hook on
         all of RAM: slower, but the trace holds the whole workload)."""
-        last = [None]
+        last: list[tuple[int, int, int] | None] = [None]  # (rip, lo, hi) of the last access recorded
 
         def hook(uc, access, address, size, value, user_data):
             try:

@@ -176,7 +176,7 @@ class KvmEngine(EngineBase):
         vcpu = self.vcpu
 
         def on_alarm(signum, frame):
-            vcpu.immediate_exit = 1
+            vcpu.immediate_exit = True
 
         old = signal.signal(signal.SIGALRM, on_alarm)
         signal.setitimer(signal.ITIMER_REAL, self.timeout)

@@ -171,16 +171,16 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
         cands = regions if regions is not None else candidates_from_elf(image)
         if not cands:
             raise click.UsageError(f"{elf_file}: no sized object symbols to sweep")
-        model = SweepModel(cands, spp_write_check=spp_write_check, spp_mode=spp_mode)
-        res = run_sweep(trace, model, fmt, sort=sort, **kw)
-        d = res.to_dict(top or None)
-        _report_skipped(res.counters.skipped, res.counters.examples)
+        sweep_model = SweepModel(cands, spp_write_check=spp_write_check, spp_mode=spp_mode)
+        swept = run_sweep(trace, sweep_model, fmt, sort=sort, **kw)
+        sd = swept.to_dict(top or None)
+        _report_skipped(swept.counters.skipped, swept.counters.examples)
         if as_json:
-            click.echo(json.dumps(d))
+            click.echo(json.dumps(sd))
         else:
-            print_sweep(d, _console())
-            if top and len(res.rows) > top:
-                _console().print(f"… {len(res.rows) - top} more regions (--top 0 for all)")
+            print_sweep(sd, _console())
+            if top and len(swept.rows) > top:
+                _console().print(f"… {len(swept.rows) - top} more regions (--top 0 for all)")
         return
 
     regions = _regions(policy_file, protect, image, required=True)
