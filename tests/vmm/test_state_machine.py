@@ -289,11 +289,14 @@ class VmMachine(RuleBasedStateMachine):
         events: list[int] = []
         outcome = "commit"  # or "skip", "stop", "readonly", "unmapped"
         last_decision = None
+        # A page in no memslot: the write raises before anything changes (no handler
+        # call, no dirty bit, no statistics), whichever page it is.
+        if any(self.find(fgpa) is None for fgpa, _, _ in frags):
+            outcome = "unmapped"
+            frags = []
         for fgpa, fn, _ in frags:
             s = self.find(fgpa)
-            if s is None:
-                outcome = "unmapped"
-                break
+            assert s is not None
             if s.readonly:
                 outcome = "readonly"
                 break
@@ -316,8 +319,10 @@ class VmMachine(RuleBasedStateMachine):
         before = {p: self.vm.read(W0 + p * PAGE, PAGE) if self.find(W0 + p * PAGE) else None for p in (page, page + 1)}
 
         if outcome == "unmapped":
+            stats = self.vm.stats()
             with pytest.raises(GpaNotMapped):
                 self.vm.write(gpa, data, rip=0x1000, gla=0x7000_0000 + off)
+            assert self.vm.stats() == stats, "a write that raised changed the statistics"
         else:
             r = self.vm.write(gpa, data, rip=0x1000, gla=0x7000_0000 + off)
             assert r.committed == (outcome == "commit"), (r, outcome)

@@ -68,9 +68,13 @@ class MemslotTable:
     def __len__(self) -> int:
         return len(self._sorted)
 
-    def validate_new(self, slot: int, gpa: int, size: int, *, ignore: int | None = None) -> None:
+    @staticmethod
+    def check_id(slot: object) -> None:
         if not isinstance(slot, int) or isinstance(slot, bool) or not 0 <= slot < 1 << 16:
             raise MemslotError(f"slot={slot!r}: must be an integer from 0 to 65535")
+
+    def validate_new(self, slot: int, gpa: int, size: int, *, ignore: int | None = None) -> None:
+        self.check_id(slot)
         for name, v in (("gpa", gpa), ("size", size)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise MemslotError(f"{name}={v!r}: must be an integer")
@@ -103,6 +107,7 @@ class MemslotTable:
         return m
 
     def get(self, slot: int) -> Memslot:
+        self.check_id(slot)
         try:
             return self.by_id[slot]
         except KeyError:

@@ -49,6 +49,14 @@ _new_event = tuple.__new__  # builds the NamedTuple without its Python-level __n
 ViolationHandler = Callable[[SppViolation], Decision]
 
 
+def _bytes_like(data: object) -> bytes:
+    """``data`` as bytes: bytes, bytearray or a memoryview (of any format: its bytes);
+    anything else is refused, naming it."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}")
+
+
 def _touched_bits(off: int, size: int) -> int:
     """32-bit map of the sub-pages touched by [off, off+size) within one page."""
     first = off >> 7
@@ -76,6 +84,11 @@ class Vm:
         spp_write_check: str = SPP_WRITE_CHECK_ALL,
         ept_ad: bool = False,
     ) -> None:
+        for name, flag in (("cache", cache), ("ept_ad", ept_ad)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name}={flag!r}: must be True or False")
+        if cache_spp is not None and not isinstance(cache_spp, bool):
+            raise ValueError(f"cache_spp={cache_spp!r}: must be True, False or None (as cache)")
         self.memory = HostMemory(maxphyaddr)
         self.ept = EptManager(self.memory)
         self.processor = Processor(
@@ -107,14 +120,31 @@ class Vm:
         those frames, so that a committed write is what the guest's real vCPU reads.
         """
         self.slots.validate_new(slot, gpa, size)
+        for name, flag in (("readonly", readonly), ("dirty_log", dirty_log)):
+            if not isinstance(flag, bool):
+                raise MemslotError(f"{name}={flag!r}: must be True or False")
+        if backing is not None:
+            try:
+                memoryview(backing)
+            except TypeError:
+                raise MemslotError(f"backing={backing!r}: must be a writable buffer of {size:#x} bytes "
+                                   f"(e.g. an mmap)") from None
         hpa = self.memory.alloc_range(size, align=REGION_1G, offset=gpa % REGION_1G, backing=backing)
-        m = Memslot(slot, gpa, size, hpa, readonly=bool(readonly), dirty_log=bool(dirty_log))
-        if dirty_log:
-            m.dirty = np.zeros(m.npages, dtype=bool)
-        if self.sppt is not None:
-            m.alloc_maps()
-        self.slots.insert(m)
-        self._map_slot(m)
+        m = Memslot(slot, gpa, size, hpa, readonly=readonly, dirty_log=dirty_log)
+        try:
+            if dirty_log:
+                m.dirty = np.zeros(m.npages, dtype=bool)
+            if self.sppt is not None:
+                m.alloc_maps()
+            self.slots.insert(m)
+            self._map_slot(m)
+        except BaseException:
+            # (e.g. host-physical space exhausted by the EPT tables): undo, change nothing
+            if self.slots.by_id.get(slot) is m:
+                self.ept.unmap_range(m.gpa, m.size)
+                self.slots.remove(slot)
+            self.memory.free_range(hpa, size)
+            raise
         self._invept()
         return m
 
@@ -175,7 +205,7 @@ class Vm:
     # ================================================================ guest memory (VMM side)
     def read(self, gpa: int, n: int) -> bytes:
         """Read guest memory as the VMM sees it (no EPT permission check)."""
-        if not isinstance(n, int) or n < 0:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n={n!r}: must be a non-negative integer")
         out = bytearray()
         for m, g, k in self._pieces(gpa, n, "read"):
@@ -185,7 +215,7 @@ class Vm:
     def load(self, gpa: int, data: bytes) -> None:
         """Write guest memory from the VMM side (loading an image): not a guest write, so
         no EPT/SPP check, no statistics, no dirty logging."""
-        data = bytes(data)
+        data = _bytes_like(data)
         pos = 0
         pieces = list(self._pieces(gpa, len(data), "load"))  # validate the whole range first
         for m, g, k in pieces:
@@ -193,7 +223,7 @@ class Vm:
             pos += k
 
     def _pieces(self, gpa: int, n: int, what: str):
-        if not isinstance(gpa, int) or gpa < 0:
+        if not isinstance(gpa, int) or isinstance(gpa, bool) or gpa < 0:
             raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
         out = []
         end = gpa + n
@@ -265,11 +295,12 @@ class Vm:
         """Set the 32-bit access maps of pages ``gfn_base ...`` (bit i = sub-page i writable;
         0xFFFFFFFF = not protected).  All-or-nothing: everything is validated first.
         Returns 0."""
-        if flags != 0:
+        if not isinstance(flags, int) or isinstance(flags, bool) or flags != 0:
             raise ValueError(f"flags={flags!r}: must be 0")
-        maps = list(access_maps) if not isinstance(access_maps, int) else None
-        if maps is None:
-            raise TypeError("access_maps must be a sequence of 32-bit maps, one per page")
+        if not isinstance(access_maps, (list, tuple, range, np.ndarray)):
+            raise TypeError(f"access_maps={access_maps!r:.60}: must be a sequence (list, tuple or array) of "
+                            f"32-bit maps, one per page")
+        maps = list(access_maps)
         self._check_batch(gfn_base, len(maps))
         changes = []
         for k, amap in enumerate(maps):
@@ -285,7 +316,7 @@ class Vm:
 
     def get_subpage_access(self, gfn_base: int, npages: int) -> list[int]:
         """The access maps of ``npages`` pages from ``gfn_base``."""
-        if not isinstance(npages, int) or npages < 0:
+        if not isinstance(npages, int) or isinstance(npages, bool) or npages < 0:
             raise ValueError(f"npages={npages!r}: must be a non-negative integer")
         self._check_batch(gfn_base, npages)
         out = []
@@ -300,12 +331,12 @@ class Vm:
             raise ValueError(f"vector={vector!r}: must be an unsigned 64-bit value")
         if vector & SPP_VECTOR_ODD_BITS:
             raise ValueError(f"vector={vector:#018x} sets reserved odd bits {vector & SPP_VECTOR_ODD_BITS:#x}")
-        if not isinstance(gpa, int) or gpa < 0:
+        if not isinstance(gpa, int) or isinstance(gpa, bool) or gpa < 0:
             raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
         self.set_subpage_access(gpa >> 12, [map_from_vector(vector)])
 
     def get_spp_vector(self, gpa: int) -> int:
-        if not isinstance(gpa, int) or gpa < 0:
+        if not isinstance(gpa, int) or isinstance(gpa, bool) or gpa < 0:
             raise ValueError(f"gpa={gpa!r}: must be a non-negative integer")
         return vector_from_map(self.get_subpage_access(gpa >> 12, 1)[0])
 
@@ -421,14 +452,17 @@ class Vm:
         handled (rebuild, retry); a denied write becomes an :class:`SppViolation` passed
         to the handler, whose :class:`Decision` applies to the whole write.  No byte
         lands before every page has been decided.
+
+        A write that cannot be made — ``data`` not bytes-like or not 1 to 4096 bytes, a
+        bad ``gpa`` or ``gla``, a page not in any memslot — raises before anything
+        changes: no statistics, no observer call, no handler call.
         """
+        if type(data) is not bytes:
+            data = _bytes_like(data)
         n = len(data)
         if type(gpa) is not int or gpa < 0 or not 0 < n <= 4096:
             self._bad_write(gpa, data)
         st = self._stats
-        st.writes += 1
-        if self._observer is not None:
-            self._observer(gpa, n, rip)
         off = gpa & 0xFFF
         tried = None  # the first translation's exit, when the fast path below took it
         if off + n <= 4096:
@@ -436,6 +470,9 @@ class Vm:
             # the first translation (the same steps as the loop below, in its order).
             m = self.slots._last
             if gla is None and m is not None and m.gpa <= gpa < m.gpa + m.size:
+                st.writes += 1
+                if self._observer is not None:
+                    self._observer(gpa, n, rip)
                 tried = self.processor.translate_one(gpa, n, _WRITE, None)
                 if type(tried) is int:
                     maps = m.maps
@@ -450,16 +487,28 @@ class Vm:
         else:
             first = 4096 - off
             frags = ((gpa, first, 0), (gpa + first, n - first, first))
+        # Everything that can make the call fail is checked before anything changes: the
+        # gla, and that every page is mapped (no statistics, observer, handler or dirty
+        # bit for a write that raises).
+        if gla is not None:
+            _check_extra(Access.WRITE, gla, False, True)  # as translate would
+        last = self.slots._last
+        mapped = []
+        for fgpa, _, _ in frags:
+            m = last if last is not None and last.gpa <= fgpa < last.gpa + last.size else self.slots.find(fgpa)
+            if m is None:
+                raise GpaNotMapped(fgpa, "guest write")
+            mapped.append(m)
+        if tried is None:  # (else the fast path above counted it and told the observer)
+            st.writes += 1
+            if self._observer is not None:
+                self._observer(gpa, n, rip)
         translate = self.processor.translate_one  # the exit comes back as an ExitInfo, unraised
         targets = []
         events: tuple[SppViolation, ...] = ()  # at most one per page: a tuple, ready for the result
         decision: Decision | None = None
         misses = 0
-        last = self.slots._last
-        for fgpa, fn, doff in frags:
-            m = last if last is not None and last.gpa <= fgpa < last.gpa + last.size else self.slots.find(fgpa)
-            if m is None:
-                raise GpaNotMapped(fgpa, "guest write")
+        for (fgpa, fn, doff), m in zip(frags, mapped):
             i = (fgpa - m.gpa) >> 12
             amap = FULL_ACCESS_MAP if m.maps is None else m.maps.item(i)
             if amap != FULL_ACCESS_MAP:
@@ -467,8 +516,6 @@ class Vm:
                 st.page_granular += 1
                 st.page_granular_by_page.add(fgpa >> 12)
             fgla = None if gla is None else gla + doff
-            if fgla is not None:
-                _check_extra(Access.WRITE, fgla, False, True)  # as translate would
             for _ in _ATTEMPTS:
                 if tried is None:
                     r = translate(fgpa, fn, _WRITE, fgla)
@@ -586,7 +633,10 @@ class Vm:
 
     # ================================================================ statistics
     def stats(self, top: int = 10) -> dict:
-        """Write-path statistics as plain, JSON-serialisable data."""
+        """Write-path statistics as plain, JSON-serialisable data (``top``: how many of
+        the most-hit pages and sub-pages to list)."""
+        if not isinstance(top, int) or isinstance(top, bool) or top < 0:
+            raise ValueError(f"top={top!r}: must be a non-negative integer")
         return self._stats.as_dict(top)
 
     def reset_stats(self) -> None:

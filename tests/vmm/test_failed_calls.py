@@ -1,0 +1,150 @@
+"""A Vm call that fails names the bad value and changes nothing: no statistics, no
+observer or handler call, no dirty bit, no access map, no memslot, no host frame."""
+
+from __future__ import annotations
+
+import mmap
+
+import numpy as np
+import pytest
+
+from sppkit import Decision, GpaNotMapped, MemslotError, Vm
+
+from vmm_helpers import FULL, PAGE, spp_vm, vm_snapshot
+
+BASE = 0x100000
+
+
+def _watched(vm: Vm) -> list:
+    calls: list = []
+    vm.on_write(lambda gpa, size, rip: calls.append(("write", gpa, size)))
+    vm.on_violation(lambda ev: calls.append(("violation", ev.gfn)) or Decision.UNPROTECT)
+    return calls
+
+
+def test_write_crossing_into_unmapped_memory_changes_nothing():
+    """The first page is protected and the handler would unprotect it; the second page
+    is in no memslot: the write raises before the handler is asked."""
+    vm = Vm()
+    vm.add_memslot(0, BASE, 4 * PAGE, dirty_log=True)
+    vm.enable_spp()
+    vm.set_subpage_access((BASE >> 12) + 3, [0])
+    vm.get_dirty_log(0)
+    calls = _watched(vm)
+    before, stats = vm_snapshot(vm), vm.stats()
+    with pytest.raises(GpaNotMapped, match=f"{BASE + 4 * PAGE:#x}"):
+        vm.write(BASE + 4 * PAGE - 2, b"abcd")
+    assert calls == [] and vm.stats() == stats and vm_snapshot(vm) == before
+    assert vm.get_subpage_access((BASE >> 12) + 3, 1) == [0]
+    assert vm.get_dirty_log(0) == b"\0"
+
+
+def test_write_to_unmapped_memory_is_not_counted_or_observed():
+    vm = spp_vm()
+    calls = _watched(vm)
+    stats = vm.stats()
+    with pytest.raises(GpaNotMapped):
+        vm.write(0x900000, b"a")
+    assert calls == [] and vm.stats() == stats
+
+
+@pytest.mark.parametrize("data", ["abc", [1, 2, 300], 5, None], ids=["str", "list", "int", "None"])
+def test_write_data_must_be_bytes_like(data):
+    vm = spp_vm()
+    calls = _watched(vm)
+    stats = vm.stats()
+    with pytest.raises(TypeError, match=r"data=.*must be bytes, bytearray or memoryview"):
+        vm.write(0x10000000, data)
+    assert calls == [] and vm.stats() == stats
+
+
+def test_write_accepts_bytearray_and_memoryview_of_any_format():
+    vm = spp_vm()
+    assert vm.write(0x10000000, bytearray(b"ab")).committed
+    assert vm.write(0x10000010, memoryview(np.array([0x0807060504030201], np.uint64))).committed
+    assert vm.read(0x10000000, 2) == b"ab" and vm.read(0x10000010, 8) == bytes(range(1, 9))
+
+
+@pytest.mark.parametrize("data", [5, "abc", None, [1, 2]], ids=["int", "str", "None", "list"])
+def test_load_data_must_be_bytes_like(data):
+    vm = spp_vm()
+    vm.load(0x10000000, b"\xff" * 8)
+    with pytest.raises(TypeError, match="data="):
+        vm.load(0x10000000, data)
+    assert vm.read(0x10000000, 8) == b"\xff" * 8
+
+
+@pytest.mark.parametrize("call", [
+    lambda vm: vm.read(True, 4), lambda vm: vm.read(0x10000000, True), lambda vm: vm.load(True, b"x"),
+    lambda vm: vm.get_subpage_access(0x10000, True), lambda vm: vm.set_spp_vector(True, 0),
+    lambda vm: vm.stats(top="x"), lambda vm: vm.stats(top=-1),
+], ids=["read-gpa", "read-n", "load-gpa", "get-npages", "vector-gpa", "top-str", "top-negative"])
+def test_bools_and_non_integers_are_refused(call):
+    vm = spp_vm()
+    with pytest.raises(ValueError, match="must be a non-negative integer"):
+        call(vm)
+
+
+@pytest.mark.parametrize("maps", [None, {0: 1}, {1, 2}, "ab", b"\0", 7],
+                         ids=["None", "dict", "set", "str", "bytes", "int"])
+def test_access_maps_must_be_a_sequence(maps):
+    vm = spp_vm()
+    before = vm_snapshot(vm)
+    with pytest.raises(TypeError, match="access_maps=.*must be a sequence"):
+        vm.set_subpage_access(0x10000, maps)
+    assert vm_snapshot(vm) == before and vm.get_subpage_access(0x10000, 2) == [FULL, FULL]
+
+
+@pytest.mark.parametrize("flags", [0.0, False, 1])
+def test_flags_must_be_the_integer_zero(flags):
+    with pytest.raises(ValueError, match="flags="):
+        spp_vm().set_subpage_access(0x10000, [0], flags)
+
+
+@pytest.mark.parametrize("slot", [1.0, True, [], "1", None])
+def test_memslot_ids_are_checked_on_every_call(slot):
+    vm = Vm()
+    vm.add_memslot(0, BASE, 4 * PAGE)
+    vm.add_memslot(1, 0x200000, PAGE, dirty_log=True)
+    before = vm_snapshot(vm)
+    for call in (vm.delete_memslot, vm.get_dirty_log, lambda s: vm.move_memslot(s, 0x300000)):
+        with pytest.raises(MemslotError, match="must be an integer from 0 to 65535"):
+            call(slot)
+    assert vm_snapshot(vm) == before
+
+
+@pytest.mark.parametrize("kw", [{"readonly": "no"}, {"dirty_log": 1}, {"backing": 5}])
+def test_add_memslot_flags_and_backing_are_checked(kw):
+    vm = Vm()
+    before = vm_snapshot(vm)
+    with pytest.raises(MemslotError, match=f"{next(iter(kw))}="):
+        vm.add_memslot(0, BASE, PAGE, **kw)
+    assert vm_snapshot(vm) == before and vm.memslots() == []
+
+
+def test_add_memslot_that_runs_out_of_host_memory_is_undone():
+    """A 32-bit host: the second 1-GiB slot's frames fit, its EPT tables do not."""
+    vm = Vm(maxphyaddr=32)
+    vm.add_memslot(0, 0, 1 << 30)
+    before = vm_snapshot(vm)
+    with pytest.raises(MemoryError):
+        vm.add_memslot(1, 1 << 30, 1 << 30, dirty_log=True)
+    assert [m.slot for m in vm.memslots()] == [0] and vm.ept.builder.leaf(1 << 30) is None
+    assert vm_snapshot(vm)["slots"] == before["slots"]
+    with pytest.raises(GpaNotMapped):
+        vm.write((1 << 30) + 0x10, b"x")
+    vm.write(0x10, b"x")  # the VM still works
+
+
+def test_add_memslot_backing_is_used():
+    vm = Vm()
+    buf = mmap.mmap(-1, PAGE)
+    vm.add_memslot(0, BASE, PAGE, backing=buf)
+    vm.write(BASE + 8, b"hi")
+    assert buf[8:10] == b"hi"
+
+
+@pytest.mark.parametrize("kw", [{"cache": "no"}, {"ept_ad": 1}, {"cache_spp": "yes"}])
+def test_vm_flags_are_checked(kw):
+    with pytest.raises(ValueError, match=f"{next(iter(kw))}="):
+        Vm(**kw)
