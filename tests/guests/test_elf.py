@@ -54,6 +54,13 @@ def make_elf(
     return hdr + phdrs + blobs
 
 
+def patched(data: bytes, off: int, fmt: str, value: int) -> bytes:
+    """``data`` with ``struct.pack(fmt, value)`` written at ``off``."""
+    out = bytearray(data)
+    struct.pack_into(fmt, out, off, value)
+    return bytes(out)
+
+
 def write(tmp_path: Path, data: bytes, name="guest.elf") -> Path:
     p = tmp_path / name
     p.write_bytes(data)
@@ -104,9 +111,22 @@ def test_non_load_segments_are_ignored(tmp_path):
         (make_elf()[:40], "truncated"),
         (make_elf()[:100], "truncated"),
         (make_elf(segments=((0x400000, b"\x90" * 64, 64, PF_R),))[:-10], "truncated: PT_LOAD #0"),
+        (patched(make_elf(), 5, "<B", 2),
+         "big-endian (ELFDATA2MSB); x86-64 guests are little-endian (ELFDATA2LSB)"),
+        (patched(make_elf(), 5, "<B", 0), "invalid data encoding EI_DATA 0"),
+        (make_elf(entry=0x400003), "entry point 0x400003 is outside every loadable segment: 0x400000-0x400003 (r-x)"),
+        (make_elf(entry=0xDEADBEEF, segments=((0x400000, b"\x90\xf4", 2, PF_R | PF_X),
+                                               (0x401000, b"\x01", 0x1000, PF_R | PF_W))),
+         "entry point 0xdeadbeef is outside every loadable segment: 0x400000-0x400002 (r-x), "
+         "0x401000-0x402000 (rw-)"),
+        (make_elf(segments=((2**64 - 0x1000, b"\x90", 0x2000, PF_R | PF_X),), entry=2**64 - 0x1000),
+         "PT_LOAD #0: p_vaddr 0xfffffffffffff000 + memsz 0x2000 ends past 2**64"),
+        (patched(make_elf(), 64 + 24, "<Q", 2**64 - 1),  # p_paddr of the one PT_LOAD
+         "PT_LOAD #0: p_paddr 0xffffffffffffffff + memsz 0x3 ends past 2**64"),
     ],
     ids=["mz", "empty", "script", "class32", "i386", "aarch64", "pie", "rel", "no-load", "filesz",
-         "overlap", "trunc-header", "trunc-phdrs", "trunc-data"],
+         "overlap", "trunc-header", "trunc-phdrs", "trunc-data", "big-endian", "ei-data-0", "entry-at-end",
+         "entry-outside", "vaddr-wraps", "paddr-wraps"],
 )
 def test_bad_files_are_refused_naming_file_and_problem(tmp_path, data, problem):
     p = write(tmp_path, data, "bad.elf")
@@ -149,6 +169,125 @@ def test_truncated_real_build(tmp_path):
         p = write(tmp_path, good[:cut], f"cut{cut}.elf")
         with pytest.raises(GuestImageError, match=rf"{p.name}: .*(truncated|malformed)"):
             load_elf(p)
+
+
+# -- malformed section tables and symbol tables of a real build ---------------------
+
+# Field offsets in an Elf64_Shdr and in the ELF64 header.
+SH_NAME, SH_TYPE, SH_OFFSET, SH_SIZE, SH_LINK, SH_ENTSIZE = 0, 4, 24, 32, 40, 56
+E_ENTRY, E_SHENTSIZE, E_SHSTRNDX = 24, 58, 62
+
+
+@pytest.fixture(scope="module")
+def mixed_raw(tmp_path_factory) -> bytes:
+    if not OK:
+        pytest.skip(REASON)
+    return build_guest("mixed", cache_dir=tmp_path_factory.mktemp("mixed")).read_bytes()
+
+
+def _sections(raw: bytes) -> tuple[int, dict[str, int]]:
+    """``(e_shoff, {section name: index})`` of a well-formed ELF64."""
+    shoff, shnum, shstrndx = struct.unpack_from("<Q", raw, 40)[0], *struct.unpack_from("<HH", raw, 60)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", raw, shoff + 64 * i) for i in range(shnum)]
+    base = headers[shstrndx][4]
+    names = {raw[base + h[0]:raw.index(b"\0", base + h[0])].decode(): i for i, h in enumerate(headers)}
+    return shoff, names
+
+
+def with_section_field(raw: bytes, section: str, field_off: int, value: int) -> bytes:
+    shoff, names = _sections(raw)
+    fmt = "<I" if field_off in (SH_NAME, SH_TYPE, SH_LINK) else "<Q"
+    return patched(raw, shoff + 64 * names[section] + field_off, fmt, value)
+
+
+def section_index(raw: bytes, section: str) -> int:
+    return _sections(raw)[1][section]
+
+
+@pytest.mark.parametrize(
+    "mutate, problems",
+    [
+        (lambda r: with_section_field(r, ".strtab", SH_OFFSET, 2**64 - 1),
+         ["section .strtab (#", "offset 0xffffffffffffffff", "lies beyond the end of the file"]),
+        (lambda r: with_section_field(r, ".shstrtab", SH_OFFSET, 2**64 - 1),
+         ["section-name string table (section #", "offset 0xffffffffffffffff", "lies beyond the end of the file"]),
+        (lambda r: with_section_field(r, ".strtab", SH_OFFSET, len(r) + 100),
+         ["section .strtab (#", "lies beyond the end of the file"]),
+        (lambda r: with_section_field(r, ".symtab", SH_SIZE, 2**40),
+         ["section .symtab (#", "size 0x10000000000 lies beyond the end of the file"]),
+        (lambda r: patched(r, E_SHSTRNDX, "<H", 0xFFFF),
+         ["e_shstrndx SHN_XINDEX (0xffff) with section #0's sh_link 0: no section-name string table"]),
+        (lambda r: patched(r, E_SHSTRNDX, "<H", 99), ["e_shstrndx 99: no such section"]),
+        (lambda r: patched(r, E_SHSTRNDX, "<H", section_index(r, ".text")),
+         ["e_shstrndx ", ": section #", "is not a string table (sh_type 1)"]),
+        (lambda r: patched(r, E_SHENTSIZE, "<H", 0), ["e_shentsize is 0, not 64"]),
+        (lambda r: with_section_field(r, ".text", SH_NAME, 0x10000),
+         ["section #", ": name offset 0x10000 is past the end of the section-name string table"]),
+        (lambda r: with_section_field(r, ".symtab", SH_ENTSIZE, 1),
+         ["section .symtab (#", "sh_entsize is 1, not 24"]),
+        (lambda r: with_section_field(r, ".symtab", SH_ENTSIZE, 0),
+         ["section .symtab (#", "sh_entsize is 0, not 24"]),
+        (lambda r: with_section_field(r, ".symtab", SH_SIZE, 24 * 10 + 5),
+         ["section .symtab (#", "sh_size 0xf5 is not a multiple of 24"]),
+        (lambda r: with_section_field(r, ".symtab", SH_LINK, section_index(r, ".text")),
+         ["section .symtab (#", "sh_link ", " is not a string table"]),
+        (lambda r: with_section_field(r, ".symtab", SH_TYPE, 1),
+         ["section .symtab (#", "has sh_type 1, not SHT_SYMTAB"]),
+        (lambda r: with_section_field(r, ".strtab", SH_SIZE, 1),
+         ["section .symtab (#", "past the end of its string table section .strtab"]),
+    ],
+    ids=["strtab-offset-huge", "shstrtab-offset-huge", "strtab-past-eof", "symtab-past-eof",
+         "shstrndx-xindex", "shstrndx-out-of-range", "shstrndx-not-strtab", "shentsize-0",
+         "section-name-past-table", "symtab-entsize-1", "symtab-entsize-0", "symtab-size-ragged",
+         "symtab-link-not-strtab", "symtab-type-changed", "symbol-name-past-strtab"],
+)
+def test_malformed_sections_of_real_build_are_refused(tmp_path, mixed_raw, mutate, problems):
+    assert load_elf(write(tmp_path, mixed_raw, "good.elf")).symbols  # the unmutated build loads, with symbols
+    p = write(tmp_path, mutate(mixed_raw), "bad.elf")
+    with pytest.raises(GuestImageError) as ei:
+        load_elf(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}: "), msg
+    for problem in problems:
+        assert problem in msg, msg
+    assert "OverflowError" not in msg and "malformed or truncated ELF" not in msg, msg
+
+
+def test_real_build_entry_outside_segments_is_refused(tmp_path, mixed_raw):
+    good = load_elf(write(tmp_path, mixed_raw, "good.elf"))
+    with pytest.raises(GuestImageError) as ei:
+        load_elf(write(tmp_path, patched(mixed_raw, E_ENTRY, "<Q", 0xDEADBEEF), "bad.elf"))
+    msg = str(ei.value)
+    assert "entry point 0xdeadbeef is outside every loadable segment" in msg, msg
+    for seg in good.segments:
+        assert f"{seg.gpa:#x}-{seg.end:#x} ({seg.flags})" in msg, msg
+
+
+def test_real_build_big_endian_is_refused_before_machine(tmp_path, mixed_raw):
+    with pytest.raises(GuestImageError, match=r"big-endian \(ELFDATA2MSB\)") as ei:
+        load_elf(write(tmp_path, patched(mixed_raw, 5, "<B", 2)))
+    assert "machine" not in str(ei.value)
+
+
+def test_real_build_without_section_names_keeps_its_symbols(tmp_path, mixed_raw):
+    """e_shstrndx = SHN_UNDEF (no section-name table) is legal: the symbol table is found by type."""
+    good = load_elf(write(tmp_path, mixed_raw, "good.elf"))
+    im = load_elf(write(tmp_path, patched(mixed_raw, E_SHSTRNDX, "<H", 0), "nonames.elf"))
+    assert im.all_symbols == good.all_symbols and im.symbol("secret") == good.symbol("secret")
+
+
+@needs_gcc
+def test_stripped_real_build_loads_without_symbols(tmp_path, mixed_raw):
+    import shutil
+    import subprocess
+
+    if shutil.which("strip") is None:
+        pytest.skip("no strip")
+    p = write(tmp_path, mixed_raw, "stripped.elf")
+    subprocess.run(["strip", "--strip-all", str(p)], check=True)
+    im = load_elf(p)
+    assert im.symbols == {} and im.all_symbols == []
+    assert [s.gpa for s in im.segments] == [s.gpa for s in load_elf(write(tmp_path, mixed_raw)).segments]
 
 
 # -- flat images ------------------------------------------------------------------

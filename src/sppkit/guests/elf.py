@@ -16,8 +16,11 @@ from __future__ import annotations
 import bisect
 import difflib
 import io
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
@@ -38,6 +41,15 @@ _KINDS = {
 _BINDINGS = {"STB_LOCAL": "local", "STB_GLOBAL": "global", "STB_WEAK": "weak", "STB_GNU_UNIQUE": "unique"}
 # Symbol kinds that carry no guest address worth naming.
 _SKIPPED_KINDS = {"section", "file"}
+
+# Section-header constants (ELF gABI), read directly from the file: the section table
+# is checked before pyelftools is asked for any section, so that a bad offset or index
+# becomes a clear refusal rather than an OverflowError or silently empty names.
+_SHT_NULL, _SHT_SYMTAB, _SHT_STRTAB, _SHT_NOBITS = 0, 2, 3, 8
+_SHN_UNDEF, _SHN_XINDEX = 0, 0xFFFF
+_ELF64_SHDR = struct.Struct("<IIQQQQIIQQ")  # sh_name .. sh_entsize: 64 bytes
+_ELF64_SYM_SIZE = 24  # sizeof(Elf64_Sym)
+_ADDR_LIMIT = 1 << 64
 
 
 class GuestImageError(ValueError):
@@ -212,13 +224,122 @@ def _flags(p_flags: int) -> str:
     )
 
 
+class _Shdr(NamedTuple):
+    num: int
+    sh_name: int
+    sh_type: int
+    sh_offset: int
+    sh_size: int
+    sh_link: int
+    sh_entsize: int
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"section {self.name} (#{self.num})" if self.name else f"section #{self.num}"
+
+
+def _section_headers(raw: bytes, header: Any, fail: Callable[[str], GuestImageError]) -> list[_Shdr]:
+    """The section headers, named, each checked to lie within the file.
+
+    No section header table (``e_shoff == 0``) is legal for an executable: the image
+    then has no symbols.  ``e_shstrndx == SHN_UNDEF`` (no section names) is legal too;
+    sections are then named by number.
+    """
+    shoff, shentsize = header["e_shoff"], header["e_shentsize"]
+    if shoff == 0:
+        return []
+    count = header["e_shnum"]
+    if count == 0:  # >= SHN_LORESERVE sections: the count is section 0's sh_size
+        if shoff + _ELF64_SHDR.size > len(raw):
+            raise fail(f"truncated: section header #0 ends at byte {shoff + _ELF64_SHDR.size}, file has {len(raw)}")
+        count = _ELF64_SHDR.unpack_from(raw, shoff)[5]
+        if count == 0:
+            return []
+    if shentsize != _ELF64_SHDR.size:
+        raise fail(f"e_shentsize is {shentsize}, not {_ELF64_SHDR.size} (the size of an Elf64_Shdr)")
+    sh_end = shoff + count * shentsize
+    if sh_end > len(raw):
+        raise fail(f"truncated: section headers end at byte {sh_end}, file has {len(raw)}")
+    shdrs = []
+    for i in range(count):
+        name, typ, _flags, _addr, off, size, link, _info, _align, entsize = _ELF64_SHDR.unpack_from(
+            raw, shoff + i * shentsize)
+        shdrs.append(_Shdr(i, name, typ, off, size, link, entsize))
+
+    def beyond_eof(sh: _Shdr, what: str) -> GuestImageError:
+        return fail(
+            f"{what}: offset {sh.sh_offset:#x} + size {sh.sh_size:#x} lies beyond the end of the file "
+            f"({len(raw):#x} bytes); truncated or malformed"
+        )
+
+    shstrndx = header["e_shstrndx"]
+    if shstrndx == _SHN_XINDEX:
+        idx, how = shdrs[0].sh_link, f"e_shstrndx SHN_XINDEX (0xffff) with section #0's sh_link {shdrs[0].sh_link}"
+        if idx == _SHN_UNDEF:
+            raise fail(f"{how}: no section-name string table")
+    else:
+        idx, how = shstrndx, f"e_shstrndx {shstrndx}"
+    if idx != _SHN_UNDEF:
+        if idx >= count:
+            raise fail(f"{how}: no such section (the file has {count}), so sections have no names")
+        strtab = shdrs[idx]
+        if strtab.sh_type != _SHT_STRTAB:
+            raise fail(f"{how}: section #{idx} is not a string table (sh_type {strtab.sh_type}), "
+                       "so sections have no names")
+        if strtab.sh_offset + strtab.sh_size > len(raw):
+            raise beyond_eof(strtab, f"section-name string table (section #{idx}, {how})")
+        base, size = strtab.sh_offset, strtab.sh_size
+        for i, sh in enumerate(shdrs):
+            if sh.sh_name >= size:
+                raise fail(f"section #{i}: name offset {sh.sh_name:#x} is past the end of the "
+                           f"section-name string table (section #{idx}, {size:#x} bytes)")
+            nul = raw.find(b"\0", base + sh.sh_name, base + size)
+            if nul < 0:
+                raise fail(f"section #{i}: name at offset {sh.sh_name:#x} is not NUL-terminated within the "
+                           f"section-name string table (section #{idx})")
+            shdrs[i] = sh._replace(name=raw[base + sh.sh_name:nul].decode("utf-8", errors="replace"))
+    for sh in shdrs:
+        if sh.sh_type not in (_SHT_NULL, _SHT_NOBITS) and sh.sh_offset + sh.sh_size > len(raw):
+            raise beyond_eof(sh, sh.label)
+    return shdrs
+
+
+def _symbol_table(shdrs: list[_Shdr], fail: Callable[[str], GuestImageError]) -> tuple[_Shdr, _Shdr] | None:
+    """The ``SHT_SYMTAB`` section and its string table, checked; ``None`` if there is none."""
+    misnamed = [sh for sh in shdrs if sh.name == ".symtab" and sh.sh_type != _SHT_SYMTAB]
+    if misnamed:
+        sh = misnamed[0]
+        raise fail(f"{sh.label} has sh_type {sh.sh_type}, not SHT_SYMTAB ({_SHT_SYMTAB}): its symbols cannot be read")
+    symtabs = [sh for sh in shdrs if sh.sh_type == _SHT_SYMTAB]
+    if not symtabs:
+        return None
+    if len(symtabs) > 1:
+        raise fail(f"{len(symtabs)} SHT_SYMTAB sections ({', '.join(sh.label for sh in symtabs)}); "
+                   "an ELF file has at most one")
+    sym = symtabs[0]
+    if sym.sh_entsize != _ELF64_SYM_SIZE:
+        raise fail(f"{sym.label}: sh_entsize is {sym.sh_entsize}, not {_ELF64_SYM_SIZE} (the size of an Elf64_Sym)")
+    if sym.sh_size % _ELF64_SYM_SIZE:
+        raise fail(f"{sym.label}: sh_size {sym.sh_size:#x} is not a multiple of {_ELF64_SYM_SIZE} "
+                   "(the size of an Elf64_Sym)")
+    if not 0 < sym.sh_link < len(shdrs) or shdrs[sym.sh_link].sh_type != _SHT_STRTAB:
+        raise fail(f"{sym.label}: sh_link {sym.sh_link} is not a string table section, "
+                   "so its symbols have no names")
+    return sym, shdrs[sym.sh_link]
+
+
 def load_elf(path: str | Path) -> GuestImage:
     """Load a static ELF64 x86-64 executable as a :class:`GuestImage`.
 
     Raises :class:`GuestImageError` (a ``ValueError``) naming the file and the problem:
-    not an ELF, not 64-bit, not x86-64, not ``ET_EXEC`` (PIE/shared objects are
-    refused), no ``PT_LOAD``, ``filesz > memsz``, overlapping segments, or a file
-    truncated before the data its headers describe.
+    not an ELF, not 64-bit, big-endian, not x86-64, not ``ET_EXEC`` (PIE/shared objects
+    are refused), no ``PT_LOAD``, ``filesz > memsz``, a segment ending past 2**64,
+    overlapping segments, an entry point outside every loaded segment, a file truncated
+    before the data its headers describe (a section whose bytes lie beyond the end of
+    the file included), a bad section-name string table index, or a malformed symbol
+    table (entry size not 24, no string table): symbols are never silently dropped.
+    A file without section headers, or without a ``.symtab``, loads with no symbols.
     """
     path = Path(path)
     try:
@@ -234,6 +355,10 @@ def load_elf(path: str | Path) -> GuestImage:
     if len(raw) < 5 or raw[4] != 2:
         cls = {1: "ELFCLASS32"}.get(raw[4], f"class {raw[4]}") if len(raw) > 4 else "no class byte"
         raise fail(f"not a 64-bit ELF ({cls}); guests must be ELFCLASS64 x86-64 executables")
+    if len(raw) > 5 and raw[5] != 1:
+        if raw[5] == 2:
+            raise fail("big-endian (ELFDATA2MSB); x86-64 guests are little-endian (ELFDATA2LSB)")
+        raise fail(f"invalid data encoding EI_DATA {raw[5]} (expected 1, ELFDATA2LSB, for x86-64)")
     if len(raw) < 64:
         raise fail(f"truncated: {len(raw)} bytes, shorter than the 64-byte ELF64 header")
 
@@ -255,9 +380,7 @@ def load_elf(path: str | Path) -> GuestImage:
         ph_end = header["e_phoff"] + header["e_phnum"] * header["e_phentsize"]
         if ph_end > len(raw):
             raise fail(f"truncated: program headers end at byte {ph_end}, file has {len(raw)}")
-        sh_end = header["e_shoff"] + header["e_shnum"] * header["e_shentsize"]
-        if header["e_shoff"] and sh_end > len(raw):
-            raise fail(f"truncated: section headers end at byte {sh_end}, file has {len(raw)}")
+        shdrs = _section_headers(raw, header, fail)
 
         segments: list[Segment] = []
         for i, ph in enumerate(elf.iter_segments()):
@@ -271,6 +394,10 @@ def load_elf(path: str | Path) -> GuestImage:
                     f"truncated: PT_LOAD #{i} at {vaddr:#x} needs file bytes {off:#x}-{off + filesz:#x}, "
                     f"file has {len(raw):#x}"
                 )
+            for field_name, start in (("p_vaddr", vaddr), ("p_paddr", ph["p_paddr"])):
+                if start + memsz > _ADDR_LIMIT:
+                    raise fail(f"PT_LOAD #{i}: {field_name} {start:#x} + memsz {memsz:#x} ends past 2**64 "
+                               f"(at {start + memsz:#x})")
             if memsz == 0:
                 continue
             segments.append(Segment(vaddr, raw[off:off + filesz], memsz, _flags(ph["p_flags"])))
@@ -283,14 +410,22 @@ def load_elf(path: str | Path) -> GuestImage:
                     f"segments overlap: {a.gpa:#x}-{a.end:#x} ({a.flags}) and {b.gpa:#x}-{b.end:#x} ({b.flags})"
                 )
 
+        entry = header["e_entry"]
+        if not any(seg.contains(entry) for seg in segments):
+            ranges = ", ".join(f"{s.gpa:#x}-{s.end:#x} ({s.flags})" for s in segments)
+            raise fail(f"entry point {entry:#x} is outside every loadable segment: {ranges}")
+
         symbols: dict[str, Symbol] = {}
         every: list[Symbol] = []
-        symtab = elf.get_section_by_name(".symtab")
-        if isinstance(symtab, SymbolTableSection):
-            if symtab["sh_offset"] + symtab["sh_size"] > len(raw):
-                raise fail(f"truncated: .symtab ends at byte {symtab['sh_offset'] + symtab['sh_size']}, "
-                           f"file has {len(raw)}")
-            for st in symtab.iter_symbols():
+        found = _symbol_table(shdrs, fail)
+        if found is not None:
+            sym_sh, str_sh = found
+            symtab = elf.get_section(sym_sh.num)
+            assert isinstance(symtab, SymbolTableSection)
+            for k, st in enumerate(symtab.iter_symbols()):
+                if st["st_name"] >= str_sh.sh_size:
+                    raise fail(f"{sym_sh.label}: symbol #{k} has name offset {st['st_name']:#x}, past the end of "
+                               f"its string table {str_sh.label} ({str_sh.sh_size:#x} bytes)")
                 kind = _KINDS.get(st["st_info"]["type"], str(st["st_info"]["type"]).lower())
                 if not st.name or kind in _SKIPPED_KINDS or st["st_shndx"] == "SHN_UNDEF":
                     continue
@@ -300,7 +435,6 @@ def load_elf(path: str | Path) -> GuestImage:
                 old = symbols.get(st.name)
                 if old is None or (old.binding == "local" and binding != "local"):
                     symbols[st.name] = sym
-        entry = header["e_entry"]
     except GuestImageError:
         raise
     except (ELFError, ValueError, KeyError, IndexError, OSError) as e:
