@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -280,6 +281,155 @@ def test_file_from_another_set(cset, pristine, tmp_path):
     shutil.copy(other / "ckpt-000002.spck", cset / "ckpt-000002.spck")
     with pytest.raises(C.CheckpointCorrupted, match="another checkpoint set"):
         C.restore_checkpoint(cset, 2)
+
+
+# ------------------------------------------------------------------ hand-edited or crafted sets
+def edit_manifest(d: Path, edit) -> None:
+    """Apply ``edit`` to the manifest body and recompute its SHA-256, as a hand edit with
+    the digest fixed up (or a buggy writer) would."""
+    m = d / "manifest.json"
+    body = json.loads(m.read_text())
+    body.pop("sha256")
+    edit(body)
+    m.write_bytes(C._manifest_bytes(body))
+
+
+def put(path: tuple, value):
+    def edit(body):
+        for key in path[:-1]:
+            body = body[key]
+        body[path[-1]] = value
+    return edit
+
+
+def drop(path: tuple):
+    def edit(body):
+        for key in path[:-1]:
+            body = body[key]
+        del body[path[-1]]
+    return edit
+
+
+MANIFEST_EDITS = [
+    pytest.param(drop(("guest",)), "guest", id="no-guest"),
+    pytest.param(put(("guest",), {}), "guest.elf", id="guest={}"),
+    pytest.param(put(("guest",), None), "guest", id="guest=None"),
+    pytest.param(put(("guest", "elf"), "../guest.elf"), "guest.elf", id="guest.elf-outside"),
+    pytest.param(put(("guest", "sha256"), 5), "guest.sha256", id="guest.sha256=5"),
+    pytest.param(put(("ram_size",), -1), "ram_size", id="ram_size=-1"),
+    pytest.param(put(("ram_size",), 2 ** 70), "ram_size", id="ram_size=2**70"),
+    pytest.param(put(("ram_size",), None), "ram_size", id="ram_size=None"),
+    pytest.param(put(("ram_size",), "64M"), "ram_size", id="ram_size=64M"),
+    pytest.param(put(("ram_size",), 3 << 20), "ram_size", id="ram_size=3MiB"),
+    pytest.param(drop(("ram_size",)), "ram_size", id="no-ram_size"),
+    pytest.param(drop(("cpl",)), "cpl", id="no-cpl"),
+    pytest.param(put(("cpl",), None), "cpl", id="cpl=None"),
+    pytest.param(put(("cpl",), 1), "cpl", id="cpl=1"),
+    pytest.param(put(("set_id",), ""), "set_id", id="set_id=''"),
+    pytest.param(put(("regions", 0, "gpa"), -4096), "regions[0].gpa", id="region-gpa<0"),
+    pytest.param(put(("regions", 0, "size"), 1 << 40), "regions[0].size", id="region-beyond-ram"),
+    pytest.param(put(("checkpoints",), [5]), "checkpoints[0]", id="checkpoints=[5]"),
+    pytest.param(put(("checkpoints",), [{}]), "checkpoints[0].index", id="checkpoints=[{}]"),
+    pytest.param(drop(("checkpoints", 6, "file")), "checkpoints[6].file", id="no-file"),
+    pytest.param(put(("checkpoints", 6, "file"), None), "checkpoints[6].file", id="file=None"),
+    pytest.param(put(("checkpoints", 6, "file"), ""), "checkpoints[6].file", id="file=''"),
+    pytest.param(put(("checkpoints", 6, "file"), "."), "checkpoints[6].file", id="file=."),
+    pytest.param(put(("checkpoints", 6, "file"), "../set/ckpt-000006.spck"), "checkpoints[6].file",
+                 id="file-outside"),
+    pytest.param(put(("checkpoints", 6, "index"), "6"), "checkpoints[6].index", id="index='6'"),
+    pytest.param(put(("checkpoints", 6, "sha256"), None), "checkpoints[6].sha256", id="sha256=None"),
+    pytest.param(put(("checkpoints", 6, "memory_sha256"), 5), "checkpoints[6].memory_sha256",
+                 id="memory_sha256=5"),
+    pytest.param(put(("final",), 5), "final", id="final=5"),
+]
+
+
+@pytest.mark.parametrize("edit, field", MANIFEST_EDITS)
+def test_manifest_fields_are_validated(cset, edit, field):
+    edit_manifest(cset, edit)
+    with pytest.raises(C.CheckpointCorrupted) as e:
+        C.restore_checkpoint(cset, resume=True, engine="unicorn")
+    assert e.value.path.name == "manifest.json"
+    assert str(e.value).startswith(f"{cset / 'manifest.json'}: field {field} "), str(e.value)
+
+
+@pytest.mark.parametrize("edit, field", [
+    pytest.param(put(("ram_size",), -1), "ram_size", id="ram_size=-1"),
+    pytest.param(drop(("guest",)), "guest", id="no-guest"),
+    pytest.param(put(("checkpoints", 6, "file"), "."), "checkpoints[6].file", id="file=."),
+])
+def test_cli_restore_reports_a_bad_manifest_in_one_line(cset, edit, field):
+    from click.testing import CliRunner
+
+    from sppkit.cli import main
+
+    edit_manifest(cset, edit)
+    r = CliRunner().invoke(main, ["restore", str(cset), "--resume", "--engine", "unicorn"])
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 2, (r.exception, r.output)
+    assert "Traceback" not in r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sppkit: error: "), r.stderr
+    assert "manifest.json" in lines[0] and f"field {field} " in lines[0]
+
+
+def test_manifest_nested_too_deeply(cset):
+    (cset / "manifest.json").write_text('{"format": "sppkit-checkpoint-set", "version": 1, "x": '
+                                        + "[" * 100000 + "]" * 100000 + "}")
+    with pytest.raises(C.CheckpointCorrupted, match=r"manifest\.json: JSON nested too deeply"):
+        C.open_checkpoint_set(cset)
+
+
+def test_file_replaced_by_a_directory(cset):
+    f = cset / "ckpt-000002.spck"
+    f.unlink()
+    f.mkdir()
+    with pytest.raises(C.CheckpointFileError, match=r"ckpt-000002\.spck: checkpoint 2 cannot be read"):
+        C.restore_checkpoint(cset, 3)
+    with pytest.raises(C.CheckpointFileError, match=r"ckpt-000002\.spck: cannot be read"):
+        C.read_checkpoint_file(f)
+    assert C.restore_checkpoint(cset, 1).verified
+    g = cset / "guest.elf"
+    g.unlink()
+    g.mkdir()
+    with pytest.raises(C.GuestMismatch, match=r"guest\.elf: the set's copy of the guest cannot be read"):
+        C.restore_checkpoint(cset, 1, resume=True, engine="unicorn")
+
+
+def craft(records, *, index: int, set_id: bytes) -> bytes:
+    """An incremental checkpoint file of exactly these ``(type, gpa, payload)`` records,
+    every checksum valid."""
+    payload = sum(len(d) for _, _, d in records)
+    head = C._HEADER.pack(C.MAGIC, C.FORMAT_VERSION, 64, C.KIND_INCREMENTAL, 7, index, index - 1, len(records), 0,
+                          payload, set_id, 0, 0)[:-4]
+    out = bytearray(head + struct.pack("<I", zlib.crc32(head)))
+    for typ, gpa, data in records:
+        rh = struct.pack("<HHIQ", typ, 0, len(data), gpa)
+        out += rh + struct.pack("<II", zlib.crc32(data, zlib.crc32(rh)), 0) + data
+    out += C.TRAILER_MAGIC + struct.pack("<Q", len(out) + 48)
+    return bytes(out + hashlib.sha256(bytes(out)).digest())
+
+
+@pytest.mark.parametrize("change, match", [
+    pytest.param(lambda regs: {n: v for n, v in regs.items() if n != "rip"}, "register record lacks rip",
+                 id="no-rip"),
+    pytest.param(lambda regs: {}, "register record lacks rip", id="no-registers"),
+    pytest.param(lambda regs: dict(regs, foo=1), "unknown register.*'foo'", id="unknown-register"),
+    pytest.param(None, r"record 1 \(metadata\): JSON nested too deeply", id="deep-metadata"),
+])
+def test_crafted_checkpoint_file(cset, change, match):
+    f = cset / "ckpt-000006.spck"
+    old = C.read_checkpoint_file(f)
+    if change is None:
+        data = craft([(C.REC_REGISTERS, 0, C._pack_regs(old.regs)),
+                      (C.REC_META, 0, b"[" * 100000 + b"]" * 100000)], index=6, set_id=old.set_id)
+    else:
+        data = C.encode_checkpoint(index=6, kind=C.KIND_INCREMENTAL, set_id=old.set_id, memory=old.memory,
+                                   regs=change(old.regs), console=old.console, meta=old.meta)
+    f.write_bytes(data)
+    edit_manifest(cset, put(("checkpoints", 6, "sha256"), hashlib.sha256(data).hexdigest()))
+    with pytest.raises(C.CheckpointCorrupted, match=r"ckpt-000006\.spck: .*" + match):
+        C.restore_checkpoint(cset, 6, resume=True, engine="unicorn")
+    assert C.restore_checkpoint(cset, 5).verified
 
 
 # ------------------------------------------------------------------ atomic writes

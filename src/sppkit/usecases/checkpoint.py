@@ -49,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 import time
@@ -56,7 +57,7 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import click
 
@@ -87,6 +88,10 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sppkit-checkpoint-set"
 GUEST_FILE = "guest.elf"
 NO_PARENT = 0xFFFFFFFF
+MAX_RAM = 512 << 30  #: the engines' identity page tables map at most 512 GiB
+#: the registers a checkpoint holds: the ones both engines' ``regs()``/``set_regs()`` use
+REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
+             "r14", "r15", "rip", "rflags")
 
 KIND_BASE, KIND_INCREMENTAL = 0, 1
 REC_MEMORY, REC_REGISTERS, REC_CONSOLE, REC_META = 1, 2, 3, 4
@@ -369,6 +374,8 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
             data = path.read_bytes()
         except FileNotFoundError:
             raise CheckpointMissing(path, "file is missing") from None
+        except OSError as e:
+            raise CheckpointFileError(path, f"cannot be read: {e.strerror or e}") from None
     n = len(data)
     if data[: min(n, 8)] != MAGIC[: min(n, 8)]:
         raise CheckpointCorrupted(path, f"bad magic {data[:8]!r}: not an sppkit checkpoint file (expected {MAGIC!r})")
@@ -415,6 +422,8 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
                 meta = json.loads(body)
             except ValueError:
                 raise CheckpointCorrupted(path, f"{what}: not JSON") from None
+            except RecursionError:
+                raise CheckpointCorrupted(path, f"{what}: JSON nested too deeply") from None
         else:
             raise CheckpointCorrupted(path, f"{what}: unknown record type")
         pos += _REC.size + length
@@ -425,6 +434,12 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
         raise CheckpointCorrupted(path, "whole-file checksum (SHA-256) mismatch")
     if regs is None:
         raise CheckpointCorrupted(path, "no register record")
+    unknown = sorted(set(regs) - set(REGISTERS))
+    if unknown:
+        raise CheckpointCorrupted(path, f"register record holds unknown register(s) {', '.join(map(repr, unknown))} "
+                                        f"(known: {', '.join(REGISTERS)})")
+    if "rip" not in regs:
+        raise CheckpointCorrupted(path, "register record lacks rip")
     return CheckpointFile(path, index, kind, parent, set_id, memory, regs, console, meta)
 
 
@@ -550,6 +565,8 @@ class CheckpointSet:
             data = path.read_bytes()
         except FileNotFoundError:
             raise CheckpointMissing(path, f"checkpoint {k} is listed in {MANIFEST} but the file is missing") from None
+        except OSError as err:
+            raise CheckpointFileError(path, f"checkpoint {k} cannot be read: {err.strerror or err}") from None
         f = read_checkpoint_file(path, data)
         if f.set_id != self.set_id:
             raise CheckpointCorrupted(path, f"belongs to another checkpoint set (set id {f.set_id.hex()})")
@@ -598,10 +615,94 @@ class CheckpointSet:
             data = path.read_bytes()
         except FileNotFoundError:
             raise GuestMismatch(f"{path}: the set's copy of the guest is missing") from None
+        except OSError as e:
+            raise GuestMismatch(f"{path}: the set's copy of the guest cannot be read: {e.strerror or e}") from None
         if hashlib.sha256(data).hexdigest() != g["sha256"]:
             raise GuestMismatch(f"{path}: the guest copy differs from the one the checkpoints were taken of "
                                 f"(SHA-256 mismatch)")
         return load_elf(path)
+
+
+_MISSING = object()
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _check_manifest(mpath: Path, body: dict) -> None:
+    """Check every manifest field restoring uses.  Its SHA-256 only shows the body is the
+    one written: a hand edit with the digest recomputed, or a buggy writer, gets here."""
+
+    def fail(field: str, value, problem: str) -> NoReturn:
+        if value is _MISSING:
+            raise CheckpointCorrupted(mpath, f"field {field} is missing")
+        text = repr(value)
+        text = text if len(text) <= 40 else text[:37] + "..."
+        raise CheckpointCorrupted(mpath, f"field {field} = {text}: {problem}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_hex(v, digits: int) -> bool:
+        return isinstance(v, str) and len(v) == digits and _HEX.fullmatch(v) is not None
+
+    def is_name(v) -> bool:  # a file directly inside the set directory
+        return isinstance(v, str) and v not in ("", ".", "..") and "\0" not in v and os.path.basename(v) == v
+
+    v = body.get("set_id", _MISSING)
+    if not is_hex(v, 32):
+        fail("set_id", v, "must be 32 lowercase hex digits")
+    guest = body.get("guest", _MISSING)
+    if not isinstance(guest, dict):
+        fail("guest", guest, "must be an object with elf and sha256")
+    v = guest.get("elf", _MISSING)
+    if not is_name(v):
+        fail("guest.elf", v, "must be the name of a file in the set directory")
+    v = guest.get("sha256", _MISSING)
+    if not is_hex(v, 64):
+        fail("guest.sha256", v, "must be 64 lowercase hex digits")
+    ram = body.get("ram_size", _MISSING)
+    if not is_int(ram) or not 2 << 20 <= ram <= MAX_RAM or ram % (2 << 20):
+        fail("ram_size", ram, f"must be a multiple of 2 MiB from 2 MiB to {MAX_RAM >> 30} GiB")
+    v = body.get("cpl", _MISSING)
+    if not is_int(v) or v not in (0, 3):
+        fail("cpl", v, "must be 0 or 3")
+    regions = body.get("regions", _MISSING)
+    if not isinstance(regions, list):
+        fail("regions", regions, "must be a list")
+    end = 0
+    for i, r in enumerate(regions):
+        if not isinstance(r, dict):
+            fail(f"regions[{i}]", r, "must be an object with name, gpa and size")
+        v = r.get("name", _MISSING)
+        if not isinstance(v, str):
+            fail(f"regions[{i}].name", v, "must be a string")
+        gpa, size = r.get("gpa", _MISSING), r.get("size", _MISSING)
+        if not is_int(gpa) or gpa % PAGE or not end <= gpa < ram:
+            fail(f"regions[{i}].gpa", gpa, f"must be page-aligned, from {end:#x}"
+                 + (f" (the end of regions[{i - 1}])" if i else "") + f" to below ram_size ({ram:#x})")
+        if not is_int(size) or size <= 0 or size % PAGE or gpa + size > ram:
+            fail(f"regions[{i}].size", size, f"must be a positive number of pages ending within ram_size ({ram:#x})")
+        end = gpa + size
+    entries = body.get("checkpoints", _MISSING)
+    if not isinstance(entries, list):
+        fail("checkpoints", entries, "must be a list")
+    for i, e in enumerate(entries):
+        if not isinstance(e, dict):
+            fail(f"checkpoints[{i}]", e, "must be an object with index, file and sha256")
+        v = e.get("index", _MISSING)
+        if not is_int(v) or v != i:
+            fail(f"checkpoints[{i}].index", v, f"must be {i}, its place in the list")
+        v = e.get("file", _MISSING)
+        if not is_name(v):
+            fail(f"checkpoints[{i}].file", v, "must be the name of a file in the set directory")
+        v = e.get("sha256", _MISSING)
+        if not is_hex(v, 64):
+            fail(f"checkpoints[{i}].sha256", v, "must be 64 lowercase hex digits")
+        v = e.get("memory_sha256")
+        if v is not None and not is_hex(v, 64):
+            fail(f"checkpoints[{i}].memory_sha256", v, "must be 64 lowercase hex digits")
+    v = body.get("final")
+    if v is not None and not isinstance(v, dict):
+        fail("final", v, "must be an object")
 
 
 def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
@@ -619,13 +720,20 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
         body = json.loads(raw)
     except ValueError:
         raise CheckpointCorrupted(mpath, "not valid JSON") from None
+    except RecursionError:
+        raise CheckpointCorrupted(mpath, "JSON nested too deeply") from None
     if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
         raise NotACheckpointSet(f"{d} is not an sppkit checkpoint set: {MANIFEST} is not a {MANIFEST_FORMAT} manifest")
     if body.get("version") != FORMAT_VERSION:
         raise CheckpointVersionMismatch(
             mpath, f"format version {body.get('version')!r}; this sppkit reads version {FORMAT_VERSION}")
-    if body.get("sha256") != _manifest_digest(body):
+    try:
+        digest = _manifest_digest(body)
+    except RecursionError:
+        raise CheckpointCorrupted(mpath, "JSON nested too deeply") from None
+    if body.get("sha256") != digest:
         raise CheckpointCorrupted(mpath, "manifest checksum (SHA-256) mismatch")
+    _check_manifest(mpath, body)
     try:
         return CheckpointSet(d, body)
     except (KeyError, TypeError, ValueError) as e:
