@@ -105,7 +105,8 @@ def _policy(policy_file, protect, image, decision):
 @click.option("--memory", default="64M", show_default=True, help="Guest RAM at GPA 0 (K/M/G suffixes).")
 @click.option("--spp-mode", type=click.Choice(["lazy", "eager"]), default="lazy", show_default=True,
               help="SPPT construction: lazy (KVM series: rebuilt on SPP misses) or eager.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds before the guest is stopped.")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="Seconds before the guest is stopped (0: no limit).")
 @click.option("--flat-at", metavar="GPA", help="GUEST is a flat binary to load at GPA (entry = GPA unless --entry).")
 @click.option("--entry", metavar="GPA", help="Entry point of a flat binary.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from click.testing import CliRunner
 
 from sppkit.cli import main
@@ -38,3 +40,36 @@ def test_flat_binary_store_stopped_before_it_retires(tmp_path):
 def test_flat_at_needs_a_number(tmp_path):
     r = _run(tmp_path, "--entry", "nowhere")
     assert r.exit_code == 2 and "nowhere" in r.output and "Traceback" not in r.output
+
+
+def test_an_endless_guest_is_stopped_by_the_timeout(tmp_path):
+    path = tmp_path / "loop.bin"
+    path.write_bytes(b"\xeb\xfe")  # jmp $
+    r = CliRunner().invoke(main, ["run", str(path), "--flat-at", "0x400000", "--engine", "unicorn",
+                                  "--timeout", "0.3", "--json"])
+    assert json.loads(r.stdout)["stop_reason"] == "timeout"
+
+
+@pytest.mark.parametrize("value", ["-1", "inf", "nan", "1e309"])
+def test_timeout_must_be_finite_and_not_negative(tmp_path, value):
+    """(-1 used to run forever; inf ended in a traceback from the timer thread.)"""
+    r = _run(tmp_path, f"--timeout={value}")
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert "timeout" in r.output and "must be a finite number of seconds" in r.output
+
+
+@pytest.mark.parametrize("memory, expect", [
+    ("2000000000000000G", "must be a multiple of 2 MiB from 2 MiB to 512 GiB"),
+    ("3M", "must be a multiple of 2 MiB"),
+    ("1024G", "from 2 MiB to 512 GiB"),
+])
+def test_memory_size_is_checked_before_anything_is_allocated(tmp_path, memory, expect):
+    r = _run(tmp_path, f"--memory={memory}")
+    assert r.exit_code == 2 and "Traceback" not in r.output and expect in r.output
+
+
+def test_flat_segment_beyond_ram_names_the_flat_image(tmp_path):
+    path = tmp_path / "guest.bin"
+    path.write_bytes(CODE)
+    r = CliRunner().invoke(main, ["run", str(path), "--flat-at", "0x10000000000", "--engine", "unicorn"])
+    assert r.exit_code == 2 and "None" not in r.output and "lies beyond guest RAM" in r.output

@@ -7,6 +7,8 @@ on the :class:`~sppkit.vmm.WriteResult`.
 
 from __future__ import annotations
 
+import math
+import mmap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -43,6 +45,38 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+#: The largest guest RAM: the engines identity-map it with one page-directory-pointer
+#: table of 2-MiB pages (512 GiB).
+MAX_RAM = 512 << 30
+
+
+def check_ram_size(ram_size: object) -> int:
+    """``ram_size`` if it is a RAM size both engines take, else ValueError naming it."""
+    if not isinstance(ram_size, int) or isinstance(ram_size, bool):
+        raise ValueError(f"RAM size {ram_size!r}: must be an integer number of bytes")
+    if ram_size % (2 << 20) or not (2 << 20) <= ram_size <= MAX_RAM:
+        raise ValueError(f"RAM size {ram_size:#x}: must be a multiple of 2 MiB from 2 MiB to 512 GiB")
+    return ram_size
+
+
+def check_timeout(timeout: object) -> float:
+    """``timeout`` (seconds; 0 = no limit) if it is a finite non-negative number."""
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) \
+            or timeout < 0:
+        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds, 0 or more (0: no limit)")
+    return float(timeout)
+
+
+def allocate_ram(ram_size: int, **mmap_kw) -> mmap.mmap:
+    """An anonymous mapping of ``ram_size`` bytes for guest RAM; EngineError naming the
+    size when the host refuses it."""
+    try:
+        return mmap.mmap(-1, ram_size, **mmap_kw)
+    except (OSError, OverflowError, ValueError) as e:
+        raise EngineError(f"cannot allocate {ram_size >> 20:,} MiB of guest RAM: "
+                          f"{getattr(e, 'strerror', None) or e}") from None
+
+
 @dataclass
 class GuestSetup:
     ram_size: int
@@ -65,8 +99,7 @@ class EngineBase:
         spp_mode: str = "lazy",
         backing=None,
     ) -> None:
-        if ram_size % (2 << 20) or ram_size < (2 << 20):
-            raise ValueError(f"RAM size {ram_size:#x}: must be a positive multiple of 2 MiB")
+        check_ram_size(ram_size)
         self.image = image
         self.policy = policy
         self.vm = Vm()
@@ -76,7 +109,7 @@ class EngineBase:
         for seg in image.segments:
             if seg.gpa + seg.memsz > ram_size:
                 raise ValueError(
-                    f"{image.path}: segment at {seg.gpa:#x}+{seg.memsz:#x} lies beyond guest RAM "
+                    f"{image.where}: segment at {seg.gpa:#x}+{seg.memsz:#x} lies beyond guest RAM "
                     f"({ram_size >> 20} MiB); use a larger memory size"
                 )
             occupied.append((seg.gpa & ~0xFFF, (seg.gpa + seg.memsz + 0xFFF) & ~0xFFF))

@@ -24,7 +24,6 @@ pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 from __future__ import annotations
 
 import ctypes
-import mmap
 import threading
 from collections import Counter
 from pathlib import Path
@@ -62,7 +61,7 @@ from unicorn.x86_const import (
 
 from ..vmm import GpaNotMapped
 from ..vmm.vm import ALLOWED
-from .base import DEFAULT_RAM, EngineBase, EngineError
+from .base import DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
 from .result import RunResult
 from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 
@@ -168,9 +167,9 @@ class UnicornEngine(EngineBase):
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
                  timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
                  native_hook: bool | None = None) -> None:
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout)
         self.max_instructions = max_instructions
-        self._ram = mmap.mmap(-1, ram_size)
+        self._ram = allocate_ram(check_ram_size(ram_size))
         super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._ram_ptr = ctypes.c_char.from_buffer(self._ram)

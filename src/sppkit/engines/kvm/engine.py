@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 
 from ...vmm import GpaNotMapped
-from ..base import DEFAULT_RAM, EngineBase, EngineError
+from ..base import DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
 from ..result import RunResult
 from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 from .binding import (
@@ -67,8 +67,8 @@ class KvmEngine(EngineBase):
         ok, why = kvm_status(path)
         if not ok:
             raise KvmUnavailable(why)
-        self.timeout = timeout
-        self._ram = mmap.mmap(-1, ram_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.timeout = check_timeout(timeout)
+        self._ram = allocate_ram(check_ram_size(ram_size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
         self.kvm = Kvm(path)
         self.kvm.require(CAP_READONLY_MEM, CAP_SYNC_REGS)
