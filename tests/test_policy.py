@@ -3,6 +3,9 @@ and errors that name the file, the entry and the problem."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sppkit.guests import GuestImage, Segment, Symbol, build_guest, load_elf, toolchain_status
+from sppkit import policy as policy_mod
 from sppkit.policy import (
+    MAX_PROTECTED_PAGES,
     Policy,
     PolicyError,
     ProtectEntry,
@@ -332,6 +337,114 @@ def test_load_policy_errors_name_the_path(tmp_path):
         load_policy(f)
     with pytest.raises(PolicyError, match=rf"{tmp_path / 'none.toml'}: cannot read policy"):
         load_policy(tmp_path / "none.toml")
+
+
+# -- the page limit ---------------------------------------------------------------------
+
+LIMIT = "a policy protects at most 4,194,304 pages (16,384 MiB)"
+OVER = (MAX_PROTECTED_PAGES + 1) << 12   # one page more than the limit
+HALF = (MAX_PROTECTED_PAGES // 2) << 12
+
+
+def test_page_limit_is_the_replay_limit():
+    from sppkit.engines.replay.replay import MAX_PROTECTED_PAGES as REPLAY_MAX
+
+    assert MAX_PROTECTED_PAGES == REPLAY_MAX == 1 << 22
+
+
+def test_error_huge_entry_names_entry_and_limit():
+    msg = error(f"[[protect]]\nstart = 0x1000\nlength = 8\n[[protect]]\nname = 'all'\nstart = 0\nlength = {OVER:#x}\n")
+    assert "[[protect]] entry 2 ('all'): range 0x0+0x400001000 covers 4,194,305 pages; " + LIMIT in msg, msg
+    msg = error("[[protect]]\nstart = 0\nlength = 0x10000000000\n")          # 1 TiB
+    assert "entry 1 ('0x0:0x10000000000'): range 0x0+0x10000000000 covers 268,435,456 pages; " + LIMIT in msg, msg
+    msg = error("[[protect]]\nstart = 0\nlength = 0x10000000000000000\n")    # the whole 64-bit space
+    assert "entry 1 ('0x0:0x10000000000000000'): range 0x0+0x10000000000000000 covers" in msg and LIMIT in msg, msg
+
+
+def test_error_huge_symbol_entry_names_the_symbol():
+    msg = error(f"[[protect]]\nsymbol = 'big'\nlength = {OVER:#x}\n", image=fake_image())
+    assert "[[protect]] entry 1 ('big'): range 0x410000+0x400001000 covers 4,194,305 pages; " + LIMIT in msg, msg
+
+
+def test_error_entries_over_the_limit_in_total():
+    msg = error(f"""
+        [[protect]]
+        name = "a"
+        start = 0
+        length = {HALF:#x}
+        [[protect]]
+        name = "b"
+        start = {HALF:#x}
+        length = {HALF:#x}
+        [[protect]]
+        name = "c"
+        start = 0x10000000000
+        length = 1
+    """)
+    assert ("[[protect]] entry 3 ('c'): range 0x10000000000+0x1 (1 page) brings the entries so far to "
+            "4,194,305 pages (overlaps count once per entry); " + LIMIT) in msg, msg
+
+
+def test_load_policy_huge_entry_names_the_path(tmp_path):
+    f = tmp_path / "huge.toml"
+    f.write_text("[[protect]]\nstart = 0\nlength = 0x10000000000\n")
+    with pytest.raises(PolicyError, match=rf"^{f}: \[\[protect\]\] entry 1 .*covers 268,435,456 pages; a policy "
+                                          r"protects at most 4,194,304 pages"):
+        load_policy(f)
+
+
+def test_from_ranges_huge_range_names_range_and_limit():
+    with pytest.raises(PolicyError) as ei:
+        Policy.from_ranges([(0x1000, 8), (0, 0x10000000000)])
+    assert str(ei.value) == "--protect: range 2: range 0x0+0x10000000000 covers 268,435,456 pages; " + LIMIT
+    with pytest.raises(PolicyError) as ei:
+        Policy.from_ranges([(0, HALF), (0x1000, HALF + 1)], source="guards")   # overlaps count per entry
+    assert str(ei.value).startswith("guards: range 2: range 0x1000+0x200000001 (2,097,153 pages) brings the "
+                                     "entries so far to 4,194,305 pages")
+    assert LIMIT in str(ei.value)
+
+
+def test_direct_construction_checks_the_limit():
+    with pytest.raises(PolicyError, match=r"^s: \[\[protect\]\] entry 1 \('x'\): range 0x0\+0x400001000 covers"):
+        Policy([ProtectEntry("x", 0, OVER, Decision.SKIP)], source="s")
+
+
+def test_page_limit_boundary(monkeypatch):
+    monkeypatch.setattr(policy_mod, "MAX_PROTECTED_PAGES", 4)
+    assert Policy.from_ranges([(0, 4 << 12)]).gfns() == [0, 1, 2, 3]              # exactly the limit
+    assert len(Policy.from_ranges([(0, 2 << 12), (0x10000, 2 << 12)]).gfns()) == 4
+    with pytest.raises(PolicyError, match="range 1: range 0x80\\+0x4000 covers 5 pages; a policy protects at most 4 "):
+        Policy.from_ranges([(0x80, 4 << 12)])                                       # rounded out: 5 pages
+    with pytest.raises(PolicyError, match="range 2: .* brings the entries so far to 6 pages"):
+        Policy.from_ranges([(0, 3 << 12), (0, 3 << 12)])
+
+
+def test_huge_ranges_fail_fast_in_bounded_memory(tmp_path):
+    """The fuzzer's cases, in a child with a timeout and an address-space cap: refused
+    before any per-page work (a per-page index of 1 TiB took minutes and tens of GB)."""
+    resource = pytest.importorskip("resource")
+    f = tmp_path / "huge.toml"
+    f.write_text("[[protect]]\nstart = 0\nlength = 0x10000000000\n")
+    code = textwrap.dedent(f"""
+        from sppkit.policy import Policy, PolicyError, load_policy, parse_policy
+        for make in (lambda: load_policy({str(f)!r}),
+                     lambda: parse_policy("[[protect]]\\nstart = 0\\nlength = 0x10000000000000000\\n"),
+                     lambda: Policy.from_ranges([(0, 1 << 64)]),
+                     lambda: Policy.from_ranges([(i << 34, 1 << 34) for i in range(1000)])):
+            try:
+                make()
+            except PolicyError as e:
+                assert "a policy protects at most 4,194,304 pages" in str(e), e
+            else:
+                raise AssertionError("no PolicyError")
+        print("ok")
+    """)
+
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, preexec_fn=cap)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
 
 
 # -- with a real guest ---------------------------------------------------------------

@@ -17,6 +17,11 @@ SPP protects whole 128-byte sub-pages, so every sub-page a range touches is
 protected (ranges are rounded *out*): :meth:`Policy.access_maps` gives, per gfn, the
 32-bit access map the VMM takes (bit *i* set = sub-page *i* writable).
 
+A policy protects at most :data:`MAX_PROTECTED_PAGES` pages (4,194,304 pages, 16 GiB;
+the same limit as ``sppkit.engines.replay.replay.MAX_PROTECTED_PAGES``, behind the
+replay CLI's "protects more than 4,194,304 pages"), counting each entry's pages: the
+policy keeps a per-page index, and a larger range is refused before any per-page work.
+
 Every :class:`PolicyError` names the file, the entry (1-based index and name) and
 the problem.
 """
@@ -37,7 +42,8 @@ if TYPE_CHECKING:
     from .guests.elf import GuestImage
 
 __all__ = [
-    "POLICY_DECISIONS", "Policy", "PolicyError", "ProtectEntry", "load_policy", "parse_policy", "parse_protect_arg",
+    "MAX_PROTECTED_PAGES", "POLICY_DECISIONS", "Policy", "PolicyError", "ProtectEntry", "load_policy", "parse_policy",
+    "parse_protect_arg",
 ]
 
 PAGE_SIZE = 4096
@@ -45,6 +51,11 @@ SUBPAGE_SIZE = 128
 SUBPAGES_PER_PAGE = PAGE_SIZE // SUBPAGE_SIZE
 FULL_MAP = (1 << SUBPAGES_PER_PAGE) - 1
 MAX_GPA = 1 << 64
+#: Most pages a policy protects, summed over its entries (16 GiB): the per-page index,
+#: :meth:`Policy.access_maps` and :meth:`Policy.gfns` are linear in pages.  Equal to
+#: ``sppkit.engines.replay.replay.MAX_PROTECTED_PAGES`` (tests/test_policy.py checks), defined
+#: here so that this module does not import the engines package for a constant.
+MAX_PROTECTED_PAGES = 1 << 22
 
 #: Decisions a policy may name (``unprotect`` is a handler's choice, not a policy's).
 POLICY_DECISIONS: tuple[Decision, ...] = (Decision.SKIP, Decision.EMULATE, Decision.STOP)
@@ -109,9 +120,12 @@ class Policy:
         self.default_decision = _parse_decision(default_decision, f"{source}: decision")
         self._entries: tuple[ProtectEntry, ...] = tuple(entries)
         self._by_gfn: dict[int, list[ProtectEntry]] = {}
-        for e in self._entries:
+        pages = 0
+        for i, e in enumerate(self._entries, 1):
             if not isinstance(e, ProtectEntry):
                 raise TypeError(f"{source}: {e!r} is not a ProtectEntry")
+            pages = _count_pages(pages, e, _label(source, i, e.name))
+        for e in self._entries:
             for gfn in e.gfns():
                 self._by_gfn.setdefault(gfn, []).append(e)
         self._check_conflicts()
@@ -124,6 +138,7 @@ class Policy:
         """A policy protecting each ``(start, length)`` (as given by ``--protect START:LENGTH``)."""
         d = _parse_decision(decision, f"{source}: decision")
         entries = []
+        pages = 0
         for i, item in enumerate(ranges, 1):
             try:
                 start, length = item
@@ -134,6 +149,7 @@ class Policy:
             _check_int(length, "length", where)
             _check_range(start, length, where)
             entries.append(ProtectEntry(f"{start:#x}:{length:#x}", start, length, d))
+            pages = _count_pages(pages, entries[-1], where)
         return cls(entries, source=source, default_decision=d)
 
     def _check_conflicts(self) -> None:
@@ -246,6 +262,19 @@ def _check_range(start: int, length: int, where: str) -> None:
         raise PolicyError(f"{where}: length {length} must be positive")
     if start + length > MAX_GPA:
         raise PolicyError(f"{where}: range {start:#x}+{length:#x} runs past the 64-bit address space")
+
+
+def _count_pages(total: int, e: ProtectEntry, where: str) -> int:
+    """``total`` plus the pages ``e`` touches; a :class:`PolicyError` naming ``where`` if
+    the entry alone, or the entries so far, exceed :data:`MAX_PROTECTED_PAGES`."""
+    n = len(e.gfns())
+    limit = f"a policy protects at most {MAX_PROTECTED_PAGES:,} pages ({MAX_PROTECTED_PAGES >> 8:,} MiB)"
+    if n > MAX_PROTECTED_PAGES:
+        raise PolicyError(f"{where}: range {e.start:#x}+{e.length:#x} covers {n:,} pages; {limit}")
+    if total + n > MAX_PROTECTED_PAGES:
+        raise PolicyError(f"{where}: range {e.start:#x}+{e.length:#x} ({n:,} page{'s' if n > 1 else ''}) brings "
+                          f"the entries so far to {total + n:,} pages (overlaps count once per entry); {limit}")
+    return total + n
 
 
 def _parse_entry(raw, index: int, source: str, default: Decision, image) -> ProtectEntry:
