@@ -6,6 +6,7 @@ RuntimeError subclasses, printed as one line by the main group.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -24,6 +25,13 @@ def _report_skipped(skipped: int, examples: list[str]) -> None:
     if skipped:
         more = f" ({skipped - len(examples)} not shown)" if skipped > len(examples) else ""
         _warn(f"{skipped} malformed record(s) skipped{more}; --strict makes them fatal")
+
+
+def _finite(ctx, param, value):
+    """Reject nan and inf, which FloatRange lets through (and JSON cannot carry)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{value}: must be a finite number of cycles")
+    return value
 
 
 def _console(stderr: bool = False):
@@ -126,11 +134,11 @@ def _regions(policy_file, protect, image, *, required: bool):
 @click.option("--workers", type=click.IntRange(1), default=None, help="With --dask and no --scheduler: threads.")
 @click.option("--chunk-records", type=click.IntRange(1), default=_CHUNK, show_default=True,
               help="Records per chunk (memory use is about 100 bytes per record of chunk).")
-@click.option("--exit-cycles", type=click.FloatRange(0), default=500.0, show_default=True,
+@click.option("--exit-cycles", type=click.FloatRange(0), default=500.0, callback=_finite, show_default=True,
               help="Cycles per VM exit handled in the kernel (Haswell, Bitdefender HVI citing Intel).")
-@click.option("--user-exit-cycles", type=click.FloatRange(0), default=1500.0, show_default=True,
+@click.option("--user-exit-cycles", type=click.FloatRange(0), default=1500.0, callback=_finite, show_default=True,
               help="Cycles per VM exit handled in user space (~3x in-kernel, KVM vmexit unit test).")
-@click.option("--miss-cycles", type=click.FloatRange(0), default=None,
+@click.option("--miss-cycles", type=click.FloatRange(0), default=None, callback=_finite,
               help="Cycles per SPP miss (default: --exit-cycles; misses are handled in the kernel).")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr (only when stderr is a terminal).")
@@ -227,8 +235,12 @@ def convert(src, out, fmt, pin_size, strict, shard_records, chunk_records, as_js
     import json
     import time
 
-    from .formats import Diagnostics, convert_trace
+    from .formats import Diagnostics, convert_trace, overwritten_input
 
+    clash = overwritten_input(src, out, shard_records)
+    if clash is not None:
+        raise click.UsageError(f"OUT {out} would overwrite the input file {clash}; "
+                               f"write the converted trace to another path")
     diag = Diagnostics(strict=strict)
     t0 = time.perf_counter()
     info = convert_trace(src, out, fmt, size=pin_size, shard_records=shard_records, chunk_records=chunk_records,

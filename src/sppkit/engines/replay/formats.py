@@ -28,8 +28,11 @@ import lzma
 import os
 import re
 import shutil
+import struct
 import tempfile
+import tokenize
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -56,6 +59,15 @@ FORMATS = ("lackey", "csv", "pinatrace", "native")
 NATIVE_VERSION = "sppkit-trace 1"
 _PAD = 64  # bytes of zero padding after a block, so that gathers at line start + k stay in bounds
 _MAX_LINE = 1 << 20
+_MAX_NPY_HEADER = 10000  # numpy's own limit on an .npy header (max_header_size)
+#: What a corrupt compressed text trace raises while it is read.
+_DECOMPRESS_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+#: What zipfile (and the codecs under it) raise on a corrupt or unsupported .npz.
+_ZIP_ERRORS = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, NotImplementedError, RuntimeError, EOFError,
+               OSError, ValueError, struct.error)
+#: Magic numbers of the compressed containers a native trace must not be wrapped in.
+_COMPRESSED_MAGIC = ((b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"), (b"\x5d\x00\x00", "lzma"))
+_COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".lzma")
 
 
 class TraceFormatError(ValueError):
@@ -229,10 +241,8 @@ class TraceSource:
         self.path = Path(path)
         if not self.path.is_file():
             raise TraceFormatError(f"{self.path}: no such trace file")
-        if chunk_records < 1:
-            raise ValueError(f"chunk_records={chunk_records}: must be positive")
-        self.chunk_records = int(chunk_records)
-        self.block_bytes = int(block_bytes)
+        self.chunk_records = _positive_int("chunk_records", chunk_records)
+        self.block_bytes = _positive_int("block_bytes", block_bytes)
         self.diagnostics = diagnostics if diagnostics is not None else Diagnostics()
         self.bytes_total = self.path.stat().st_size
         self.bytes_done = 0
@@ -262,19 +272,39 @@ class TraceSource:
         raise NotImplementedError
 
 
+def _positive_int(name: str, value) -> int:
+    """``value`` as an int >= 1, else a ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name}={value!r}: must be a positive integer")
+    return int(value)
+
+
+def _write_size(size) -> int:
+    """``size`` (the pinatrace write size) as an int in 1..MAX_SIZE, else a ValueError."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= MAX_SIZE:
+        raise ValueError(f"size={size!r}: the pinatrace write size (--size) must be an integer 1..{MAX_SIZE}")
+    return int(size)
+
+
 class _TextSource(TraceSource):
     """Block-wise reader of a line-oriented text trace."""
 
+    def _read(self, f) -> bytes:
+        try:
+            return f.read(self.block_bytes)
+        except _DECOMPRESS_ERRORS as e:
+            raise TraceFormatError(f"{self.path}: cannot read: {e}") from None
+
     def _blocks(self) -> Iterator[_Block]:
-        f, raw = _open_text(self.path)
+        try:
+            f, raw = _open_text(self.path)
+        except OSError as e:
+            raise TraceFormatError(f"{self.path}: cannot read: {e}") from None
         line0 = 1
         carry = b""
         try:
             while True:
-                try:
-                    data = f.read(self.block_bytes)
-                except (OSError, EOFError, lzma.LZMAError) as e:
-                    raise TraceFormatError(f"{self.path}: cannot read: {e}") from None
+                data = self._read(f)
                 self.bytes_done = raw.tell()
                 if not data:
                     if carry:
@@ -291,7 +321,7 @@ class _TextSource(TraceSource):
                         carry = b""
                         skipping = True
                         while skipping:
-                            data = f.read(self.block_bytes)
+                            data = self._read(f)
                             if not data:
                                 return
                             cut = data.find(b"\n")
@@ -506,9 +536,7 @@ class PinatraceSource(_TextSource):
 
     def __init__(self, path, *, size: int = 8, **kw) -> None:
         super().__init__(path, **kw)
-        if not 1 <= size <= MAX_SIZE:
-            raise ValueError(f"--size {size}: must be 1..{MAX_SIZE}")
-        self.size = size
+        self.size = _write_size(size)
 
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         for blk in self._blocks():
@@ -548,24 +576,58 @@ class PinatraceSource(_TextSource):
 _COLUMNS = (("gpa", np.dtype("<u8")), ("size", np.dtype("<u2")), ("rip", np.dtype("<u8")))
 
 
+def _member_count(path: Path, name: str, shape, dtype: np.dtype, header_len: int, info: zipfile.ZipInfo) -> int:
+    """The record count of a member whose ``.npy`` header was just read, checked
+    against the member's size: a header that claims more (or fewer) records than the
+    member holds would read on into the next member, or stop short."""
+    if len(shape) != 1:
+        raise TraceFormatError(f"{path}: member {name}: expected a 1-D array, got shape {shape}")
+    n = shape[0]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise TraceFormatError(f"{path}: member {name}: header shape {shape!r} is not a record count")
+    if dtype.itemsize <= 0:
+        raise TraceFormatError(f"{path}: member {name}: dtype {dtype.str!r} has no size")
+    if header_len + n * dtype.itemsize != info.file_size:
+        raise TraceFormatError(f"{path}: member {name}: header says {n} records but the member holds "
+                               f"{info.file_size - header_len} bytes of {dtype.itemsize}-byte records")
+    return n
+
+
+def _member_header(path: Path, name: str, f) -> tuple[tuple, np.dtype]:
+    try:
+        return _npy_header(f)
+    except TraceFormatError:
+        raise
+    except ValueError as e:
+        raise TraceFormatError(f"{path}: member {name}: {e}") from None
+
+
 def _npz_member(path: Path, zf: zipfile.ZipFile, name: str, fd):
     """A reader for one ``.npy`` member: ``(dtype, count, read(start, stop) -> array)``.
     Stored (uncompressed) members are read in place through ``fd`` (an open handle on
     ``path``: plain reads, no mapping, so memory stays flat); compressed ones stream."""
     info = zf.getinfo(name)
+    if info.flag_bits & 0x1:
+        raise TraceFormatError(f"{path}: member {name} is encrypted")
     if info.compress_type == zipfile.ZIP_STORED:
+        if info.compress_size != info.file_size:
+            raise TraceFormatError(f"{path}: member {name}: stored with {info.compress_size} bytes "
+                                   f"but its size is {info.file_size}")
         with open(path, "rb") as f:
             f.seek(info.header_offset)
             local = f.read(30)
-            if local[:4] != b"PK\x03\x04":
+            if len(local) != 30 or local[:4] != b"PK\x03\x04":
                 raise TraceFormatError(f"{path}: member {name}: bad local header")
             nlen = int.from_bytes(local[26:28], "little")
             xlen = int.from_bytes(local[28:30], "little")
-            f.seek(info.header_offset + 30 + nlen + xlen)
-            shape, dtype = _npy_header(f)
+            local_name = f.read(nlen)
+            if local_name.decode("utf-8" if info.flag_bits & 0x800 else "cp437", "replace") != info.orig_filename:
+                raise TraceFormatError(f"{path}: member {name}: its local header names {local_name!r}")
+            start = info.header_offset + 30 + nlen + xlen
+            f.seek(start)
+            shape, dtype = _member_header(path, name, f)
             offset = f.tell()
-        if len(shape) != 1:
-            raise TraceFormatError(f"{path}: member {name}: expected a 1-D array, got shape {shape}")
+        n = _member_count(path, name, shape, dtype, offset - start, info)
 
         def read_stored(a, b):
             out = np.empty(b - a, dtype)
@@ -575,34 +637,40 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, name: str, fd):
                     raise TraceFormatError(f"{path}: member {name} is truncated")
             return out
 
-        return dtype, shape[0], read_stored
+        return dtype, n, read_stored
 
     fh = zf.open(name)
-    shape, dtype = _npy_header(fh)
-    if len(shape) != 1:
-        raise TraceFormatError(f"{path}: member {name}: expected a 1-D array, got shape {shape}")
+    shape, dtype = _member_header(path, name, fh)
+    n = _member_count(path, name, shape, dtype, fh.tell(), info)
     state = {"pos": 0}
 
     def read(a, b):
         assert a == state["pos"], "compressed members are read in order"
-        raw = fh.read((b - a) * dtype.itemsize)
+        want = (b - a) * dtype.itemsize
+        raw = fh.read(want)
+        if len(raw) != want:
+            raise TraceFormatError(f"{path}: member {name} is truncated (records {a}..{b - 1})")
         state["pos"] = b
         return np.frombuffer(raw, dtype).copy()
 
-    return dtype, shape[0], read
+    return dtype, n, read
 
 
 def _npy_header(f) -> tuple[tuple, np.dtype]:
     fmt = np.lib.format
     version = fmt.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = fmt.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = fmt.read_array_header_2_0(f)
-    elif version == (3, 0):
-        shape, dtype = _npy_header_3_0(f)
-    else:
-        raise ValueError(f".npy header version {version[0]}.{version[1]} is not supported (1.0, 2.0 or 3.0)")
+    try:
+        if version == (1, 0):
+            shape, fortran, dtype = fmt.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = fmt.read_array_header_2_0(f)
+        elif version == (3, 0):
+            shape, dtype = _npy_header_3_0(f)
+        else:
+            raise ValueError(f".npy header version {version[0]}.{version[1]} is not supported (1.0, 2.0 or 3.0)")
+    except (tokenize.TokenError, SyntaxError, TypeError, RecursionError) as e:
+        # numpy's header parser lets the tokenizer's errors out (a header cut off mid-dict)
+        raise ValueError(f".npy header is malformed: {e}") from None
     if dtype.hasobject:
         raise ValueError("object arrays are not traces")
     return shape, dtype
@@ -616,6 +684,8 @@ def _npy_header_3_0(f) -> tuple[tuple, np.dtype]:
     if len(raw) != 4:
         raise ValueError(".npy header is truncated")
     n = int.from_bytes(raw, "little")
+    if n > _MAX_NPY_HEADER:
+        raise ValueError(f".npy header of {n} bytes is too long (at most {_MAX_NPY_HEADER})")
     text = f.read(n)
     if len(text) != n:
         raise ValueError(".npy header is truncated")
@@ -672,7 +742,13 @@ class NativeSource(TraceSource):
         try:
             zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError) as e:
+            kind = _compressed_kind(self.path)
+            if kind is not None:
+                raise TraceFormatError(f"{self.path}: a {kind}-compressed native trace is not supported; "
+                                       f"decompress it first") from None
             raise TraceFormatError(f"{self.path}: not a native trace (.npz): {e}") from None
+        except _ZIP_ERRORS as e:  # NotImplementedError: zip version...
+            raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
         with zf, open(self.path, "rb") as fd:
             names = set(zf.namelist())
             for col in ("gpa", "size"):
@@ -681,7 +757,9 @@ class NativeSource(TraceSource):
                                            f"(members: {', '.join(sorted(names)) or 'none'})")
             try:
                 readers = {c: _npz_member(self.path, zf, c + ".npy", fd) for c, _ in _COLUMNS if c + ".npy" in names}
-            except (ValueError, OSError) as e:
+            except TraceFormatError:
+                raise
+            except _ZIP_ERRORS as e:  # zipfile's BadZipFile, zlib.error, NotImplementedError, RuntimeError...
                 raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
             counts = {c: r[1] for c, r in readers.items()}
             if len(set(counts.values())) != 1:
@@ -690,7 +768,12 @@ class NativeSource(TraceSource):
             step = self.chunk_records
             for a in range(0, n, step):
                 b = min(n, a + step)
-                cols = {c: r[2](a, b) for c, r in readers.items()}
+                try:
+                    cols = {c: r[2](a, b) for c, r in readers.items()}
+                except TraceFormatError:
+                    raise
+                except _ZIP_ERRORS as e:  # a bad CRC or deflate stream shows up as the member is read
+                    raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
                 self.bytes_done = int(self.bytes_total * b / max(n, 1))
                 yield self._check(cols["gpa"], cols["size"], cols.get("rip"), a)
         self.bytes_done = self.bytes_total
@@ -701,20 +784,52 @@ class NativeSource(TraceSource):
             pf = pq.ParquetFile(self.path)
         except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
             raise TraceFormatError(f"{self.path}: not a Parquet trace: {e}") from None
-        names = pf.schema_arrow.names
+        try:
+            names = pf.schema_arrow.names
+            n = pf.metadata.num_rows
+        except Exception as e:
+            raise TraceFormatError(f"{self.path}: unreadable Parquet trace: {e}") from None
         for col in ("gpa", "size"):
             if col not in names:
                 raise TraceFormatError(f"{self.path}: no '{col}' column (columns: {', '.join(names)})")
         cols = [c for c, _ in _COLUMNS if c in names]
-        n = pf.metadata.num_rows
+        for c in cols:
+            if names.count(c) > 1:
+                raise TraceFormatError(f"{self.path}: column '{c}' appears twice")
         first = 0
-        for batch in pf.iter_batches(batch_size=self.chunk_records, columns=cols):
-            arrays = {c: batch.column(i).to_numpy(zero_copy_only=False) for i, c in enumerate(cols)}
+        try:
+            batches = pf.iter_batches(batch_size=self.chunk_records, columns=cols)
+        except Exception as e:
+            raise TraceFormatError(f"{self.path}: unreadable Parquet trace: {e}") from None
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as e:  # pyarrow: OSError (corrupt pages, thrift), ArrowInvalid...
+                raise TraceFormatError(f"{self.path}: unreadable Parquet trace: {e}") from None
+            try:
+                arrays = {c: batch.column(c).to_numpy(zero_copy_only=False) for c in cols}
+            except Exception as e:
+                raise TraceFormatError(f"{self.path}: unreadable Parquet trace: {e}") from None
             k = len(arrays["gpa"])
             yield self._check(arrays["gpa"], arrays["size"], arrays.get("rip"), first)
             first += k
             self.bytes_done = int(self.bytes_total * first / max(n, 1))
         self.bytes_done = self.bytes_total
+
+
+def _compressed_kind(path: Path) -> str | None:
+    """"gzip", "bzip2"... when ``path`` starts with that compressor's magic number."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(6)
+    except OSError:
+        return None
+    for magic, kind in _COMPRESSED_MAGIC:
+        if head.startswith(magic):
+            return kind
+    return None
 
 
 def _as_unsigned(a, dtype) -> np.ndarray:
@@ -752,10 +867,14 @@ _CSV_LINE = re.compile(rb"^" + _NUM + rb"," + _NUM + rb"(?:," + _NUM + rb")?$")
 def detect_format(path) -> str:
     """Guess a trace file's format from its name, then from its first lines."""
     path = Path(path)
-    name = path.name.lower()
-    for z in (".gz", ".bz2", ".xz", ".lzma"):
+    full = path.name.lower()
+    name = full
+    for z in _COMPRESSED_SUFFIXES:
         name = name.removesuffix(z)
+    compressed = name != full
     if name.endswith((".npz", ".parquet", ".pq")):
+        if compressed:
+            raise TraceFormatError(f"{path}: compressed native traces are not supported; decompress it first")
         return "native"
     if name.endswith(".csv"):
         return "csv"
@@ -763,9 +882,11 @@ def detect_format(path) -> str:
         f, raw = _open_text(path)
         with f:
             head = f.read(1 << 16)
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except _DECOMPRESS_ERRORS as e:
         raise TraceFormatError(f"{path}: cannot read: {e}") from None
     if head[:2] == b"PK":
+        if compressed:
+            raise TraceFormatError(f"{path}: compressed native traces are not supported; decompress it first")
         return "native"
     lines = [ln for ln in head.split(b"\n")[:200] if ln.strip()]
     votes = {"lackey": 0, "pinatrace": 0, "csv": 0}
@@ -799,7 +920,10 @@ def list_shards(path) -> list[Path]:
 def open_trace(path, fmt: str = "auto", *, size: int = 8, chunk_records: int = CHUNK_RECORDS,
                diagnostics: Diagnostics | None = None, strict: bool = False) -> TraceSource:
     """A :class:`TraceSource` for one trace file.  ``fmt``: lackey, csv, pinatrace,
-    native or auto.  ``size``: pinatrace write size."""
+    native or auto.  ``size``: pinatrace write size (1..65535).  A bad ``size`` or
+    ``chunk_records`` is a ValueError naming the argument."""
+    _write_size(size)
+    _positive_int("chunk_records", chunk_records)
     if diagnostics is None:
         diagnostics = Diagnostics(strict=strict)
     if fmt == "auto":
@@ -837,7 +961,9 @@ class NativeWriter:
     """Stream records into a native trace: ``.npz`` (columns as uncompressed ``.npy``
     members, so readers can memory-map them) or ``.parquet`` (pyarrow).  Memory use is
     one chunk; the ``.npz`` columns are spooled to temporary files beside ``path``
-    and assembled on :meth:`close`."""
+    and assembled on :meth:`close`, a Parquet file is written beside ``path``: either
+    replaces ``path`` only on a successful :meth:`close` (:meth:`abort` leaves an
+    existing file alone)."""
 
     def __init__(self, path) -> None:
         self.path = Path(path)
@@ -850,7 +976,13 @@ class NativeWriter:
 
             self._pa = pa
             self._schema = pa.schema([("gpa", pa.uint64()), ("size", pa.uint16()), ("rip", pa.uint64())])
-            self._pq = pq.ParquetWriter(str(self.path), self._schema)
+            self._dir = tempfile.mkdtemp(prefix=".sppkit-trace-", dir=self.path.parent or ".")
+            self._tmp = Path(self._dir) / self.path.name
+            try:
+                self._pq = pq.ParquetWriter(str(self._tmp), self._schema)
+            except BaseException:
+                shutil.rmtree(self._dir, ignore_errors=True)
+                raise
         else:
             if self.path.suffix.lower() != ".npz":
                 raise TraceFormatError(f"{self.path}: a native trace is written as .npz or .parquet")
@@ -883,12 +1015,16 @@ class NativeWriter:
             return
         self._closed = True
         if self.parquet:
-            self._pq.close()
+            try:
+                self._pq.close()
+                os.replace(self._tmp, self.path)
+            finally:
+                shutil.rmtree(self._dir, ignore_errors=True)
             return
+        tmp = self.path.with_name(f".{self.path.name}.partial")
         try:
             for f in self._files.values():
                 f.close()
-            tmp = self.path.with_name(f".{self.path.name}.partial")
             with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
                 for c, dt in _COLUMNS:
                     spool = os.path.join(self._dir, c)
@@ -901,6 +1037,7 @@ class NativeWriter:
                     np.lib.format.write_array(out, np.array(NATIVE_VERSION))
             os.replace(tmp, self.path)
         finally:
+            tmp.unlink(missing_ok=True)
             shutil.rmtree(self._dir, ignore_errors=True)
 
     def abort(self) -> None:
@@ -909,8 +1046,12 @@ class NativeWriter:
             return
         self._closed = True
         if self.parquet:
-            self._pq.close()
-            self.path.unlink(missing_ok=True)
+            try:
+                self._pq.close()
+            except Exception:  # the error being handled is the one to report
+                pass
+            finally:
+                shutil.rmtree(self._dir, ignore_errors=True)
         else:
             for f in self._files.values():
                 f.close()
@@ -963,6 +1104,26 @@ class TraceRecorder:
         self.writer.close()
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def overwritten_input(src_path, out_path, shard_records: int | None = None) -> Path | None:
+    """The file of trace ``src_path`` (the file, or one of its shards) that converting
+    it into ``out_path`` would overwrite, else None."""
+    out_path = Path(out_path)
+    shards = list_shards(src_path)
+    if shard_records is None:
+        return next((p for p in shards if _same_file(p, out_path)), None)
+    suffix = out_path.suffix if out_path.suffix in (".npz", ".parquet") else ".npz"
+    out_dir = out_path if not out_path.suffix else out_path.with_suffix("")
+    part = re.compile(r"part-\d{5,}" + re.escape(suffix))
+    return next((p for p in shards if part.fullmatch(p.name) and _same_file(p.parent, out_dir)), None)
+
+
 def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, strict: bool = False,
                   shard_records: int | None = None, chunk_records: int = CHUNK_RECORDS,
                   diagnostics: Diagnostics | None = None, progress=None) -> dict:
@@ -977,6 +1138,10 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
     if shard_records is not None:
         if shard_records < 1:
             raise ValueError(f"--shard-records {shard_records}: must be positive")
+    clash = overwritten_input(src_path, out_path, shard_records)
+    if clash is not None:
+        raise ValueError(f"{out_path}: would overwrite the input {clash}; write the converted trace elsewhere")
+    if shard_records is not None:
         suffix = out_path.suffix if out_path.suffix in (".npz", ".parquet") else ".npz"
         out_dir = out_path if not out_path.suffix else out_path.with_suffix("")
         out_dir.mkdir(parents=True, exist_ok=True)
