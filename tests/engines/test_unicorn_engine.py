@@ -815,3 +815,63 @@ class TestRunJson:
         assert self.RECORD_KEYS <= set(v)
         assert (v["gpa"], v["size"], v["decision"], v["rip_at"]) == (page, 4, "stop", doc["rip_at"])
         assert v["rip_after"] is None
+
+
+class TestPauseFromAPortHandler:
+    """A port handler that returns "pause" stops the run right after its ``out``, as
+    KVM does: the instructions after it have not run (Unicorn's emu_stop() ends only
+    the translated block, so the engine holds back every store still on the way), and
+    a resumed run executes each of them once."""
+
+    PORT = 0xF6
+
+    def _guest(self, target: int) -> tuple[Asm, int]:
+        a = Asm()
+        a.mov_imm(Register.RAX, 0x41)
+        out = a._add(Ins.create_u32_reg(Code.OUT_IMM8_AL, self.PORT, Register.AL))
+        a.store(1, target)
+        a.store_mark()
+        a.exit(0)
+        return a, out
+
+    @pytest.mark.parametrize("protect", [False, True], ids=["writable-page", "page-protected-by-the-handler"])
+    def test_nothing_after_the_out_runs_before_the_pause(self, protect):
+        target = DATA + 0x40
+        a, out = self._guest(target)
+        eng = engine(a)
+
+        def handler(e, value):
+            if protect:
+                e.apply_policy(Policy.from_ranges([(target, 1)], "skip"))
+            return "pause"
+
+        eng.add_port_handler(self.PORT, handler)
+        r = eng.run()
+        assert r.stop_reason == "paused" and r.rip_at == a.address(out + 1), "stops right after the out"
+        assert eng.vm.read(target, 1) == before(target, 1) and eng.vm.read(MARK, 1) == before(MARK, 1)
+        assert r.violations == [] and eng.vm.stats()["writes"] == 0
+        r = eng.run()
+        assert r.stop_reason == "exit" and eng.vm.read(MARK, 1) == b"\x01"
+        if protect:  # decided once, on the resumed run: skipped
+            assert [v.gpa for v in r.violations] == [target] and eng.vm.read(target, 1) == before(target, 1)
+        else:
+            assert r.violations == [] and eng.vm.read(target, 1) == b"\x41"
+
+    def test_a_denied_store_after_the_pause_never_lands(self):
+        """A STOP policy installed by the handler: the store after the out is stopped
+        on the resumed run, before it retires; its byte never reaches memory."""
+        target = DATA + 0x80
+        a, out = self._guest(target)
+        eng = engine(a)
+        eng.vm.write(target, b"\x11")  # the page was written before (a warm mapping)
+
+        def handler(e, value):
+            e.policy = Policy.from_ranges([(target, 1)], "stop")
+            e.apply_policy(e.policy)
+            return "pause"
+
+        eng.add_port_handler(self.PORT, handler)
+        assert eng.run().stop_reason == "paused"
+        r = eng.run()
+        assert r.stop_reason == "stop-decision" and r.rip_at == a.address(out + 1)
+        assert eng.vm.read(target, 1) == b"\x11" and len(r.violations) == 1

@@ -180,6 +180,9 @@ class UnicornEngine(EngineBase):
         self._project()
         self._error: BaseException | None = None
         self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
+        self._held = False  # the run stopped at a store it did not decide (see _on_store)
+        self._holding = False  # every page read-only until the run stops (see _hold_stores)
+        self._timed_out = False
         self._code_hooks: list = []  # one-address code hooks, removed after each run
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self.exits: Counter = Counter()
@@ -257,8 +260,20 @@ class UnicornEngine(EngineBase):
             runs.add((pos, self.ram_size - pos, True))
         for gpa, size, writable in sorted(runs - self._prot):
             self.uc.mem_protect(gpa, size, UC_PROT_ALL if writable else _RO)
+        self._holding = False
         self._prot = runs
         self._generation = self.vm.ept_generation
+
+    def _hold_stores(self) -> None:
+        """The run is to stop (a pause) but emu_stop() only takes effect at the end of the
+        translated block: until then every page is read-only, so that each store still
+        on the way faults into _on_store, which holds it back — the run stops at the
+        first one, nothing written, as KVM stops right after the pausing instruction.
+        The next run() restores the real protections (_project)."""
+        if not self._holding:
+            self.uc.mem_protect(0, self.ram_size, _RO)
+            self._prot = {(0, self.ram_size, False)}
+            self._holding = True
 
     # -- hooks ---------------------------------------------------------------------------
     @_guard
@@ -274,6 +289,7 @@ class UnicornEngine(EngineBase):
             if self.vm.ept_generation != self._generation:
                 self._project()
             if pause:
+                self._hold_stores()
                 uc.emu_stop()
 
     @_guard
@@ -314,6 +330,14 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
+        if self._pause or self._timed_out or self.exit_code is not None:
+            # The run is ending (a pause, the timeout, the exit port): emu_stop() only
+            # takes effect at the end of the translated block, and Unicorn abandons a
+            # store it meets on the way and runs it again on resume.  So the store is
+            # not decided here: the run stops at it, nothing written, and a resumed run
+            # hands it to vm.write once.
+            self._held = True
+            return False
         self._wp_calls += 1
         try:
             if rip is None:
@@ -353,6 +377,7 @@ class UnicornEngine(EngineBase):
                 # repeat it on resume: stop at the next instruction instead.
                 d = decode(self.vm.read(rip, 15), rip, None)
                 self._stop_at(rip + (d.length if d else 1))
+                self._hold_stores()
             return True if n == size else n
         except BaseException as e:  # re-raised from run()
             if self._error is None:
@@ -424,12 +449,13 @@ class UnicornEngine(EngineBase):
         uc = self.uc
         start = self._pc
         self._pause = False
-        if self.vm.ept_generation != self._generation:
+        if self._holding or self.vm.ept_generation != self._generation:
             self._project()  # protections changed since the last run or pause
         # The timeout is a timer calling emu_stop(): emu_start(timeout=...) would make
         # Unicorn check a clock in every block (about 20 % slower here).
         timer = threading.Timer(self.timeout, self._time_out) if self.timeout else None
         self._timed_out = False
+        self._held = False
         if timer:
             timer.daemon = True
             timer.start()
@@ -455,6 +481,14 @@ class UnicornEngine(EngineBase):
                 # emu_stop() takes effect at the end of the translation block: the
                 # start-up code's ud2 after the exit port write may already have run.
                 return self.result("exit", exits=self.exits)
+            if e.errno == UC_ERR_WRITE_PROT and self._held:
+                # stopped at a store held back by _on_store: it has not run
+                self._held = False
+                self._pc = rip
+                if self._pause:
+                    self._pause = False
+                    return self.result("paused", rip_at=rip, exits=self.exits)
+                return self.result("timeout", rip_at=rip, exits=self.exits, detail=f"no exit within {self.timeout} s")
             if e.errno == UC_ERR_WRITE_PROT and self._stop is not None:
                 return self.result("stop-decision", rip_at=self._stop[0], exits=self.exits)
             d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
