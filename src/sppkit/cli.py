@@ -55,6 +55,8 @@ def _load_guest(guest: str, flat_at: str | None, entry: str | None):
 
     from .guests import build_guest, flat_image, list_programs, load_elf
 
+    if entry is not None and flat_at is None:
+        raise click.UsageError("--entry applies to a flat binary (--flat-at); an ELF file states its own entry")
     if flat_at is not None:
         data = open(guest, "rb").read()
         return flat_image(data, _address(flat_at, "--flat-at"), _address(entry, "--entry") if entry else None)
@@ -83,6 +85,8 @@ def _policy(policy_file, protect, image, decision):
 
     if policy_file and protect:
         raise click.UsageError("give --policy or --protect, not both")
+    if decision is not None and not protect:
+        raise click.UsageError("--decision applies to --protect ranges (a --policy file states its own decisions)")
     if policy_file:
         return load_policy(policy_file, image)
     if protect:
@@ -130,6 +134,8 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     from .engines import choose_engine, parse_size
     from .report import print_run
 
+    if record_file is not None and not record_file.strip():
+        raise click.BadParameter("an empty path", param_hint="--record")
     image = _load_guest(guest, flat_at, entry)
     pol = _policy(policy_file, protect, image, decision)
     cls, why = choose_engine(engine)

@@ -73,3 +73,23 @@ def test_flat_segment_beyond_ram_names_the_flat_image(tmp_path):
     path.write_bytes(CODE)
     r = CliRunner().invoke(main, ["run", str(path), "--flat-at", "0x10000000000", "--engine", "unicorn"])
     assert r.exit_code == 2 and "None" not in r.output and "lies beyond guest RAM" in r.output
+
+
+def test_a_flat_guest_at_gpa_0_runs(tmp_path):
+    """(Unicorn used to stop before the first instruction: 0 was its stop address.)"""
+    path = tmp_path / "at0.bin"
+    path.write_bytes(bytes.fromhex("b805000000" "e7f4"))  # mov eax,5; out 0xf4,eax
+    r = CliRunner().invoke(main, ["run", str(path), "--flat-at", "0", "--engine", "unicorn", "--json"])
+    assert r.exit_code == 5 and json.loads(r.stdout)["stop_reason"] == "exit"
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--entry", "0x400000"], "--entry applies to a flat binary"),
+    (["--flat-at", "0x400000", "--decision", "stop"], "--decision applies to --protect ranges"),
+    (["--flat-at", "0x400000", "--record", ""], "--record"),
+])
+def test_options_that_would_be_ignored_are_refused(tmp_path, args, expect):
+    path = tmp_path / "guest.bin"
+    path.write_bytes(CODE)
+    r = CliRunner().invoke(main, ["run", str(path), "--engine", "unicorn", *args])
+    assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output

@@ -67,6 +67,8 @@ from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 
 MSR_EFER = 0xC0000080
 _RO = UC_PROT_READ | UC_PROT_EXEC
+#: emu_start's "until": an address no guest instruction can be at (not canonical)
+_NO_STOP_ADDRESS = 0x8000_0000_0000_0000
 # uc_cb_eventmem_t: (uc, type, address, size, value, user_data) -> bool
 _WRITE_PROT_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int,
                                      ctypes.c_int64, ctypes.c_void_p)
@@ -465,7 +467,9 @@ class UnicornEngine(EngineBase):
             self._cover = None
         try:
             try:
-                uc.emu_start(start, 0, count=self.max_instructions)
+                # (no stop address: the guest stops by its exit port; 0 would stop a guest
+                # whose entry point is gpa 0 before its first instruction)
+                uc.emu_start(start, _NO_STOP_ADDRESS, count=self.max_instructions)
             finally:
                 if self._wp_calls:
                     self.exits["WriteProt"] = self._wp_calls
