@@ -40,7 +40,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True,
-              help="Engine for the guest part of the demo.")
+              help="Engine for the guest parts of the demo (the guest and the four uses).")
 def demo(engine) -> None:
     """Build an EPT + SPPT, send writes through the processor and a Vm, then run the
     bundled `mixed` guest with a policy on the best engine available."""

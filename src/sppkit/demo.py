@@ -160,7 +160,7 @@ def main(console: Console | None = None, engine: str = "auto") -> None:
     from .usecases.monitor import demo_monitor
 
     console.rule("[bold]the four uses of SPP")
-    demo_monitor(console)
-    demo_device(console)
-    demo_checkpoint(console)
-    demo_guard(console)
+    demo_monitor(console, engine)
+    demo_device(console, engine)
+    demo_checkpoint(console, engine)
+    demo_guard(console, engine)

@@ -93,3 +93,20 @@ def test_options_that_would_be_ignored_are_refused(tmp_path, args, expect):
     path.write_bytes(CODE)
     r = CliRunner().invoke(main, ["run", str(path), "--engine", "unicorn", *args])
     assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output
+
+
+def test_demo_engine_reaches_every_guest_part(monkeypatch):
+    """`sppkit demo --engine unicorn`: the four uses run on that engine too."""
+    import sppkit.demo as demo
+    from sppkit.usecases import checkpoint, device, guard, monitor
+
+    seen = {}
+    for mod, name in ((monitor, "demo_monitor"), (device, "demo_device"), (checkpoint, "demo_checkpoint"),
+                      (guard, "demo_guard")):
+        monkeypatch.setattr(mod, name, lambda console, engine="auto", _n=name: seen.__setitem__(_n, engine))
+    for name in ("processor_demo", "vm_demo", "guest_demo"):
+        monkeypatch.setattr(demo, name, lambda *a, **k: None)
+    monkeypatch.setattr("sppkit.guests.toolchain_status", lambda: (True, "ok"))
+    r = CliRunner().invoke(main, ["demo", "--engine", "unicorn"])
+    assert r.exit_code == 0, r.output
+    assert seen == dict.fromkeys(("demo_monitor", "demo_device", "demo_checkpoint", "demo_guard"), "unicorn")

@@ -174,6 +174,89 @@ class TestBadInput:
     def test_errors_are_value_errors(self):
         assert issubclass(DeviceError, ValueError)
 
+    @pytest.mark.parametrize(("regs", "msg"), [
+        ([Register("a", 0, 4), Register("b", 8.0, 4)], r"register 'b' offset 8\.0: must be an integer"),
+        ([Register("a", 0, 4), Register("b", 8, 4.0)], r"register 'b' width 4\.0: must be an integer"),
+        ([Register("a", True, 1)], "register 'a' offset True: must be an integer"),
+        ([Register("a", 0, True)], "register 'a' width True: must be an integer"),
+        ([Register("a", "0", 4)], "register 'a' offset '0': must be an integer"),
+        ([Register("a", None, 4)], "register 'a' offset None: must be an integer"),
+        ([Register("a", 0, 4), Register("b", 8, 4, "rw", "x")], "register 'b' reset 'x': must be an integer"),
+        ([Register("a", 0, 4), Register("b", 8, 4, "rw", 1.5)], r"register 'b' reset 1\.5: must be an integer"),
+        ([Register("a", 0, 4, "rw", None)], "register 'a' reset None: must be an integer"),
+        ([Register("a", 0, 4, "rw", 1 << 32)], "register 'a' reset 0x100000000 does not fit its 4 byte"),
+        ([Register("a", 0, 4, ["rw"])], r"access \['rw'\]"),
+        ([Register(5, 0, 4)], "register name 5: must be a non-empty string"),
+        ([("a", 0, 4)], r"\('a', 0, 4\) is not a Register"),
+        ([Register("a", 0, 4), "x"], "'x' is not a Register"),
+        ("abc", "registers must be a sequence of Register, got 'abc'"),
+        (5, "registers must be a sequence of Register, got 5"),
+    ])
+    def test_bad_register_types(self, regs, msg):
+        with pytest.raises(DeviceError, match=msg):
+            Device("d", regs)
+
+    def test_negative_reset_is_all_ones(self, vm):
+        dev = DeviceBus(vm).attach(Device("d", [Register("a", 0, 4, "rw", -1)]), DEV)
+        assert dev.get_register("a") == 0xFFFFFFFF
+
+    @staticmethod
+    def _state(vm, bus):
+        return (vm.get_subpage_access(DEV >> 12, 1)[0], vm.read(DEV, 4096), bus.wm.stats(), dict(bus.devices),
+                bus.wm.pushes, vm.stats()["violations"])
+
+    def test_registers_replaced_after_construction_are_checked_on_attach(self, vm):
+        bus = DeviceBus(vm)
+        vm.load(DEV, b"\xAA" * 4096)
+        before = self._state(vm, bus)
+        dev = Device("d", [Register("a", 0, 4)])
+        dev.registers = (Register("a", 0, 4), Register("b", 8, 4, "rw", 1.5))
+        with pytest.raises(DeviceError, match=r"register 'b' reset 1\.5"):
+            bus.attach(dev, DEV)
+        assert self._state(vm, bus) == before and dev.bus is None and dev.gpa is None
+
+    def test_failing_reset_leaves_nothing_behind(self, vm):
+        class Bad(Device):
+            registers = (Register("a", 0, 4, "rw", 7), Register("b", 0x100, 4, "rw", 9))
+
+            def reset(self):
+                self.set_register("a", 7)  # the page is written, then the device fails
+                raise RuntimeError("device broke")
+
+        bus = DeviceBus(vm)
+        vm.load(DEV, b"\x55" * 4096)
+        before = self._state(vm, bus)
+        dev = Bad()
+        with pytest.raises(RuntimeError, match="device broke"):
+            bus.attach(dev, DEV)
+        assert self._state(vm, bus) == before and dev.bus is None
+        assert vm.write(DEV, b"\1\0\0\0").committed and vm.stats()["violations"] == 0  # no watch left
+        bus.attach(RingConsole(), DEV)  # the page is free
+
+    def test_failing_watch_undoes_the_watches_made(self, vm, monkeypatch):
+        from sppkit.usecases.monitor import WatchError
+
+        bus = DeviceBus(vm)
+        before = self._state(vm, bus)
+        real = bus.wm.watch
+        calls = []
+
+        def watch(*a, **kw):
+            calls.append(a)
+            if len(calls) == 2:
+                raise WatchError("no more watches")
+            return real(*a, **kw)
+
+        monkeypatch.setattr(bus.wm, "watch", watch)
+        dev = Device("d", [Register("a", 0, 4), Register("b", 0x100, 4)])
+        with pytest.raises(DeviceError, match="device 'd': no more watches"):
+            bus.attach(dev, DEV)
+        st = bus.wm.stats()
+        assert st["watches"] == 0 and st["pages"] == 0 and not bus.devices and dev.bus is None
+        assert vm.get_subpage_access(DEV >> 12, 1)[0] == before[0] and vm.read(DEV, 4096) == before[1]
+        monkeypatch.undo()
+        assert bus.attach(dev, DEV) is dev and bus.wm.stats()["watches"] == 2
+
     def test_a_detached_device_is_named_not_attached(self, vm):
         bus = DeviceBus(vm)
         dev = bus.attach(RingConsole(), DEV)

@@ -182,10 +182,42 @@ def test_report_numbers_match_the_table():
     (dict(overflow_by=-1), "non-negative"),
     (dict(overflow_by=5000), "at most 4096"),
     (dict(decision="emulate"), "stop or skip"),
+    # every patched value must fit its guest variable (u64), not overflow while patching
+    (dict(overflow_buffer=2**70), r"--overflow-buffer 1180591620717411303424: does not fit .*param_overflow_index"),
+    (dict(overflow_buffer=2**64), "does not fit the guest's 'param_overflow_index' \\(8-byte variable"),
+    (dict(buffers=2**64), "--buffers 18446744073709551616: does not fit"),
+    (dict(overflow_by=2**64), "--overflow-by 18446744073709551616: does not fit"),
+    # without --buffers the range check uses the guest's default (param_nbuffers = 64)
+    (dict(overflow_buffer=64), r"--overflow-buffer 64: there are only 64 buffers \(0\.\.63\)"),
+    (dict(overflow_buffer=99999), r"there are only 64 buffers \(0\.\.63\)"),
+    (dict(buffers=512, overflow_buffer=512), r"there are only 512 buffers \(0\.\.511\)"),
 ])
 def test_bad_guard_input(kw, match):
     with pytest.raises(G.GuardError, match=match):
         G.guard_guest("guard_bufs", engine="unicorn", **kw)
+
+
+def test_last_default_buffer_can_overflow():
+    rep = G.guard_guest("guard_bufs", engine="unicorn", overflow_buffer=63)
+    assert [h.buffer.index for h in rep.hits] == [63]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--overflow-buffer", "18446744073709551616"], "--overflow-buffer 18446744073709551616: does not fit"),
+    (["--overflow-buffer", "64"], r"--overflow-buffer 64: there are only 64 buffers \(0\.\.63\)"),
+])
+def test_cli_bad_params_are_one_line_errors(args, match):
+    import re
+
+    from click.testing import CliRunner
+
+    from sppkit.cli import main
+
+    r = CliRunner().invoke(main, ["guard", "guard_bufs", "--engine", "unicorn", *args])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    (line,) = [ln for ln in r.output.splitlines() if ln.startswith("sppkit: error:")]
+    assert re.search(match, line)
 
 
 def test_guest_without_guard_table():
@@ -244,6 +276,23 @@ def test_guard_table_validation(entries, kw, match):
     else:
         with pytest.raises(G.GuardTableError, match=match):
             G.read_guard_table(read, _FakeImage(), ram)
+
+
+@pytest.mark.parametrize("count", [0xFFFFFFFF, 3_000_000])
+def test_guard_table_count_past_ram_without_symbol_size(count):
+    # a table symbol without a size (an assembler label) and a corrupt count: named, before any read past RAM
+    hdr = struct.pack("<QIIIIQQQ", G.TABLE_MAGIC, 1, 0xFFFFFFFF, count, 128, 0, 0x4000000, 0)
+    reads = []
+
+    def read(gpa, n):
+        reads.append((gpa, n))
+        if gpa + n > 64 << 20:
+            raise AssertionError(f"read past RAM at {gpa:#x}+{n:#x}")
+        return (hdr[gpa - 0x1000 :] + bytes(n))[:n] if gpa >= 0x1000 else bytes(n)
+
+    with pytest.raises(G.GuardTableError, match=rf"guard_table at 0x1000: count {count} .*past the end of guest RAM"):
+        G.read_guard_table(read, _FakeImage(size=0), 64 << 20)
+    assert reads == [(0x1000, 48)]
 
 
 # ------------------------------------------------------------------ CLI and demo

@@ -16,6 +16,7 @@ from sppkit.usecases.monitor import (
     UnknownSymbolError,
     WatchError,
     WatchManager,
+    WatchTarget,
     compress_names,
     monitor_command,
     resolve_symbols,
@@ -235,6 +236,30 @@ class TestWatchManagerBadInput:
     def test_errors_are_value_errors(self):
         assert issubclass(WatchError, ValueError) and issubclass(UnknownSymbolError, ValueError)
 
+    @pytest.mark.parametrize(("decision", "msg"), [
+        ("bogus", r"watch 'w': decision 'bogus': must be one of allow, emulate, deny, skip, stop"),
+        (1, "decision 1: must be one of allow"),
+        ("unprotect", "decision 'unprotect': a watch keeps its protection"),
+        (Decision.UNPROTECT, "decision 'unprotect': a watch keeps its protection"),
+    ])
+    def test_bad_watch_decision(self, vm, decision, msg):
+        wm = WatchManager(vm)
+        wm.watch(PAGE + 0x200, 8, name="other")
+        before = (wm.stats(), wm.pushes, wm._next, vm.get_subpage_access(PAGE >> 12, 1)[0])
+        with pytest.raises(WatchError, match=msg):
+            wm.watch(PAGE, 8, name="w", decision=decision)
+        assert (wm.stats(), wm.pushes, wm._next, vm.get_subpage_access(PAGE >> 12, 1)[0]) == before
+
+    @pytest.mark.parametrize(("default", "msg"), [
+        ("bogus", "default decision 'bogus': must be one of allow, emulate, deny, skip, stop"),
+        ("unprotect", "default decision 'unprotect': a watch keeps its protection"),
+    ])
+    def test_bad_default_decision(self, vm, default, msg):
+        vm.on_violation(None)
+        with pytest.raises(WatchError, match=msg):
+            WatchManager(vm, default=default)
+        assert vm.write(PAGE, b"\1").committed  # no handler installed, nothing protected
+
 
 def test_compress_names():
     assert compress_names(["idt"]) == "idt"
@@ -286,10 +311,52 @@ class TestSymbols:
         with pytest.raises(MonitorError, match=msg):
             resolve_symbols(kernel, spec)
 
+    @pytest.mark.parametrize(("spec", "msg"), [
+        ([1], "item 0 is 1, not a string"), (["idt", None], "item 1 is None, not a string"),
+        (5, "5 is neither a string nor a list of strings"),
+    ])
+    def test_bad_spec_types(self, kernel, spec, msg):
+        with pytest.raises(MonitorError, match=msg):
+            resolve_symbols(kernel, spec)
+
 
 # ====================================================================== end to end
 def _opens(ticks):
     return ticks // 16
+
+
+@needs_gcc
+class TestRunMonitorBadInput:
+    """Refused before any engine is made."""
+
+    @pytest.fixture(autouse=True)
+    def _no_engine(self, monkeypatch):
+        import sppkit.engines as engines
+
+        def choose_engine(name):
+            raise AssertionError("an engine was chosen for bad input")
+
+        monkeypatch.setattr(engines, "choose_engine", choose_engine)
+
+    @pytest.mark.parametrize("ticks", [0, -1, 2**70, 10_000_001, 1.5, True, "10"])
+    def test_bad_ticks(self, ticks):
+        with pytest.raises(MonitorError, match=r"ticks .*: must be an integer from 1 to 10000000"):
+            run_monitor("minikernel", engine="unicorn", ticks=ticks)
+
+    @pytest.mark.parametrize(("targets", "exc", "msg"), [
+        ([("x", 0x500000, 8)], MonitorError, r"targets\[0\] \('x', 5242880, 8\): not a WatchTarget"),
+        (5, MonitorError, "targets 5: must be a list of WatchTarget"),
+        ([WatchTarget("x", 0x10000, 8.0)], WatchError, "watch 'x': length must be an integer, got 8.0"),
+        ([WatchTarget("x", -5, 8)], WatchError, "needs start >= 0"),
+        ([WatchTarget("x", 0x10000, 8, "bogus")], WatchError, "watch 'x': decision 'bogus': must be one of"),
+    ])
+    def test_bad_targets(self, targets, exc, msg):
+        with pytest.raises(exc, match=msg):
+            run_monitor("minikernel", engine="unicorn", targets=targets)
+
+    def test_bad_decision(self):
+        with pytest.raises(MonitorError, match="decision 'bogus'"):
+            run_monitor("minikernel", engine="unicorn", decision="bogus")
 
 
 @needs_gcc

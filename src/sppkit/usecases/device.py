@@ -92,7 +92,14 @@ class Device:
         if name is not None:
             self.name = name
         if registers is not None:
-            self.registers = tuple(registers)
+            if isinstance(registers, (str, bytes, Register)):
+                raise DeviceError(f"device {self.name!r}: registers must be a sequence of Register, "
+                                  f"got {registers!r}")
+            try:
+                self.registers = tuple(registers)
+            except TypeError:
+                raise DeviceError(f"device {self.name!r}: registers must be a sequence of Register, "
+                                  f"got {registers!r}") from None
         self.bus: DeviceBus | None = None
         self.gpa: int | None = None
         self.writes: Counter = Counter()  #: register name -> trapped writes
@@ -102,10 +109,20 @@ class Device:
     # -- declaration ------------------------------------------------------------
     def _validate(self) -> None:
         seen: dict[str, Register] = {}
-        regs = sorted(self.registers, key=lambda r: r.offset)
-        for r in regs:
+        for r in self.registers:  # types first: the checks below (and sorting) compare numbers
             if not isinstance(r, Register):
                 raise DeviceError(f"device {self.name!r}: {r!r} is not a Register")
+            if not isinstance(r.name, str) or not r.name:
+                raise DeviceError(f"device {self.name!r}: register name {r.name!r}: must be a non-empty string")
+            for field in ("offset", "width", "reset"):
+                v = getattr(r, field)
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise DeviceError(f"device {self.name!r}: register {r.name!r} {field} {v!r}: "
+                                      "must be an integer")
+            if not isinstance(r.access, str):
+                raise DeviceError(f"device {self.name!r}: register {r.name!r} access {r.access!r}: rw, ro or wo")
+        regs = sorted(self.registers, key=lambda r: r.offset)
+        for r in regs:
             if r.name in seen:
                 raise DeviceError(f"device {self.name!r}: two registers named {r.name!r}")
             seen[r.name] = r
@@ -116,6 +133,10 @@ class Device:
                                   f"lies outside its 4-KiB page")
             if r.access not in ("rw", "ro", "wo"):
                 raise DeviceError(f"device {self.name!r}: register {r.name!r} access {r.access!r}: rw, ro or wo")
+            bits = 8 * r.width
+            if not -(1 << (bits - 1)) <= r.reset < 1 << bits:
+                raise DeviceError(f"device {self.name!r}: register {r.name!r} reset {r.reset:#x} does not fit "
+                                  f"its {r.width} byte(s)")
         for a, b in zip(regs, regs[1:]):
             if b.offset < a.end:
                 raise DeviceError(f"device {self.name!r}: registers {a.name!r} [{a.offset:#x}, {a.end:#x}) and "
@@ -226,16 +247,28 @@ class DeviceBus:
                               "must be guest RAM (its ring and its register copies live there)")
         if m.readonly:
             raise DeviceError(f"device {device.name!r} at {gpa:#x}: read-only memslot {m.slot}")
+        device._validate()  # its registers may have been replaced since it was made
+        # Nothing changes unless it all succeeds: reset values go into the page (its
+        # previous bytes kept), then one watch per register; on any error the watches
+        # made so far are removed and the page and the device are put back.
+        saved = self.vm.read(gpa, PAGE)
+        ws: list = []
         device.bus, device.gpa = self, gpa
         try:
+            device.reset()
             cb = self._callback(device)
-            ws = [self.wm.watch(gpa + r.offset, r.width, cb, name=f"{device.name}.{r.name}") for r in device.registers]
-        except WatchError as e:
+            for r in device.registers:
+                ws.append(self.wm.watch(gpa + r.offset, r.width, cb, name=f"{device.name}.{r.name}"))
+        except BaseException as e:
+            for w in reversed(ws):
+                self.wm.unwatch(w)
+            self.vm.load(gpa, saved)
             device.bus = device.gpa = None
-            raise DeviceError(f"device {device.name!r}: {e}") from None
+            if isinstance(e, WatchError):
+                raise DeviceError(f"device {device.name!r}: {e}") from None
+            raise
         self.devices[gpa >> 12] = device
         self._watches[gpa >> 12] = ws
-        device.reset()
         return device
 
     def detach(self, device: Device) -> None:
@@ -556,7 +589,7 @@ def device_command(guest, engine, page_granular, page, cpl, timeout, as_json):
     emit_report(rep, as_json, print_device)
 
 
-def demo_device(console) -> DeviceReport | None:
+def demo_device(console, engine: str = "auto") -> DeviceReport | None:
     """`sppkit demo` part: the ring console and its driver, registers trapped at 128 bytes."""
     from ..guests import toolchain_status
 
@@ -565,7 +598,7 @@ def demo_device(console) -> DeviceReport | None:
         console.print(f"[yellow]device demo skipped: {why}[/]")
         return None
     console.rule("[bold]device virtualization: registers and a ring in one page")
-    rep = run_device(DEFAULT_GUEST, engine="auto")
+    rep = run_device(DEFAULT_GUEST, engine=engine)
     console.print(f"[dim]engine: {rep.engine_reason}[/]")
     first = rep.output.splitlines()[:2]
     console.out("device output: " + " / ".join(first) + " …", highlight=False)

@@ -139,6 +139,9 @@ def read_guard_table(read: Callable[[int, int], bytes], image, ram_size: int) ->
         raise GuardTableError(
             f"{where}: arena [{arena:#x}, {arena + asize:#x}) (used {used:#x}) is not page-aligned or lies "
             f"beyond guest RAM ({ram_size >> 20} MiB)")
+    if sym.addr + _HDR.size + count * _ENT.size > ram_size:
+        raise GuardTableError(f"{where}: count {count} ({count:#x}): that many {_ENT.size}-byte entries run past "
+                              f"the end of guest RAM ({ram_size >> 20} MiB); the table is corrupt")
     raw = read(sym.addr + _HDR.size, count * _ENT.size)
     buffers: list[GuardBuffer] = []
     seen: dict[int, int] = {}  # guard gpa -> index of the entry it belongs to
@@ -317,16 +320,53 @@ class GuardSession:
         return out
 
 
+_PARAM_BYTES = 8  #: the guard_bufs parameters are u64
+
+
+def _param_width(sym) -> int:
+    """Bytes of a parameter variable: its symbol's size, or a u64 when the ELF gives none."""
+    return sym.size if sym.size in (1, 2, 4, 8) else _PARAM_BYTES
+
+
+def _param_default(image, key: str) -> int | None:
+    """The initial value of parameter ``key`` in the guest's ELF (None when the guest
+    has no such variable or its bytes are not in a loadable segment)."""
+    sym = image.symbols.get(PARAMS[key])
+    if sym is None:
+        return None
+    seg = image.segment_at(sym.addr)
+    width = _param_width(sym)
+    if seg is None or sym.addr + width > seg.end:
+        return None
+    off = sym.addr - seg.gpa
+    return int.from_bytes((seg.data + bytes(width))[off : off + width], "little")
+
+
+def _check_param_fits(image, key: str, value: int) -> None:
+    sym = image.symbols.get(PARAMS[key])
+    if sym is None:
+        return
+    width = _param_width(sym)
+    if value >= 1 << (8 * width):
+        raise GuardError(f"--{key.replace('_', '-')} {value}: does not fit the guest's {PARAMS[key]!r} "
+                         f"({width}-byte variable, at most {(1 << (8 * width)) - 1})")
+
+
 def _patch_params(engine, params: dict[str, int | None]) -> None:
     image = engine.image
-    for key, value in params.items():
+    for key, value in params.items():  # check them all before patching any
         if value is None:
             continue
-        sym = image.symbols.get(PARAMS[key])
-        if sym is None:
+        if image.symbols.get(PARAMS[key]) is None:
             raise GuardError(f"--{key.replace('_', '-')}: {image.where} has no {PARAMS[key]!r} to set "
                              "(only the bundled guard_bufs workload takes it)")
-        engine.vm.load(sym.addr, int(value).to_bytes(8, "little"))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise GuardError(f"--{key.replace('_', '-')} {value!r}: must be a non-negative integer")
+        _check_param_fits(image, key, value)
+    for key, value in params.items():
+        if value is not None:
+            sym = image.symbols[PARAMS[key]]
+            engine.vm.load(sym.addr, value.to_bytes(_param_width(sym), "little"))
 
 
 def _check_params(image, buffers, overflow_buffer, overflow_by, ram_size: int | None = None) -> None:
@@ -349,13 +389,24 @@ def _check_params(image, buffers, overflow_buffer, overflow_by, ram_size: int | 
     for name, v in (("buffers", buffers), ("overflow-buffer", overflow_buffer), ("overflow-by", overflow_by)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise GuardError(f"--{name} {v!r}: must be a non-negative integer")
+    for key, v in (("buffers", buffers), ("overflow_buffer", overflow_buffer), ("overflow_by", overflow_by)):
+        if v is not None:
+            _check_param_fits(image, key, v)
     if buffers is not None:
         if buffers == 0:
             raise GuardError("--buffers 0: at least one buffer")
         if cap is not None and buffers > cap:
             raise GuardError(f"--buffers {buffers}: the guest's guard table holds at most {cap} buffers")
-    if overflow_buffer is not None and buffers is not None and overflow_buffer >= buffers:
-        raise GuardError(f"--overflow-buffer {overflow_buffer}: there are only {buffers} buffers (0..{buffers - 1})")
+    if overflow_buffer is not None:
+        # without --buffers the guest allocates its default count (its param_nbuffers, capped by the table)
+        n = buffers if buffers is not None else _param_default(image, "buffers")
+        if n is not None and cap is not None:
+            n = min(n, cap)
+        if n is not None and overflow_buffer >= n:
+            which = f" (0..{n - 1})" if n else ""
+            if buffers is None:
+                which += f": the guest's default {PARAMS['buffers']}; --buffers sets more"
+            raise GuardError(f"--overflow-buffer {overflow_buffer}: there are only {n} buffers{which}")
     if overflow_by is not None and overflow_by > PAGE:
         raise GuardError(f"--overflow-by {overflow_by}: at most {PAGE} bytes past the end")
 

@@ -53,6 +53,8 @@ DEFAULT_GUEST = "minikernel"
 #: What ``sppkit monitor minikernel`` watches when neither --protect-symbols nor --policy is given.
 DEFAULT_SYMBOLS = "idt,syscall_table,task*_ids,task*_caps"
 MONITOR_PORT_SYMBOL = "sppkit_monitor_port"
+#: Largest workload length ``--ticks`` / ``run_monitor(ticks=)`` takes.
+MAX_TICKS = 10_000_000
 STAGES = {1: "workload", 2: "attack", 3: "after-attack"}
 MINIKERNEL_BITS = {1: "syscall table hijacked", 2: "credentials escalated", 4: "IDT gate hooked",
                    8: "hot data disturbed"}
@@ -92,6 +94,19 @@ def _as_decision(value: Any, where: str) -> Decision:
     if d is Decision.UNPROTECT:
         raise TypeError(f"{where} returned UNPROTECT: a watch keeps its protection; return allow, deny or stop")
     return d
+
+
+def _decision_arg(value: Any, what: str) -> Decision:
+    """A decision given as an argument (a watch's, the manager's default) as a Decision;
+    :class:`WatchError` naming ``what`` and the valid decisions when it is none."""
+    try:
+        return _as_decision(value, what)
+    except TypeError:
+        if isinstance(value, Decision) or (isinstance(value, str) and value.strip().lower() == "unprotect"):
+            raise WatchError(f"{what} {getattr(value, 'value', value)!r}: a watch keeps its protection; "
+                             "use allow/emulate, deny/skip or stop") from None
+        raise WatchError(f"{what} {value!r}: must be one of allow, emulate, deny, skip, stop (or True/False, "
+                         "a sppkit.Decision)") from None
 
 
 def _strictest(decisions: Iterable[Decision]) -> Decision:
@@ -211,7 +226,7 @@ class WatchManager:
         self.vm = vm
         self.chain = chain
         self.page_granular = bool(page_granular)
-        self.default = _as_decision(default, "default")
+        self.default = _decision_arg(default, "default decision")
         self._armed = bool(armed)
         self._watches: dict[int, Watch] = {}
         self._pages: dict[int, _Page] = {}
@@ -241,7 +256,7 @@ class WatchManager:
                              f"(got start={start:#x}, length={length})")
         if callback is not None and not callable(callback):
             raise TypeError(f"watch {label!r}: callback must be callable or None")
-        d = self.default if decision is None else _as_decision(decision, f"watch {label!r} decision")
+        d = self.default if decision is None else _decision_arg(decision, f"watch {label!r}: decision")
         self._check_ram(label, start, length)
         w = Watch(self._next, label, start, length, callback, d)
         self._next += 1
@@ -415,7 +430,18 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
     or a glob pattern over the image's object symbols, with an optional ``+OFFSET`` and
     ``:LENGTH`` (default: the rest of the symbol).  :class:`UnknownSymbolError` lists
     close matches for a name the image does not define."""
-    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec)]
+    if isinstance(spec, str):
+        raw = spec.split(",")
+    else:
+        try:
+            raw = list(spec)
+        except TypeError:
+            raise MonitorError(f"--protect-symbols: {spec!r} is neither a string nor a list of strings") from None
+        for i, s in enumerate(raw):
+            if not isinstance(s, str):
+                raise MonitorError(f"--protect-symbols: item {i} is {s!r}, not a string "
+                                   "(SYMBOL[+OFFSET][:LENGTH])")
+    items = [s.strip() for s in raw]
     items = [s for s in items if s]
     if not items:
         raise MonitorError("--protect-symbols: no symbol given (e.g. --protect-symbols idt,syscall_table)")
@@ -492,7 +518,9 @@ def _patch(image, vm, name: str, value: int) -> None:
     sym = image.symbols.get(name)
     if sym is None:
         raise MonitorError(f"the guest has no {name!r} parameter to set")
-    vm.load(sym.addr, int(value).to_bytes(8, "little"))
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1 << 64:
+        raise MonitorError(f"{name} {value!r}: must be an integer from 0 to 2**64 - 1")
+    vm.load(sym.addr, value.to_bytes(8, "little"))
 
 
 def exact_instruction(image, read: Callable[[int, int], bytes], rip_after: int):
@@ -578,12 +606,32 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
     given = [x is not None for x in (protect_symbols, policy, targets)]
     if sum(given) > 1:
         raise MonitorError("give --protect-symbols or --policy, not both")
-    dec = Decision.parse(decision)
+    try:
+        dec = Decision.parse(decision)
+    except ValueError as e:
+        raise MonitorError(str(e)) from None
     if dec is Decision.UNPROTECT:
         raise MonitorError("decision unprotect: a watch keeps its protection; use skip, emulate or stop")
+    if ticks is not None and (isinstance(ticks, bool) or not isinstance(ticks, int)
+                              or not 1 <= ticks <= MAX_TICKS):
+        raise MonitorError(f"ticks {ticks!r}: must be an integer from 1 to {MAX_TICKS} (--ticks)")
     image = load_guest_image(guest)
     if targets is not None:
-        tlist = list(targets)
+        try:
+            tlist = list(targets)
+        except TypeError:
+            raise MonitorError(f"targets {targets!r}: must be a list of WatchTarget") from None
+        for i, t in enumerate(tlist):
+            if not isinstance(t, WatchTarget):
+                raise MonitorError(f"targets[{i}] {t!r}: not a WatchTarget(name, start, length, decision)")
+            for what, v in (("start", t.start), ("length", t.length)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise WatchError(f"watch {t.name!r}: {what} must be an integer, got {v!r}")
+            if t.start < 0 or t.length <= 0:
+                raise WatchError(f"watch {t.name!r}: needs start >= 0 and length > 0 "
+                                 f"(got start={t.start:#x}, length={t.length})")
+            if t.decision is not None:
+                _decision_arg(t.decision, f"watch {t.name!r}: decision")
     elif policy is not None:
         tlist = _targets_from_policy(policy, image)
     elif protect_symbols is not None:
@@ -811,7 +859,7 @@ def print_monitor(rep: MonitorReport, console, *, max_rows: int = 40) -> None:
                    "record, stop = end the run.")
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True)
 @click.option("--page-granular", is_flag=True, help="Protect watched pages whole (the baseline SPP improves on).")
-@click.option("--ticks", type=click.IntRange(1, 10_000_000), default=None,
+@click.option("--ticks", type=click.IntRange(1, MAX_TICKS), default=None,
               help="Workload length (patches the guest's param_ticks).")
 @click.option("--timeout", type=float, default=60.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
@@ -836,7 +884,7 @@ def monitor_command(guest, protect_symbols, policy_file, engine, decision, cpl, 
 
 
 # ====================================================================== demo
-def demo_monitor(console) -> MonitorReport | None:
+def demo_monitor(console, engine: str = "auto") -> MonitorReport | None:
     """`sppkit demo` part: the minikernel and its rootkit, watched at 128 bytes."""
     from ..guests import toolchain_status
 
@@ -845,7 +893,7 @@ def demo_monitor(console) -> MonitorReport | None:
         console.print(f"[yellow]monitor demo skipped: {why}[/]")
         return None
     console.rule("[bold]guest OS monitoring: a rootkit against SPP write hooks")
-    rep = run_monitor(DEFAULT_GUEST, engine="auto", decision="skip", ticks=1500)
+    rep = run_monitor(DEFAULT_GUEST, engine=engine, decision="skip", ticks=1500)
     console.print(f"[dim]engine: {rep.engine_reason}[/]")
     lines = [ln for ln in rep.result.console.splitlines() if ln.startswith(("rootkit:", "minikernel: getuid",
                                                                             "minikernel: task 3", "minikernel: idt",
