@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 PAGE_SIZE = 4096
@@ -17,6 +17,8 @@ PAGE_SHIFT = 12
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
 _U64 = struct.Struct("<Q")
+_unpack_u64 = _U64.unpack_from  # bound once: read_u64/write_u64 are the hot path
+_pack_u64 = _U64.pack_into
 
 #: A frame's backing buffer: a bytearray, or a memoryview of a range's backing (an
 #: engine's guest RAM, see :meth:`HostMemory.alloc_range`).
@@ -66,6 +68,16 @@ class HostMemory:
             raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
         self.maxphyaddr = maxphyaddr
         self.limit = 1 << maxphyaddr
+        if (
+            not isinstance(first_frame, int)
+            or isinstance(first_frame, bool)
+            or first_frame & (PAGE_SIZE - 1)
+            or not 0 <= first_frame < self.limit
+        ):
+            raise ValueError(
+                f"first_frame={first_frame!r}: must be a non-negative multiple of 4 KiB "
+                f"below 2**maxphyaddr = {self.limit:#x}"
+            )
         self._frames: dict[int, Frame] = {}
         # The same frames as sequences of u64 words (``_words[pfn][i]`` is the entry at
         # ``pfn << 12 | i << 3``), sharing their bytes: the processor's table walks read
@@ -76,13 +88,19 @@ class HostMemory:
         self._free: list[int] = []
 
     # -- checks -----------------------------------------------------------------
-    def _check(self, hpa: int, n: int) -> None:
+    @staticmethod
+    def _check_hpa_type(hpa: object) -> None:
         if not isinstance(hpa, int) or isinstance(hpa, bool):
-            raise TypeError(f"hpa must be an int, not {type(hpa).__name__}")
+            raise TypeError(f"hpa must be an int, not {type(hpa).__name__} (hpa={hpa!r:.60})")
+
+    def _check(self, hpa: int, n: int) -> None:
+        self._check_hpa_type(hpa)
+        if not isinstance(n, int) or isinstance(n, bool):
+            raise TypeError(f"length n={n!r:.60} must be an int, not {type(n).__name__}")
         if hpa < 0:
             raise PhysicalAddressError(f"hpa={hpa:#x} is negative")
         if n < 0:
-            raise ValueError(f"length {n} is negative")
+            raise ValueError(f"length n={n} is negative")
         if hpa + n > self.limit:
             raise PhysicalAddressError(
                 f"hpa={hpa:#x} (+{n} bytes) is at or above 2**maxphyaddr = {self.limit:#x} "
@@ -110,12 +128,25 @@ class HostMemory:
 
     def frame(self, pfn: int) -> Frame:
         """The backing buffer of page frame ``pfn`` (created zeroed on first use)."""
-        f = self._frames.get(pfn)
-        if f is None:
-            if not 0 <= pfn < (self.limit >> PAGE_SHIFT):
-                raise PhysicalAddressError(f"frame number {pfn:#x} is outside 2**maxphyaddr")
-            f = bytearray(PAGE_SIZE)
-            self._add_frame(pfn, f)
+        try:
+            f = self._frames.get(pfn)
+            if f is not None:
+                return f
+        except TypeError:  # unhashable: refused, naming it, on the miss path
+            pass
+        return self._new_frame(pfn)
+
+    def _new_frame(self, pfn: int) -> Frame:
+        """:meth:`frame`'s miss path: check ``pfn``, then create the frame zeroed."""
+        if not isinstance(pfn, int) or isinstance(pfn, bool):
+            raise TypeError(f"frame number must be an int, not {type(pfn).__name__} (pfn={pfn!r:.60})")
+        if not 0 <= pfn < (self.limit >> PAGE_SHIFT):
+            raise PhysicalAddressError(
+                f"frame number {pfn:#x} is outside 2**maxphyaddr = {self.limit:#x} (maxphyaddr={self.maxphyaddr})"
+            )
+        pfn = int(pfn)  # an int subclass (an IntEnum) keyed as the plain int it equals
+        f = bytearray(PAGE_SIZE)
+        self._add_frame(pfn, f)
         return f
 
     def alloc_frame(self) -> int:
@@ -167,14 +198,42 @@ class HostMemory:
         return start
 
     def free_range(self, hpa: int, size: int) -> None:
-        """Drop the contents of a range obtained from :meth:`alloc_range`."""
-        for pfn in range(hpa >> PAGE_SHIFT, (hpa + size) >> PAGE_SHIFT):
+        """Drop the contents of a range obtained from :meth:`alloc_range`.
+
+        ``hpa`` and ``size`` are 4-KiB multiples, the range within ``2**maxphyaddr``;
+        a bad one is refused before any frame is dropped."""
+        self._check_hpa_type(hpa)
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int, not {type(size).__name__} (size={size!r:.60})")
+        if hpa < 0:
+            raise PhysicalAddressError(f"hpa={hpa:#x} is negative")
+        if hpa & (PAGE_SIZE - 1):
+            raise ValueError(f"hpa={hpa:#x} is not 4-KiB aligned")
+        if size < 0 or size & (PAGE_SIZE - 1):
+            raise ValueError(f"size={size:#x}: must be a non-negative multiple of 4 KiB")
+        if hpa + size > self.limit:
+            raise PhysicalAddressError(
+                f"hpa={hpa:#x} (+{size:#x} bytes) is beyond 2**maxphyaddr = {self.limit:#x} "
+                f"(maxphyaddr={self.maxphyaddr})"
+            )
+        lo, hi = hpa >> PAGE_SHIFT, (hpa + size) >> PAGE_SHIFT
+        if hi - lo <= len(self._frames):
+            pfns: Iterable[int] = range(lo, hi)
+        else:  # a range larger than what is in memory: visit only the frames there
+            pfns = [pfn for pfn in self._frames if lo <= pfn < hi]
+        for pfn in pfns:
             self._drop_frame(pfn)
 
     def free_frame(self, hpa: int) -> None:
         """Return a frame obtained from :meth:`alloc_frame`; its contents are dropped."""
+        self._check_hpa_type(hpa)
         if hpa & (PAGE_SIZE - 1):
             raise ValueError(f"hpa={hpa:#x} is not 4-KiB aligned")
+        if not 0 <= hpa < self.limit:
+            raise PhysicalAddressError(
+                f"hpa={hpa:#x} is not an allocated frame: outside 2**maxphyaddr = {self.limit:#x} "
+                f"(maxphyaddr={self.maxphyaddr})"
+            )
         pfn = hpa >> PAGE_SHIFT
         if self._drop_frame(pfn) is None:
             raise ValueError(f"hpa={hpa:#x} is not an allocated frame")
@@ -185,21 +244,31 @@ class HostMemory:
         return len(self._frames)
 
     # -- access -----------------------------------------------------------------
+    # read_u64/write_u64 are the hot path (table walks, A/D flags, builders): the fast
+    # path is a plain int (``type(x) is int``: no bool, no float, no NumPy integer) within
+    # one frame; everything else -- crossing frames, out of range, or of another type --
+    # goes the slow way, which checks it and names what is wrong.
     def read_u64(self, hpa: int) -> int:
-        off = hpa & 0xFFF
-        if off <= PAGE_SIZE - 8 and 0 <= hpa < self.limit:
-            f = self._frames.get(hpa >> PAGE_SHIFT)
-            return 0 if f is None else _U64.unpack_from(f, off)[0]
+        # (literals, not PAGE_SIZE - 8 / PAGE_SHIFT: no global loads on this path)
+        if type(hpa) is int and (off := hpa & 0xFFF) <= 4088 and 0 <= hpa < self.limit:
+            f = self._frames.get(hpa >> 12)
+            return 0 if f is None else _unpack_u64(f, off)[0]
         return int.from_bytes(self.read(hpa, 8), "little")
 
     def write_u64(self, hpa: int, value: int) -> None:
-        if not isinstance(value, int) or not 0 <= value < 1 << 64:
-            raise ValueError(f"value={value!r} is not an unsigned 64-bit integer")
-        off = hpa & 0xFFF
-        if off <= PAGE_SIZE - 8 and 0 <= hpa < self.limit:
-            _U64.pack_into(self.frame(hpa >> PAGE_SHIFT), off, value)
+        if (
+            type(value) is int
+            and 0 <= value < 1 << 64
+            and type(hpa) is int
+            and (off := hpa & 0xFFF) <= 4088
+            and 0 <= hpa < self.limit
+        ):
+            f = self._frames.get(hpa >> 12)
+            _pack_u64(self._new_frame(hpa >> 12) if f is None else f, off, value)
             return
-        self.write(hpa, value.to_bytes(8, "little"))
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 1 << 64:
+            raise ValueError(f"value={value!r:.60} is not an unsigned 64-bit integer")
+        self.write(hpa, int(value).to_bytes(8, "little"))
 
     def read(self, hpa: int, n: int) -> bytes:
         self._check(hpa, n)
@@ -214,7 +283,18 @@ class HostMemory:
         return bytes(out)
 
     def write(self, hpa: int, data: bytes | bytearray | memoryview) -> None:
-        data = memoryview(bytes(data)) if not isinstance(data, memoryview) else data
+        """Write ``data`` (bytes, bytearray, or a memoryview of any format or shape: its
+        raw bytes) at ``hpa``; a bad argument is refused before anything is written."""
+        if isinstance(data, memoryview):
+            # its bytes, whatever its format: len() of an 'I' view counts items, and a
+            # frame (a 'B' view, for a backed range) takes only a 'B' view of its size
+            data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
+        elif isinstance(data, (bytes, bytearray)):
+            data = memoryview(data)
+        else:
+            raise TypeError(
+                f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}"
+            )
         n = len(data)
         self._check(hpa, n)
         pos = 0
