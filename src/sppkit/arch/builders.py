@@ -7,18 +7,23 @@ tables with these.  Entries are written as raw u64 values with ``write_u64``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .ept import (
     EPT_LARGE,
     EPT_MEMTYPE_SHIFT,
     EPT_RWX,
     EPT_SPP,
     EPT_W,
+    GPA_LIMIT,
     MT_WB,
     PAGE_4K,
     LEAF_LEVEL_FOR_SIZE,
-    VALID_LEAF_MEMTYPES,
     Level,
     addr_mask,
+    check_gpa,
+    check_leaf_memory_type,
+    check_u64,
     is_leaf,
     is_present,
     make_eptp,
@@ -34,6 +39,19 @@ def _check_int(name: str, v: int) -> None:
         raise TypeError(f"{name} must be an int, not {type(v).__name__}")
     if v < 0:
         raise ValueError(f"{name}={v:#x} is negative")
+
+
+def _check_memory(memory: object) -> None:
+    if not isinstance(memory, HostMemory):
+        raise TypeError(f"memory must be a HostMemory, not {type(memory).__name__}")
+
+
+def _check_range(gpa: int, size: int) -> None:
+    """``gpa`` and ``size`` ints, ``[gpa, gpa+size)`` inside the 48-bit guest-physical space."""
+    check_gpa(gpa)
+    _check_int("size", size)
+    if gpa + size > GPA_LIMIT:
+        raise ValueError(f"gpa range {gpa:#x}+{size:#x} exceeds the 48-bit guest-physical space")
 
 
 def _index(gpa: int, level: Level) -> int:
@@ -56,6 +74,7 @@ class EptBuilder:
     """Builds and edits a 4-level EPT rooted at a PML4 frame it allocates (or is given)."""
 
     def __init__(self, memory: HostMemory, *, pml4: int | None = None) -> None:
+        _check_memory(memory)
         self.memory = memory
         self._amask = addr_mask(memory.maxphyaddr)
         self.pml4 = _root_frame(memory, pml4, "pml4")
@@ -68,7 +87,7 @@ class EptBuilder:
     def walk(self, gpa: int) -> list[tuple[Level, int, int]]:
         """``[(level, entry_hpa, raw), ...]`` from the PML4E down to the leaf or the
         first not-present entry.  Reads only; sets no flags."""
-        _check_int("gpa", gpa)
+        check_gpa(gpa)
         out = []
         base = self.pml4
         for level in _LEVELS:
@@ -90,24 +109,32 @@ class EptBuilder:
         in address order, walking each table once (a 2-MiB leaf is one item)."""
         _check_int("gpa", gpa)
         _check_int("size", size)
-        end = gpa + size
-        read = self.memory.read_u64
+        for g, level, _, raw in self._leaf_entries(gpa, gpa + size):
+            yield g, level, raw
 
-        def visit(table: int, level: Level, base: int):
+    def _leaf_entries(self, gpa: int, end: int, lowest: Level = Level.PTE) -> Iterator[tuple[int, Level, int, int]]:
+        """``(gpa, level, entry_hpa, raw)`` of every present leaf at ``lowest`` or above
+        overlapping ``[gpa, end)``, in address order; not-present entries are skipped
+        whole (the region under them is not visited), tables below ``lowest`` too."""
+        read = self.memory.read_u64
+        amask = self._amask
+
+        def visit(table: int, level: Level, base: int) -> Iterator[tuple[int, Level, int, int]]:
             span = level.page_size
             first = max(0, (gpa - base) // span)
             last = min(511, (end - 1 - base) // span)
             for i in range(first, last + 1):
-                raw = read(table + 8 * i)
+                ehpa = table + 8 * i
+                raw = read(ehpa)
                 if not is_present(raw):
                     continue
                 g = base + i * span
                 if is_leaf(raw, level):
-                    yield g, level, raw
-                else:
-                    yield from visit(raw & self._amask, Level(level - 1), g)
+                    yield g, level, ehpa, raw
+                elif level > lowest:
+                    yield from visit(raw & amask, Level(level - 1), g)
 
-        if size:
+        if end > gpa:
             yield from visit(self.pml4, Level.PML4E, 0)
 
     # -- mapping ----------------------------------------------------------------
@@ -148,11 +175,13 @@ class EptBuilder:
         """Map ``[gpa, gpa+size)`` onto ``[hpa, hpa+size)`` with leaves of ``page_size``.
 
         Existing leaves in the range are replaced.  ``spp`` sets bit 61 (4-KiB leaves only).
+        Everything is checked before anything is written: a refused call changes nothing.
         """
-        for name, v in (("gpa", gpa), ("hpa", hpa), ("size", size)):
-            _check_int(name, v)
-        if page_size not in LEAF_LEVEL_FOR_SIZE:
-            raise ValueError(f"page_size={page_size:#x}: must be 4 KiB, 2 MiB or 1 GiB")
+        check_gpa(gpa)
+        _check_int("hpa", hpa)
+        _check_int("size", size)
+        if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size not in LEAF_LEVEL_FOR_SIZE:
+            raise ValueError(f"page_size={page_size!r}: must be 4 KiB, 2 MiB or 1 GiB")
         if size == 0 or gpa % page_size or hpa % page_size or size % page_size:
             raise ValueError(
                 f"gpa={gpa:#x}, hpa={hpa:#x}, size={size:#x} must be non-zero multiples of page_size={page_size:#x}"
@@ -161,11 +190,16 @@ class EptBuilder:
             raise ValueError(f"gpa range {gpa:#x}+{size:#x} exceeds the 48-bit guest-physical space")
         if hpa + size > self.memory.limit:
             raise ValueError(f"hpa range {hpa:#x}+{size:#x} exceeds MAXPHYADDR={self.memory.maxphyaddr}")
-        if memory_type not in VALID_LEAF_MEMTYPES:
-            raise ValueError(f"memory_type={memory_type}: must be one of {sorted(VALID_LEAF_MEMTYPES)}")
+        check_leaf_memory_type(memory_type)
         if spp and page_size != PAGE_4K:
             raise ValueError("bit 61 (SPP) is meaningful only on 4-KiB leaves")
         level = LEAF_LEVEL_FOR_SIZE[page_size]
+        # a leaf above ``level`` anywhere in the range: refused before any table is touched
+        for g, upper, _, _ in self._leaf_entries(gpa, gpa + size, Level(level + 1)):
+            raise ValueError(
+                f"gpa={max(g, gpa):#x} is inside a {upper.page_size >> 20} MiB leaf at {upper.name} "
+                f"(mapping {g:#x}+{upper.page_size:#x}); split it first"
+            )
         bits = (1 if r else 0) | (2 if w else 0) | (4 if x else 0) | (memory_type << EPT_MEMTYPE_SHIFT)
         if level != Level.PTE:
             bits |= EPT_LARGE
@@ -177,23 +211,27 @@ class EptBuilder:
             self.memory.write_u64(table + 8 * _index(g, level), (hpa + off) | bits)
 
     def unmap(self, gpa: int, size: int) -> None:
-        """Clear the leaves covering ``[gpa, gpa+size)`` (whole leaves only)."""
-        _check_int("gpa", gpa)
-        _check_int("size", size)
-        g = gpa
-        while g < gpa + size:
-            lf = self.leaf(g)
-            if lf is None:
-                g = (g | 0xFFF) + 1
-                continue
-            level, ehpa, _ = lf
-            if g % level.page_size or g + level.page_size > gpa + size:
-                raise ValueError(f"unmap of {gpa:#x}+{size:#x} would cut the {level.name} leaf at {g:#x}; split first")
+        """Clear the leaves covering ``[gpa, gpa+size)`` (whole leaves only).
+
+        Every leaf in the range is checked before any is cleared: a refused call
+        changes nothing.  Regions under not-present entries are skipped whole."""
+        _check_range(gpa, size)
+        end = gpa + size
+        found = list(self._leaf_entries(gpa, end))
+        for g, level, _, _ in found:
+            if g < gpa or g + level.page_size > end:
+                raise ValueError(
+                    f"unmap of {gpa:#x}+{size:#x} would cut the {level.name} leaf at {g:#x} "
+                    f"(+{level.page_size:#x}); split first"
+                )
+        for _, _, ehpa, _ in found:
             self.memory.write_u64(ehpa, 0)
-            g += level.page_size
 
     def update_leaf(self, gpa: int, *, set_bits: int = 0, clear_bits: int = 0) -> int:
         """Set and clear bits of the leaf mapping ``gpa``; returns the new raw entry."""
+        check_gpa(gpa)
+        check_u64("set_bits", set_bits)
+        check_u64("clear_bits", clear_bits)
         lf = self.leaf(gpa)
         if lf is None:
             raise ValueError(f"gpa={gpa:#x} is not mapped")
@@ -242,9 +280,9 @@ class EptBuilder:
         """Replace the table under ``level``'s entry for ``gpa`` by one leaf at ``level``
         when its 512 entries are uniform contiguous leaves with no bit 61.  Returns
         whether it merged.  The table frame is freed."""
+        if not isinstance(level, int) or isinstance(level, bool) or level not in (Level.PDE, Level.PDPTE):
+            raise ValueError(f"level={level!r}: merge builds 2-MiB (PDE) or 1-GiB (PDPTE) leaves")
         level = Level(level)
-        if level not in (Level.PDE, Level.PDPTE):
-            raise ValueError("merge builds 2-MiB (PDE) or 1-GiB (PDPTE) leaves")
         walk = self.walk(gpa)
         entry = next(((lv, eh, raw) for lv, eh, raw in walk if lv == level), None)
         if entry is None or not is_present(entry[2]) or is_leaf(entry[2], level):
@@ -280,6 +318,7 @@ class SpptBuilder:
     """Builds and edits a 4-level SPPT rooted at an L4 frame it allocates (or is given)."""
 
     def __init__(self, memory: HostMemory, *, root: int | None = None) -> None:
+        _check_memory(memory)
         self.memory = memory
         self._amask = addr_mask(memory.maxphyaddr)
         self.root = _root_frame(memory, root, "SPPTP root")
@@ -292,7 +331,7 @@ class SpptBuilder:
 
     def walk(self, gpa: int) -> list[tuple[str, int, int]]:
         """``[(name, entry_hpa, raw), ...]`` L4E → L1E, stopping at a not-present entry."""
-        _check_int("gpa", gpa)
+        check_gpa(gpa)
         out = []
         base = self.root
         for name, shift in (("L4E", 39), ("L3E", 30), ("L2E", 21)):
@@ -308,6 +347,7 @@ class SpptBuilder:
 
     def l1_table(self, gpa: int, *, allocate: bool = True) -> int | None:
         """HPA of the L1 table covering ``gpa``'s 2-MiB region (allocating levels)."""
+        check_gpa(gpa)
         base = self.root
         for shift in (39, 30, 21):
             ehpa = base + 8 * ((gpa >> shift) & 0x1FF)
@@ -329,8 +369,8 @@ class SpptBuilder:
 
     def set_vector(self, gpa: int, vector: int) -> None:
         """Write the SPP vector (L1E) for ``gpa``'s page, allocating SPPT levels."""
-        _check_int("gpa", gpa)
-        if not isinstance(vector, int) or not 0 <= vector < 1 << 64:
+        check_gpa(gpa)
+        if not isinstance(vector, int) or isinstance(vector, bool) or not 0 <= vector < 1 << 64:
             raise ValueError(f"vector={vector!r} is not an unsigned 64-bit value")
         if vector & SPP_VECTOR_ODD_BITS:
             raise ValueError(f"vector={vector:#018x} sets reserved odd bits {vector & SPP_VECTOR_ODD_BITS:#x}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeGuard
 
 # -- EPT entry bits ------------------------------------------------------------
 EPT_R = 1 << 0
@@ -73,6 +74,53 @@ PAGE_4K = 1 << 12
 PAGE_2M = 1 << 21
 PAGE_1G = 1 << 30
 LEAF_LEVEL_FOR_SIZE = {PAGE_4K: Level.PTE, PAGE_2M: Level.PDE, PAGE_1G: Level.PDPTE}
+
+#: Largest guest-physical address + 1 that 4-level EPT translates.
+GPA_LIMIT = 1 << 48
+#: The MAXPHYADDR values modelled (those HostMemory accepts).
+_MAXPHYADDR_RANGE = range(32, 53)
+
+
+def _show(v: object) -> str:
+    """An argument as an error message names it: an int in hex, anything else by repr."""
+    return f"{v:#x}" if type(v) is int else repr(v)
+
+
+def _is_int(v: object) -> TypeGuard[int]:
+    """An integer argument: an ``int`` (or IntEnum), not a bool, not a numpy scalar."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_gpa(gpa: object, name: str = "gpa") -> None:
+    """Refuse (ValueError) anything but an int in the 48-bit guest-physical space."""
+    if not _is_int(gpa) or not 0 <= gpa < GPA_LIMIT:
+        raise ValueError(f"{name}={_show(gpa)}: must be an integer from 0 to 2**48 - 1 (48-bit guest-physical address)")
+
+
+def check_u64(name: str, v: object) -> None:
+    """Refuse (ValueError) anything but an unsigned 64-bit int (as ``Processor.load_controls``)."""
+    if not _is_int(v) or not 0 <= v < 1 << 64:
+        raise ValueError(f"{name}={v!r}: must be an unsigned 64-bit integer")
+
+
+def check_maxphyaddr(maxphyaddr: object) -> None:
+    """Refuse (ValueError) a MAXPHYADDR that HostMemory would refuse (an int from 32 to 52)."""
+    if not _is_int(maxphyaddr) or maxphyaddr not in _MAXPHYADDR_RANGE:
+        raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
+
+
+def _check_level(level: object) -> None:
+    if not _is_int(level) or level not in (1, 2, 3, 4):
+        raise ValueError(f"level={level!r}: must be a Level, 4 (PML4E) to 1 (PTE)")
+
+
+def check_leaf_memory_type(memory_type: object) -> None:
+    """Refuse (ValueError) a leaf memory type other than UC, WC, WT, WP or WB."""
+    if not _is_int(memory_type) or memory_type not in VALID_LEAF_MEMTYPES:
+        raise ValueError(
+            f"memory_type={memory_type!r}: must be one of {sorted(VALID_LEAF_MEMTYPES)} "
+            "(UC, WC, WT, WP, WB)"
+        )
 
 
 def addr_mask(maxphyaddr: int) -> int:
@@ -166,6 +214,9 @@ class EptEntry:
 
 def decode_ept_entry(raw: int, level: Level | int, maxphyaddr: int = 46) -> EptEntry:
     """Decode a raw EPT entry at ``level`` (4 = PML4E … 1 = PTE)."""
+    check_u64("raw", raw)
+    check_maxphyaddr(maxphyaddr)
+    _check_level(level)
     level = Level(level)
     present = is_present(raw)
     leaf = present and is_leaf(raw, level)
@@ -203,6 +254,12 @@ def make_ept_entry(
     dirty: bool = False,
 ) -> int:
     """Build a raw EPT entry.  For leaves at PDE/PDPTE the large-page bit is set."""
+    if not _is_int(address) or not 0 <= address < 1 << 52:
+        raise ValueError(f"address={_show(address)}: must be a host-physical address below 2**52")
+    if address & 0xFFF:
+        raise ValueError(f"address={address:#x} is not 4-KiB aligned (bits 11:0 must be 0)")
+    check_leaf_memory_type(memory_type)
+    _check_level(level)
     level = Level(level)
     raw = address | (EPT_R if r else 0) | (EPT_W if w else 0) | (EPT_X if x else 0)
     if accessed:
@@ -236,6 +293,8 @@ class Eptp:
 
 
 def decode_eptp(raw: int, maxphyaddr: int = 46) -> Eptp:
+    check_u64("raw", raw)
+    check_maxphyaddr(maxphyaddr)
     return Eptp(
         raw=raw,
         memory_type=raw & EPTP_MEMTYPE_MASK,
@@ -248,8 +307,12 @@ def decode_eptp(raw: int, maxphyaddr: int = 46) -> Eptp:
 
 def make_eptp(pml4: int, *, memory_type: int = MT_WB, accessed_dirty: bool = False) -> int:
     """Build an EPTP for a 4-level walk."""
+    if not _is_int(pml4) or not 0 <= pml4 < 1 << 52:
+        raise ValueError(f"pml4={_show(pml4)}: must be a host-physical address below 2**52")
     if pml4 & 0xFFF:
         raise ValueError(f"pml4={pml4:#x} is not 4-KiB aligned")
+    if not _is_int(memory_type) or memory_type not in VALID_EPTP_MEMTYPES:
+        raise ValueError(f"memory_type={memory_type!r}: an EPTP memory type must be UC (0) or WB (6)")
     return pml4 | memory_type | (3 << EPTP_WALK_LENGTH_SHIFT) | (EPTP_AD_ENABLE if accessed_dirty else 0)
 
 

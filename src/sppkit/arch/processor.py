@@ -28,9 +28,12 @@ from .ept import (
     EPT_DIRTY,
     EPT_SPP,
     EPTP_AD_ENABLE,
+    GPA_LIMIT,
     Level,
     VALID_LEAF_MEMTYPES,
     addr_mask,
+    check_gpa,
+    check_u64,
     eptp_check,
     misconfig_reason,
     reserved_mask,
@@ -48,15 +51,12 @@ from .exits import (
     SppEvent,
     VmEntryFailure,
 )
-from .memory import ZERO_WORDS, HostMemory
+from .memory import ZERO_WORDS, HostMemory, PhysicalAddressError
 from .sppt import SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
 from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
 
 SECONDARY_ENABLE_EPT = 1 << 1  #: secondary processor-based control "enable EPT"
 SECONDARY_SPP = 1 << 23  #: secondary control "sub-page write permissions for EPT"
-
-#: Largest guest-physical address + 1 that 4-level EPT translates.
-GPA_LIMIT = 1 << 48
 
 SPP_WRITE_CHECK_ALL = "all-touched"
 SPP_WRITE_CHECK_FIRST = "first-byte"
@@ -238,8 +238,9 @@ class Processor:
         """INVEPT: ``"single-context"`` drops the mappings tagged with ``eptp``'s EP4TA;
         ``"all-context"`` drops all.  Without a cache there is nothing to drop."""
         if kind == INVEPT_SINGLE_CONTEXT:
-            if not isinstance(eptp, int) or isinstance(eptp, bool):
+            if eptp is None:
                 raise ValueError("invept('single-context', eptp) needs the EPTP whose mappings to drop")
+            check_u64("eptp", eptp)
             if self.cache is not None:
                 self.cache.invalidate_tag(eptp & self._amask)
         elif kind == INVEPT_ALL_CONTEXT:
@@ -298,12 +299,19 @@ class Processor:
         rest = size - first
         if rest > 4096:
             raise ValueError(f"size={size} at gpa={gpa:#x} crosses more than two 4-KiB pages")
-        return (
-            self._translate_page(gpa, first, access, gla, paging_structure, linear, nmi_unblocking),
-            self._translate_page(
-                gpa + first, rest, access, None if gla is None else gla + first, paging_structure, linear, nmi_unblocking
-            ),
-        )
+        try:
+            return (
+                self._translate_page(gpa, first, access, gla, paging_structure, linear, nmi_unblocking),
+                self._translate_page(
+                    gpa + first, rest, access, None if gla is None else gla + first, paging_structure, linear,
+                    nmi_unblocking,
+                ),
+            )
+        except PhysicalAddressError:
+            if self._ept_on:
+                raise
+            # EPT off: name the access as it was asked for, not its second page
+            raise _beyond_host(gpa, size, self.maxphyaddr) from None
 
     def translate_one(self, gpa: int, size: int, access: Access, gla: int | None = None) -> int | ExitInfo:
         """:meth:`translate` for the VMM's write path: one linear data access within one
@@ -348,7 +356,7 @@ class Processor:
         allowed: bool | ExitInfo | None  # the SPP check: its answer, or the SPP-related event
         if not self._ept_on:  # no EPT: guest-physical addresses are host-physical
             if gpa + size > self.memory.limit:
-                raise ValueError(f"gpa={gpa:#x}: beyond host MAXPHYADDR with EPT off")
+                raise _beyond_host(gpa, size, self.maxphyaddr)
             return gpa
 
         # Access as EPT sees it: with EPT A/D on, guest paging-structure accesses are writes.
@@ -499,7 +507,12 @@ class Processor:
         Raises :class:`SppEvent` — bit 11 = 1 when an L4E/L3E/L2E is not present (miss),
         0 when a present entry has a reserved bit or the L1E has an odd bit set
         (misconfiguration).  The not-present test comes first at each level.
+        ValueError for ``gpa`` not an int below 2**48 or ``gla`` not None or an
+        unsigned 64-bit int (as :meth:`translate` checks it).
         """
+        check_gpa(gpa)
+        if gla is not None and (type(gla) is not int or not 0 <= gla < 1 << 64):
+            raise _bad_gla(gla)
         vector = self._spp_walk(gpa, gla, nmi_unblocking)
         if not isinstance(vector, int):
             raise vector.exception()
@@ -564,11 +577,21 @@ def _bad_range(gpa, size) -> None:
     raise ValueError(f"gpa={gpa:#x} size={size}: beyond the 48-bit guest-physical address space")
 
 
+def _beyond_host(gpa: int, size: int, maxphyaddr: int) -> PhysicalAddressError:
+    return PhysicalAddressError(
+        f"gpa={gpa:#x} size={size}: beyond host MAXPHYADDR ({maxphyaddr}) with EPT off (guest-physical = host-physical)"
+    )
+
+
+def _bad_gla(gla) -> ValueError:
+    return ValueError(f"gla={gla!r}: must be None or an unsigned 64-bit integer (a 64-bit linear address)")
+
+
 def _check_extra(access: Access, gla, paging_structure: bool, linear: bool) -> None:
     if paging_structure and access == Access.EXECUTE:
         raise ValueError("a paging-structure access is a read or a write, not an execute")
     if gla is not None:
-        if type(gla) is not int or gla < 0:
-            raise ValueError(f"gla={gla!r}: must be a non-negative integer or None")
+        if type(gla) is not int or not 0 <= gla < 1 << 64:
+            raise _bad_gla(gla)
         if not (linear or paging_structure):
             raise ValueError("gla given for an access that is not the translation of a linear address")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .ept import addr_mask, high_reserved
+from .ept import addr_mask, check_maxphyaddr, check_u64, high_reserved
 
 VMCS_SPPTP = 0x2030  #: 64-bit control field "sub-page-permission-table pointer" (full)
 VMCS_SPPTP_HIGH = 0x2031
@@ -51,7 +51,7 @@ def subpages_touched(gpa: int, size: int) -> range:
 
 def vector_from_map(access_map: int) -> int:
     """Spread a 32-bit access map (bit i = sub-page i writable) onto the even bits of a vector."""
-    if not 0 <= access_map <= FULL_ACCESS_MAP:
+    if not isinstance(access_map, int) or isinstance(access_map, bool) or not 0 <= access_map <= FULL_ACCESS_MAP:
         raise ValueError(f"access map {access_map!r} is not a 32-bit value")
     v = access_map
     # Interleave with zeros (Morton spread of 32 bits into 64).
@@ -65,6 +65,7 @@ def vector_from_map(access_map: int) -> int:
 
 def map_from_vector(vector: int) -> int:
     """Gather the even bits of an SPP vector into a 32-bit access map (odd bits ignored)."""
+    check_u64("vector", vector)
     v = vector & SPP_VECTOR_EVEN_BITS
     v = (v | (v >> 1)) & 0x3333_3333_3333_3333
     v = (v | (v >> 2)) & 0x0F0F_0F0F_0F0F_0F0F
@@ -95,7 +96,9 @@ class SpptEntry:
 
 
 def decode_sppt_entry(raw: int, level: int, maxphyaddr: int = 46) -> SpptEntry:
-    if level not in SPPT_LEVEL_NAMES:
+    check_u64("raw", raw)
+    check_maxphyaddr(maxphyaddr)
+    if not isinstance(level, int) or isinstance(level, bool) or level not in SPPT_LEVEL_NAMES:
         raise ValueError(f"SPPT level {level!r}: must be 4 (L4E), 3, 2 or 1 (L1E)")
     if level == 1:
         return SpptEntry(raw, 1, True, None, raw & SPP_VECTOR_ODD_BITS, map_from_vector(raw))
