@@ -9,9 +9,7 @@ or silently acted on another address.
 from __future__ import annotations
 
 import re
-import signal
 import time
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -41,36 +39,12 @@ from sppkit.arch import (
 
 FULL = vector_from_map(0xFFFF_FFFF)
 
-
-def shown(v) -> str:
-    """How an error message names a bad value: an int in hex, anything else by repr."""
-    return f"{v:#x}" if type(v) is int else repr(v)
-
-
-def named(name: str, v) -> str:
-    """A ``match=`` pattern: the message names ``name=<value>``."""
-    return re.escape(f"{name}={shown(v)}")
+from arch_helpers import deadline, named
 
 
 def snapshot(mem: HostMemory, *builders) -> tuple:
     """Every frame's bytes and every builder's table set."""
     return {pfn: bytes(f) for pfn, f in dict(mem._frames).items()}, [set(b.tables) for b in builders]
-
-
-@contextmanager
-def deadline(seconds: float):
-    """Fail (TimeoutError) a pure-Python loop still running after ``seconds``."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 class Rig:

@@ -12,24 +12,14 @@ different structures") after creating a frame, or hung.
 from __future__ import annotations
 
 import re
-import signal
 from array import array
-from contextlib import contextmanager
 
 import numpy as np
 import pytest
 
 from sppkit.arch import HostMemory, PhysicalAddressError
 
-
-def shown(v) -> str:
-    """How an error message names a bad value: an int in hex, anything else by repr."""
-    return f"{v:#x}" if type(v) is int else repr(v)
-
-
-def named(name: str, v) -> str:
-    """A ``match=`` pattern: the message names ``name=<value>``."""
-    return re.escape(f"{name}={shown(v)}")
+from arch_helpers import deadline, named
 
 
 def snapshot(mem: HostMemory) -> tuple:
@@ -44,22 +34,6 @@ def refused(mem: HostMemory, exc: type[Exception], match: str, call) -> None:
     with pytest.raises(exc, match=match):
         call()
     assert snapshot(mem) == before
-
-
-@contextmanager
-def deadline(seconds: float):
-    """Fail (TimeoutError) a pure-Python loop still running after ``seconds``."""
-
-    def expired(signum, frame):
-        raise TimeoutError(f"still running after {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.fixture
