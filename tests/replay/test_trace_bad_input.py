@@ -121,25 +121,25 @@ def _trace_npz(n=10, compression=zipfile.ZIP_DEFLATED) -> bytearray:
     return _npz({"gpa.npy": _npy(r["gpa"]), "size.npy": _npy(r["size"])}, compression)
 
 
-def _central(data: bytearray, name: bytes) -> int:
-    """Offset of ``name``'s central directory entry."""
+def _zip_header(data: bytearray, name: bytes, magic: bytes, name_len_at: int, name_at: int) -> int:
+    """Offset of the zip header with signature ``magic`` whose file name is ``name``."""
     i = 0
-    while (i := data.find(b"PK\x01\x02", i)) >= 0:
-        n = int.from_bytes(data[i + 28 : i + 30], "little")
-        if data[i + 46 : i + 46 + n] == name:
+    while (i := data.find(magic, i)) >= 0:
+        n = int.from_bytes(data[i + name_len_at : i + name_len_at + 2], "little")
+        if data[i + name_at : i + name_at + n] == name:
             return i
         i += 4
     raise AssertionError(name)
+
+
+def _central(data: bytearray, name: bytes) -> int:
+    """Offset of ``name``'s central directory entry."""
+    return _zip_header(data, name, b"PK\x01\x02", 28, 46)
 
 
 def _local(data: bytearray, name: bytes) -> int:
-    i = 0
-    while (i := data.find(b"PK\x03\x04", i)) >= 0:
-        n = int.from_bytes(data[i + 26 : i + 28], "little")
-        if data[i + 30 : i + 30 + n] == name:
-            return i
-        i += 4
-    raise AssertionError(name)
+    """Offset of ``name``'s local file header."""
+    return _zip_header(data, name, b"PK\x03\x04", 26, 30)
 
 
 def _bad_name(d):
