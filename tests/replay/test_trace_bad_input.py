@@ -472,3 +472,63 @@ def test_bad_open_trace_arguments_name_the_argument(tmp_path):
             open_trace(p, "lackey", chunk_records=bad)
     with pytest.raises(ValueError, match=r"block_bytes=0: must be a positive integer"):
         LackeySource(p, block_bytes=0)  # was: an empty trace
+
+
+# ---------------------------------------------------------------- lackey I lines in strict mode
+def test_strict_reports_a_malformed_instruction_line_no_store_uses(tmp_path):
+    """A malformed ``I`` line replaced by a later ``I`` line before any store: strict
+    mode still reports it, naming the file and the line."""
+    from sppkit.engines.replay.formats import MalformedRecord
+
+    p = tmp_path / "i.lackey"
+    p.write_text("I  00401000,3\n S 1000,8\nI  not-an-address\nI  401000,3\n S 1000,8\n")
+    with pytest.raises(MalformedRecord, match=r"i\.lackey:3: malformed instruction line"):
+        read_trace(p, "lackey", strict=True)
+    # the default mode only parses the I lines stores use: both stores are kept, with their IPs
+    assert read_trace(p, "lackey")["rip"].tolist() == [0x401000, 0x401000]
+
+
+# ---------------------------------------------------------------- the reserved RIP_CARRY value
+RESERVED = 0xFFFFFFFFFFFFFFFE
+
+
+@pytest.mark.parametrize("fmt, name, text", [
+    ("csv", "s.csv", f"0x1000,8,{RESERVED:#x}\n0x2000,8,0x5\n"),
+    ("pinatrace", "s.pin", f"{RESERVED:#x}: W 0x1000\n0x5: W 0x2000\n"),
+    ("native", "s.npz", None),
+])
+def test_a_rip_equal_to_the_carry_marker_is_malformed(tmp_path, fmt, name, text):
+    """rip 0xfffffffffffffffe is sppkit's internal "IP carried over from the previous
+    shard" marker: a trace giving it is malformed (it used to turn silently into an
+    unknown IP)."""
+    from sppkit.engines.replay.formats import MalformedRecord
+
+    p = tmp_path / name
+    if text is None:
+        np.savez(p, gpa=np.array([0x1000, 0x2000], np.uint64), size=np.array([8, 8], np.uint16),
+                 rip=np.array([RESERVED, 5], np.uint64))
+    else:
+        p.write_text(text)
+    with pytest.raises(MalformedRecord, match=f"{name}.*(:1|record 0): rip 0xfffffffffffffffe is reserved"):
+        read_trace(p, fmt, strict=True)
+    recs = read_trace(p, fmt)
+    assert recs["rip"].tolist() == [5] and recs["gpa"].tolist() == [0x2000]
+
+
+def test_a_lackey_instruction_at_the_carry_marker_is_malformed(tmp_path):
+    from sppkit.engines.replay.formats import MalformedRecord
+
+    p = tmp_path / "r.lackey"
+    p.write_text(f"I  {RESERVED:x},3\n S 1000,8\n")
+    with pytest.raises(MalformedRecord, match=r"r\.lackey:1: rip 0xfffffffffffffffe is reserved"):
+        read_trace(p, "lackey", strict=True)
+    assert read_trace(p, "lackey")["rip"].tolist() == [0xFFFFFFFFFFFFFFFF]  # the store stays, IP unknown
+
+
+def test_carry_marker_rip_on_the_command_line(tmp_path):
+    p = tmp_path / "s.csv"
+    p.write_text(f"0x1000,8,{RESERVED:#x}\n")
+    r = invoke("replay", p, "--protect", "0x1000:8", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output[r.output.index("{"):])
+    assert d["skipped_records"] == 1 and d["violations"] == 0

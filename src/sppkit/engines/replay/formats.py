@@ -17,6 +17,17 @@ the first one raises :class:`MalformedRecord`.
 
 Trace semantics (docs/replay.md): addresses are guest-physical, every record is one
 guest write of ``size`` bytes at ``gpa`` by the instruction at ``rip``.
+
+Reserved ``rip`` values: :data:`NO_RIP` (all ones) means "unknown"; :data:`RIP_CARRY`
+(``0xfffffffffffffffe``) is the internal marker of a lackey store whose IP is the last
+``I`` line of the previous shard.  A record that gives ``RIP_CARRY`` as its IP (a CSV
+or pinatrace rip, a native ``rip`` value, a lackey ``I`` address) is malformed ("rip
+0xfffffffffffffffe is reserved"): skipped and counted, or fatal with ``strict``; for a
+lackey ``I`` line, the stores after it keep an unknown IP.  (No real instruction sits in
+the last two bytes of the address space, so refusing it loses nothing.)
+
+Lackey ``I`` lines are parsed only where a store takes its IP from them; with
+``strict=True`` every ``I`` line is checked (about twice the import time).
 """
 
 from __future__ import annotations
@@ -52,6 +63,8 @@ NO_RIP = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 #: ``rip`` of a lackey store that precedes the first ``I`` line of a shard: its IP is
 #: the last ``I`` line of the previous shard, filled in when shard results are merged.
 RIP_CARRY = np.uint64(0xFFFF_FFFF_FFFF_FFFE)
+_RESERVED = (f"rip {int(RIP_CARRY):#x} is reserved (sppkit's internal marker for an IP carried over from the "
+             "previous shard)")
 CHUNK_RECORDS = 1 << 20
 BLOCK_BYTES = 1 << 20
 MAX_SIZE = 0xFFFF
@@ -396,22 +409,31 @@ class LackeySource(_TextSource):
         need = np.unique(k[k >= 0])
         if len(ii):
             need = np.union1d(need, [len(ii) - 1])  # the carry for the next block
+        if self.diagnostics.strict:
+            # strict: every I line is checked, also those no store takes its IP from (the
+            # default mode parses only the I lines stores use: the others affect no record)
+            need = np.arange(len(ii))
         ia = blk.starts[ii[need]] + 3
         ie = blk.ends[ii[need]]
         icomma = _first_at_or_after(commas, ia, ie)
         ipv, iok = _parse_uint(buf, ia, icomma, 16)
         iok &= icomma >= 0
-        bad_i = set()
+        bad_i = {}
         if not iok.all():
             for j in np.flatnonzero(~iok):
                 line = ii[need[j]]
                 if not self._slow_ok(blk.line(int(line))):
-                    bad_i.add(int(line))
+                    bad_i[int(line)] = "malformed instruction line (the IP of the stores after it is unknown)"
                     ipv[j] = NO_RIP
                 else:
                     m_ip = _LACKEY_LINE.match(blk.line(int(line)))
                     assert m_ip is not None  # _slow_ok just matched this very line
                     ipv[j] = int(m_ip.group(1), 16)
+        reserved = ipv == RIP_CARRY
+        if reserved.any():
+            for j in np.flatnonzero(reserved):
+                bad_i[int(ii[need[j]])] = f"{_RESERVED} (the IP of the stores after it is unknown)"
+            ipv[reserved] = NO_RIP
         ip_of = np.full(len(ii), NO_RIP, np.uint64)
         ip_of[need] = ipv
         have = k >= 0
@@ -430,8 +452,7 @@ class LackeySource(_TextSource):
                     bad_lines.append((int(st[j]), self._why(line)))
         for i_other in np.flatnonzero(other):
             bad_lines.append((int(i_other), "not a lackey line (expected 'I  ', ' S ', ' M ', ' L ' or '==pid==')"))
-        for i in bad_i:
-            bad_lines.append((i, "malformed instruction line (the IP of the stores after it is unknown)"))
+        bad_lines.extend(bad_i.items())
         for i, why in sorted(bad_lines):
             self._bad(blk, i, why)
         return self._records(addr[ok], size[ok], rip[ok])
@@ -484,7 +505,7 @@ class CsvSource(_TextSource):
         size, ok_s = self._field(buf, c1s + 1, f2_end)
         rip, ok_r = self._field(buf, np.where(has2, c2 + 1, e), e)
         rip = np.where(has2, rip, NO_RIP)
-        ok = has1 & ok_g & ok_s & (~has2 | ok_r) & (c3 < 0) & (size >= 1) & (size <= MAX_SIZE)
+        ok = has1 & ok_g & ok_s & (~has2 | ok_r) & (c3 < 0) & (size >= 1) & (size <= MAX_SIZE) & (rip != RIP_CARRY)
         if not ok.all():
             for i in np.flatnonzero(~ok):
                 rec = self._slow(blk, int(i))
@@ -519,6 +540,9 @@ class CsvSource(_TextSource):
             return None
         if not 0 <= gpa < 1 << 64 or not 0 <= rip < 1 << 64:
             self._bad(blk, i, "address out of the 64-bit range")
+            return None
+        if rip == int(RIP_CARRY):
+            self._bad(blk, i, _RESERVED)
             return None
         return gpa, size, rip
 
@@ -568,6 +592,11 @@ class PinatraceSource(_TextSource):
                         ip[i], addr[i], write[i] = int(m.group(1), 16), int(m.group(3), 16), True
                 else:
                     self._bad(blk, int(i), "expected 'IP: W ADDR' or 'IP: R ADDR' (hex)")
+        reserved = write & (ip == RIP_CARRY)
+        if reserved.any():
+            for i in np.flatnonzero(reserved):
+                self._bad(blk, int(i), _RESERVED)
+            write &= ~reserved
         n = int(np.count_nonzero(write))
         return self._records(addr[write], np.full(n, self.size, np.uint16), ip[write])
 
@@ -730,10 +759,14 @@ class NativeSource(TraceSource):
             bad = (sz < 1) | (sz > MAX_SIZE)
         except (ValueError, TypeError, OverflowError) as e:
             raise TraceFormatError(f"{self.path}: records {first}..{first + len(gpa) - 1}: {e}") from None
+        reserved = r == RIP_CARRY if rip is not None else None
+        if reserved is not None and reserved.any():
+            bad = bad | reserved
         if bad.any():
             for j in np.flatnonzero(bad):
-                self.diagnostics.malformed(self.path, first + int(j), f"size {int(sz[j])} out of range (1..{MAX_SIZE})",
-                                           unit="record")
+                why = _RESERVED if reserved is not None and reserved[j] else \
+                    f"size {int(sz[j])} out of range (1..{MAX_SIZE})"
+                self.diagnostics.malformed(self.path, first + int(j), why, unit="record")
             keep = ~bad
             g, sz, r = g[keep], sz[keep], r[keep]
         return g, sz.astype(np.uint16, copy=False), r

@@ -45,13 +45,98 @@ from .formats import (
 
 __all__ = [
     "MAX_PROTECTED_PAGES", "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer",
-    "SubCounts", "maps_from_ranges", "replay", "replay_arrays", "replay_shard",
+    "SubCounts", "maps_from_ranges", "replay", "replay_arrays", "replay_shard", "trace_columns",
 ]
 
 FULL_MAP = 0xFFFF_FFFF
 REGION_2M_PAGES = 512
 _LOOKBACK = 16  # a record of at most 65535 bytes starts at most 16 pages before its last page
 _U64 = np.uint64
+_MAX_GFN = (1 << 52) - 1  # the last 4-KiB page of the 64-bit address space
+_U64_MAX = _U64(0xFFFF_FFFF_FFFF_FFFF)
+
+
+def _int_arg(value, what: str) -> int:
+    """A Python or numpy integer (not a bool) as an int, else a TypeError naming ``what``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{what} must be an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _top_arg(n, what: str = "top") -> int | None:
+    """A row count: an integer >= 0 (not a bool) or None (all rows), else a
+    ValueError/TypeError."""
+    if n is None:
+        return None
+    n = _int_arg(n, what)
+    if n < 0:
+        raise ValueError(f"{what}={n}: must be >= 0")
+    return n
+
+
+def _byte_range(item, what: str) -> tuple[int, int]:
+    """``(start, length)`` checked as a policy range is: integers, start >= 0, length > 0,
+    inside the 64-bit address space; else a ValueError/TypeError naming ``what``."""
+    try:
+        start, length = item
+    except (TypeError, ValueError):
+        raise TypeError(f"{what}: {item!r} is not a (start, length) pair") from None
+    start, length = _int_arg(start, f"{what}: start"), _int_arg(length, f"{what}: length")
+    if start < 0:
+        raise ValueError(f"{what}: start {start} is negative")
+    if length <= 0:
+        raise ValueError(f"{what}: length {length} must be positive")
+    if start + length > 1 << 64:
+        raise ValueError(f"{what}: range {start:#x}+{length:#x} runs past the 64-bit address space")
+    return start, length
+
+
+def _int_column(a, name: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.ndim != 1:
+        raise ValueError(f"the {name} column must be 1-D, got shape {a.shape}")
+    if len(a) and a.dtype.kind not in "ui":
+        raise TypeError(f"the {name} column must hold integers, got dtype {a.dtype}")
+    if a.dtype.kind == "i" and len(a) and int(a.min()) < 0:
+        raise ValueError(f"the {name} column holds a negative value ({int(a.min())})")
+    return a
+
+
+def trace_columns(gpa, size, rip=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Check and convert write-record columns: ``gpa`` u64, ``size`` u16 (1..65535),
+    ``rip`` u64 or None — equal-length 1-D integer arrays (ValueError/TypeError else).
+    O(1) for columns that already have those dtypes, bar the size range check."""
+    gpa, size = _int_column(gpa, "gpa"), _int_column(size, "size")
+    r = None if rip is None else _int_column(rip, "rip")
+    if len(size) != len(gpa) or (r is not None and len(r) != len(gpa)):
+        lens = f"gpa {len(gpa)}, size {len(size)}" + ("" if r is None else f", rip {len(r)}")
+        raise ValueError(f"trace columns of different lengths: {lens}")
+    if len(gpa) == 0:
+        return gpa.astype(np.uint64), size.astype(np.uint16), None if r is None else r.astype(np.uint64)
+    if size.dtype != np.uint16:
+        if size.min() < 1 or size.max() > 0xFFFF:
+            raise ValueError("record sizes must be 1..65535")
+        size = np.ascontiguousarray(size, np.uint16)
+    else:
+        size = np.ascontiguousarray(size)  # a structured chunk's field is a strided view
+        if size.min() < 1:
+            raise ValueError("record sizes must be 1..65535")
+    gpa = np.ascontiguousarray(gpa, np.uint64)
+    if r is not None:
+        r = np.ascontiguousarray(r, np.uint64)
+    return gpa, size, r
+
+
+def _check_wrap(gpa: np.ndarray, size: np.ndarray, cross: np.ndarray) -> None:
+    """A ValueError if a page-crossing record runs past the end of the 64-bit address
+    space (only crossing records can; they are few, so this is cheap)."""
+    idx = np.flatnonzero(cross)
+    g = gpa[idx]
+    s = size[idx].astype(np.uint64)
+    wrap = g > (_U64_MAX - s) + _U64(1)  # gpa + size > 2**64
+    if wrap.any():
+        j = int(np.argmax(wrap))
+        raise ValueError(f"a write of {int(s[j])} bytes at gpa {int(g[j]):#x} runs past the 64-bit address space")
 
 
 # =====================================================================================
@@ -82,6 +167,16 @@ class CostModel:
     exit_cycles: float = 500.0
     user_exit_cycles: float = 1500.0
     miss_cycles: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("exit_cycles", "user_exit_cycles", "miss_cycles"):
+            v = getattr(self, name)
+            if v is None and name == "miss_cycles":
+                continue
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+                raise TypeError(f"CostModel {name}={v!r}: must be a number of cycles")
+            if not np.isfinite(v) or v < 0:
+                raise ValueError(f"CostModel {name}={v!r}: must be a finite, non-negative number of cycles")
 
     def estimate(self, page_granular: int, violations: int, misses: int) -> dict:
         ck, cu = float(self.exit_cycles), float(self.user_exit_cycles)
@@ -248,8 +343,9 @@ class PageIndex:
         return np.where(self.gfns[pos] == pages, pos, -1)
 
     # -- the per-chunk pass ----------------------------------------------------------------
-    def _crossing(self, gpa: np.ndarray, size: np.ndarray) -> tuple[int, np.ndarray]:
-        """(accesses after page splitting, mask of records that cross a page boundary)."""
+    def _crossing(self, gpa: np.ndarray, size: np.ndarray) -> tuple[int, np.ndarray, int]:
+        """(accesses after page splitting, mask of records that cross a page boundary,
+        how many do); a ValueError for a record that runs past the 64-bit space."""
         n = len(gpa)
         sc = self._scratch
         t = sc.get("u32", n, np.uint32)
@@ -258,11 +354,14 @@ class PageIndex:
         np.add(t, size, out=t, casting="unsafe")
         cross = sc.get("cross", n, np.bool_)
         np.greater(t, np.uint32(4096), out=cross)
-        if int(size.max()) <= 4096:
-            return n + int(np.count_nonzero(cross)), cross
+        ncross = int(np.count_nonzero(cross))
+        if ncross:
+            _check_wrap(gpa, size, cross)
+        if ncross == 0 or int(size.max()) <= 4096:
+            return n + ncross, cross, ncross
         np.add(t, np.uint32(4095), out=t)
         np.right_shift(t, np.uint32(12), out=t)
-        return int(t.sum(dtype=np.int64)), cross
+        return int(t.sum(dtype=np.int64)), cross, ncross
 
     def count_accesses(self, gpa: np.ndarray, size: np.ndarray) -> int:
         """Accesses after page splitting: one per 4-KiB page each record touches."""
@@ -326,7 +425,7 @@ class PageIndex:
         n = len(gpa)
         if n == 0:
             return 0, []
-        accesses, cross = self._crossing(gpa, size)
+        accesses, cross, ncross = self._crossing(gpa, size)
         if self.n == 0:
             return accesses, []
         if self.direct is None:
@@ -351,7 +450,6 @@ class PageIndex:
         assert pid is not None  # self.direct holds at least one table (n > 0), so the loop set pid
         hit = sc.get("mask", n, np.bool_)
         np.greater_equal(pid, 0, out=hit)
-        ncross = int(np.count_nonzero(cross))
         if ncross:
             np.logical_and(hit, ~cross, out=hit)
         parts = []
@@ -493,7 +591,8 @@ def maps_from_ranges(ranges: Iterable[tuple[int, int]], *, limit: int = MAX_PROT
     ``(gfns u64 sorted, maps int64)``, pages with something protected only."""
     pages, clear = [], []
     total = 0
-    for start, length in ranges:
+    for i, item in enumerate(ranges):
+        start, length = _byte_range(item, f"range {i}")
         lo = start & ~0x7F
         hi = (start + length + 0x7F) & ~0x7F
         g0, g1 = lo >> 12, (hi - 1) >> 12
@@ -530,14 +629,32 @@ class ProtectionModel:
         if spp_mode not in ("lazy", "eager"):
             raise ValueError(f"spp_mode={spp_mode!r}: must be 'lazy' or 'eager'")
         if isinstance(access_maps, dict):
-            g = np.array([int(k) for k in access_maps], np.uint64)
-            m = np.array([int(v) for v in access_maps.values()], np.int64)
+            keys = [_int_arg(k, "access maps: gfn") for k in access_maps]
+            vals = [_int_arg(v, f"access map of gfn {k:#x}") for k, v in zip(keys, access_maps.values())]
+            for k, v in zip(keys, vals):
+                if not 0 <= k <= _MAX_GFN:
+                    raise ValueError(f"access maps: gfn {k:#x} is outside the 64-bit address space "
+                                     f"(0..{_MAX_GFN:#x})")
+                if not 0 <= v <= FULL_MAP:
+                    raise ValueError(f"access map {v!r} for gfn {k:#x} is not a 32-bit value")
+            g = np.array(keys, np.uint64)
+            m = np.array(vals, np.int64)
         else:
-            g, m = (np.asarray(a) for a in access_maps)
+            try:
+                g, m = access_maps
+            except (TypeError, ValueError):
+                raise TypeError("access maps: expected {gfn: map} or a pair of arrays (gfns, maps), got "
+                                f"{type(access_maps).__name__}") from None
+            g, m = _int_column(g, "gfns"), _int_column(m, "access maps")
+            if len(g) != len(m):
+                raise ValueError(f"access maps: {len(g)} gfns but {len(m)} maps")
+            if len(g) and g.max() > _MAX_GFN:
+                raise ValueError(f"access maps: gfn {int(g.max()):#x} is outside the 64-bit address space "
+                                 f"(0..{_MAX_GFN:#x})")
+            if len(m) and m.max() > FULL_MAP:
+                bad = int(np.argmax(m))
+                raise ValueError(f"access map {int(m[bad])!r} for gfn {int(g[bad]):#x} is not a 32-bit value")
             g, m = g.astype(np.uint64), m.astype(np.int64)
-        if len(m) and (m.min() < 0 or m.max() > FULL_MAP):
-            bad = int(np.flatnonzero((m < 0) | (m > FULL_MAP))[0])
-            raise ValueError(f"access map {int(m[bad])!r} for gfn {int(g[bad]):#x} is not a 32-bit value")
         keep = m != FULL_MAP
         g, m = g[keep], m[keep]
         if len(np.unique(g)) != len(g):
@@ -625,35 +742,35 @@ class ShardResult:
 class Replayer:
     """Feed chunks of write records; read the counters from :attr:`result`."""
 
-    def __init__(self, model: ProtectionModel) -> None:
+    def __init__(self, model: ProtectionModel, *, carry: bool = False) -> None:
+        if not isinstance(model, ProtectionModel):
+            raise TypeError(f"Replayer needs a ProtectionModel, got {type(model).__name__}")
         self.model = model
         self.result = model.new_counters()
         self._first_byte = model.spp_write_check == SPP_WRITE_CHECK_FIRST
+        #: rips equal to RIP_CARRY are the readers' "IP carried over from the previous
+        #: shard" (replay_shard); in caller-given columns that value is refused
+        self._carry = carry
 
     def feed(self, chunk: np.ndarray) -> None:
         """A structured array with ``gpa``, ``size`` and (optionally) ``rip`` fields."""
-        names = chunk.dtype.names or ()
-        rip = np.ascontiguousarray(chunk["rip"], np.uint64) if "rip" in names else None
-        self.feed_columns(np.ascontiguousarray(chunk["gpa"], np.uint64),
-                          np.ascontiguousarray(chunk["size"]), rip)
+        names = chunk.dtype.names if isinstance(chunk, np.ndarray) else None
+        if names is None or "gpa" not in names or "size" not in names:
+            raise TypeError("a chunk must be a structured array with gpa and size (and optionally rip) fields, "
+                            f"or a (gpa, size, rip) tuple of columns; got {type(chunk).__name__}"
+                            + (f" of dtype {chunk.dtype}" if isinstance(chunk, np.ndarray) else ""))
+        self.feed_columns(chunk["gpa"], chunk["size"], chunk["rip"] if "rip" in names else None)
 
     #: records handled per numpy pass: small enough for the work arrays to stay in cache
     SLICE = 1 << 18
 
     def feed_columns(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None = None) -> None:
-        """Contiguous columns: ``gpa`` u64, ``size`` (1..65535, any unsigned dtype),
-        ``rip`` u64 or None (unknown)."""
+        """Contiguous columns: ``gpa`` u64, ``size`` (1..65535, any integer dtype),
+        ``rip`` u64 or None (unknown); see :func:`trace_columns`."""
+        gpa, size, rip = trace_columns(gpa, size, rip)
         n = len(gpa)
         if n == 0:
             return
-        if gpa.dtype != np.uint64:
-            gpa = np.ascontiguousarray(gpa, np.uint64)
-        if size.dtype != np.uint16:
-            if len(size) and (size.min() < 1 or size.max() > 0xFFFF):
-                raise ValueError("record sizes must be 1..65535")
-            size = np.ascontiguousarray(size, np.uint16)
-        elif len(size) and size.min() < 1:
-            raise ValueError("record sizes must be 1..65535")
         step = self.SLICE
         for k in range(0, n, step):
             self._feed(gpa[k : k + step], size[k : k + step], None if rip is None else rip[k : k + step])
@@ -690,6 +807,9 @@ class Replayer:
         r.viol_per_sub.add(_expand_bits(base[viol], s0[viol], s1[viol], denied[viol]))
         rips = rip[src[viol]] if rip is not None else np.full(nv, NO_RIP)
         u, c = np.unique(rips, return_counts=True)
+        if not self._carry and (u[-2:] == RIP_CARRY).any():  # sorted: RIP_CARRY, if any, is just before NO_RIP
+            raise ValueError(f"rip {int(RIP_CARRY):#x} is reserved (sppkit's marker for an IP carried over "
+                             "from the previous shard); it cannot be a record's rip")
         d = r.ip_counts
         for ip, k in zip(u.tolist(), c.tolist()):
             d[ip] = d.get(ip, 0) + k
@@ -762,7 +882,8 @@ class ReplayResult:
         """``{rip: violations}``; ``None`` for records without an IP."""
         return {(None if ip == int(NO_RIP) else ip): n for ip, n in self.c.ip_counts.items()}
 
-    def top_pages(self, n: int = 10) -> list[dict]:
+    def top_pages(self, n: int | None = 10) -> list[dict]:
+        n = _top_arg(n)
         pg, v = self.c.pg_per_page, self.c.viol_per_page
         order = np.lexsort((self.model.gfns, -v, -pg))
         out = []
@@ -774,7 +895,8 @@ class ReplayResult:
                         "access_map": int(self.model.maps[i])})
         return out
 
-    def top_subpages(self, n: int = 10) -> list[dict]:
+    def top_subpages(self, n: int | None = 10) -> list[dict]:
+        n = _top_arg(n)
         keys, counts = self.c.viol_per_sub.nonzero()
         order = np.lexsort((keys, -counts))[:n]
         writes = self.c.writes_per_sub.get(keys[order])
@@ -785,14 +907,16 @@ class ReplayResult:
             out.append({"gfn": g, "subpage": s, "gpa": (g << 12) + 128 * s, "violations": int(v), "writes": int(w)})
         return out
 
-    def top_ips(self, n: int = 10) -> list[dict]:
+    def top_ips(self, n: int | None = 10) -> list[dict]:
+        n = _top_arg(n)
         items = sorted(self.ip_violations().items(), key=lambda kv: (-kv[1], -1 if kv[0] is None else kv[0]))
         return [{"rip": ip, "violations": c} for ip, c in items[:n]]
 
     def estimated_overhead(self) -> dict:
         return self.cost.estimate(self.page_granular_exits, self.violations, self.spp_misses)
 
-    def to_dict(self, top: int = 10, image=None) -> dict:
+    def to_dict(self, top: int | None = 10, image=None) -> dict:
+        top = _top_arg(top)
         def sym(addr):
             if image is None or addr is None:
                 return None
@@ -852,6 +976,8 @@ def replay_arrays(model: ProtectionModel, chunks: Iterable) -> ReplayResult:
     rp = Replayer(model)
     for ch in chunks:
         if isinstance(ch, tuple):
+            if len(ch) not in (2, 3):
+                raise ValueError(f"a chunk tuple must be (gpa, size) or (gpa, size, rip), got {len(ch)} items")
             rp.feed_columns(*ch)
         else:
             rp.feed(ch)
@@ -866,7 +992,7 @@ def replay_shard(path, model: ProtectionModel, fmt: str = "auto", *, size: int =
     :data:`RIP_CARRY` until :meth:`ShardResult.merge`.  Runs on dask workers too."""
     diag = Diagnostics(strict=strict, on_warning=on_warning)
     src = open_trace(path, fmt, size=size, chunk_records=chunk_records, diagnostics=diag)
-    rp = Replayer(model)
+    rp = Replayer(model, carry=True)
     for gpa, sz, rip in src.columns():
         rp.feed_columns(gpa, sz, rip)
         if on_chunk is not None:

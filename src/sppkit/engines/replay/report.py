@@ -109,6 +109,8 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
     """A PNG: left, a heat map of the most-written protected pages × their 32 sub-pages
     (accesses touching each sub-page, log scale; protected sub-pages outlined, violated
     ones marked); right, exits under page-granular protection vs SPP."""
+    if isinstance(max_pages, (bool, np.bool_)) or not isinstance(max_pages, (int, np.integer)) or max_pages < 0:
+        raise ValueError(f"max_pages={max_pages!r}: must be an integer >= 0")
     try:
         import matplotlib
 

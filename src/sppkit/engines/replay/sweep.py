@@ -20,7 +20,8 @@ import numpy as np
 
 from ...arch.processor import SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST, SPP_WRITE_CHECKS
 from .formats import CHUNK_RECORDS, Diagnostics, list_shards, open_trace
-from .replay import CostModel, PageIndex, _accumulate, _replay_dask_generic, _want_progress
+from .replay import (CostModel, PageIndex, _accumulate, _byte_range, _replay_dask_generic, _want_progress,
+                     trace_columns)
 
 __all__ = ["SweepModel", "SweepCounters", "SweepRow", "sweep", "sweep_shard", "candidates_from_elf",
            "candidates_from_policy"]
@@ -88,14 +89,19 @@ class SweepModel:
             raise ValueError(f"spp_write_check={spp_write_check!r}: must be one of {', '.join(SPP_WRITE_CHECKS)}")
         if spp_mode not in ("lazy", "eager"):
             raise ValueError(f"spp_mode={spp_mode!r}: must be 'lazy' or 'eager'")
-        self.candidates = [(str(n), int(s), int(ln)) for n, s, ln in candidates]
+        self.candidates = []
+        for i, item in enumerate(candidates):
+            try:
+                name, start, length = item
+            except (TypeError, ValueError):
+                raise TypeError(f"sweep candidate {i}: {item!r} is not a (name, start, length) triple") from None
+            start, length = _byte_range((start, length), f"sweep candidate {str(name)!r}")
+            self.candidates.append((str(name), start, length))
         if not self.candidates:
             raise ValueError("sweep: no candidate regions (give --policy, --protect or --elf with object symbols)")
         rows_c, rows_g, rows_a, rows_b = [], [], [], []
         total = 0
         for ci, (name, start, length) in enumerate(self.candidates):
-            if start < 0 or length <= 0:
-                raise ValueError(f"sweep candidate {name!r}: bad range {start:#x}+{length}")
             total += ((start + length - 1) >> 12) - (start >> 12) + 1
             if total > MAX_SWEEP_PAGES:
                 raise ValueError(f"sweep: the candidate regions cover more than {MAX_SWEEP_PAGES:,} pages "
@@ -127,9 +133,9 @@ class SweepModel:
         return SweepCounters(hist=np.zeros(self.npages * 1024, np.int64))
 
     def feed_columns(self, c: "SweepCounters", gpa, size) -> None:
+        gpa, size, _ = trace_columns(gpa, size)
         c.writes += len(gpa)
-        accesses, parts = self.index.select(np.ascontiguousarray(gpa, np.uint64),
-                                            np.ascontiguousarray(size, np.uint16))
+        accesses, parts = self.index.select(gpa, size)
         c.accesses += accesses
         for pid, off, length, _src in parts:
             s0 = off >> 7
