@@ -548,3 +548,23 @@ def test_demo_checkpoint_runs():
     run = C.demo_checkpoint(Console(file=buf, width=160))
     assert run is not None and run.result.exit_code == 0
     assert "memory hash matches" in buf.getvalue() and "exits exactly like" in buf.getvalue()
+
+
+@needs_gcc
+def test_every_n_writes_under_unicorn_in_a_fresh_process(tmp_path):
+    """`sppkit checkpoint --every 100` under Unicorn, as a user runs it (the console
+    script, a fresh interpreter): every pause lands inside a write hook, each followed
+    by more stores in the same translated block.  (A store held back there once made
+    Unicorn crash, the block having been dropped from its cache.)"""
+    import subprocess
+    import sys
+
+    script = Path(sys.executable).with_name("sppkit")
+    if not script.exists():
+        pytest.skip(f"no console script next to {sys.executable}")
+    out = tmp_path / "set"
+    r = subprocess.run([str(script), "checkpoint", "ckpt_sort", "--every", "100", "--engine", "unicorn",
+                        "--out", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+    d = json.loads(r.stdout)
+    assert len(d["checkpoints"]) > 3 and d["result"]["stop_reason"] == "exit"

@@ -332,12 +332,13 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
-        if self._pause or self._timed_out or self.exit_code is not None:
-            # The run is ending (a pause, the timeout, the exit port): emu_stop() only
-            # takes effect at the end of the translated block, and Unicorn abandons a
-            # store it meets on the way and runs it again on resume.  So the store is
-            # not decided here: the run stops at it, nothing written, and a resumed run
-            # hands it to vm.write once.
+        if (self._holding or self._timed_out or self.exit_code is not None) and not self._code_hooks:
+            # The run is ending (a port handler's pause, the timeout, the exit port):
+            # emu_stop() only takes effect at the end of the translated block, and
+            # Unicorn abandons a store it meets on the way and runs it again on resume.
+            # So the store is not decided here: the run stops at it, nothing written,
+            # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
+            # block may be gone from the cache, and Unicorn cannot stop in it.)
             self._held = True
             return False
         self._wp_calls += 1
@@ -377,9 +378,10 @@ class UnicornEngine(EngineBase):
             if self._pause:
                 # Stopping inside a memory hook would leave RIP at this instruction and
                 # repeat it on resume: stop at the next instruction instead.
+                # The block goes on to its end (stores in it are decided as usual) and
+                # the run stops when execution reaches the next instruction.
                 d = decode(self.vm.read(rip, 15), rip, None)
                 self._stop_at(rip + (d.length if d else 1))
-                self._hold_stores()
             return True if n == size else n
         except BaseException as e:  # re-raised from run()
             if self._error is None:
