@@ -183,10 +183,23 @@ class UnicornEngine(EngineBase):
         self._error: BaseException | None = None
         self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
         self._held = False  # the run stopped at a store it did not decide (see _on_store)
+        self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
         self._timed_out = False
         self._code_hooks: list = []  # one-address code hooks, removed after each run
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
+        # Self-modifying code (see _on_store): the pages of the image's executable
+        # segments, the RIP of a store into code held back to be run alone, and the
+        # code ranges written during that step (their translations dropped after it).
+        self._code_pages = frozenset(p for seg in image.segments if "x" in seg.flags
+                                     for p in range(seg.gpa >> 12, (seg.gpa + max(seg.memsz, 1) + 0xFFF) >> 12))
+        # gpa range in which a store (up to 32 bytes) may touch a code page
+        self._code_span = ((min(self._code_pages) << 12) - 32, (max(self._code_pages) + 1) << 12) \
+            if self._code_pages else (0, 0)
+        self._smc: int | None = None
+        self._smc_step = False
+        self._smc_dirty: list[tuple[int, int]] = []
+        self._beyond: tuple[int, int] | None = None  # (gpa, size) of a store running past the end of RAM
         self.exits: Counter = Counter()
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
@@ -276,6 +289,7 @@ class UnicornEngine(EngineBase):
             self.uc.mem_protect(0, self.ram_size, _RO)
             self._prot = {(0, self.ram_size, False)}
             self._holding = True
+            self._ending = True
 
     # -- hooks ---------------------------------------------------------------------------
     @_guard
@@ -285,6 +299,7 @@ class UnicornEngine(EngineBase):
             self.console += (value & 0xFF).to_bytes(1, "little")
         elif port == PORT_EXIT:
             self.exit_code = value & 0xFFFFFFFF
+            self._ending = True
             uc.emu_stop()
         elif self._port_handlers:
             pause = self._port_out(port, value & ((1 << (8 * size)) - 1))
@@ -332,7 +347,7 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
-        if (self._holding or self._timed_out or self.exit_code is not None) and not self._code_hooks:
+        if self._ending and not self._code_hooks:
             # The run is ending (a port handler's pause, the timeout, the exit port):
             # emu_stop() only takes effect at the end of the translated block, and
             # Unicorn abandons a store it meets on the way and runs it again on resume.
@@ -340,6 +355,16 @@ class UnicornEngine(EngineBase):
             # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
             # block may be gone from the cache, and Unicorn cannot stop in it.)
             self._held = True
+            return False
+        code_lo, code_hi = self._code_span  # (one comparison first: the path of every protected store)
+        if code_lo <= address < code_hi and data is not None and rip is not None \
+                and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip):
+            # A store into code that the running translated block may hold (Unicorn
+            # performs the bytes committed here behind QEMU's back, so QEMU's own
+            # self-modifying-code check never sees them): nothing is decided here; the
+            # run stops at the store and _emulate() runs that instruction alone on fresh
+            # translations, then goes on, so the patched code is what runs next.
+            self._smc = rip
             return False
         self._wp_calls += 1
         try:
@@ -361,8 +386,13 @@ class UnicornEngine(EngineBase):
             try:
                 r = self.vm.write(address, data, rip=rip)
             except GpaNotMapped:
-                raise EngineError(f"guest wrote {n} bytes to gpa={address:#x}, outside guest RAM "
-                                  f"(rip={rip:#x})") from None
+                # The store runs past the end of guest RAM, which the guest's page tables
+                # do not map: a page fault (a triple fault with no IDT), as under KVM.
+                self._beyond = (address, n)
+                return False
+            if code_lo <= address + n and address < code_hi and r.committed \
+                    and ((address >> 12) in self._code_pages or ((address + n - 1) >> 12) in self._code_pages):
+                self._drop_code(address, n)
             if r is not ALLOWED:  # (the result of every write permitted outright)
                 if self._pending:
                     assert r.decision is not None  # (a violation was handled: it has a decision)
@@ -388,6 +418,56 @@ class UnicornEngine(EngineBase):
                 self._error = e
             self.uc.emu_stop()
             return False
+
+    # -- self-modifying code ---------------------------------------------------------------
+    def _near_running_code(self, address: int, rip: int) -> bool:
+        """Whether a store at ``address`` (up to 32 bytes: a vector store arrives in
+        8-byte pieces) touches a code page the running block may span: the pages
+        before, of and after RIP (a translated block spans at most two pages)."""
+        page = rip >> 12
+        return any(p in self._code_pages and page - 1 <= p <= page + 1
+                   for p in range(address >> 12, ((address + 31) >> 12) + 1))
+
+    def _drop_code(self, address: int, n: int) -> None:
+        """Bytes were committed to code: drop Unicorn's translations of them, which
+        would otherwise run the old instructions.  Not from inside a block that may
+        be one of them (a step, or after _stop_at()): then after the run stops."""
+        if self._smc_step or self._code_hooks:
+            self._smc_dirty.append((address, address + n))
+        else:
+            self.uc.ctl_remove_cache(address, address + n)
+
+    def _flush_code(self) -> None:
+        for lo, hi in self._smc_dirty:
+            self.uc.ctl_remove_cache(lo, hi)
+        self._smc_dirty.clear()
+
+    def _emulate(self, start: int) -> None:
+        """emu_start from ``start``; a store held back by _on_store because it writes
+        code near the running block is run alone, on translations made after its
+        neighbourhood was dropped from the cache, and the run goes on from there."""
+        uc = self.uc
+        while True:
+            try:
+                uc.emu_start(start, _NO_STOP_ADDRESS, count=self.max_instructions)
+                return
+            except UcError as e:
+                if e.errno != UC_ERR_WRITE_PROT or self._smc is None or self._error is not None:
+                    raise
+            rip, self._smc = self._smc, None
+            page = rip & ~0xFFF
+            lo, hi = max(0, page - 0x1000), min(self.ram_size, page + 0x2000)
+            uc.ctl_remove_cache(lo, hi)
+            self._smc_step = True
+            try:
+                uc.emu_start(rip, _NO_STOP_ADDRESS, count=1)
+            finally:
+                self._smc_step = False
+                uc.ctl_remove_cache(lo, hi)
+                self._flush_code()
+            if self.exit_code is not None or self._pause or self._timed_out:
+                return
+            start = uc.reg_read(UC_X86_REG_RIP)
 
     records_every_write = True
 
@@ -460,6 +540,7 @@ class UnicornEngine(EngineBase):
         timer = threading.Timer(self.timeout, self._time_out) if self.timeout else None
         self._timed_out = False
         self._held = False
+        self._ending = False
         if timer:
             timer.daemon = True
             timer.start()
@@ -471,8 +552,10 @@ class UnicornEngine(EngineBase):
             try:
                 # (no stop address: the guest stops by its exit port; 0 would stop a guest
                 # whose entry point is gpa 0 before its first instruction)
-                uc.emu_start(start, _NO_STOP_ADDRESS, count=self.max_instructions)
+                self._emulate(start)
             finally:
+                self._smc = None
+                self._flush_code()
                 if self._wp_calls:
                     self.exits["WriteProt"] = self._wp_calls
                 if self._native is not None:
@@ -497,6 +580,13 @@ class UnicornEngine(EngineBase):
                 return self.result("timeout", rip_at=rip, exits=self.exits, detail=f"no exit within {self.timeout} s")
             if e.errno == UC_ERR_WRITE_PROT and self._stop is not None:
                 return self.result("stop-decision", rip_at=self._stop[0], exits=self.exits)
+            if e.errno == UC_ERR_WRITE_PROT and self._beyond is not None:
+                gpa, n = self._beyond
+                self._beyond = None
+                d = decode(self.vm.read(rip, 15), rip, None)
+                return self.result("shutdown", rip_at=rip, exits=self.exits,
+                                   detail=f"guest fault at rip={rip:#x}: a {n}-byte store at gpa={gpa:#x} runs "
+                                   f"past the end of guest RAM (triple fault: no IDT)" + (f" (`{d.text}`)" if d else ""))
             d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
             # A fault with no IDT is a triple fault on a real CPU: KVM reports a shutdown.
             return self.result("shutdown", rip_at=rip, exits=self.exits,
@@ -522,6 +612,7 @@ class UnicornEngine(EngineBase):
 
     def _time_out(self) -> None:
         self._timed_out = True
+        self._ending = True
         self.uc.emu_stop()
 
     def close(self) -> None:

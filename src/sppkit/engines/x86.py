@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import iced_x86
 
 PAGE = 4096
-PTE_P, PTE_RW, PTE_US, PTE_PS = 1, 2, 4, 0x80
+PTE_P, PTE_RW, PTE_US, PTE_A, PTE_D, PTE_PS = 1, 2, 4, 0x20, 0x40, 0x80
 
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_AM, CR0_PG = 1, 2, 0x10, 0x20, 1 << 16, 1 << 18, 1 << 31
 CR4_PAE, CR4_OSFXSR, CR4_OSXMMEXCPT = 1 << 5, 1 << 9, 1 << 10
@@ -73,17 +73,22 @@ class LongModeLayout:
 
 
 def identity_tables(base: int, ram_size: int, *, user: bool) -> bytes:
-    """PML4 + PDPT + PDs at ``base`` identity-mapping ``[0, ram_size)`` with 2-MiB pages."""
+    """PML4 + PDPT + PDs at ``base`` identity-mapping ``[0, ram_size)`` with 2-MiB pages.
+
+    Every entry is built with its accessed flag set (and the 2-MiB leaves dirty), so
+    the processor never writes these tables: a page-walk A/D update is no guest store,
+    reaches no write hook and, on a page holding a protected sub-page, would be
+    written by Unicorn's page walker behind ``vm.write`` and dropped by KVM."""
     n_pd = max(1, -(-ram_size // (1 << 30)))
     if n_pd > 512:
         raise ValueError(f"ram_size={ram_size:#x}: at most 512 GiB")
-    flags = PTE_P | PTE_RW | (PTE_US if user else 0)
+    flags = PTE_P | PTE_RW | PTE_A | (PTE_US if user else 0)
     buf = bytearray(PAGE * (2 + n_pd))
     struct.pack_into("<Q", buf, 0, (base + PAGE) | flags)
     for i in range(n_pd):
         struct.pack_into("<Q", buf, PAGE + 8 * i, (base + PAGE * (2 + i)) | flags)
     for j in range(-(-ram_size // (1 << 21))):
-        struct.pack_into("<Q", buf, 2 * PAGE + 8 * j, (j << 21) | flags | PTE_PS)
+        struct.pack_into("<Q", buf, 2 * PAGE + 8 * j, (j << 21) | flags | PTE_D | PTE_PS)
     return bytes(buf)
 
 
@@ -223,6 +228,17 @@ def find_writer(
     # with the same effect; a prefix that matters (REX.W, 66) changes the operand size,
     # and the size check keeps the candidate whose width matches the write.
     exact = [d for d in matches if d.size == size]
+    # KVM hands a store over in pieces: a 16/32-byte vector store in pieces of at
+    # most 8 bytes, a page-crossing store one piece per page.  A piece is then
+    # smaller than its instruction's operand, and the instruction's first byte — a
+    # mandatory prefix or REX.W — read as the previous instruction's last, leaves a
+    # shorter candidate of exactly the piece's size (`f3 0f 7f` movdqu vs `0f 7f`
+    # movq mm; `48 89` vs `89`).  A candidate that can have been split into this
+    # piece wins over those that start inside it.
+    split = [d for d in matches if d.address is not None and d.size > size and gpa + size <= d.address + d.size
+             and (d.size > 8 or _crosses_page_at(d.address, d.size, gpa, size))]
+    if split and exact:
+        exact = [e for e in exact if not any(d.rip < e.rip < d.rip + d.length for d in split)] or split[:1]
     if exact or matches:
         return (exact or matches)[-1]
     for d in before:
@@ -231,6 +247,16 @@ def find_writer(
     if current is not None and current.address is not None and abs(current.address - gpa) <= 64:
         return current
     return before[0] if before else None
+
+
+def _crosses_page_at(address: int, size: int, gpa: int, n: int) -> bool:
+    """Whether ``[gpa, gpa+n)`` is the part on one page of the page-crossing
+    ``[address, address+size)``."""
+    end = address + size
+    boundary = (address | (PAGE - 1)) + 1
+    if boundary >= end:
+        return False
+    return (gpa, gpa + n) in ((address, boundary), (boundary, end))
 
 
 def decode_forward(read: Callable[[int, int], bytes], start: int, rip_after: int) -> Decoded | None:

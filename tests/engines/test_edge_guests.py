@@ -1,0 +1,264 @@
+"""Edge guests the differential tests do not generate: self-modifying code on a page
+the Unicorn engine maps read-only, a store running past the end of guest RAM, the
+engine's own page tables on a protected page, and KVM's record of a 16-byte vector
+store delivered in 8-byte pieces in a guest without symbols.
+
+Each is compared between the engines (the KVM half skipped where KVM is not usable)
+and, where one exists, against what the guest must see on a real x86 CPU."""
+
+from __future__ import annotations
+
+import iced_x86
+import pytest
+from iced_x86 import Code, MemoryOperand, Register
+from iced_x86 import Instruction as Ins
+
+from sppkit.engines.unicorn import UnicornEngine
+from sppkit.engines.x86 import find_writer
+from sppkit.guests import GuestImage, Segment
+from sppkit.policy import Policy
+from engine_helpers import PAGE, RAM, SUB
+from test_differential import CODE, DATA, INIT_DATA, _abs, exit_ins, flat, mov_imm, putc, run, skip_without_kvm
+
+ENGINES = ["unicorn", "unicorn-py", "kvm"]
+
+
+def _run(engine, image, policy, regions, **kw):
+    """``test_differential.run`` with the engine's CPL (and the pure-Python Unicorn
+    trampoline for "unicorn-py")."""
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine as cls
+    else:
+        cls = UnicornEngine
+        if engine == "unicorn-py":
+            kw["native_hook"] = False
+    eng = cls(image, policy=policy, ram_size=RAM, timeout=30, **kw)
+    try:
+        r = eng.run()
+        return r, {g: eng.vm.read(g, n) for g, n in regions}, eng.layout
+    finally:
+        eng.close()
+
+
+# ------------------------------------------------------------- self-modifying code
+def _patch_next(prot_offset: int | None, decision: str):
+    """`mov byte [rbx], 'Z'` patches the immediate of the `mov rax, 'A'` right after
+    it (same translated block), then the guest prints al.  The code page holds a
+    protected sub-page at ``prot_offset`` (or its neighbour page does: the Unicorn
+    engine maps it read-only all the same, as a guard band)."""
+    body = [mov_imm(Register.RAX, ord("A")), Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL), *exit_ins(9)]
+    patch = [mov_imm(Register.RBX, 0), Ins.create_mem_u32(Code.MOV_RM8_IMM8, MemoryOperand(Register.RBX), ord("Z"))]
+    _, ips = flat(patch + body)
+    target = ips[len(patch)] + 2  # the imm64 of `48 b8 imm64`
+    patch[0] = mov_imm(Register.RBX, target)
+    image, _ = flat(patch + body)
+    return image, target, Policy.from_ranges([(CODE + prot_offset, SUB)], decision)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("prot_offset", "decision"), [
+    (0x80, "skip"),  # the patch lands in a writable sub-page of the protected code page
+    (0x0, "emulate"),  # the patch lands in the protected sub-page: EMULATE commits it
+    (PAGE, "skip"),  # the neighbouring page is protected: the code page is in the guard band
+])
+def test_self_modifying_code_in_the_same_block_runs_patched(engine, prot_offset, decision):
+    """x86 runs the patched instruction.  Unicorn used to run its stale translation
+    (console 'A') although memory held the patch: the bytes were committed by
+    vm.write behind QEMU's self-modifying-code check."""
+    image, target, policy = _patch_next(prot_offset, decision)
+    r, mem, _ = _run(engine, image, policy, [(target, 1)], cpl=0)
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 9, "Z")
+    assert mem[target] == b"Z"
+    want = [(target, 1, decision)] if prot_offset == 0 else []
+    assert [(v.gpa, v.size, v.decision) for v in r.violations] == want
+
+
+def _call_patch_call(fpos: int = 0x800) -> tuple[GuestImage, int]:
+    """call f (prints 'A'); patch f's immediate to 'Z'; call f again; exit."""
+    f = [Ins.create_reg_u32(Code.MOV_R8_IMM8, Register.AL, ord("A")),
+         Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL), Ins.create(Code.RETNQ)]
+    main = [mov_imm(Register.RSP, DATA + 0x5000), Ins.create_branch(Code.CALL_REL32_64, CODE + fpos),
+            mov_imm(Register.RBX, CODE + fpos + 1),
+            Ins.create_mem_u32(Code.MOV_RM8_IMM8, MemoryOperand(Register.RBX), ord("Z")),
+            Ins.create_branch(Code.CALL_REL32_64, CODE + fpos), *exit_ins(9)]
+    enc = iced_x86.BlockEncoder(64)
+    enc.add_many(main)
+    code = enc.encode(CODE)
+    enc = iced_x86.BlockEncoder(64)
+    enc.add_many(f)
+    code = code.ljust(fpos, b"\xcc") + enc.encode(CODE + fpos)
+    return GuestImage(segments=[Segment(CODE, code, len(code), "r-x"),
+                                Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")], entry=CODE), CODE + fpos + 1
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("prot", [(CODE + 0x800, "emulate"), (CODE + PAGE, "skip")])
+def test_self_modifying_code_in_another_block_runs_patched(engine, prot):
+    """A function already run (and translated) is patched, then called again."""
+    image, target = _call_patch_call()
+    r, mem, _ = _run(engine, image, Policy.from_ranges([(prot[0], SUB)], prot[1]), [(target, 1)], cpl=0)
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 9, "AZ")
+    assert mem[target] == b"Z"
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "kvm"])
+def test_self_modifying_loop_still_times_out(engine):
+    """A guest storing into its own code page forever (each store held back and run
+    alone under Unicorn) still ends at the timeout, with every store decided."""
+    loop = [mov_imm(Register.RAX, 0x1122334455667788),
+            Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(CODE + 0xF80), Register.RAX),
+            Ins.create_branch(Code.JMP_REL32_64, CODE)]
+    image, _ = flat(loop)
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine as cls
+    else:
+        cls = UnicornEngine
+    eng = cls(image, policy=Policy.from_ranges([(CODE + 0xF80, SUB)], "emulate"), ram_size=RAM, timeout=1, cpl=0)
+    try:
+        r = eng.run()
+        assert r.stop_reason == "timeout"
+        assert r.violations and {(v.gpa, v.size, v.decision) for v in r.violations} == {(CODE + 0xF80, 8, "emulate")}
+        assert eng.vm.read(CODE + 0xF80, 8) == (0x1122334455667788).to_bytes(8, "little")
+    finally:
+        eng.close()
+
+
+# ------------------------------------------------------------- the end of guest RAM
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("protected", [RAM - SUB, RAM - PAGE, None])
+def test_store_past_the_end_of_ram_is_a_guest_fault(engine, protected):
+    """An 8-byte store at RAM-4: its second half is on no page the guest's tables map,
+    so the CPU faults (a triple fault: no IDT) before anything is written.  Unicorn
+    used to raise EngineError ("outside guest RAM") from run() when the last page
+    was write-protected; KVM and unprotected Unicorn report a shutdown."""
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(RAM - 4), Register.RAX), *putc("x"), *exit_ins(7)]
+    image, ips = flat(ins)
+    policy = Policy.from_ranges([(protected, SUB)]) if protected is not None else None
+    r, mem, _ = _run(engine, image, policy, [(RAM - 8, 8)])
+    assert r.stop_reason == "shutdown" and r.rip_at == ips[1]
+    assert (r.console, r.exit_code, r.violations) == ("", None, [])
+    assert mem[RAM - 8] == bytes(8)
+
+
+@pytest.mark.parametrize("decision", ["skip", "emulate", "stop"])
+def test_stores_at_the_end_of_ram_agree(decision):
+    """1-, 8- and 16-byte stores ending exactly at the end of RAM, in a protected
+    sub-page: the engines agree (a 16-byte store is one record under Unicorn, two
+    8-byte pieces under KVM, both naming the movdqu)."""
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM8_R8, _abs(RAM - 1), Register.AL),
+           Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(RAM - 8), Register.RAX),
+           Ins.create_reg_mem(Code.MOVDQU_XMM_XMMM128, Register.XMM0, _abs(DATA)),
+           Ins.create_mem_reg(Code.MOVDQU_XMMM128_XMM, _abs(RAM - 16), Register.XMM0), *putc("x"), *exit_ins(7)]
+    image, ips = flat(ins)
+    policy = Policy.from_ranges([(RAM - SUB, SUB)], decision)
+    u = run("unicorn", image, policy, [(RAM - PAGE, PAGE)])
+    k = run("kvm", image, policy, [(RAM - PAGE, PAGE)])
+    assert (k.stop_reason, k.exit_code, k.console) == (u.stop_reason, u.exit_code, u.console)
+    assert k.memory == u.memory
+    if decision == "stop":
+        assert [(v.gpa, v.size, v.rip_at) for v in u.violations] == [(RAM - 1, 1, ips[1])]
+        assert [(v.gpa, v.size, v.rip_at) for v in k.violations] == [(RAM - 1, 1, ips[1])]
+        return
+    assert [(v.gpa, v.size, v.rip_at) for v in u.violations] == [
+        (RAM - 1, 1, ips[1]), (RAM - 8, 8, ips[2]), (RAM - 16, 16, ips[4])]
+    assert [(v.gpa, v.size, v.rip_at) for v in k.violations] == [
+        (RAM - 1, 1, ips[1]), (RAM - 8, 8, ips[2]), (RAM - 16, 8, ips[4]), (RAM - 8, 8, ips[4])]
+
+
+# ------------------------------------------- KVM: the writer of a vector store's pieces
+def test_find_writer_prefers_the_vector_store_over_its_mmx_suffix():
+    """`f3 0f 7f 04 25 disp32` (movdqu [m], xmm0) also decodes, one byte later, as
+    `0f 7f 04 25 disp32` (movq [m], mm0): 8 bytes, ending at the same RIP.  KVM's
+    first 8-byte piece of the movdqu used to be attributed to that movq, an
+    instruction starting inside the movdqu."""
+    addr = DATA + 0x100
+    ins = [Ins.create_reg_mem(Code.MOVDQU_XMM_XMMM128, Register.XMM0, _abs(DATA)),
+           Ins.create_mem_reg(Code.MOVDQU_XMMM128_XMM, _abs(addr), Register.XMM0), *exit_ins(0)]
+    image, ips = flat(ins)
+    code = image.segments[0].data
+
+    def read(gpa, n):
+        return code[gpa - CODE:gpa - CODE + n].ljust(n, b"\0")
+
+    for gpa in (addr, addr + 8):
+        d = find_writer(read, ips[2], gpa, 8, {})
+        assert d is not None and d.rip == ips[1] and d.text.startswith("movdqu"), d
+
+
+def test_find_writer_prefers_the_page_crossing_store_over_its_rex_less_suffix():
+    """`48 89 04 25 disp32` (mov [m], rax) at 4 bytes before a page end: KVM's first
+    piece is 4 bytes, and `89 04 25 disp32` (mov [m], eax), one byte later, ends at
+    the same RIP with exactly that size.  The piece used to be attributed to it."""
+    addr = DATA + PAGE - 4
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(addr), Register.RAX), *exit_ins(0)]
+    image, ips = flat(ins)
+    code = image.segments[0].data
+
+    def read(gpa, n):
+        return code[gpa - CODE:gpa - CODE + n].ljust(n, b"\0")
+
+    d = find_writer(read, ips[2], addr, 4, {})
+    assert d is not None and d.rip == ips[1] and "rax" in d.text, d
+    # A genuine 4-byte store is still found as itself.
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM32_R32, _abs(addr), Register.EAX), *exit_ins(0)]
+    image, ips = flat(ins)
+    code = image.segments[0].data
+    d = find_writer(read, ips[2], addr, 4, {})
+    assert d is not None and d.rip == ips[1] and "eax" in d.text, d
+
+
+@pytest.mark.parametrize("decision", ["skip", "emulate"])
+def test_kvm_page_crossing_pieces_name_the_store(decision):
+    """Both pieces of a page-crossing 8-byte store into two protected sub-pages, in
+    a guest without symbols, are recorded at the store's RIP, as under Unicorn."""
+    addr = DATA + PAGE - 4
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(addr), Register.RAX), *putc("x"), *exit_ins(0)]
+    image, ips = flat(ins)
+    policy = Policy.from_ranges([(DATA + PAGE - SUB, 2 * SUB)], decision)
+    u = run("unicorn", image, policy, [(addr, 8)])
+    k = run("kvm", image, policy, [(addr, 8)])
+    assert {v.rip_at for v in u.violations} == {ips[1]}
+    assert [(v.gpa, v.size, v.rip_at) for v in k.violations] == [(addr, 4, ips[1]), (addr + 4, 4, ips[1])]
+    assert k.memory == u.memory
+
+
+def test_kvm_vector_store_pieces_name_the_movdqu():
+    """Both 8-byte pieces of a 16-byte store to a protected sub-page, in a guest
+    without symbols, are recorded at the movdqu's RIP, as Unicorn records it."""
+    ins = [Ins.create_reg_mem(Code.MOVDQU_XMM_XMMM128, Register.XMM0, _abs(DATA + PAGE)),
+           Ins.create_mem_reg(Code.MOVDQU_XMMM128_XMM, _abs(DATA + 0x40), Register.XMM0), *exit_ins(0)]
+    image, ips = flat(ins)
+    policy = Policy.from_ranges([(DATA, SUB)])
+    u = run("unicorn", image, policy, [])
+    k = run("kvm", image, policy, [])
+    assert [(v.gpa, v.size, v.rip_at) for v in u.violations] == [(DATA + 0x40, 16, ips[1])]
+    assert [(v.gpa, v.size, v.rip_at) for v in k.violations] == [(DATA + 0x40, 8, ips[1]), (DATA + 0x48, 8, ips[1])]
+    assert all(v.instruction.startswith("movdqu") for v in k.violations)
+
+
+# ------------------------------------------------------------- the engine's page tables
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("table", [0, 1, 2])  # PML4, PDPT, first PD
+def test_page_tables_on_a_protected_page_are_not_written(engine, table):
+    """The engine's identity tables on a page holding a protected sub-page: the
+    guest's page walks must not write them.  Unicorn's page walker used to set
+    accessed flags in them behind vm.write (into the protected sub-page itself),
+    while KVM dropped those updates: the engines' memory differed."""
+    ins = [mov_imm(Register.RAX, 0x1122334455667788),
+           Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(DATA + 8), Register.RAX), *putc("a"), *exit_ins(3)]
+    image, _ = flat(ins)
+    probe = UnicornEngine(image, ram_size=RAM)
+    layout = probe.layout
+    probe.close()
+    pt = layout.pml4 + table * PAGE
+    r, mem, lay = _run(engine, image, Policy.from_ranges([(pt, SUB)]), [(layout.pml4, len(layout.tables))])
+    assert lay == layout
+    assert (r.stop_reason, r.exit_code, r.console, r.violations) == ("exit", 3, "a", [])
+    assert mem[layout.pml4] == layout.tables
