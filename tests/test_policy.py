@@ -346,12 +346,6 @@ OVER = (MAX_PROTECTED_PAGES + 1) << 12   # one page more than the limit
 HALF = (MAX_PROTECTED_PAGES // 2) << 12
 
 
-def test_page_limit_is_the_replay_limit():
-    from sppkit.engines.replay.replay import MAX_PROTECTED_PAGES as REPLAY_MAX
-
-    assert MAX_PROTECTED_PAGES == REPLAY_MAX == 1 << 22
-
-
 def test_error_huge_entry_names_entry_and_limit():
     msg = error(f"[[protect]]\nstart = 0x1000\nlength = 8\n[[protect]]\nname = 'all'\nstart = 0\nlength = {OVER:#x}\n")
     assert "[[protect]] entry 2 ('all'): range 0x0+0x400001000 covers 4,194,305 pages; " + LIMIT in msg, msg

@@ -18,8 +18,8 @@ protected (ranges are rounded *out*): :meth:`Policy.access_maps` gives, per gfn,
 32-bit access map the VMM takes (bit *i* set = sub-page *i* writable).
 
 A policy protects at most :data:`MAX_PROTECTED_PAGES` pages (4,194,304 pages, 16 GiB;
-the same limit as ``sppkit.engines.replay.replay.MAX_PROTECTED_PAGES``, behind the
-replay CLI's "protects more than 4,194,304 pages"), counting each entry's pages: the
+replay uses the same constant, behind the replay CLI's "protects more than 4,194,304
+pages"), counting each entry's pages: the
 policy keeps a per-page index, and a larger range is refused before any per-page work.
 
 Every :class:`PolicyError` names the file, the entry (1-based index and name) and
@@ -52,9 +52,8 @@ SUBPAGES_PER_PAGE = PAGE_SIZE // SUBPAGE_SIZE
 FULL_MAP = (1 << SUBPAGES_PER_PAGE) - 1
 MAX_GPA = 1 << 64
 #: Most pages a policy protects, summed over its entries (16 GiB): the per-page index,
-#: :meth:`Policy.access_maps` and :meth:`Policy.gfns` are linear in pages.  Equal to
-#: ``sppkit.engines.replay.replay.MAX_PROTECTED_PAGES`` (tests/test_policy.py checks), defined
-#: here so that this module does not import the engines package for a constant.
+#: :meth:`Policy.access_maps` and :meth:`Policy.gfns` are linear in pages.  Replay
+#: (``sppkit replay --protect``) uses the same limit.
 MAX_PROTECTED_PAGES = 1 << 22
 
 #: Decisions a policy may name (``unprotect`` is a handler's choice, not a policy's).

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeGuard
 
+from .memory import check_maxphyaddr
+
 # -- EPT entry bits ------------------------------------------------------------
 EPT_R = 1 << 0
 EPT_W = 1 << 1
@@ -77,8 +79,6 @@ LEAF_LEVEL_FOR_SIZE = {PAGE_4K: Level.PTE, PAGE_2M: Level.PDE, PAGE_1G: Level.PD
 
 #: Largest guest-physical address + 1 that 4-level EPT translates.
 GPA_LIMIT = 1 << 48
-#: The MAXPHYADDR values modelled (those HostMemory accepts).
-_MAXPHYADDR_RANGE = range(32, 53)
 
 
 def _show(v: object) -> str:
@@ -101,12 +101,6 @@ def check_u64(name: str, v: object) -> None:
     """Refuse (ValueError) anything but an unsigned 64-bit int (as ``Processor.load_controls``)."""
     if not _is_int(v) or not 0 <= v < 1 << 64:
         raise ValueError(f"{name}={v!r}: must be an unsigned 64-bit integer")
-
-
-def check_maxphyaddr(maxphyaddr: object) -> None:
-    """Refuse (ValueError) a MAXPHYADDR that HostMemory would refuse (an int from 32 to 52)."""
-    if not _is_int(maxphyaddr) or maxphyaddr not in _MAXPHYADDR_RANGE:
-        raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
 
 
 def _check_level(level: object) -> None:

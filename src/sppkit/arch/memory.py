@@ -51,6 +51,23 @@ _words_of: Callable[[Any], Any] = _native_words if sys.byteorder == "little" els
 ZERO_WORDS = _words_of(bytes(PAGE_SIZE))
 
 
+def check_maxphyaddr(maxphyaddr: object) -> None:
+    """Refuse (ValueError) a MAXPHYADDR outside what the model supports: an int from 32 to 52."""
+    if not isinstance(maxphyaddr, int) or isinstance(maxphyaddr, bool) or not 32 <= maxphyaddr <= 52:
+        raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
+
+
+def byte_view(data: object) -> memoryview:
+    """``data`` as a view of its bytes: bytes, bytearray, or a memoryview of any format or
+    shape (its raw bytes: len() of an 'I' view counts items, and a frame takes only a
+    'B' view of its size); anything else is a TypeError naming it."""
+    if isinstance(data, memoryview):
+        return data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
+    if isinstance(data, (bytes, bytearray)):
+        return memoryview(data)
+    raise TypeError(f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}")
+
+
 class PhysicalAddressError(ValueError):
     """An address outside the host-physical address space (at or above 2**maxphyaddr)."""
 
@@ -64,8 +81,7 @@ class HostMemory:
     """
 
     def __init__(self, maxphyaddr: int = 46, *, first_frame: int = 0x100000) -> None:
-        if not isinstance(maxphyaddr, int) or not 32 <= maxphyaddr <= 52:
-            raise ValueError(f"maxphyaddr={maxphyaddr!r}: must be an integer from 32 to 52")
+        check_maxphyaddr(maxphyaddr)
         self.maxphyaddr = maxphyaddr
         self.limit = 1 << maxphyaddr
         if (
@@ -285,16 +301,7 @@ class HostMemory:
     def write(self, hpa: int, data: bytes | bytearray | memoryview) -> None:
         """Write ``data`` (bytes, bytearray, or a memoryview of any format or shape: its
         raw bytes) at ``hpa``; a bad argument is refused before anything is written."""
-        if isinstance(data, memoryview):
-            # its bytes, whatever its format: len() of an 'I' view counts items, and a
-            # frame (a 'B' view, for a backed range) takes only a 'B' view of its size
-            data = data.cast("B") if data.c_contiguous else memoryview(data.tobytes())
-        elif isinstance(data, (bytes, bytearray)):
-            data = memoryview(data)
-        else:
-            raise TypeError(
-                f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}"
-            )
+        data = byte_view(data)
         n = len(data)
         self._check(hpa, n)
         pos = 0

@@ -210,8 +210,7 @@ class Processor:
         controls = self._controls if secondary_controls is None else secondary_controls
         spptp = self._spptp if spptp is None else spptp
         for name, v in (("eptp", eptp), ("secondary_controls", controls), ("spptp", spptp)):
-            if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
-                raise ValueError(f"{name}={v!r}: must be an unsigned 64-bit integer")
+            check_u64(name, v)
         if controls >> 32:
             raise ValueError(f"secondary_controls={controls:#x}: the field is 32 bits wide")
         if controls & SECONDARY_ENABLE_EPT:

@@ -45,6 +45,10 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+#: The registers both engines' ``regs()``/``set_regs()`` use (and a checkpoint holds).
+REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+
 #: The largest guest RAM: the engines identity-map it with one page-directory-pointer
 #: table of 2-MiB pages (512 GiB).
 MAX_RAM = 512 << 30

@@ -61,7 +61,7 @@ from unicorn.x86_const import (
 
 from ..vmm import GpaNotMapped
 from ..vmm.vm import ALLOWED
-from .base import DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
+from .base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
 from .result import RunResult
 from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 
@@ -504,11 +504,7 @@ class UnicornEngine(EngineBase):
             uc.emu_stop()
 
     # -- run -------------------------------------------------------------------------------
-    _REGS = {
-        "rax": "RAX", "rbx": "RBX", "rcx": "RCX", "rdx": "RDX", "rsi": "RSI", "rdi": "RDI", "rsp": "RSP",
-        "rbp": "RBP", "r8": "R8", "r9": "R9", "r10": "R10", "r11": "R11", "r12": "R12", "r13": "R13",
-        "r14": "R14", "r15": "R15", "rip": "RIP", "rflags": "RFLAGS",
-    }
+    _REGS = {name: name.upper() for name in REGISTERS}  # sppkit name -> unicorn.x86_const suffix
 
     def regs(self) -> dict[str, int]:
         """General-purpose registers, RIP and RFLAGS."""

@@ -62,6 +62,7 @@ from typing import Callable, Iterable, NoReturn
 import click
 
 from ..engines import DEFAULT_RAM, choose_engine, parse_size
+from ..engines.base import MAX_RAM, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..vmm import Decision, SppViolation
 
@@ -88,10 +89,6 @@ MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sppkit-checkpoint-set"
 GUEST_FILE = "guest.elf"
 NO_PARENT = 0xFFFFFFFF
-MAX_RAM = 512 << 30  #: the engines' identity page tables map at most 512 GiB
-#: the registers a checkpoint holds: the ones both engines' ``regs()``/``set_regs()`` use
-REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11", "r12", "r13",
-             "r14", "r15", "rip", "rflags")
 
 KIND_BASE, KIND_INCREMENTAL = 0, 1
 REC_MEMORY, REC_REGISTERS, REC_CONSOLE, REC_META = 1, 2, 3, 4
@@ -660,7 +657,9 @@ def _check_manifest(mpath: Path, body: dict) -> None:
     if not is_hex(v, 64):
         fail("guest.sha256", v, "must be 64 lowercase hex digits")
     ram = body.get("ram_size", _MISSING)
-    if not is_int(ram) or not 2 << 20 <= ram <= MAX_RAM or ram % (2 << 20):
+    try:
+        check_ram_size(ram)  # what the engines take
+    except ValueError:
         fail("ram_size", ram, f"must be a multiple of 2 MiB from 2 MiB to {MAX_RAM >> 30} GiB")
     v = body.get("cpl", _MISSING)
     if not is_int(v) or v not in (0, 3):

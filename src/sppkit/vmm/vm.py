@@ -13,7 +13,7 @@ import numpy as np
 
 from ..arch.ept import Level
 from ..arch.exits import QUAL_SPP_MISS, EptViolation, SppEvent
-from ..arch.memory import HostMemory
+from ..arch.memory import HostMemory, byte_view
 from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor, _check_extra
 from ..arch.sppt import FULL_ACCESS_MAP, SPP_VECTOR_ODD_BITS, map_from_vector, vector_from_map
 from .ept_manager import EptManager
@@ -50,11 +50,9 @@ ViolationHandler = Callable[[SppViolation], Decision]
 
 
 def _bytes_like(data: object) -> bytes:
-    """``data`` as bytes: bytes, bytearray or a memoryview (of any format: its bytes);
-    anything else is refused, naming it."""
-    if isinstance(data, (bytes, bytearray, memoryview)):
-        return bytes(data)
-    raise TypeError(f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}")
+    """``data`` (bytes, bytearray or a memoryview of any format) as bytes; anything else
+    is a TypeError naming it (HostMemory's rule)."""
+    return bytes(byte_view(data))
 
 
 def _touched_bits(off: int, size: int) -> int:

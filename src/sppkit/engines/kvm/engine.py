@@ -21,7 +21,7 @@ import threading
 from collections import Counter
 
 from ...vmm import GpaNotMapped
-from ..base import DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
+from ..base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
 from ..result import RunResult
 from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 from .binding import (
@@ -46,8 +46,7 @@ from .binding import (
 )
 
 TSS_ADDR = 0xFFFBD000
-_REG_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+_REG_NAMES = REGISTERS
 _UNEMULATABLE_HINT = (
     "KVM's instruction emulator cannot perform this store on a write-protected page "
     "(AVX/SSE-arithmetic, x87 stores, cmpxchg16b, fxsave/xsave are not emulated); "

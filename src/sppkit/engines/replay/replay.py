@@ -33,6 +33,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 
 from ...arch.processor import SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST, SPP_WRITE_CHECKS
+from ...policy import MAX_PROTECTED_PAGES
 from .formats import (
     CHUNK_RECORDS,
     NO_RIP,
@@ -582,7 +583,6 @@ class SubCounts:
 
 #: Most protected pages a replay handles (16 GiB of protected memory): per-page
 #: counters are dense arrays.
-MAX_PROTECTED_PAGES = 1 << 22
 
 
 def maps_from_ranges(ranges: Iterable[tuple[int, int]], *, limit: int = MAX_PROTECTED_PAGES):
