@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from sppkit.arch import HostMemory, PhysicalAddressError
+from sppkit.arch.memory import MAX_READ
 
 from arch_helpers import deadline, named
 
@@ -188,6 +189,34 @@ class TestRead:
 
     def test_bad_address_message_names_it(self, mem):
         refused(mem, TypeError, named("hpa", 1.5), lambda: mem.read(1.5, 1))
+
+    @pytest.mark.parametrize("n", [1 << 45, (1 << 46) - 0x5000, MAX_READ + 1])
+    def test_longer_than_max_read_is_refused_before_any_work(self, mem, n):
+        """read(0, 2**45) built its result a frame at a time: 2**33 frames, a day's work
+        or a MemoryError.  Now the length is refused, naming it and the limit, before
+        any frame is looked at or any buffer allocated."""
+
+        class Untouchable(dict):
+            def get(self, *a):
+                raise AssertionError("a frame was looked up")
+
+        mem._frames = Untouchable(mem._frames)
+        refused(mem, ValueError, named("n", n) + r" is more than MAX_READ = 0x40000000 bytes \(1 GiB\)",
+                lambda: mem.read(0x5000, n))
+
+    def test_max_read_is_the_boundary(self, mem, monkeypatch):
+        from sppkit.arch import memory
+
+        monkeypatch.setattr(memory, "MAX_READ", 0x3000)  # (a real 1-GiB read takes seconds)
+        whole = mem.read(0xFFF, 0x3000)  # the longest read: across frames 0..3, frame 1's bytes in it
+        assert whole == mem.read(0xFFF, 0x1800) + mem.read(0x27FF, 0x1800)
+        assert whole[0x1FF8 - 0xFFF : 0x2001 - 0xFFF] == b"frame one"
+        refused(mem, ValueError, named("n", 0x3001) + " is more than MAX_READ = 0x3000",
+                lambda: mem.read(0xFFF, 0x3001))
+        assert mem.read_u64(0x1FF8) == int.from_bytes(b"frame on", "little")  # read_u64 is unchanged
+
+    def test_a_long_read_past_the_address_space_still_names_the_address(self, mem):
+        refused(mem, PhysicalAddressError, named("hpa", 0x5000), lambda: mem.read(0x5000, 1 << 50))
 
 
 # =================================================================== free_range(hpa, size)

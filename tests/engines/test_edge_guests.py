@@ -262,3 +262,32 @@ def test_page_tables_on_a_protected_page_are_not_written(engine, table):
     assert lay == layout
     assert (r.stop_reason, r.exit_code, r.console, r.violations) == ("exit", 3, "a", [])
     assert mem[layout.pml4] == layout.tables
+
+
+# ------------------------------------------------------------- run arguments
+@pytest.mark.parametrize("engine", ["unicorn", "kvm"])
+@pytest.mark.parametrize("timeout", [-1, float("nan"), float("inf"), 2.0 ** 64, 365 * 24 * 3600 + 1, True, "5"],
+                         ids=["negative", "nan", "inf", "2**64", "a-year-and-a-second", "bool", "str"])
+def test_timeout_out_of_range_is_refused_by_the_engines(engine, timeout):
+    """A timeout the engines' timers cannot hold is refused when the engine is made,
+    naming it: 2**64 s used to overflow setitimer's time_t under KVM and kill
+    Unicorn's timer thread (the run then ended normally, with no limit)."""
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine as cls
+    else:
+        cls = UnicornEngine
+    image, _ = flat([*exit_ins(0)])
+    with pytest.raises(ValueError, match=r"timeout .*from 0 to 31536000"):
+        cls(image, ram_size=RAM, timeout=timeout)
+
+
+@pytest.mark.parametrize("timeout", [0, 0.5, 365 * 24 * 3600])
+def test_timeout_in_range_is_taken(timeout):
+    image, _ = flat([*exit_ins(4)])
+    eng = UnicornEngine(image, ram_size=RAM, timeout=timeout)
+    try:
+        assert eng.timeout == timeout
+        assert eng.run().exit_code == 4
+    finally:
+        eng.close()

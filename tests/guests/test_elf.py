@@ -3,6 +3,7 @@ symbol table of real builds (local and global, symbol lookups, symbol+offset).""
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -146,6 +147,33 @@ def test_pie_refusal_explains_why(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(GuestImageError, match=r"nope\.elf: cannot read"):
         load_elf(tmp_path / "nope.elf")
+
+
+def test_a_device_is_refused_before_reading(tmp_path):
+    """/dev/zero used to be read until memory ran out (a MemoryError); a FIFO would
+    block for ever.  Only regular files are read."""
+    with pytest.raises(GuestImageError, match=r"/dev/zero: not a regular file"):
+        load_elf("/dev/zero")
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(GuestImageError, match=r"pipe: not a regular file"):
+        load_elf(fifo)  # (opening it must not wait for a writer)
+
+
+def test_a_directory_is_refused(tmp_path):
+    with pytest.raises(GuestImageError, match=r"cannot read"):
+        load_elf(tmp_path)
+
+
+def test_a_file_larger_than_the_limit_is_refused_unread(tmp_path, monkeypatch):
+    import sppkit.guests.elf as elf
+
+    p = write(tmp_path, make_elf())
+    monkeypatch.setattr(elf, "MAX_ELF_SIZE", p.stat().st_size - 1)
+    with pytest.raises(GuestImageError, match=rf"{p.stat().st_size:,} bytes, larger than any guest ELF"):
+        load_elf(p)
+    monkeypatch.setattr(elf, "MAX_ELF_SIZE", p.stat().st_size)
+    assert load_elf(p).entry == 0x400000
 
 
 @needs_gcc

@@ -182,11 +182,12 @@ def test_report_numbers_match_the_table():
     (dict(overflow_by=-1), "non-negative"),
     (dict(overflow_by=5000), "at most 4096"),
     (dict(decision="emulate"), "stop or skip"),
-    # every patched value must fit its guest variable (u64), not overflow while patching
-    (dict(overflow_buffer=2**70), r"--overflow-buffer 1180591620717411303424: does not fit .*param_overflow_index"),
-    (dict(overflow_buffer=2**64), "does not fit the guest's 'param_overflow_index' \\(8-byte variable"),
-    (dict(buffers=2**64), "--buffers 18446744073709551616: does not fit"),
-    (dict(overflow_by=2**64), "--overflow-by 18446744073709551616: does not fit"),
+    # values beyond a u64 are refused with the real limit (table capacity, buffer count, a
+    # page), not overflow while patching; a narrower guest variable: test_usecase_cli_sweep.py
+    (dict(overflow_buffer=2**70), r"--overflow-buffer 1180591620717411303424: there are only 64 buffers"),
+    (dict(overflow_buffer=2**64), r"--overflow-buffer 18446744073709551616: there are only 64 buffers"),
+    (dict(buffers=2**64), r"--buffers 18446744073709551616: the guest's guard table holds at most 512 buffers"),
+    (dict(overflow_by=2**64), "--overflow-by 18446744073709551616: at most 4096 bytes"),
     # without --buffers the range check uses the guest's default (param_nbuffers = 64)
     (dict(overflow_buffer=64), r"--overflow-buffer 64: there are only 64 buffers \(0\.\.63\)"),
     (dict(overflow_buffer=99999), r"there are only 64 buffers \(0\.\.63\)"),
@@ -203,7 +204,8 @@ def test_last_default_buffer_can_overflow():
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--overflow-buffer", "18446744073709551616"], "--overflow-buffer 18446744073709551616: does not fit"),
+    (["--overflow-buffer", "18446744073709551616"],
+     r"--overflow-buffer 18446744073709551616: there are only 64 buffers"),
     (["--overflow-buffer", "64"], r"--overflow-buffer 64: there are only 64 buffers \(0\.\.63\)"),
 ])
 def test_cli_bad_params_are_one_line_errors(args, match):

@@ -148,3 +148,19 @@ def test_add_memslot_backing_is_used():
 def test_vm_flags_are_checked(kw):
     with pytest.raises(ValueError, match=f"{next(iter(kw))}="):
         Vm(**kw)
+
+
+def test_read_over_several_memslots_is_limited_like_one_host_read(monkeypatch):
+    """Vm.read assembles a range over several memslots itself: the host's read limit
+    applies to the whole range, not only to each slot's piece (3 slots of 512 MiB
+    used to return 1.5 GiB past MAX_READ)."""
+    import sppkit.arch.memory as memory
+
+    vm = Vm()
+    for i in range(3):
+        vm.add_memslot(i, gpa=i * 2 * PAGE, size=2 * PAGE)
+    monkeypatch.setattr(memory, "MAX_READ", 3 * PAGE)
+    vm.load(PAGE, b"\x5a" * PAGE)
+    assert vm.read(PAGE, 3 * PAGE) == b"\x5a" * PAGE + bytes(2 * PAGE)  # across two slots, at the limit
+    with pytest.raises(ValueError, match=r"more than MAX_READ"):
+        vm.read(0, 3 * PAGE + 1)

@@ -16,6 +16,24 @@ PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 PAGE_MASK = ~(PAGE_SIZE - 1)
 
+#: The most bytes one :meth:`HostMemory.read` returns: 1 GiB.  A read builds its whole
+#: result as one ``bytes`` (through a working buffer as large, a frame at a time), so
+#: it costs its length whatever the memory holds: about 2 GiB of host memory and 3 s
+#: for 1 GiB, while ``read(0, 2**45)`` would run for a day or end in MemoryError.  A
+#: longer read is refused (ValueError naming the length and this limit) before anything
+#: is allocated; read a larger range in pieces.
+MAX_READ = 1 << 30
+
+
+
+def check_read_length(n: int) -> None:
+    """Refuse a read of more than :data:`MAX_READ` bytes (ValueError naming both), the
+    one rule for ``HostMemory.read`` and ``Vm.read``."""
+    if n > MAX_READ:
+        raise ValueError(f"length n={n:#x} is more than MAX_READ = {MAX_READ:#x} bytes (1 GiB), the most one read "
+                         "returns: read a larger range in pieces")
+
+
 _U64 = struct.Struct("<Q")
 _unpack_u64 = _U64.unpack_from  # bound once: read_u64/write_u64 are the hot path
 _pack_u64 = _U64.pack_into
@@ -287,7 +305,10 @@ class HostMemory:
         self.write(hpa, int(value).to_bytes(8, "little"))
 
     def read(self, hpa: int, n: int) -> bytes:
+        """``n`` bytes at ``hpa`` (zeros where nothing was written); ``n`` at most
+        :data:`MAX_READ`, the range within ``2**maxphyaddr``."""
         self._check(hpa, n)
+        check_read_length(n)
         out = bytearray()
         while n:
             off = hpa & 0xFFF

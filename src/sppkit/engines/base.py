@@ -63,11 +63,17 @@ def check_ram_size(ram_size: object) -> int:
     return ram_size
 
 
+#: The longest run timeout (seconds): a year.  Longer waits overflow the engines' timers
+#: (setitimer's time_t, threading's TIMEOUT_MAX); 0 means no limit.
+MAX_TIMEOUT = 365 * 24 * 3600
+
+
 def check_timeout(timeout: object) -> float:
-    """``timeout`` (seconds; 0 = no limit) if it is a finite non-negative number."""
+    """``timeout`` (seconds; 0 = no limit) if it is a number from 0 to MAX_TIMEOUT."""
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not math.isfinite(timeout) \
-            or timeout < 0:
-        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds, 0 or more (0: no limit)")
+            or not 0 <= timeout <= MAX_TIMEOUT:
+        raise ValueError(f"timeout {timeout!r}: must be a finite number of seconds from 0 to {MAX_TIMEOUT} "
+                         "(a year; 0: no limit)")
     return float(timeout)
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 import bisect
 import difflib
 import io
+import os
+import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,11 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
+#: The largest file :func:`load_elf` reads (bytes): 4 GiB.  A guest's loaded segments
+#: must fit guest RAM, and a file larger than this is not a guest program; the check
+#: keeps a wrong path (a disk image, say) from being read whole into memory.
+MAX_ELF_SIZE = 4 << 30
 
 __all__ = [
     "GuestImage", "GuestImageError", "Segment", "Symbol", "SymbolNotFound", "flat_image", "load_elf",
@@ -340,10 +347,20 @@ def load_elf(path: str | Path) -> GuestImage:
     the file included), a bad section-name string table index, or a malformed symbol
     table (entry size not 24, no string table): symbols are never silently dropped.
     A file without section headers, or without a ``.symtab``, loads with no symbols.
+    Only a regular file of at most :data:`MAX_ELF_SIZE` bytes is read: a device or FIFO
+    (``/dev/zero``) is refused before a byte is read.
     """
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):  # a device or FIFO would be read without end
+                raise GuestImageError(f"{path}: not a regular file (a device, FIFO or socket), not an ELF file")
+            if info.st_size > MAX_ELF_SIZE:
+                raise GuestImageError(f"{path}: {info.st_size:,} bytes, larger than any guest ELF sppkit loads "
+                                      f"(at most {MAX_ELF_SIZE:,} bytes)")
+            raw = f.read()
     except OSError as e:
         raise GuestImageError(f"{path}: cannot read: {e.strerror or e}") from e
 

@@ -61,10 +61,12 @@ from typing import Callable, Iterable, NoReturn
 
 import click
 
-from ..engines import DEFAULT_RAM, choose_engine, parse_size
+from ..engines import DEFAULT_RAM, choose_engine
 from ..engines.base import MAX_RAM, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..vmm import Decision, SppViolation
+from .monitor import (ENGINE_HELP, JSON_HELP, MAX_TIMEOUT, Progress, cpl_option, engine_option, memory_option,
+                      progress_option, timeout_option)
 
 __all__ = [
     "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
@@ -145,6 +147,9 @@ class CheckpointVersionMismatch(CheckpointFileError):
 class CheckpointWriteError(OSError):
     """Writing a checkpoint failed; no partial file was left behind."""
 
+    def __str__(self) -> str:  # the message alone, without OSError's "[Errno N]" prefix
+        return self.strerror or super().__str__()
+
 
 # =============================================================================== guests
 def load_guest_spec(guest: str | os.PathLike):
@@ -194,17 +199,18 @@ def tracked_regions(image, ram_size: int, extra: Iterable[tuple[int, int]] = (),
             raw.append((f"data@{seg.gpa:#x}", seg.gpa & ~(PAGE - 1), (seg.gpa + seg.memsz + PAGE - 1) & ~(PAGE - 1)))
     raw.append(("stack", ram_size - STACK_BYTES, ram_size))
     for start, length in extra:
-        if not isinstance(start, int) or not isinstance(length, int) or start < 0 or length <= 0:
-            raise ValueError(f"tracked range {start!r}:{length!r}: start must be >= 0 and length > 0")
+        if isinstance(start, bool) or isinstance(length, bool) or not isinstance(start, int) \
+                or not isinstance(length, int) or start < 0 or length <= 0:
+            raise ValueError(f"--track {start!r}:{length!r}: start must be an integer >= 0 and length > 0")
         lo, hi = start & ~(PAGE - 1), (start + length + PAGE - 1) & ~(PAGE - 1)
         if hi > ram_size:
             raise ValueError(
-                f"tracked range {start:#x}+{length:#x} ends beyond guest RAM ({ram_size >> 20} MiB, "
+                f"--track {start:#x}:{length:#x} ends beyond guest RAM ({ram_size >> 20} MiB, "
                 f"ends at {ram_size:#x})"
             )
         if table_range and lo < table_range[1] and table_range[0] < hi:
             raise ValueError(
-                f"tracked range {start:#x}+{length:#x} overlaps the guest's page tables "
+                f"--track {start:#x}:{length:#x} overlaps the guest's page tables "
                 f"[{table_range[0]:#x}, {table_range[1]:#x}): the CPU writes their accessed/dirty bits, "
                 "which sub-page protection does not see"
             )
@@ -491,15 +497,60 @@ def _ckpt_name(index: int) -> str:
     return f"ckpt-{index:06d}.spck"
 
 
-def _manifest_digest(body: dict) -> str:
+def _canonical_json(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def _manifest_canonical(body: dict, entries_json: list[str] | None = None) -> str:
+    """The manifest's canonical JSON without its ``sha256`` field: exactly
+    ``json.dumps(rest, sort_keys=True, separators=(",", ":"))``, assembled key by key so
+    that the ``checkpoints`` list can come from ``entries_json``, its entries already
+    encoded (a writer caches them: re-encoding every entry at every checkpoint made a
+    long run quadratic)."""
+    parts = []
+    for key in sorted(k for k in body if k != "sha256"):
+        value = body[key]
+        if key == "checkpoints" and isinstance(value, list):
+            items = entries_json if entries_json is not None and len(entries_json) == len(value) else \
+                [_canonical_json(e) for e in value]
+            encoded = "[" + ",".join(items) + "]"
+        else:
+            encoded = _canonical_json(value)
+        parts.append(_canonical_json(key) + ":" + encoded)
+    return "{" + ",".join(parts) + "}"
+
+
+def _manifest_digest(body: dict, entries_json: list[str] | None = None) -> str:
     """SHA-256 of the manifest's canonical JSON without its ``sha256`` field."""
-    rest = {k: v for k, v in body.items() if k != "sha256"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_manifest_canonical(body, entries_json).encode()).hexdigest()
 
 
-def _manifest_bytes(body: dict) -> bytes:
-    body = dict(body, sha256=_manifest_digest(body))
-    return json.dumps(body, indent=1, sort_keys=True).encode() + b"\n"
+def _display_json(value) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _manifest_bytes(body: dict, entries_json: list[str] | None = None,
+                    entries_display: list[str] | None = None) -> bytes:
+    """The manifest file: one top-level key per line, one checkpoint per line, its
+    ``sha256`` field the digest of the rest.  ``entries_json`` / ``entries_display``: the
+    checkpoint entries already encoded canonically / for the file (a writer caches both,
+    so a manifest is written in time linear in its entries, see :func:`_manifest_canonical`)."""
+    entries = body.get("checkpoints")
+    n = len(entries) if isinstance(entries, list) else -1
+    if entries_json is None or len(entries_json) != n:
+        entries_json = [_canonical_json(e) for e in entries] if isinstance(entries, list) else None
+    if entries_display is None or len(entries_display) != n:
+        entries_display = [_display_json(e) for e in entries] if isinstance(entries, list) else None
+    full = dict(body, sha256=_manifest_digest(body, entries_json))
+    lines = []
+    for key in sorted(full):
+        value = full[key]
+        if key == "checkpoints" and isinstance(value, list) and value and entries_display is not None:
+            encoded = "[\n  " + ",\n  ".join(entries_display) + "\n ]"
+        else:
+            encoded = _display_json(value)
+        lines.append(f" {_display_json(key)}: {encoded}")
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
 
 
 # =============================================================================== the set
@@ -566,7 +617,9 @@ class CheckpointSet:
             raise CheckpointFileError(path, f"checkpoint {k} cannot be read: {err.strerror or err}") from None
         f = read_checkpoint_file(path, data)
         if f.set_id != self.set_id:
-            raise CheckpointCorrupted(path, f"belongs to another checkpoint set (set id {f.set_id.hex()})")
+            raise CheckpointCorrupted(path, f"belongs to another checkpoint set (its set id {f.set_id.hex()}, "
+                                            f"{MANIFEST}'s {self.set_id.hex()}): it or {MANIFEST} was copied "
+                                            "from another run")
         if f.index != k or (k == 0) != (f.kind == KIND_BASE) or f.parent != (NO_PARENT if k == 0 else k - 1):
             raise CheckpointCorrupted(path, f"holds checkpoint {f.index} (kind {f.kind}), expected {k}")
         if hashlib.sha256(data).hexdigest() != e.get("sha256"):
@@ -602,10 +655,9 @@ class CheckpointSet:
         return RestoredState(k, self.regions, restored, dict(files[-1].regs), console,
                              self.entries[k].get("memory_sha256"))
 
-    def guest_image(self):
-        """The guest copy stored in the set, verified against the manifest."""
-        from ..guests import load_elf
-
+    def check_guest(self) -> Path:
+        """Verify the set's guest copy against the manifest (its SHA-256); its path, or
+        :class:`GuestMismatch` naming it and the problem."""
         g = self.manifest["guest"]
         path = self.dir / g["elf"]
         try:
@@ -617,7 +669,13 @@ class CheckpointSet:
         if hashlib.sha256(data).hexdigest() != g["sha256"]:
             raise GuestMismatch(f"{path}: the guest copy differs from the one the checkpoints were taken of "
                                 f"(SHA-256 mismatch)")
-        return load_elf(path)
+        return path
+
+    def guest_image(self):
+        """The guest copy stored in the set, verified against the manifest."""
+        from ..guests import load_elf
+
+        return load_elf(self.check_guest())
 
 
 _MISSING = object()
@@ -706,15 +764,23 @@ def _check_manifest(mpath: Path, body: dict) -> None:
 
 def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
     """Open and verify a checkpoint directory's manifest."""
+    if not str(os.fspath(directory)).strip():
+        raise NotACheckpointSet("DIRECTORY '': an empty path; give a checkpoint directory (`sppkit checkpoint "
+                                "--out DIRECTORY` writes one)")
     d = Path(directory)
     if not d.exists():
         raise NotACheckpointSet(f"{d}: no such directory")
     if not d.is_dir():
         raise NotACheckpointSet(f"{d} is not a directory, so not a checkpoint set")
     mpath = d / MANIFEST
-    if not mpath.is_file():
+    if not mpath.exists() and not mpath.is_symlink():
         raise NotACheckpointSet(f"{d} is not an sppkit checkpoint set: it has no {MANIFEST}")
-    raw = mpath.read_bytes()
+    if mpath.is_dir():
+        raise CheckpointCorrupted(mpath, "is a directory, not the set's manifest file")
+    try:
+        raw = mpath.read_bytes()
+    except OSError as e:
+        raise CheckpointFileError(mpath, f"cannot be read: {e.strerror or e}") from None
     try:
         body = json.loads(raw)
     except ValueError:
@@ -842,15 +908,37 @@ def _parse_every(every) -> int | None:
     return n
 
 
-def _prepare_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise ValueError(f"--out {out}: directory is not empty; give a new or empty directory")
+def _check_out(out: os.PathLike | str) -> Path:
+    """``out`` as a Path if a checkpoint set can be written there: a new or empty
+    directory (checked before any work; nothing is created)."""
+    text = os.fspath(out)
+    if not str(text).strip():
+        raise ValueError("--out '': an empty path; give a new or empty directory")
+    p = Path(out)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"--out {p}: exists and is not a directory")
+    for parent in p.parents:  # the nearest existing ancestor must be a directory
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {p}: {parent} is not a directory")
+            break
+    try:
+        if p.is_dir() and any(p.iterdir()):
+            raise ValueError(f"--out {p}: directory is not empty; give a new or empty directory")
+    except OSError as e:
+        raise ValueError(f"--out {p}: cannot list the directory: {e.strerror or e}") from None
+    return p
+
+
+def _prepare_dir(out: Path) -> bool:
+    """Check ``out`` (:func:`_check_out`) and create it; True when it was created here."""
+    _check_out(out)
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise CheckpointWriteError(e.errno, f"cannot create {out}: {e.strerror or e}") from e
+    return created
 
 
 class Checkpointer:
@@ -868,6 +956,12 @@ class Checkpointer:
         self.port = port
         self.on_checkpoint = on_checkpoint
         self.regions = tracked_regions(engine.image, engine.ram_size, track, table_range=engine.layout.table_range)
+        subpages = sum(r.size for r in self.regions) // GRANULE
+        if self.every is not None and self.every > subpages:
+            # each sub-page takes one tracked write between two checkpoints (then it is writable)
+            raise ValueError(f"--every {every}: more than the {subpages} tracked sub-pages, so no checkpoint would "
+                             f"be taken after the base (a sub-page counts once between two checkpoints); give at "
+                             f"most {subpages}, or --track more memory")
         self.tracker = DirtyTracker(engine.vm, self.regions, on_dirty=self._on_dirty if self.every else None)
         self.set_id = uuid.uuid4().bytes
         self.infos: list[CheckpointInfo] = []
@@ -884,6 +978,8 @@ class Checkpointer:
             "checkpoints": [],
         }
         self._elf = elf_bytes
+        self._entries_json: list[str] = []  # the manifest's checkpoint entries, encoded once each
+        self._entries_display: list[str] = []
         if port is not None:
             engine.add_port_handler(port, self._on_port)
 
@@ -905,7 +1001,11 @@ class Checkpointer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _write_manifest(self) -> None:
-        atomic_write(self.out / MANIFEST, _manifest_bytes(self.manifest))
+        entries = self.manifest["checkpoints"]
+        new = entries[len(self._entries_json):]  # entries are only ever appended
+        self._entries_json.extend(_canonical_json(e) for e in new)
+        self._entries_display.extend(_display_json(e) for e in new)
+        atomic_write(self.out / MANIFEST, _manifest_bytes(self.manifest, self._entries_json, self._entries_display))
 
     def _take(self, reason: str, *, base: bool) -> CheckpointInfo:
         t0 = time.perf_counter()
@@ -956,10 +1056,24 @@ class Checkpointer:
     def run(self) -> CheckpointRun:
         t0 = time.perf_counter()
         eng = self.engine
-        _prepare_dir(self.out)
-        atomic_write(self.out / GUEST_FILE, self._elf)
-        eng.vm.on_violation(self.tracker.handle)
-        self._take("base", base=True)
+        created = _prepare_dir(self.out)
+        try:
+            atomic_write(self.out / GUEST_FILE, self._elf)
+            eng.vm.on_violation(self.tracker.handle)
+            self._take("base", base=True)
+        except BaseException:
+            if not self.infos:  # no usable set yet: leave --out as it was (new: gone; empty: empty)
+                for name in (MANIFEST, _ckpt_name(0), GUEST_FILE):
+                    try:
+                        (self.out / name).unlink()
+                    except OSError:
+                        pass
+                if created:
+                    try:
+                        self.out.rmdir()
+                    except OSError:
+                        pass
+            raise
         while True:
             result = eng.run()  # the engine mirrors protections changed by _take itself
             if result.stop_reason != "paused":
@@ -989,9 +1103,11 @@ def checkpoint_guest(guest, out_dir, *, every=None, at_port_signal: bool = False
     tracked writes and/or at every ``out`` to ``port``, into ``out_dir`` (new or empty)."""
     if not at_port_signal and every is None:
         raise ValueError("give --every N (tracked writes) or --at-port-signal (or both)")
-    if not isinstance(port, int) or not 0 <= port <= 0xFFFF or port in (0xE9, 0xF4):
-        raise ValueError(f"--port {port!r}: must be 0..0xFFFF and not 0xE9/0xF4 (console/exit)")
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF or port in (0xE9, 0xF4):
+        shown = f"{port:#x}" if isinstance(port, int) and not isinstance(port, bool) else repr(port)
+        raise ValueError(f"--port {shown}: must be 0x0..0xffff and not 0xe9/0xf4 (the console and exit ports)")
     _parse_every(every)
+    _check_out(out_dir)  # before building and running anything
     image, elf, name = load_guest_spec(guest)
     eng, _ = _make_engine(image, engine, ram_size=ram_size, cpl=cpl, timeout=timeout)
     try:
@@ -1014,6 +1130,9 @@ class RestoreResult:
     result: RunResult | None = None  # with resume
     recorded_final: dict | None = None
     engine: str | None = None
+    #: why the set's guest copy cannot be used (missing, unreadable, differs): the memory
+    #: and registers are rebuilt all the same, but the set cannot be resumed; None when it verified
+    guest_problem: str | None = None
 
     @property
     def verified(self) -> bool:
@@ -1032,6 +1151,7 @@ class RestoreResult:
             "directory": str(self.directory), "index": self.index, "sha256": self.sha256,
             "recorded_sha256": self.recorded_sha256, "verified": self.verified,
             "regs": self.regs, "engine": self.engine,
+            "guest_verified": self.guest_problem is None, "guest_problem": self.guest_problem,
             "result": self.result.to_dict(max_violations=0) if self.result else None,
             "matches_recorded_run": self.matches_recorded_run,
         }
@@ -1054,6 +1174,10 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
     out = RestoreResult(cs.dir, k, cs.regions, digest, state.recorded_sha256, state.regs,
                         recorded_final=cs.manifest.get("final"))
     if not resume:
+        try:
+            cs.check_guest()
+        except GuestMismatch as e:
+            out.guest_problem = str(e)
         return out
     image = cs.guest_image()
     eng, _ = _make_engine(image, engine, ram_size=int(cs.manifest["ram_size"]), cpl=int(cs.manifest["cpl"]),
@@ -1110,71 +1234,126 @@ def print_checkpoint_run(run: CheckpointRun, console) -> None:
         + f"; exits: {tot['spp_exits']} SPP violations vs {tot['dirty_log_exits']} dirty-log faults "
         f"(this engine trapped {tot['engine_write_exits']} writes to emulate SPP)"
     )
-    console.print(f"guest: stop {run.result.stop_reason}, exit code {run.result.exit_code}; {tot['seconds']} s")
+    code = "—" if run.result.exit_code is None else run.result.exit_code
+    console.print(f"guest: stop {run.result.stop_reason}, exit code {code}; {tot['seconds']} s")
 
 
 def print_restore(res: RestoreResult, console) -> None:
     from rich.markup import escape
 
     state = "matches" if res.verified else "DOES NOT MATCH"
-    console.print(f"checkpoint {res.index} of {escape(str(res.directory))}: every file 0..{res.index} verified; "
+    console.print(f"checkpoint {res.index} of {escape(str(res.directory))}: checkpoint files 0..{res.index} verified; "
                   f"rebuilt memory sha256 {res.sha256[:16]}… {state} the hash taken at the checkpoint")
     console.print(f"registers: rip {res.regs.get('rip', 0):#x}, rsp {res.regs.get('rsp', 0):#x}, "
                   f"rflags {res.regs.get('rflags', 0):#x}")
+    if res.guest_problem is not None:
+        console.print(f"[red]guest copy: {escape(res.guest_problem)}: the set cannot be resumed[/]")
     if res.result is not None:
         r = res.result
         console.rule(f"resumed on the {res.engine} engine: guest console (whole run)")
         console.out(r.console.rstrip("\n"), highlight=False)
         m = res.matches_recorded_run
-        console.print(f"stop: {r.stop_reason}, exit code {r.exit_code}"
+        console.print(f"stop: {r.stop_reason}, exit code {'—' if r.exit_code is None else r.exit_code}"
                       + ("" if m is None else ("; identical to the checkpointed run" if m else
                                                 "; DIFFERS from the checkpointed run")))
 
 
 # =============================================================================== CLI
-def _engine_option(f):
-    return click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True,
-                        help="kvm: the real CPU (needs /dev/kvm); unicorn: emulated; auto: kvm when usable.")(f)
-
-
 def _parse_range(text: str) -> tuple[int, int]:
-    start, sep, length = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return int(start, 0), int(length, 0)
-    except ValueError:
-        raise ValueError(f"--track {text!r}: expected START:LENGTH, e.g. 0x500000:0x2000") from None
+    """``--track START:LENGTH`` (decimal or 0x hex) as ``(start, length)``."""
+    start_s, sep, length_s = text.partition(":")
+    if not sep:
+        raise ValueError(f"--track {text!r}: expected START:LENGTH, e.g. 0x500000:0x2000")
+    values = []
+    for what, part in (("start", start_s), ("length", length_s)):
+        try:
+            values.append(int(part.strip(), 0))
+        except ValueError:
+            raise ValueError(f"--track {text!r}: {what} {part.strip()!r} is not an integer (decimal or 0x hex), "
+                             "e.g. 0x500000:0x2000") from None
+    start, length = values
+    if start < 0:
+        raise ValueError(f"--track {text!r}: start {start} is negative")
+    if length <= 0:
+        raise ValueError(f"--track {text!r}: length must be positive")
+    return start, length
 
 
-@click.command("checkpoint")
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether option ``name`` was given on the command line (not its default)."""
+    from click.core import ParameterSource
+
+    return ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None)
+
+
+@click.command("checkpoint", short_help="Memory checkpointing: incremental checkpoints of 128-byte dirty sub-pages.")
 @click.argument("guest")
 @click.option("--every", metavar="N[-writes]",
-              help="Checkpoint after every N tracked writes (first writes to sub-pages).")
-@click.option("--at-port-signal", is_flag=True, help="Checkpoint whenever the guest writes to --port.")
-@click.option("--port", default=hex(CHECKPOINT_PORT), show_default=True, help="Port of --at-port-signal.")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="New or empty directory.")
-@_engine_option
-@click.option("--memory", default="64M", show_default=True, help="Guest RAM at GPA 0 (K/M/G suffixes).")
-@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True, help="Guest privilege level.")
-@click.option("--track", multiple=True, metavar="START:LENGTH", help="Track this range too (repeatable).")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per run segment.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def checkpoint_command(guest, every, at_port_signal, port, out_dir, engine, memory, cpl, track, timeout, as_json):
-    """Run GUEST with 128-byte dirty tracking, writing incremental checkpoints to --out.
+              help="Take a checkpoint after every N tracked writes (first writes to a sub-page since the last "
+                   "checkpoint), 1 to the number of tracked sub-pages; e.g. 500 or 500-writes.")
+@click.option("--at-port-signal", is_flag=True,
+              help="Take a checkpoint whenever the guest writes to --port (the bundled ckpt_* guests do at "
+                   "each phase).")
+@click.option("--port", metavar="PORT", default=hex(CHECKPOINT_PORT), show_default=True,
+              help="I/O port of --at-port-signal (decimal or 0x hex, 0 to 0xffff, not 0xe9/0xf4: the console and "
+                   "exit ports).")
+@click.option("--out", "out_dir", metavar="DIRECTORY", required=True, type=click.Path(file_okay=False),
+              help="Where the set is written: a new or empty directory (an existing set is never overwritten).")
+@engine_option
+@click.option("--memory", metavar="SIZE", default="64M", show_default=True, callback=memory_option,
+              help="Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G.")
+@cpl_option
+@click.option("--track", multiple=True, metavar="START:LENGTH",
+              help="Track this guest-physical range too (decimal or 0x hex, whole pages; repeatable).  Always "
+                   "tracked: the guest's writable segments and its stack.")
+@click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
+              help=f"Seconds each run segment (between two checkpoints) may take before the guest is stopped, "
+                   f"from 0 to {MAX_TIMEOUT}; 0: no limit.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show the checkpoints as they are taken on stderr (only when stderr is a terminal).")
+@click.pass_context
+def checkpoint_command(ctx, guest, every, at_port_signal, port, out_dir, engine, memory, cpl, track, timeout, as_json,
+                       progress):
+    """Run GUEST with 128-byte dirty tracking, writing a base checkpoint and then
+    incremental checkpoints (only the sub-pages written since the previous one) to
+    --out, with what 4-KiB dirty logging would have stored.  `sppkit restore` verifies
+    a set, rebuilds any checkpoint and resumes the guest from it.
 
     GUEST: a bundled program (ckpt_kvstore, ckpt_sort, ckpt_log signal phases on
-    port 0xF5), a .c file, or an x86-64 ELF.  Exit status: the guest's exit code.
+    port 0xF5), a .c file (built with gcc), or an x86-64 ELF.  Give --every,
+    --at-port-signal or both.
+
+    Exit status: the guest's exit code when it exits, 1 when the run ends otherwise
+    (timeout, fault), 2 on bad input.
+
+    \b
+    Examples:
+      sppkit checkpoint ckpt_kvstore --at-port-signal --out /tmp/set
+      sppkit checkpoint ckpt_sort --every 500 --out /tmp/sort --json
+      sppkit restore /tmp/set --to 2 --resume
     """
     from rich.console import Console
 
+    if not at_port_signal and _given(ctx, "port"):
+        raise click.UsageError("--port applies to --at-port-signal (the port whose writes trigger a checkpoint); "
+                               "add --at-port-signal or drop --port")
     try:
-        port_n = int(str(port), 0)
+        port_n = int(str(port).strip(), 0)
     except ValueError:
-        raise ValueError(f"--port {port!r}: not an integer (decimal or 0x...)") from None
-    run = checkpoint_guest(guest, out_dir, every=every, at_port_signal=at_port_signal, port=port_n, engine=engine,
-                           ram_size=parse_size(memory), cpl=int(cpl), timeout=timeout,
-                           track=[_parse_range(t) for t in track])
+        raise ValueError(f"--port {port!r}: not an integer (decimal or 0x hex, e.g. 0xf5)") from None
+    ranges = [_parse_range(t) for t in track]
+    written = [0]
+
+    with Progress(f"checkpoint: running {guest} ({engine} engine)…", progress) as prog:
+        def on_checkpoint(eng, info: CheckpointInfo) -> None:
+            written[0] += info.file_bytes
+            prog.update(f"checkpoint {info.index} taken ({info.reason}); {info.index + 1} checkpoint file(s), "
+                        f"{_fmt_bytes(written[0])} in {out_dir}")
+
+        run = checkpoint_guest(guest, out_dir, every=every, at_port_signal=at_port_signal, port=port_n,
+                               engine=engine, ram_size=memory, cpl=int(cpl), timeout=timeout, track=ranges,
+                               on_checkpoint=on_checkpoint)
     if as_json:
         click.echo(json.dumps(run.to_dict()))
     else:
@@ -1183,22 +1362,47 @@ def checkpoint_command(guest, every, at_port_signal, port, out_dir, engine, memo
     raise SystemExit(r.exit_status)
 
 
-@click.command("restore")
+@click.command("restore", short_help="Verify a checkpoint set, rebuild a checkpoint, optionally resume the guest.")
 @click.argument("directory", type=click.Path())
-@click.option("--to", "to", type=int, default=None, help="Checkpoint index (default: the last).")
-@click.option("--resume", is_flag=True, help="Load the state into a fresh engine and run the guest to completion.")
-@_engine_option
-@click.option("--timeout", type=float, default=60.0, show_default=True,
-              help="Seconds before a resumed guest is stopped.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
-def restore_command(directory, to, resume, engine, timeout, as_json):
-    """Verify and rebuild checkpoint --to of DIRECTORY; with --resume run the guest on.
+@click.option("--to", "to", metavar="INDEX", type=int, default=None,
+              help="Checkpoint to rebuild, 0 (the base) to the last.  [default: the last]")
+@click.option("--resume", is_flag=True,
+              help="Load the rebuilt state into a fresh engine and run the guest to completion; its console is "
+                   "the whole run's, compared with the checkpointed run.")
+@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True,
+              help="With --resume: the engine that runs the guest on (ignored without --resume).  " + ENGINE_HELP)
+@click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
+              help=f"With --resume: seconds before the resumed guest is stopped, from 0 to {MAX_TIMEOUT}; "
+                   "0: no limit (ignored without --resume).")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@progress_option
+def restore_command(directory, to, resume, engine, timeout, as_json, progress):
+    """Verify checkpoint set DIRECTORY (written by `sppkit checkpoint --out`) up to
+    checkpoint --to, rebuild that checkpoint's memory and registers and check them
+    against the hash taken when it was written; with --resume, run the guest on from
+    there.  Nothing in DIRECTORY is ever changed.
 
-    Exit status: 0 after a verified restore; with --resume, the guest's exit code.
+    Exit status: 0 when every file up to --to and the guest copy verify; 1 when the
+    guest copy is missing or differs (the memory is rebuilt, the set cannot be
+    resumed); with --resume, the guest's exit code; 2 on bad input or a damaged
+    checkpoint file (the message names the file).
+
+    \b
+    Examples:
+      sppkit restore /tmp/set                  # verify every checkpoint
+      sppkit restore /tmp/set --to 2 --resume --engine unicorn
     """
     from rich.console import Console
 
-    res = restore_checkpoint(directory, to, resume=resume, engine=engine, timeout=timeout)
+    # --engine and --timeout matter only with --resume; without it they are checked and
+    # ignored, so that scripts may pass one --engine to every sppkit command
+    with Progress(f"restore: verifying {directory}…", progress):
+        try:
+            res = restore_checkpoint(directory, to, resume=resume, engine=engine, timeout=timeout)
+        except UnknownCheckpoint as e:
+            if to is None:
+                raise
+            raise UnknownCheckpoint(f"--to {to}: {e}") from None
     if as_json:
         click.echo(json.dumps(res.to_dict()))
     else:
@@ -1206,7 +1410,7 @@ def restore_command(directory, to, resume, engine, timeout, as_json):
     if res.result is not None:
         r = res.result
         raise SystemExit(r.exit_status)
-    raise SystemExit(0 if res.verified else 1)
+    raise SystemExit(0 if res.verified and res.guest_problem is None else 1)
 
 
 # =============================================================================== demo

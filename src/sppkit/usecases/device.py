@@ -37,11 +37,18 @@ import click
 
 from ..vmm import Decision, GpaNotMapped, Vm
 from .monitor import (
+    JSON_HELP,
+    MAX_TIMEOUT,
+    Progress,
     WatchError,
     WatchEvent,
     WatchManager,
     _as_decision,
+    cpl_option,
+    engine_option,
     load_guest_image,
+    progress_option,
+    timeout_option,
 )
 
 __all__ = [
@@ -453,6 +460,9 @@ def resolve_page(image, page: str | int) -> int:
     if isinstance(page, int):
         return page
     text = str(page).strip()
+    if not text:
+        raise DeviceError("--page '': an empty value; give a symbol of the guest (e.g. devpage) or a "
+                          "page-aligned guest-physical address (e.g. 0x404000)")
     try:
         return int(text, 0)
     except ValueError:
@@ -470,6 +480,21 @@ def _u64(image, vm, name: str) -> int | None:
     return None if sym is None else int.from_bytes(vm.read(sym.addr, 8), "little")
 
 
+def _check_device_page(eng, gpa: int, where: str) -> None:
+    """Refuse a device page whose bytes the guest cannot do without: attaching writes
+    the registers' reset values into the page, which would corrupt the engine's page
+    tables (the guest triple-faults) or the guest's code and constants."""
+    lo, hi = eng.layout.table_range
+    if lo < gpa + PAGE and gpa < hi:
+        raise DeviceError(f"{where}: page {gpa:#x} holds the engine's page tables [{lo:#x}, {hi:#x}); the "
+                          "device's register values would overwrite them; choose a page of guest data")
+    for seg in eng.image.segments:
+        if not seg.writable and seg.gpa < gpa + PAGE and gpa < seg.gpa + seg.memsz:
+            raise DeviceError(f"{where}: page {gpa:#x} holds the guest's read-only segment [{seg.gpa:#x}, "
+                              f"{seg.gpa + seg.memsz:#x}) (code or constants), which the device's register "
+                              "values would overwrite; choose a page of guest data")
+
+
 def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto", page_granular: bool = False,
                page: str | int = DEFAULT_PAGE, cpl: int = 3, timeout: float = 60.0,
                memory: int | None = None) -> DeviceReport:
@@ -480,14 +505,24 @@ def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto"
     image = load_guest_image(guest)
     gpa = resolve_page(image, page)
     ram = memory or DEFAULT_RAM
-    if not 0 <= gpa < ram:
-        raise DeviceError(f"device page {gpa:#x} lies outside guest RAM [0x0, {ram:#x})")
+    where = f"--page {page!r}" if isinstance(page, str) and page.strip() != f"{gpa:#x}" else "--page"
+    if isinstance(gpa, bool) or not isinstance(gpa, int):
+        raise DeviceError(f"{where}: {gpa!r} is not an address (a symbol of the guest or an integer GPA)")
+    if gpa < 0:
+        raise DeviceError(f"{where}: {gpa:#x} is negative; a device page is a guest-physical address in "
+                          f"guest RAM [0x0, {ram:#x})")
+    if gpa >= ram:
+        raise DeviceError(f"{where}: device page {gpa:#x} lies outside guest RAM [0x0, {ram:#x})")
+    if gpa & (PAGE - 1):
+        raise DeviceError(f"{where}: {gpa:#x} is not 4-KiB aligned; the device takes a whole page "
+                          f"(e.g. {gpa & ~(PAGE - 1):#x} or {(gpa | (PAGE - 1)) + 1:#x})")
     cls, why = choose_engine(engine)
     eng = cls(image, policy=None, ram_size=ram, cpl=int(cpl), timeout=timeout)
     dev = RingConsole()
     t0 = time.perf_counter()
     try:
         vm = eng.vm
+        _check_device_page(eng, gpa, where)
         bus = DeviceBus(vm, chain=eng.handle_violation, page_granular=page_granular)
         bus.attach(dev, gpa)
         result = eng.run()
@@ -564,28 +599,44 @@ def print_device(rep: DeviceReport, console) -> None:
     console.print(f"stop: {res.stop_reason}, guest exit code {code}; {rep.seconds:.2f} s")
 
 
-@click.command("device")
+@click.command("device", short_help="Device virtualization: trap a device's registers, not the RAM beside them.")
 @click.argument("guest", default=DEFAULT_GUEST)
-@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True)
+@engine_option
 @click.option("--page-granular", is_flag=True,
-              help="Trap the device's whole page (the baseline): every ring write exits.")
+              help="Trap the device's whole page (the baseline SPP improves on): every ring write exits too.")
 @click.option("--page", "page", default=DEFAULT_PAGE, show_default=True, metavar="SYMBOL|GPA",
-              help="Where the device's page is: a symbol of the guest or a guest-physical address.")
-@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True)
-@click.option("--timeout", type=float, default=60.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def device_command(guest, engine, page_granular, page, cpl, timeout, as_json):
+              help="Where the device's 4-KiB page is: a page-aligned symbol of the guest or guest-physical "
+                   "address (decimal or 0x hex) in guest RAM, not on the guest's code or the engine's page "
+                   "tables (its register reset values are written there).")
+@cpl_option
+@click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
+              help=f"Seconds before the guest is stopped (exit status 1), from 0 to {MAX_TIMEOUT}; 0: no limit.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@progress_option
+def device_command(guest, engine, page_granular, page, cpl, timeout, as_json, progress):
     """Run GUEST (default: the bundled devdriver) against a toy ring-console device
     whose registers share one page with its descriptor ring: SPP traps only the
     register sub-page, so ring writes never exit and every doorbell does.  The
-    device's output (the text the driver sent) is shown.
+    device's output (the text the driver sent) is shown, with the exits per sub-page
+    and what trapping the whole page would have cost.
+
+    GUEST is a bundled program, a .c file (built with gcc) or an x86-64 ELF; a guest
+    other than devdriver needs --page.
 
     Exit status: the guest's exit code (devdriver: 0 = the device's checksum
-    matched), 1 when the run ends otherwise, 2 on bad input.
+    matched), 1 when the run ends otherwise (fault, timeout), 2 on bad input.
+
+    \b
+    Examples:
+      sppkit device                          # devdriver, register sub-page trapped
+      sppkit device --page-granular          # the same run, the whole page trapped
+      sppkit device --engine unicorn --json
     """
     from ..report import emit_report
 
-    rep = run_device(guest, engine=engine, page_granular=page_granular, page=page, cpl=int(cpl), timeout=timeout)
+    with Progress(f"device: running {guest} ({engine} engine)…", progress):
+        rep = run_device(guest, engine=engine, page_granular=page_granular, page=page, cpl=int(cpl),
+                         timeout=timeout)
     emit_report(rep, as_json, print_device)
 
 

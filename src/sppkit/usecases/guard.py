@@ -32,10 +32,12 @@ from typing import Callable
 import click
 import numpy as np
 
-from ..engines import DEFAULT_RAM, choose_engine, parse_size
+from ..engines import DEFAULT_RAM, choose_engine
 from ..engines.result import RunResult
 from ..vmm import Decision
 from .checkpoint import load_guest_spec
+from .monitor import (JSON_HELP, MAX_TIMEOUT, Progress, cpl_option, engine_option, memory_option,
+                      progress_option, timeout_option)
 
 __all__ = [
     "GUANARY_BUFFERS_RATIO", "GUANARY_MEMORY_RATIO", "GUARD_PORT", "GuardBuffer", "GuardError", "GuardHit",
@@ -389,14 +391,11 @@ def _check_params(image, buffers, overflow_buffer, overflow_by, ram_size: int | 
     for name, v in (("buffers", buffers), ("overflow-buffer", overflow_buffer), ("overflow-by", overflow_by)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 0):
             raise GuardError(f"--{name} {v!r}: must be a non-negative integer")
-    for key, v in (("buffers", buffers), ("overflow_buffer", overflow_buffer), ("overflow_by", overflow_by)):
-        if v is not None:
-            _check_param_fits(image, key, v)
-    if buffers is not None:
+    if buffers is not None:  # the table's capacity first: it is the real limit, far below the variable's
         if buffers == 0:
             raise GuardError("--buffers 0: at least one buffer")
         if cap is not None and buffers > cap:
-            raise GuardError(f"--buffers {buffers}: the guest's guard table holds at most {cap} buffers")
+            raise GuardError(f"--buffers {buffers}: the guest's guard table holds at most {cap} buffers (1..{cap})")
     if overflow_buffer is not None:
         # without --buffers the guest allocates its default count (its param_nbuffers, capped by the table)
         n = buffers if buffers is not None else _param_default(image, "buffers")
@@ -409,6 +408,10 @@ def _check_params(image, buffers, overflow_buffer, overflow_by, ram_size: int | 
             raise GuardError(f"--overflow-buffer {overflow_buffer}: there are only {n} buffers{which}")
     if overflow_by is not None and overflow_by > PAGE:
         raise GuardError(f"--overflow-by {overflow_by}: at most {PAGE} bytes past the end")
+    # last: a value can pass the limits above and still not fit a narrower guest variable
+    for key, v in (("buffers", buffers), ("overflow_buffer", overflow_buffer), ("overflow_by", overflow_by)):
+        if v is not None:
+            _check_param_fits(image, key, v)
 
 
 def guard_guest(guest="guard_bufs", *, decision: str = "stop", engine: str = "auto", ram_size: int = DEFAULT_RAM,
@@ -496,36 +499,56 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
                       f"{GUANARY_BUFFERS_RATIO:.0f}× more buffers per MB with SPP guards; the guest's slab arena "
                       f"used {nums.get('arena_used_bytes', 0):,} B (slabs hold unused slots too)")
     r = rep.result
-    console.print(f"stop: {r.stop_reason}, guest exit code {r.exit_code}"
+    console.print(f"stop: {r.stop_reason}, guest exit code {'—' if r.exit_code is None else r.exit_code}"
                   + (f", rip {r.rip_at:#x}" if r.stop_reason == "stop-decision" and r.rip_at is not None else ""))
 
 
 # ============================================================================ CLI
-@click.command("guard")
+@click.command("guard", short_help="Overflow guards: a 128-byte write-protected guard after every buffer.")
 @click.argument("guest")
 @click.option("--decision", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
-              help="stop: end the run at the first write into a guard; skip: discard such writes and go on.")
-@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True,
-              help="kvm: the real CPU (needs /dev/kvm); unicorn: exact faults (STOP: instruction not retired).")
-@click.option("--buffers", type=int, default=None, help="guard_bufs: number of buffers (default 64).")
-@click.option("--overflow-buffer", type=int, default=None, help="guard_bufs: buffer to overflow (default 22).")
-@click.option("--overflow-by", type=int, default=None,
-              help="guard_bufs: bytes written past its end; 0: none (default 3).")
-@click.option("--memory", default="64M", show_default=True, help="Guest RAM at GPA 0 (K/M/G suffixes).")
-@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True, help="Guest privilege level.")
-@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per run segment.")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-def guard_command(guest, decision, engine, buffers, overflow_buffer, overflow_by, memory, cpl, timeout, as_json):
+              help="stop: end the run at the first write into a guard; skip: discard such writes and go on "
+                   "(every byte past the end is reported).")
+@engine_option
+@click.option("--buffers", metavar="N", type=int, default=None,
+              help="guard_bufs only: how many buffers to allocate, 1 to the guard table's capacity (512).  "
+                   "[default: the guest's own, 64]")
+@click.option("--overflow-buffer", metavar="I", type=int, default=None,
+              help="guard_bufs only: index of the buffer the guest overflows, 0 to buffers-1.  "
+                   "[default: the guest's own, 22]")
+@click.option("--overflow-by", metavar="BYTES", type=int, default=None,
+              help="guard_bufs only: bytes written past that buffer's end, 0 (no overflow) to 4096.  "
+                   "[default: the guest's own, 3]")
+@click.option("--memory", metavar="SIZE", default="64M", show_default=True, callback=memory_option,
+              help="Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G "
+                   "(guard_bufs needs 6M).")
+@cpl_option
+@click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
+              help=f"Seconds each run segment (between two ready signals) may take before the guest is stopped, "
+                   f"from 0 to {MAX_TIMEOUT}; 0: no limit.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@progress_option
+def guard_command(guest, decision, engine, buffers, overflow_buffer, overflow_by, memory, cpl, timeout, as_json,
+                  progress):
     """Run GUEST (guard_bufs, or a .c/ELF built with guardalloc.h) with a 128-byte
-    write-protected guard sub-page after every buffer; report overflows and the
-    memory guards cost versus 4-KiB guard pages.
+    write-protected guard sub-page after every buffer; report overflows (buffer,
+    offset past its end, instruction) and the memory guards cost versus 4-KiB guard
+    pages.
 
-    Exit status: 1 when an overflow was detected, else the guest's exit code.
+    Exit status: 1 when an overflow was detected (or the run ended otherwise), else
+    the guest's exit code; 2 on bad input.
+
+    \b
+    Examples:
+      sppkit guard guard_bufs                              # off-by-3 into buffer 22: stopped
+      sppkit guard guard_bufs --decision skip --overflow-by 200
+      sppkit guard guard_bufs --overflow-by 0 --json       # no overflow: the memory numbers
     """
     from rich.console import Console
 
-    rep = guard_guest(guest, decision=decision, engine=engine, ram_size=parse_size(memory), cpl=int(cpl),
-                      timeout=timeout, buffers=buffers, overflow_buffer=overflow_buffer, overflow_by=overflow_by)
+    with Progress(f"guard: running {guest} ({engine} engine)…", progress):
+        rep = guard_guest(guest, decision=decision, engine=engine, ram_size=memory, cpl=int(cpl), timeout=timeout,
+                          buffers=buffers, overflow_buffer=overflow_buffer, overflow_by=overflow_by)
     if as_json:
         click.echo(json.dumps(rep.to_dict()))
     else:

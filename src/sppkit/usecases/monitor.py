@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable
 import click
 
 from ..arch.sppt import vector_from_map
+from ..engines.base import MAX_TIMEOUT, check_timeout
 from ..vmm import Decision, SppViolation, Vm
 
 __all__ = [
@@ -643,10 +644,12 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
     if not tlist:
         raise MonitorError("nothing to watch")
     ram = memory or DEFAULT_RAM
+    source = (f"--policy {os.fspath(policy)}: " if policy is not None
+              else "--protect-symbols: " if protect_symbols is not None else "")
     for t in tlist:
         if t.start + t.length > ram:
-            raise WatchError(f"watch {t.name!r} [{t.start:#x}, {t.start + t.length:#x}) lies outside guest RAM "
-                             f"[0x0, {ram:#x})")
+            raise WatchError(f"{source}watch {t.name!r} [{t.start:#x}, {t.start + t.length:#x}) lies outside guest "
+                             f"RAM [0x0, {ram:#x})")
 
     cls, why = choose_engine(engine)
     eng = cls(image, policy=None, ram_size=ram, cpl=int(cpl), timeout=timeout)
@@ -845,41 +848,149 @@ def print_monitor(rep: MonitorReport, console, *, max_rows: int = 40) -> None:
     console.print(line)
 
 
+# ====================================================================== CLI helpers
+# Shared by the five use-case commands (monitor, device, checkpoint, restore, guard).
+
+ENGINE_HELP = ("kvm: the real CPU (needs a usable /dev/kvm); unicorn: emulated anywhere, a denied write faults "
+               "before it retires; auto: kvm when usable, else unicorn.")
+CPL_HELP = "Privilege level the guest runs at; 3 runs natively under KVM on hosts where CPL 0 is emulated."
+JSON_HELP = "Print one JSON object on stdout instead of tables (notes and progress go to stderr)."
+PROGRESS_HELP = "Show what is running on stderr while it runs (only when stderr is a terminal)."
+
+
+def timeout_option(ctx, param, value):
+    """click callback: a --timeout the engines take (check_timeout: seconds, finite,
+    from 0 (no limit) to MAX_TIMEOUT), else a usage error naming the option."""
+    if value is None:
+        return value
+    try:
+        return check_timeout(value)
+    except ValueError as e:
+        raise click.BadParameter(str(e).removeprefix("timeout ")) from None
+
+
+def memory_option(ctx, param, value) -> int:
+    """click callback: a --memory size (K/M/G suffixes) both engines take, in bytes."""
+    from ..engines.base import check_ram_size, parse_size
+
+    try:
+        return check_ram_size(parse_size(value))
+    except ValueError as e:
+        raise click.BadParameter(f"{value!r}: {str(e).partition(': ')[2] or e}") from None
+
+
+def engine_option(f):
+    return click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto",
+                        show_default=True, help=ENGINE_HELP)(f)
+
+
+def cpl_option(f):
+    return click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True, help=CPL_HELP)(f)
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=True, show_default=True, help=PROGRESS_HELP)(f)
+
+
+def stderr_is_terminal() -> bool:
+    import sys
+
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr, or a closed one
+        return False
+
+
+class Progress:
+    """One transient status line on stderr (a spinner and a text), shown only when
+    ``enabled`` and stderr is a terminal; otherwise every call does nothing.  A context
+    manager: the line disappears at the end."""
+
+    def __init__(self, text: str, enabled: bool = True) -> None:
+        self._live = None
+        self._shown = float("-inf")  # time.monotonic() of the last immediate refresh
+        if enabled and stderr_is_terminal():
+            from rich.console import Console
+            from rich.live import Live
+            from rich.spinner import Spinner
+
+            self._spinner = Spinner("dots", text=text)
+            self._live = Live(self._spinner, console=Console(stderr=True, force_terminal=True), transient=True,
+                              refresh_per_second=8)
+
+    def __enter__(self) -> "Progress":
+        if self._live is not None:
+            self._live.start(refresh=True)
+        return self
+
+    def update(self, text: str) -> None:
+        """Show ``text``: at once the first time and then at most every 0.1 s (the
+        spinner's own refresh picks up the rest), so frequent updates cost little."""
+        if self._live is not None:
+            self._spinner.update(text=text)
+            now = time.monotonic()
+            if now - self._shown >= 0.1:
+                self._shown = now
+                self._live.refresh()
+
+    def __exit__(self, *exc) -> None:
+        if self._live is not None:
+            self._live.stop()
+
+
 # ====================================================================== CLI
-@click.command("monitor")
+@click.command("monitor", short_help="Guest OS monitoring: watch kernel structures at 128-byte granularity.")
 @click.argument("guest", default=DEFAULT_GUEST)
 @click.option("--protect-symbols", metavar="SYM[,SYM...]",
-              help="Watch these ELF symbols (globs and SYM+OFF:LEN allowed). "
-                   f"Default for minikernel: {DEFAULT_SYMBOLS}.")
-@click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
-              help="TOML policy whose [[protect]] byte ranges become watches (instead of --protect-symbols).")
-@click.option("--engine", type=click.Choice(["auto", "kvm", "unicorn"]), default="auto", show_default=True)
+              help="Watch these ELF symbols of the guest, comma-separated: a name, a glob over object symbols "
+                   "(task*_ids), or SYM+OFFSET:LENGTH for part of one (syscall_table+0x138:8).  "
+                   f"[default for minikernel: {DEFAULT_SYMBOLS}]")
+@click.option("--policy", "policy_file", metavar="FILE", type=click.Path(exists=True, dir_okay=False),
+              help="TOML policy whose [[protect]] byte ranges (and decisions) become watches, instead of "
+                   "--protect-symbols; see examples/mixed.toml.")
+@engine_option
 @click.option("--decision", type=click.Choice(["skip", "emulate", "stop"]), default="skip", show_default=True,
-              help="For writes to watched bytes: skip = discard (structure stays intact), emulate = commit and "
-                   "record, stop = end the run.")
-@click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True)
-@click.option("--page-granular", is_flag=True, help="Protect watched pages whole (the baseline SPP improves on).")
+              help="For writes to watched bytes: skip = discard (the structure stays intact), emulate = commit "
+                   "and record, stop = end the run.  Writes beside them in the same sub-page are always "
+                   "committed.")
+@cpl_option
+@click.option("--page-granular", is_flag=True,
+              help="Protect watched pages whole (the baseline SPP improves on): every write to them exits.")
 @click.option("--ticks", type=click.IntRange(1, MAX_TICKS), default=None,
-              help="Workload length (patches the guest's param_ticks).")
-@click.option("--timeout", type=float, default=60.0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+              help=f"Workload length, 1 to {MAX_TICKS:,}: patches the guest's param_ticks (and param_post_ticks "
+                   "to a sixth of it).  [default: the guest's own; minikernel: 3000]")
+@click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
+              help=f"Seconds before the guest is stopped (exit status 1), from 0 to {MAX_TIMEOUT}; 0: no limit.")
+@click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
+@progress_option
 def monitor_command(guest, protect_symbols, policy_file, engine, decision, cpl, page_granular, ticks, timeout,
-                    as_json):
+                    as_json, progress):
     """Run GUEST (default: the bundled minikernel, whose second stage is a rootkit)
     with kernel structures write-protected at 128-byte granularity, and report every
     write to them: symbol+offset, old and new value, instruction.  Hot data sharing
     the pages is never disturbed; exits are compared with page-granular protection.
 
+    GUEST is a bundled program (minikernel, or another: a name that is neither lists
+    them), a .c file (built with gcc) or an x86-64 ELF.  A guest other than minikernel
+    needs --protect-symbols or --policy.
+
     Exit status: the guest's exit code (minikernel: 0 = attack blocked, hot data
     intact; bits 1/2/4 = syscall/creds/IDT changed, 8 = hot data disturbed), 1 when the
-    run ends otherwise, 2 on bad input.
+    run ends otherwise (stop decision, fault, timeout), 2 on bad input.
+
+    \b
+    Examples:
+      sppkit monitor                                   # minikernel and its rootkit
+      sppkit monitor --protect-symbols 'syscall_table+0x138:8,idt' --decision stop
+      sppkit monitor mixed --policy examples/mixed.toml --engine unicorn --json
     """
     from ..report import emit_report
 
     if protect_symbols is not None and policy_file is not None:
         raise click.UsageError("give --protect-symbols or --policy, not both")
-    rep = run_monitor(guest, protect_symbols=protect_symbols, policy=policy_file, engine=engine, decision=decision,
-                      cpl=int(cpl), page_granular=page_granular, timeout=timeout, ticks=ticks)
+    with Progress(f"monitor: running {guest} ({engine} engine)…", progress):
+        rep = run_monitor(guest, protect_symbols=protect_symbols, policy=policy_file, engine=engine,
+                          decision=decision, cpl=int(cpl), page_granular=page_granular, timeout=timeout, ticks=ticks)
     emit_report(rep, as_json, print_monitor)
 
 

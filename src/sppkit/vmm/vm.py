@@ -13,7 +13,7 @@ import numpy as np
 
 from ..arch.ept import Level
 from ..arch.exits import QUAL_SPP_MISS, EptViolation, SppEvent
-from ..arch.memory import HostMemory, byte_view
+from ..arch.memory import HostMemory, byte_view, check_read_length
 from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor, _check_extra
 from ..arch.sppt import FULL_ACCESS_MAP, SPP_VECTOR_ODD_BITS, map_from_vector, vector_from_map
 from .ept_manager import EptManager
@@ -202,9 +202,11 @@ class Vm:
 
     # ================================================================ guest memory (VMM side)
     def read(self, gpa: int, n: int) -> bytes:
-        """Read guest memory as the VMM sees it (no EPT permission check)."""
+        """Read guest memory as the VMM sees it (no EPT permission check); at most
+        :data:`sppkit.arch.memory.MAX_READ` bytes at a time."""
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"n={n!r}: must be a non-negative integer")
+        check_read_length(n)  # (a range over several memslots is assembled here)
         out = bytearray()
         for m, g, k in self._pieces(gpa, n, "read"):
             out += self.memory.read(m.hpa + (g - m.gpa), k)

@@ -7,12 +7,19 @@ RuntimeError subclasses, printed as one line by the main group.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import click
 
 _FORMATS = ["auto", "lackey", "csv", "pinatrace", "native"]
 _CHUNK = 1 << 20
+#: The largest --chunk-records: 2**30 records is ~100 GiB of chunk buffers; larger
+#: values overflowed readers (Parquet batch sizes are C longs).
+_MAX_CHUNK = 1 << 30
+#: The largest cycle cost per exit: totals (at most 2**64 exits) stay finite floats,
+#: so the JSON report never holds Infinity.
+_MAX_CYCLES = 1e12
 
 
 def _warn(msg: str) -> None:
@@ -30,7 +37,42 @@ def _report_skipped(skipped: int, examples: list[str]) -> None:
 def _finite(ctx, param, value):
     """Reject nan and inf, which FloatRange lets through (and JSON cannot carry)."""
     if value is not None and not math.isfinite(value):
-        raise click.BadParameter(f"{value}: must be a finite number of cycles")
+        raise click.BadParameter(f"{value}: must be a finite number of cycles, 0 to {_MAX_CYCLES:g}")
+    return value
+
+
+def _report_unreadable(what: str, records: int, skipped: int, examples: list[str], formats) -> None:
+    """A warning when not one record could be read: most likely the wrong --format."""
+    if records == 0 and skipped > 0:
+        fmts = f"as {'/'.join(formats)}" if formats else "in the format detected"
+        first = f" (first: {examples[0]})" if examples else ""
+        _warn(f"{what}: none of its {skipped:,} record(s) could be read {fmts}{first}; is --format right?")
+
+
+def _plot_option(ctx, param, value):
+    """--plot FILE: checked before the replay whose result it draws."""
+    if value is None:
+        return None
+    if not value.strip():
+        raise click.BadParameter("an empty path; give a file name such as replay.png")
+    parent = os.path.dirname(value) or "."
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"{value}: directory {parent} does not exist")
+    suffix = os.path.splitext(value)[1].lower().lstrip(".")
+    try:
+        from matplotlib.backend_bases import FigureCanvasBase
+    except ImportError:
+        raise click.BadParameter("needs matplotlib, which is not installed: pip install matplotlib") from None
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if suffix and suffix not in kinds:
+        raise click.BadParameter(f"{value}: matplotlib cannot write .{suffix} files; use .png "
+                                 f"(or {', '.join('.' + k for k in sorted(kinds) if k != 'png')})")
+    return value
+
+
+def _non_empty(ctx, param, value):
+    if value is not None and not value.strip():
+        raise click.BadParameter("an empty value")
     return value
 
 
@@ -44,31 +86,48 @@ def _console(stderr: bool = False):
 
 
 def _parse_protect(arg: str, image):
-    """START:LENGTH (integers), or SYMBOL[+OFF][:LENGTH] with --elf."""
+    """START:LENGTH (integers), or SYMBOL[+OFF][:LENGTH] with --elf: as a policy entry
+    with symbol, offset and length (OFF >= 0; LENGTH > 0, default the rest of the
+    symbol)."""
     from ...policy import PolicyError, parse_protect_arg
 
     try:
         return parse_protect_arg(arg)
-    except PolicyError:
+    except PolicyError as e:
         if image is None:
+            if not arg.strip()[:1].isdigit():
+                raise PolicyError(f"{e} (or SYMBOL[+OFF][:LENGTH] with --elf FILE)") from None
             raise
     text = arg.strip()
     name, _, length_s = text.partition(":")
     name, plus, off_s = name.partition("+")
+
+    def bad(problem: str) -> click.BadParameter:
+        return click.BadParameter(f"{arg!r}: {problem}", param_hint="'--protect'")
+
     try:
         sym = image.symbol(name.strip())
     except KeyError as e:
-        raise click.BadParameter(f"{arg!r}: {e}", param_hint="--protect") from None
+        raise bad(str(e)) from None
     try:
-        off = int(off_s, 0) if plus else 0
-        length = int(length_s, 0) if length_s.strip() else sym.size - off
+        off = int(off_s.strip(), 0) if plus else 0
+        length = int(length_s.strip(), 0) if length_s.strip() else None
     except ValueError:
-        raise click.BadParameter(f"{arg!r}: expected SYMBOL[+OFF][:LENGTH] or START:LENGTH",
-                                 param_hint="--protect") from None
-    if length <= 0:
-        raise click.BadParameter(f"{arg!r}: symbol {sym.name!r} has size {sym.size}; give a length",
-                                 param_hint="--protect")
-    return sym.addr + off, length
+        raise bad("expected SYMBOL[+OFF][:LENGTH] or START:LENGTH (OFF and LENGTH decimal or 0x hex)") from None
+    if off < 0:
+        raise bad(f"offset {off} is negative")
+    if length is None:
+        if sym.size == 0:
+            raise bad(f"symbol {sym.name!r} has size 0; give a length (SYMBOL:LENGTH)")
+        if off >= sym.size:
+            raise bad(f"offset {off:#x} is past the end of symbol {sym.name!r} (size {sym.size:#x}); give a length")
+        length = sym.size - off
+    elif length <= 0:
+        raise bad(f"length {length} must be positive")
+    start = sym.addr + off
+    if start + length > 1 << 64:
+        raise bad(f"range {start:#x}+{length:#x} runs past the 64-bit address space")
+    return start, length
 
 
 def _regions(policy_file, protect, image, *, required: bool):
@@ -99,15 +158,18 @@ def _regions(policy_file, protect, image, *, required: bool):
     return None
 
 
-@click.command("replay")
+@click.command("replay",
+               short_help="What-if replay of a write trace: exits under page-granular vs sub-page protection.")
 @click.argument("trace", type=click.Path(exists=True))
 @click.option("--format", "fmt", type=click.Choice(_FORMATS), default="auto", show_default=True,
               help="Trace format (auto: from the name, else from the first lines). A directory is a set of "
                    "shards replayed as one trace, in sorted name order.")
 @click.option("--policy", "policy_file", type=click.Path(exists=True, dir_okay=False),
-              help="TOML policy (as for `sppkit run`): [[protect]] entries with symbol or start+length.")
+              help="TOML policy (as for `sppkit run`): [[protect]] entries with symbol (needs --elf) or "
+                   "start + length.")
 @click.option("--protect", multiple=True, metavar="START:LENGTH",
-              help="Protect a guest-physical range (repeatable); with --elf also SYMBOL[+OFF][:LENGTH].")
+              help="Protect LENGTH bytes at guest-physical START (decimal or 0x hex; repeatable), instead of "
+                   "--policy; with --elf also SYMBOL[+OFF][:LENGTH] (default LENGTH: the rest of the symbol).")
 @click.option("--elf", "elf_file", type=click.Path(exists=True, dir_okay=False),
               help="Guest ELF: resolves policy symbols, names pages and IPs, and gives --sweep its candidates.")
 @click.option("--spp-write-check", type=click.Choice(["all-touched", "first-byte"]), default="all-touched",
@@ -116,30 +178,40 @@ def _regions(policy_file, protect, image, *, required: bool):
 @click.option("--spp-mode", type=click.Choice(["lazy", "eager"]), default="lazy", show_default=True,
               help="SPPT construction: lazy (one SPP miss per 2-MiB region written) or eager (no misses).")
 @click.option("--size", "pin_size", type=click.IntRange(1, 65535), default=8, show_default=True,
-              help="Write size for pinatrace records (they carry none).")
+              help="Write size in bytes for pinatrace records (they carry none); other formats ignore it.")
 @click.option("--strict", is_flag=True, help="A malformed record is an error (default: warn, skip and count).")
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables.")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="Write a PNG: heat map of protected pages x sub-pages, and exits page-granular vs SPP.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object on stdout instead of tables (warnings go to stderr).")
+@click.option("--plot", "plot_file", metavar="FILE", type=click.Path(dir_okay=False), callback=_plot_option,
+              help="Also write a plot (PNG; .svg/.pdf by extension; needs matplotlib): heat map of protected "
+                   "pages x sub-pages, and exits page-granular vs SPP.  Not with --sweep.")
 @click.option("--top", type=click.IntRange(0), default=10, show_default=True,
-              help="Rows in the top pages / sub-pages / IPs lists (sweep: rows printed; 0 = all).")
+              help="Rows in the top pages / sub-pages / IPs lists (sweep: regions printed); 0 = all.")
 @click.option("--sweep", is_flag=True,
               help="Per candidate region (policy entries, --protect ranges, or every object symbol of --elf): "
-                   "exits under page-granular vs sub-page protection, sorted.")
+                   "exits under page-granular vs sub-page protection, one table row each.")
 @click.option("--sort", type=click.Choice(["avoided", "page", "spp", "name", "address"]), default="avoided",
-              show_default=True, help="Sweep order.")
+              show_default=True,
+              help="Order of the --sweep rows: most exits avoided, most page-granular exits, most SPP violations, "
+                   "by name, or by address.")
 @click.option("--dask", "use_dask", is_flag=True,
-              help="Replay the shards on a dask.distributed cluster (pip install 'sppkit[distributed]').")
-@click.option("--scheduler", metavar="ADDRESS", help="With --dask: a running scheduler (default: a LocalCluster).")
-@click.option("--workers", type=click.IntRange(1), default=None, help="With --dask and no --scheduler: threads.")
-@click.option("--chunk-records", type=click.IntRange(1), default=_CHUNK, show_default=True,
-              help="Records per chunk (memory use is about 100 bytes per record of chunk).")
-@click.option("--exit-cycles", type=click.FloatRange(0), default=500.0, callback=_finite, show_default=True,
+              help="Replay the shards on a dask.distributed cluster (pip install 'sppkit[distributed]'): a "
+                   "local one in this process, or --scheduler's.")
+@click.option("--scheduler", metavar="ADDRESS", callback=_non_empty,
+              help="With --dask: the address of a running scheduler, e.g. tcp://host:8786.  "
+                   "[default: a local cluster]")
+@click.option("--workers", type=click.IntRange(1), default=None,
+              help="With --dask and no --scheduler: threads of the local cluster.  [default: one per CPU]")
+@click.option("--chunk-records", type=click.IntRange(1, _MAX_CHUNK), default=_CHUNK, show_default=True,
+              help="Records read and replayed at a time (memory use is about 100 bytes per record of chunk).")
+@click.option("--exit-cycles", type=click.FloatRange(0, _MAX_CYCLES), default=500.0, callback=_finite,
+              show_default=True,
               help="Cycles per VM exit handled in the kernel (Haswell, Bitdefender HVI citing Intel).")
-@click.option("--user-exit-cycles", type=click.FloatRange(0), default=1500.0, callback=_finite, show_default=True,
+@click.option("--user-exit-cycles", type=click.FloatRange(0, _MAX_CYCLES), default=1500.0, callback=_finite,
+              show_default=True,
               help="Cycles per VM exit handled in user space (~3x in-kernel, KVM vmexit unit test).")
-@click.option("--miss-cycles", type=click.FloatRange(0), default=None, callback=_finite,
-              help="Cycles per SPP miss (default: --exit-cycles; misses are handled in the kernel).")
+@click.option("--miss-cycles", type=click.FloatRange(0, _MAX_CYCLES), default=None, callback=_finite,
+              help="Cycles per SPP miss (misses are handled in the kernel).  [default: --exit-cycles]")
 @click.option("--progress/--no-progress", default=True, show_default=True,
               help="Progress bar on stderr (only when stderr is a terminal).")
 def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode, pin_size, strict, as_json,
@@ -150,15 +222,31 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
 
     TRACE is a file (valgrind lackey --trace-mem=yes output, CSV gpa,size[,rip], Intel
     Pin pinatrace, or sppkit's native .npz/.parquet) or a directory of shards.  Trace
-    addresses are taken as guest-physical.  Exit status 0, or 2 on bad input.
+    addresses are taken as guest-physical.  What to protect: --policy, --protect, or
+    --sweep over the object symbols of --elf.  Exit status 0, or 2 on bad input.
+
+    \b
+    Examples:
+      sppkit replay t.lackey --protect 0x601000:0x80
+      sppkit replay w.npz --policy examples/mixed.toml --elf mixed.elf --plot w.png
+      sppkit replay w.npz --elf mixed.elf --sweep --top 20
+      sppkit run mixed --engine unicorn --record w.npz   # to make w.npz
     """
     import json
 
     from .replay import CostModel, ProtectionModel, maps_from_ranges
     from .replay import replay as run_replay
 
-    if scheduler and not use_dask:
+    if scheduler is not None and not use_dask:
         raise click.UsageError("--scheduler needs --dask")
+    if workers is not None and not use_dask:
+        raise click.UsageError("--workers needs --dask (it sets the threads of the local dask cluster)")
+    if workers is not None and scheduler is not None:
+        raise click.UsageError("--workers sets the threads of a local cluster; the cluster behind --scheduler "
+                               "has its own workers")
+    ctx = click.get_current_context()
+    if not sweep and ctx.get_parameter_source("sort") != click.core.ParameterSource.DEFAULT:
+        raise click.UsageError("--sort orders the table of --sweep; add --sweep")
     image = None
     if elf_file:
         from ...guests.elf import load_elf
@@ -178,13 +266,17 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
         regions = _regions(policy_file, protect, image, required=image is None)
         cands = regions if regions is not None else candidates_from_elf(image)
         if not cands:
-            raise click.UsageError(f"{elf_file}: no sized object symbols to sweep")
+            if regions is not None:
+                raise click.UsageError(f"--policy {policy_file} protects nothing: no regions to sweep")
+            raise click.UsageError(f"--elf {elf_file}: no sized object symbols to sweep; give --policy or "
+                                   "--protect regions")
         sweep_model = SweepModel(cands, spp_write_check=spp_write_check, spp_mode=spp_mode)
         swept = run_sweep(trace, sweep_model, fmt, sort=sort, **kw)
         sd = swept.to_dict(top or None)
         _report_skipped(swept.counters.skipped, swept.counters.examples)
+        _report_unreadable(trace, sd["writes"], swept.counters.skipped, swept.counters.examples, sd.get("formats"))
         if as_json:
-            click.echo(json.dumps(sd))
+            click.echo(json.dumps(sd, allow_nan=False))
         else:
             print_sweep(sd, _console())
             if top and len(swept.rows) > top:
@@ -192,17 +284,23 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
         return
 
     regions = _regions(policy_file, protect, image, required=True)
-    model = ProtectionModel(maps_from_ranges((s, n) for _, s, n in regions), spp_write_check=spp_write_check,
-                            spp_mode=spp_mode)
+    if not regions:
+        _warn(f"--policy {policy_file} protects nothing: it has no [[protect]] entries")
+    try:
+        maps = maps_from_ranges((s, n) for _, s, n in regions)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="'--protect'" if protect else "'--policy'") from None
+    model = ProtectionModel(maps, spp_write_check=spp_write_check, spp_mode=spp_mode)
     res = run_replay(trace, model, fmt, **kw)
-    _report_skipped(res.skipped_records, res.c.examples)
     d = res.to_dict(top, image)
+    _report_skipped(res.skipped_records, res.c.examples)
+    _report_unreadable(trace, d["writes"], res.skipped_records, res.c.examples, d.get("formats"))
     if plot_file:
         from .report import plot_replay
 
         d["plot"] = str(plot_replay(res, plot_file))
     if as_json:
-        click.echo(json.dumps(d))
+        click.echo(json.dumps(d, allow_nan=False))
     else:
         from .report import print_replay
 
@@ -211,46 +309,123 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
             _console(stderr=True).print(f"[dim]plot written to {d['plot']}[/]")
 
 
-@click.group("trace")
+@click.group("trace", short_help="Trace files: convert to sppkit's native columnar format.")
 def trace() -> None:
-    """Trace files: convert to sppkit's native columnar format."""
+    """Trace files: convert lackey, CSV, pinatrace or native traces to sppkit's native
+    columnar format (.npz or .parquet), which `sppkit replay` reads fastest."""
 
 
-@trace.command("convert")
+def _convert_progress(enabled: bool):
+    """(context manager, callback) for a progress bar of bytes read on stderr, when
+    ``enabled`` and stderr is a terminal; else a no-op pair."""
+    import contextlib
+
+    from .replay import _progress_bar, _want_progress
+
+    if not _want_progress(enabled):
+        return contextlib.nullcontext(), None
+    bar = _progress_bar(0, "bytes")
+    state: dict = {}
+
+    def update(src) -> None:
+        key = str(src.path)
+        if key not in state:
+            state[key] = 0
+            state["_total"] = state.get("_total", 0) + src.bytes_total
+            state["_done"] = state.get("_done", 0)
+            if "task" not in state:
+                state["task"] = bar.add_task("convert", total=None)
+            bar.update(state["task"], total=state["_total"])
+        state["_done"] += src.bytes_done - state[key]
+        state[key] = src.bytes_done
+        bar.update(state["task"], completed=state["_done"])
+
+    return bar, update
+
+
+@trace.command("convert", short_help="Convert trace IN into OUT in the native format (.npz or .parquet).")
 @click.argument("src", metavar="IN", type=click.Path(exists=True))
 @click.argument("out", metavar="OUT", type=click.Path())
 @click.option("--format", "fmt", type=click.Choice(_FORMATS), default="auto", show_default=True,
-              help="Format of IN (a file or a directory of shards).")
+              help="Format of IN (a file or a directory of shards); auto: from the name, else from the first "
+                   "lines.")
 @click.option("--size", "pin_size", type=click.IntRange(1, 65535), default=8, show_default=True,
-              help="Write size for pinatrace records.")
+              help="Write size in bytes for pinatrace records (they carry none); other formats ignore it.")
 @click.option("--strict", is_flag=True, help="A malformed record is an error (default: warn, skip and count).")
 @click.option("--shard-records", type=click.IntRange(1), default=None,
-              help="Write OUT as a directory of shards of at most this many records each.")
-@click.option("--chunk-records", type=click.IntRange(1), default=_CHUNK, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def convert(src, out, fmt, pin_size, strict, shard_records, chunk_records, as_json):
+              help="Write OUT as a directory (OUT without its suffix) of shards part-00000.npz ... of at most "
+                   "this many records each.  [default: one file]")
+@click.option("--chunk-records", type=click.IntRange(1, _MAX_CHUNK), default=_CHUNK, show_default=True,
+              help="Records read and written at a time (memory use is about 100 bytes per record of chunk).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON object (records, skipped_records, files, elapsed_seconds) instead of a line.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Progress bar on stderr (only when stderr is a terminal).")
+def convert(src, out, fmt, pin_size, strict, shard_records, chunk_records, as_json, progress):
     """Convert trace IN into OUT in the native format: OUT.npz (numpy, uncompressed
     columns gpa u64, size u16, rip u64) or OUT.parquet (needs pyarrow:
-    pip install 'sppkit[parquet]').  Streams: memory stays flat."""
+    pip install 'sppkit[parquet]').  Streams: memory stays flat.  An existing OUT
+    file is replaced only when the conversion succeeds.
+
+    \b
+    Examples:
+      sppkit trace convert t.lackey t.npz
+      sppkit trace convert big.csv big.parquet --strict
+      sppkit trace convert big.lackey shards --shard-records 10000000
+    """
     import json
     import time
 
     from .formats import Diagnostics, convert_trace, overwritten_input
 
+    if not out.strip():
+        raise click.BadParameter("an empty path; give a file name ending in .npz or .parquet", param_hint="'OUT'")
+    suffix = os.path.splitext(out)[1].lower()
+    if shard_records is None:
+        if suffix not in (".npz", ".parquet", ".pq"):
+            raise click.BadParameter(f"{out}: a native trace is written as .npz or .parquet (or give "
+                                     "--shard-records for a directory of shards)", param_hint="'OUT'")
+        if os.path.isdir(out):
+            raise click.BadParameter(f"{out} is a directory; a directory of shards needs --shard-records",
+                                     param_hint="'OUT'")
+        parent = os.path.dirname(out) or "."
+        if not os.path.isdir(parent):
+            raise click.BadParameter(f"{out}: directory {parent} does not exist", param_hint="'OUT'")
     clash = overwritten_input(src, out, shard_records)
     if clash is not None:
         raise click.UsageError(f"OUT {out} would overwrite the input file {clash}; "
                                f"write the converted trace to another path")
+    if shard_records is not None:
+        out_dir = out if not suffix else os.path.splitext(out)[0]
+        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+            raise click.BadParameter(f"{out_dir} exists and is not a directory; --shard-records writes a "
+                                     "directory of shards there", param_hint="'OUT'")
+        shard_suffix = suffix if suffix in (".npz", ".parquet") else ".npz"
+        old = sorted(f for f in os.listdir(out_dir) if f.startswith("part-") and f.endswith(shard_suffix)) \
+            if os.path.isdir(out_dir) else []
+        if old:
+            raise click.BadParameter(
+                f"{out_dir} already holds {len(old)} shard(s) ({old[0]}, ...); shards left from an earlier "
+                "conversion would be replayed with the new ones: remove them or give another OUT",
+                param_hint="'OUT'")
     diag = Diagnostics(strict=strict)
     t0 = time.perf_counter()
-    info = convert_trace(src, out, fmt, size=pin_size, shard_records=shard_records, chunk_records=chunk_records,
-                         diagnostics=diag)
+    bar, on_chunk = _convert_progress(progress)
+    with bar:
+        info = convert_trace(src, out, fmt, size=pin_size, shard_records=shard_records,
+                             chunk_records=chunk_records, diagnostics=diag, progress=on_chunk)
     info["elapsed_seconds"] = time.perf_counter() - t0
     _report_skipped(diag.skipped, diag.examples)
+    _report_unreadable(src, info["records"], diag.skipped, diag.examples, None if fmt == "auto" else [fmt])
     if as_json:
-        click.echo(json.dumps(info))
+        click.echo(json.dumps(info, allow_nan=False))
     else:
-        where = out if len(info["files"]) == 1 else f"{out} ({len(info['files'])} shards)"
+        files = info["files"]
+        if shard_records is None:
+            where = out
+        else:
+            shards = f"{len(files)} shard{'s' if len(files) != 1 else ''}"
+            where = f"{os.path.dirname(files[0]) if files else out} ({shards})"
         click.echo(f"{info['records']:,} records written to {where}"
                    + (f"; {diag.skipped:,} malformed records skipped" if diag.skipped else "")
                    + f" in {info['elapsed_seconds']:.2f} s")
