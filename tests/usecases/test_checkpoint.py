@@ -84,6 +84,44 @@ def test_restore_is_byte_identical(tmp_path, engine):
 
 
 @needs_gcc
+def test_regions_larger_than_one_read_are_taken_in_pieces(tmp_path, monkeypatch):
+    """A tracked region larger than MAX_READ (the most one Vm.read returns) is read in
+    pieces for the base checkpoint and the digest; restore gives the same bytes.  The
+    limit is lowered to 3 pages here so that the guest's regions exceed it."""
+    import sppkit.arch.memory as memory
+
+    limit = 3 * 4096
+    monkeypatch.setattr(memory, "MAX_READ", limit)
+    monkeypatch.setattr(C, "MAX_READ", limit)
+    hashes = {}
+
+    def paged_hash(read, regions):
+        h = hashlib.sha256()
+        for r in sorted(regions, key=lambda r: r.gpa):
+            for g in range(r.gpa, r.end, 4096):
+                h.update(read(g, min(4096, r.end - g)))
+        return h.hexdigest()
+
+    def on_checkpoint(eng, info):
+        hashes[info.index] = paged_hash(eng.vm.read, C.tracked_regions(eng.image, eng.ram_size))
+
+    run = C.checkpoint_guest("ckpt_kvstore", tmp_path / "set", engine="unicorn", on_checkpoint=on_checkpoint,
+                             at_port_signal=True)
+    assert run.result.stop_reason == "exit" and run.result.exit_code == 0
+    cs = C.open_checkpoint_set(tmp_path / "set")
+    assert max(r.size for r in cs.regions) > limit
+    for k in range(len(cs)):
+        res = C.restore_checkpoint(tmp_path / "set", k)
+        assert res.verified and res.sha256 == run.checkpoints[k].memory_sha256
+        eng = engine_class("unicorn")(cs.guest_image(), ram_size=cs.manifest["ram_size"])
+        try:
+            C.apply_state(eng, cs.load(k))
+            assert paged_hash(eng.vm.read, cs.regions) == hashes[k], f"checkpoint {k}"
+        finally:
+            eng.close()
+
+
+@needs_gcc
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("guest", ["ckpt_log", "ckpt_sort"])
 def test_resume_equals_uninterrupted_run(tmp_path, engine, guest):

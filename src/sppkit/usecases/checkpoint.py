@@ -57,15 +57,16 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable, NoReturn
+from typing import Callable, Iterable, Iterator, NoReturn
 
 import click
 
 from ..engines import DEFAULT_RAM, choose_engine
-from ..engines.base import MAX_RAM, REGISTERS, check_ram_size
+from ..arch.memory import MAX_READ
+from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..vmm import Decision, SppViolation
-from .monitor import (ENGINE_HELP, JSON_HELP, MAX_TIMEOUT, Progress, cpl_option, engine_option, memory_option,
+from .monitor import (ENGINE_HELP, JSON_HELP, Progress, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
@@ -229,12 +230,20 @@ def tracked_regions(image, ram_size: int, extra: Iterable[tuple[int, int]] = (),
     return [Region(n, lo, hi - lo) for n, lo, hi in merged]
 
 
+def read_in_pieces(read: Callable[[int, int], bytes], gpa: int, size: int) -> Iterator[tuple[int, bytes]]:
+    """``(gpa, bytes)`` pieces of ``[gpa, gpa+size)``, each at most MAX_READ bytes (the
+    most one read returns): a tracked region or dirty run may be larger."""
+    for g in range(gpa, gpa + size, MAX_READ):
+        yield g, read(g, min(MAX_READ, gpa + size - g))
+
+
 def memory_digest(read: Callable[[int, int], bytes], regions: Iterable[Region]) -> str:
     """SHA-256 of the tracked memory: each region's gpa and size, then its bytes."""
     h = hashlib.sha256()
     for r in sorted(regions, key=lambda r: r.gpa):
         h.update(struct.pack("<QQ", r.gpa, r.size))
-        h.update(read(r.gpa, r.size))
+        for _, data in read_in_pieces(read, r.gpa, r.size):
+            h.update(data)
     return h.hexdigest()
 
 
@@ -1014,11 +1023,12 @@ class Checkpointer:
         regs = eng.regs()
         if base:
             regs["rip"] = eng.layout.entry  # before the first run() Unicorn's RIP register is not set yet
-            memory = [(r.gpa, vm.read(r.gpa, r.size)) for r in self.regions]
+            # (one record a region, as the format has it, however many reads it takes)
+            memory = [(r.gpa, b"".join(d for _, d in read_in_pieces(vm.read, r.gpa, r.size))) for r in self.regions]
             sub = sum(r.size for r in self.regions) // GRANULE
             pages = sum(r.size for r in self.regions) // PAGE
         else:
-            memory = [(g, vm.read(g, n)) for g, n in tr.dirty_runs()]
+            memory = [piece for g, n in tr.dirty_runs() for piece in read_in_pieces(vm.read, g, n)]
             sub, pages = tr.dirty_subpages, tr.dirty_pages
         console = bytes(eng.console[self._console_at :])
         digest = memory_digest(vm.read, self.regions)

@@ -35,10 +35,10 @@ from typing import Any
 
 import click
 
+from ..engines.base import MAX_TIMEOUT
 from ..vmm import Decision, GpaNotMapped, Vm
 from .monitor import (
     JSON_HELP,
-    MAX_TIMEOUT,
     Progress,
     WatchError,
     WatchEvent,

@@ -33,10 +33,11 @@ import click
 import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine
+from ..engines.base import MAX_TIMEOUT
 from ..engines.result import RunResult
 from ..vmm import Decision
 from .checkpoint import load_guest_spec
-from .monitor import (JSON_HELP, MAX_TIMEOUT, Progress, cpl_option, engine_option, memory_option,
+from .monitor import (JSON_HELP, Progress, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
