@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MAX_PROTECTED_PAGES", "POLICY_DECISIONS", "Policy", "PolicyError", "ProtectEntry", "load_policy", "parse_policy",
-    "parse_protect_arg",
+    "parse_protect_arg", "parse_range_arg",
 ]
 
 PAGE_SIZE = 4096
@@ -381,18 +381,24 @@ def load_policy(path: str | os.PathLike, image: "GuestImage | str | os.PathLike 
     return parse_policy(text, source=str(path), image=img)
 
 
-def parse_protect_arg(arg: str) -> tuple[int, int]:
-    """``"0x1000:256"`` → ``(0x1000, 256)``: START:LENGTH, each decimal or 0x/0o/0b-prefixed."""
+def parse_range_arg(arg: str, option: str = "--protect") -> tuple[int, int]:
+    """``"0x1000:256"`` → ``(0x1000, 256)``: START:LENGTH, each decimal or 0x/0o/0b-prefixed,
+    a range within the 64-bit address space; a :class:`PolicyError` naming ``option``."""
     text = arg.strip()
     start_s, sep, length_s = text.partition(":")
     if not sep or not start_s.strip() or not length_s.strip():
-        raise PolicyError(f"--protect {arg!r}: expected START:LENGTH, e.g. 0x401000:256")
+        raise PolicyError(f"{option} {arg!r}: expected START:LENGTH, e.g. 0x401000:256")
     values = []
     for what, s in (("START", start_s), ("LENGTH", length_s)):
         try:
             values.append(int(s.strip(), 0))
         except ValueError:
-            raise PolicyError(f"--protect {arg!r}: {what} {s.strip()!r} is not an integer (decimal or 0x...)") from None
+            raise PolicyError(f"{option} {arg!r}: {what} {s.strip()!r} is not an integer (decimal or 0x...)") from None
     start, length = values
-    _check_range(start, length, f"--protect {arg!r}")
+    _check_range(start, length, f"{option} {arg!r}")
     return start, length
+
+
+def parse_protect_arg(arg: str) -> tuple[int, int]:
+    """``--protect START:LENGTH`` (see :func:`parse_range_arg`)."""
+    return parse_range_arg(arg, "--protect")

@@ -65,6 +65,7 @@ from ..engines import DEFAULT_RAM, choose_engine
 from ..arch.memory import MAX_READ
 from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
+from ..policy import parse_range_arg
 from ..vmm import Decision, SppViolation
 from .monitor import (ENGINE_HELP, JSON_HELP, Progress, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
@@ -1269,24 +1270,6 @@ def print_restore(res: RestoreResult, console) -> None:
 
 
 # =============================================================================== CLI
-def _parse_range(text: str) -> tuple[int, int]:
-    """``--track START:LENGTH`` (decimal or 0x hex) as ``(start, length)``."""
-    start_s, sep, length_s = text.partition(":")
-    if not sep:
-        raise ValueError(f"--track {text!r}: expected START:LENGTH, e.g. 0x500000:0x2000")
-    values = []
-    for what, part in (("start", start_s), ("length", length_s)):
-        try:
-            values.append(int(part.strip(), 0))
-        except ValueError:
-            raise ValueError(f"--track {text!r}: {what} {part.strip()!r} is not an integer (decimal or 0x hex), "
-                             "e.g. 0x500000:0x2000") from None
-    start, length = values
-    if start < 0:
-        raise ValueError(f"--track {text!r}: start {start} is negative")
-    if length <= 0:
-        raise ValueError(f"--track {text!r}: length must be positive")
-    return start, length
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -1352,7 +1335,7 @@ def checkpoint_command(ctx, guest, every, at_port_signal, port, out_dir, engine,
         port_n = int(str(port).strip(), 0)
     except ValueError:
         raise ValueError(f"--port {port!r}: not an integer (decimal or 0x hex, e.g. 0xf5)") from None
-    ranges = [_parse_range(t) for t in track]
+    ranges = [parse_range_arg(t, "--track") for t in track]
     written = [0]
 
     with Progress(f"checkpoint: running {guest} ({engine} engine)…", progress) as prog:
