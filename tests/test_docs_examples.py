@@ -547,11 +547,11 @@ def _sh_params():
 def _validators() -> dict[str, Callable[[str], object]]:
     """Values the commands parse in their bodies, through the project's own parsers."""
     from sppkit.engines import parse_size
-    from sppkit.policy import parse_protect_arg
-    from sppkit.usecases.checkpoint import _parse_every, _parse_range
+    from sppkit.policy import parse_protect_arg, parse_range_arg
+    from sppkit.usecases.checkpoint import _parse_every
 
     return {"protect": parse_protect_arg, "memory": parse_size, "every": _parse_every,
-            "port": lambda v: int(v, 0), "track": _parse_range}
+            "port": lambda v: int(v, 0), "track": lambda v: parse_range_arg(v, "--track")}
 
 
 def check_cli(argv: list[str], scratch: Path) -> list[str]:

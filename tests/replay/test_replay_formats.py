@@ -325,3 +325,26 @@ def test_detection_and_errors(tmp_path):
         list_shards(tmp_path / "empty")
     with pytest.raises(TraceFormatError, match="format 'xml'"):
         open_trace(tmp_path / "a.log", "xml")
+
+
+def test_check_native_path_checks_without_creating(tmp_path):
+    from sppkit.engines.replay.formats import check_native_path
+
+    assert check_native_path(tmp_path / "x.npz") == tmp_path / "x.npz"
+    with pytest.raises(TraceFormatError, match=r"x\.txt: a native trace is written as \.npz or \.parquet"):
+        check_native_path(tmp_path / "x.txt")
+    with pytest.raises(FileNotFoundError, match=r"x\.npz: directory .*nodir does not exist"):
+        check_native_path(tmp_path / "nodir" / "x.npz")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_into_an_existing_empty_directory_and_again_elsewhere(tmp_path):
+    p = _write(tmp_path, "t.lackey", LACKEY)
+    (tmp_path / "parts").mkdir()
+    info = convert_trace(p, tmp_path / "parts", "lackey", shard_records=2)
+    assert [f.rsplit("/", 1)[1] for f in info["files"]] == ["part-00000.npz", "part-00001.npz"]
+    assert _rows(read_trace(tmp_path / "parts")) == _rows(read_trace(p, "lackey"))
+    # converting the shards into a new directory with other shard sizes gives the same records
+    info = convert_trace(tmp_path / "parts", tmp_path / "one", shard_records=10)
+    assert len(info["files"]) == 1
+    assert _rows(read_trace(tmp_path / "one")) == _rows(read_trace(p, "lackey"))

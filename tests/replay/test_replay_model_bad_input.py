@@ -264,3 +264,301 @@ def test_replay_and_sweep_equal_a_pure_python_model(c):
         for (a, n), row in zip(ranges, sm.rows(cc)):
             _, rpg, rvi, rmiss, _, _ = ref_replay(rows, ref_maps([(a, n)]), check)
             assert (row.page_granular_exits, row.violations, row.spp_misses) == (rpg, rvi, rmiss)
+
+
+# ---------------------------------------------------------------- bad records: named, and a failed call changes nothing
+def _counters(res) -> tuple:
+    """Everything a Replayer's result holds, comparable."""
+    return (res.writes, res.accesses, res.page_granular, res.violations, res.pg_per_page.tolist(),
+            res.viol_per_page.tolist(), res.viol_per_sub.to_array().tolist(), res.writes_per_sub.to_array().tolist(),
+            dict(res.ip_counts))
+
+
+def _big(n, bad_at, field, value):
+    gpa = np.full(n, 4096, U64)  # every record violates MODEL (page 1, sub-page 0 protected)
+    size = np.full(n, 8, np.uint16)
+    rip = np.full(n, 7, U64)
+    {"gpa": gpa, "size": size, "rip": rip}[field][bad_at] = value
+    return gpa, size, rip
+
+
+@pytest.mark.parametrize("field, value, why", [
+    ("gpa", TOP - 4, "a write of 8 bytes at gpa 0xfffffffffffffffc runs past the 64-bit address space"),
+    ("rip", int(RIP_CARRY), "rip 0xfffffffffffffffe is reserved"),
+    ("size", 0, "size 0 out of range"),
+])
+def test_a_refused_feed_changes_no_counter_and_names_the_record(field, value, why):
+    """A bad record in the second slice of a call: the first slice used to be counted
+    already (and ``writes`` of the failing one too) when the error came."""
+    from sppkit.engines.replay.formats import TraceFormatError
+
+    rp = Replayer(MODEL)
+    rp.feed_columns(*cols([4096, 8192], [8, 8], [3, 4]))  # 2 records before: numbering goes on from them
+    before = _counters(rp.result)
+    n = Replayer.SLICE + 100
+    with pytest.raises(TraceFormatError, match=f"record {2 + n - 50}: {why}"):
+        rp.feed_columns(*_big(n, n - 50, field, value))
+    assert _counters(rp.result) == before
+    rp.feed_columns(*_big(10, 0, "rip", 9))  # the Replayer still works, and counts as before
+    ref = Replayer(MODEL)
+    ref.feed_columns(*cols([4096, 8192], [8, 8], [3, 4]))
+    ref.feed_columns(*_big(10, 0, "rip", 9))
+    assert _counters(rp.result) == _counters(ref.result)
+
+
+def test_replay_arrays_names_the_record_across_chunks():
+    from sppkit.engines.replay.formats import TraceFormatError
+
+    with pytest.raises(TraceFormatError, match="record 4: a write of 8 bytes at gpa 0xfffffffffffffffc"):
+        replay_arrays(MODEL, [cols([4096, 4096, 4096], [8, 8, 8]), cols([4096, TOP - 4], [8, 8])])
+    rec = np.zeros(3, [("gpa", U64), ("size", np.uint16)])
+    rec["gpa"], rec["size"] = [4096, TOP - 1, 4096], 2
+    with pytest.raises(TraceFormatError, match="record 1: a write of 2 bytes at gpa 0xffffffffffffffff"):
+        replay_arrays(MODEL, [rec])
+
+
+def test_a_refused_sweep_feed_changes_no_counter():
+    from sppkit.engines.replay.formats import TraceFormatError
+
+    sm = SweepModel([("a", 4096, 10)])
+    c = sm.new_counters()
+    sm.feed_columns(c, np.array([4096], U64), np.array([8], np.uint16))
+    hist = c.hist.copy()
+    with pytest.raises(TraceFormatError, match="record 3: a write of 8 bytes"):
+        sm.feed_columns(c, np.array([4096, 4096, TOP - 4], U64), np.array([8, 8, 8], np.uint16))
+    assert (c.writes, c.accesses) == (1, 1) and np.array_equal(c.hist, hist)
+
+
+# ---------------------------------------------------------------- cost bounds: finite reports
+def _floats(x):
+    if isinstance(x, float):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _floats(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _floats(v)
+
+
+@pytest.mark.parametrize("kw", [{"exit_cycles": 1e308}, {"user_exit_cycles": 1e12 * (1 + 1e-15)},
+                                {"miss_cycles": 1e13}, {"exit_cycles": 10 ** 400}, {"exit_cycles": 1 << 64}])
+def test_cost_model_cycles_are_bounded(kw):
+    """CostModel(exit_cycles=1e308) was accepted: the report held inf and json.dumps
+    wrote Infinity (not JSON)."""
+    with pytest.raises(ValueError, match=r"CostModel \w+=.*: must be a finite number of cycles, 0 to 1e\+12"):
+        CostModel(**kw)
+
+
+def test_cost_model_bound_is_the_clis():
+    from sppkit.engines.replay.cli import _MAX_CYCLES
+    from sppkit.engines.replay.replay import MAX_CYCLES
+
+    assert MAX_CYCLES == _MAX_CYCLES == 1e12
+    CostModel(exit_cycles=1e12, user_exit_cycles=10 ** 12, miss_cycles=np.float32(0))
+
+
+CYCLES = st.one_of(st.sampled_from([0, 0.0, 5e-324, 1e-300, 1.0, 500, 1e12, 10 ** 12]),
+                   st.floats(0, 1e12, allow_nan=False), st.integers(0, 10 ** 12))
+COUNT = st.one_of(st.sampled_from([0, 1, 2, 1 << 64]), st.integers(0, 1 << 64))
+
+
+@settings(max_examples=300, deadline=None)
+@given(ck=CYCLES, cu=CYCLES, cm=st.one_of(st.none(), CYCLES), pg=COUNT, v=COUNT, m=COUNT)
+def test_every_estimate_is_finite_json(ck, cu, cm, pg, v, m):
+    import json
+    import math
+
+    est = CostModel(exit_cycles=ck, user_exit_cycles=cu, miss_cycles=cm).estimate(pg, v, m)
+    assert all(math.isfinite(f) for f in _floats(est)), est
+    json.dumps(est, allow_nan=False)
+
+
+def test_speedup_over_a_tiny_spp_cost_is_none_not_inf():
+    est = CostModel(exit_cycles=1e12, miss_cycles=5e-324).estimate(1 << 64, 0, 1)
+    assert est["speedup"]["kernel"] is None  # 1.8e31 / 5e-324 is not a float
+    assert est["spp"]["kernel_cycles"] == 5e-324
+    assert CostModel().estimate(10, 0, 0)["speedup"]["kernel"] is None  # SPP costs nothing: as before
+
+
+@pytest.mark.parametrize("args, exc", [((-1, 0, 0), ValueError), ((0, 1 << 65, 0), ValueError),
+                                       ((0, 0, 1.5), TypeError), ((True, 0, 0), TypeError)])
+def test_estimate_checks_its_counts(args, exc):
+    with pytest.raises(exc, match="estimate"):
+        CostModel().estimate(*args)
+
+
+def test_replay_report_is_finite_json_at_the_bounds(tmp_path):
+    import json
+    import math
+
+    from sppkit.engines.replay import replay
+
+    p = tmp_path / "t.csv"
+    p.write_text("4096,8,1\n4100,8,2\n8192,8,3\n")
+    for cost in (CostModel(exit_cycles=1e12, user_exit_cycles=1e12, miss_cycles=1e12),
+                 CostModel(exit_cycles=1e12, user_exit_cycles=0, miss_cycles=5e-324)):
+        d = replay(p, MODEL, cost=cost).to_dict(None)
+        assert all(math.isfinite(f) for f in _floats(d)), d
+        json.dumps(d, allow_nan=False)
+
+
+# ---------------------------------------------------------------- entry points check their arguments up front
+@pytest.fixture
+def small_trace(tmp_path):
+    p = tmp_path / "t.csv"
+    p.write_text("4096,8,1\n")
+    return p
+
+
+BAD_RUN_ARGS = [
+    ({"chunk_records": 0}, ValueError, r"chunk_records=0: must be a positive integer"),
+    ({"chunk_records": 1 << 64}, ValueError, r"chunk_records=18446744073709551616: .*at most 2\*\*30"),
+    ({"chunk_records": 2.0}, ValueError, r"chunk_records=2\.0"),
+    ({"size": 0}, ValueError, r"size=0"),
+    ({"fmt": "bogus"}, ValueError, r"trace format 'bogus'"),
+    ({"cost": {"exit_cycles": 5}}, TypeError, r"cost must be a CostModel"),
+    ({"workers": 2}, ValueError, r"workers needs dask=True"),
+    ({"workers": 0, "dask": True}, ValueError, r"workers=0: must be a positive integer"),
+    ({"scheduler": "tcp://x:1"}, ValueError, r"scheduler needs dask=True"),
+    ({"scheduler": " ", "dask": True}, ValueError, r"scheduler=' '"),
+    ({"scheduler": "tcp://x:1", "workers": 2, "dask": True}, ValueError, r"cluster behind scheduler"),
+]
+
+
+@pytest.mark.parametrize("kw, exc, match", BAD_RUN_ARGS + [
+    ({"on_warning": "print"}, TypeError, r"on_warning must be a callable"),
+])
+def test_replay_checks_its_arguments_before_reading(small_trace, monkeypatch, kw, exc, match):
+    """A bad cost was found only by to_dict after the whole replay; a bad chunk_records,
+    size or fmt with dask=True only in the workers, after the cluster started."""
+    import importlib
+
+    replay_mod = importlib.import_module("sppkit.engines.replay.replay")
+    replay = replay_mod.replay
+
+    def no(*a, **k):
+        raise AssertionError("the trace was read")
+
+    monkeypatch.setattr(replay_mod, "replay_shard", no)
+    monkeypatch.setattr(replay_mod, "dask_client", no)
+    kw = dict(kw)
+    with pytest.raises(exc, match=match):
+        replay(small_trace, MODEL, kw.pop("fmt", "auto"), **kw)
+
+
+def test_replay_needs_a_protection_model(small_trace):
+    from sppkit.engines.replay import replay
+
+    with pytest.raises(TypeError, match="replay needs a ProtectionModel, got SweepModel"):
+        replay(small_trace, SweepModel([("a", 4096, 8)]))
+
+
+@pytest.mark.parametrize("kw, exc, match", BAD_RUN_ARGS + [
+    ({"sort": ["name"]}, ValueError, r"sort \['name'\]"),
+])
+def test_sweep_checks_its_arguments_before_reading(small_trace, monkeypatch, kw, exc, match):
+    import importlib
+
+    replay_mod = importlib.import_module("sppkit.engines.replay.replay")
+    sweep_mod = importlib.import_module("sppkit.engines.replay.sweep")
+
+    def no(*a, **k):
+        raise AssertionError("the trace was read")
+
+    monkeypatch.setattr(sweep_mod, "sweep_shard", no)
+    monkeypatch.setattr(replay_mod, "dask_client", no)
+    kw = dict(kw)
+    with pytest.raises(exc, match=match):
+        sweep_mod.sweep(small_trace, SweepModel([("a", 4096, 8)]), kw.pop("fmt", "auto"), **kw)
+    with pytest.raises(TypeError, match="sweep needs a SweepModel, got ProtectionModel"):
+        sweep_mod.sweep(small_trace, MODEL)
+
+
+def test_sweep_report_row_counts_are_checked(small_trace):
+    """SweepResult.to_dict(top=-1) silently dropped the last row."""
+    from sppkit.engines.replay.sweep import sweep
+
+    res = sweep(small_trace, SweepModel([("a", 4096, 8), ("b", 8192, 8)]))
+    for bad, exc in ((-1, ValueError), (1.5, TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="top"):
+            res.to_dict(bad)
+    assert len(res.to_dict(1)["sweep"]) == 1 and len(res.to_dict(None)["sweep"]) == 2
+
+
+@pytest.mark.parametrize("elapsed, exc", [(float("inf"), ValueError), (float("nan"), ValueError),
+                                          (-1.0, ValueError), ("1s", TypeError)])
+def test_result_elapsed_is_checked(elapsed, exc):
+    from sppkit.engines.replay import ReplayResult
+
+    r = replay_arrays(MODEL, [cols([4096], [8])])
+    with pytest.raises(exc, match="elapsed"):
+        ReplayResult(r.c, MODEL, elapsed=elapsed)
+    with pytest.raises(TypeError, match="cost must be a CostModel"):
+        ReplayResult(r.c, MODEL, cost="cheap")
+    d = ReplayResult(r.c, MODEL, elapsed=5e-324).to_dict()
+    assert d["writes_per_second"] is None  # 1 / 5e-324 is not a float
+
+
+# ---------------------------------------------------------------- the plot's path
+def test_plot_path_is_checked_before_drawing(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from sppkit.engines.replay.report import plot_replay
+
+    r = replay_arrays(MODEL, [cols([4096], [8])])
+    drawn = []
+    real = plt.subplots
+    monkeypatch.setattr(plt, "subplots", lambda *a, **k: drawn.append(1) or real(*a, **k))
+    (tmp_path / "d.png").mkdir()
+    for path, exc, match in ((tmp_path / "nodir" / "p.png", FileNotFoundError, r"p\.png: directory .*nodir does not"),
+                             (tmp_path / "d.png", IsADirectoryError, r"d\.png is a directory"),
+                             (tmp_path / "p.xyz", ValueError, r"p\.xyz: matplotlib cannot write \.xyz files"),
+                             ("", ValueError, "an empty path")):
+        with pytest.raises(exc, match=match):
+            plot_replay(r, path)
+    with pytest.raises(TypeError, match="needs a ReplayResult"):
+        plot_replay(r.c, tmp_path / "p.png")
+    assert not drawn
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["d.png"]
+
+
+def test_plot_writes_exactly_the_path_it_returns(tmp_path):
+    """plot_replay(r, "out") returned "out" but matplotlib wrote "out.png"."""
+    pytest.importorskip("matplotlib")
+    from sppkit.engines.replay.report import plot_replay
+
+    r = replay_arrays(MODEL, [cols([4096], [8])])
+    out = plot_replay(r, tmp_path / "out")
+    assert out == tmp_path / "out" and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_replay(r, tmp_path / "o.svg").read_bytes().lstrip().startswith(b"<?xml")
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["o.svg", "out"]
+
+
+def test_a_failed_plot_keeps_the_old_file(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    from sppkit.engines.replay.report import plot_replay
+
+    p = tmp_path / "p.png"
+    p.write_bytes(b"old plot")
+
+    def savefig(self, fname, **kw):
+        with open(fname, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    with pytest.raises(OSError, match=r"p\.png: cannot write: No space left on device"):
+        plot_replay(replay_arrays(MODEL, [cols([4096], [8])]), p)
+    assert p.read_bytes() == b"old plot"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["p.png"]
+
+
+@pytest.mark.parametrize("limit, exc", [(-1, ValueError), ((1 << 22) + 1, ValueError), (1.5, TypeError)])
+def test_maps_from_ranges_limit_is_checked(limit, exc):
+    with pytest.raises(exc, match="limit"):
+        maps_from_ranges([(4096, 8)], limit=limit)
+    assert len(maps_from_ranges([(4096, 8)], limit=1)[0]) == 1

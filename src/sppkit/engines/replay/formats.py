@@ -42,6 +42,7 @@ import shutil
 import struct
 import tempfile
 import tokenize
+import weakref
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -51,9 +52,10 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 __all__ = [
-    "CHUNK_RECORDS", "FORMATS", "NO_RIP", "RIP_CARRY", "TRACE_DTYPE", "Diagnostics", "MalformedRecord",
-    "MissingDependency", "NativeWriter", "TraceFormatError", "TraceRecorder", "TraceSource", "convert_trace",
-    "detect_format", "list_shards", "open_trace", "read_trace", "write_native",
+    "CHUNK_RECORDS", "FORMATS", "MAX_BLOCK_BYTES", "MAX_CHUNK_RECORDS", "MAX_SHARD_RECORDS", "NO_RIP", "RIP_CARRY",
+    "TRACE_DTYPE", "Diagnostics", "MalformedRecord",
+    "MissingDependency", "NativeWriter", "TraceFormatError", "TraceRecorder", "TraceSource", "check_native_path",
+    "check_read_args", "convert_trace", "detect_format", "list_shards", "open_trace", "read_trace", "write_native",
 ]
 
 #: One write record.  Aligned (itemsize 24) so that each field view is 8-byte aligned.
@@ -65,9 +67,24 @@ NO_RIP = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
 RIP_CARRY = np.uint64(0xFFFF_FFFF_FFFF_FFFE)
 _RESERVED = (f"rip {int(RIP_CARRY):#x} is reserved (sppkit's internal marker for an IP carried over from the "
              "previous shard)")
+_RIP_CARRY_INT = int(RIP_CARRY)
 CHUNK_RECORDS = 1 << 20
 BLOCK_BYTES = 1 << 20
+#: The largest ``chunk_records`` (records read, replayed or written at a time): 2**30
+#: records is ~100 GiB of chunk buffers; larger values overflowed readers (Parquet
+#: batch sizes are C longs).
+MAX_CHUNK_RECORDS = 1 << 30
+#: The largest ``block_bytes`` (bytes of text read at a time).
+MAX_BLOCK_BYTES = 1 << 30
+#: The largest ``shard_records`` of :func:`convert_trace`: the largest record count
+#: an ``.npy`` member (a numpy array) can hold.
+MAX_SHARD_RECORDS = (1 << 63) - 1
 MAX_SIZE = 0xFFFF
+_U64_MAX = np.uint64(0xFFFF_FFFF_FFFF_FFFF)
+#: A record at a gpa at or below this cannot run past the end of the 64-bit address
+#: space (its size is at most MAX_SIZE): the cheap first test of :func:`wrapping`.
+_WRAP_FLOOR = np.uint64((1 << 64) - MAX_SIZE - 1)
+_NONE = np.zeros(0, np.intp)
 FORMATS = ("lackey", "csv", "pinatrace", "native")
 NATIVE_VERSION = "sppkit-trace 1"
 _PAD = 64  # bytes of zero padding after a block, so that gathers at line start + k stay in bounds
@@ -110,6 +127,12 @@ class Diagnostics:
     skipped: int = 0
     examples: list = field(default_factory=list)
     on_warning: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.keep, (bool, np.bool_)) or not isinstance(self.keep, (int, np.integer)) or self.keep < 0:
+            raise ValueError(f"Diagnostics keep={self.keep!r}: must be an integer >= 0 (examples kept)")
+        if self.on_warning is not None and not callable(self.on_warning):
+            raise TypeError(f"Diagnostics on_warning must be a callable or None, got {type(self.on_warning).__name__}")
 
     def malformed(self, path, line: int, reason: str, text: bytes | str | None = None, *, unit: str = "line") -> None:
         shown = ""
@@ -174,6 +197,24 @@ def _parse_uint(buf: np.ndarray, a: np.ndarray, b: np.ndarray, base: int) -> tup
     else:
         vals = (d * _DEC_POW).sum(axis=1, dtype=np.uint64)
     return vals, ok
+
+
+def wrapping(gpa: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the records whose write runs past the end of the 64-bit
+    address space: ``gpa + size > 2**64``.  One reduction over ``gpa`` (``max``); exact
+    work only when some record starts in the last 64 KiB of the space.  A ``size`` of 0
+    or less never wraps (range checks are the caller's)."""
+    if len(gpa) == 0 or gpa.max() <= _WRAP_FLOOR:
+        return _NONE
+    near = np.flatnonzero(gpa > _WRAP_FLOOR)
+    s = np.asarray(size)[near]
+    s = np.where(s >= 1, s, 1).astype(np.uint64)  # (a size the caller refuses anyway: no wrap)
+    return near[gpa[near] > (_U64_MAX - s) + np.uint64(1)]  # gpa > 2**64 - size
+
+
+def wrap_reason(gpa: int, size: int) -> str:
+    """What :func:`wrapping` found, for a malformed-record message."""
+    return f"a write of {int(size)} bytes at gpa {int(gpa):#x} runs past the 64-bit address space"
 
 
 def _first_at_or_after(sorted_pos: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -251,13 +292,15 @@ class TraceSource:
 
     def __init__(self, path, *, chunk_records: int = CHUNK_RECORDS, diagnostics: Diagnostics | None = None,
                  block_bytes: int = BLOCK_BYTES) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise TraceFormatError(f"{self.path}: no such trace file")
-        self.chunk_records = _positive_int("chunk_records", chunk_records)
-        self.block_bytes = _positive_int("block_bytes", block_bytes)
+        self.chunk_records = _chunk_records(chunk_records)
+        self.block_bytes = _positive_int("block_bytes", block_bytes, MAX_BLOCK_BYTES, "2**30")
+        self.path = _trace_file(path)
         self.diagnostics = diagnostics if diagnostics is not None else Diagnostics()
-        self.bytes_total = self.path.stat().st_size
+        try:
+            self.bytes_total = self.path.stat().st_size
+            open(self.path, "rb").close()  # an unreadable file fails here, named once, not deep in a reader
+        except OSError as e:
+            raise TraceFormatError(f"{self.path}: cannot read: {_reason(e)}") from None
         self.bytes_done = 0
         self.records = 0
         self.last_ip = RIP_CARRY
@@ -285,17 +328,51 @@ class TraceSource:
         raise NotImplementedError
 
 
-def _positive_int(name: str, value) -> int:
-    """``value`` as an int >= 1, else a ValueError naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
+def shown(value) -> str:
+    """``repr(value)`` for an error message, cut short when it is long (a 400-digit int)."""
+    r = repr(value)
+    return r if len(r) <= 40 else f"{r[:20]}... ({len(r)} characters)"
+
+
+def _positive_int(name: str, value, maximum: int, limit: str) -> int:
+    """``value`` as an int in 1..``maximum`` (``limit``: how the docs write it), else a
+    ValueError naming the argument."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or not 1 <= value <= maximum:
+        raise ValueError(f"{name}={shown(value)}: must be a positive integer, at most {limit}")
     return int(value)
+
+
+def _chunk_records(value) -> int:
+    """``chunk_records`` checked: an int 1..:data:`MAX_CHUNK_RECORDS`, else a ValueError."""
+    return _positive_int("chunk_records", value, MAX_CHUNK_RECORDS, "2**30")
+
+
+def _reason(e: BaseException) -> str:
+    """What went wrong, for a message that names the file already: an OSError about a
+    file gives its strerror ("Permission denied"), not "[Errno 13] Permission denied: 'X'"."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _trace_file(path) -> Path:
+    """``path`` as a Path to an existing regular file, else a TraceFormatError that says
+    what it is instead."""
+    p = Path(path)
+    if p.is_dir():
+        raise TraceFormatError(f"{p} is a directory, not a trace file (read_trace and replay read a directory "
+                               "of shards)")
+    if not p.exists():
+        raise TraceFormatError(f"{p}: no such trace file")
+    if not p.is_file():
+        raise TraceFormatError(f"{p}: not a regular file")
+    return p
 
 
 def _write_size(size) -> int:
     """``size`` (the pinatrace write size) as an int in 1..MAX_SIZE, else a ValueError."""
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 1 <= size <= MAX_SIZE:
-        raise ValueError(f"size={size!r}: the pinatrace write size (--size) must be an integer 1..{MAX_SIZE}")
+        raise ValueError(f"size={shown(size)}: the pinatrace write size (--size) must be an integer 1..{MAX_SIZE}")
     return int(size)
 
 
@@ -306,13 +383,13 @@ class _TextSource(TraceSource):
         try:
             return f.read(self.block_bytes)
         except _DECOMPRESS_ERRORS as e:
-            raise TraceFormatError(f"{self.path}: cannot read: {e}") from None
+            raise TraceFormatError(f"{self.path}: cannot read: {_reason(e)}") from None
 
     def _blocks(self) -> Iterator[_Block]:
         try:
             f, raw = _open_text(self.path)
         except OSError as e:
-            raise TraceFormatError(f"{self.path}: cannot read: {e}") from None
+            raise TraceFormatError(f"{self.path}: cannot read: {_reason(e)}") from None
         line0 = 1
         carry = b""
         try:
@@ -379,9 +456,24 @@ class LackeySource(_TextSource):
 
     format = "lackey"
 
+    #: A malformed ``I`` line parsed only because it is the last of its block (its IP
+    #: carries over to the next block), not yet reported: ``(line number, reason, text)``.
+    #: It is reported if a store of a later block takes its IP from it, or at the end of
+    #: the file (the next shard's stores may), else dropped -- so what is reported does
+    #: not depend on where the block boundaries fall.
+    _pending = None
+
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        self._pending = None
         for blk in self._blocks():
             yield self._parse(blk)
+        self._report_pending()
+
+    def _report_pending(self) -> None:
+        if self._pending is not None:
+            line, why, text = self._pending
+            self._pending = None
+            self.diagnostics.malformed(self.path, line, why, text)
 
     def _parse(self, blk: _Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c0, c1, c2 = blk.char(0), blk.char(1), blk.char(2)
@@ -406,18 +498,28 @@ class LackeySource(_TextSource):
         ii = np.flatnonzero(is_i)
         k = np.searchsorted(ii, st) - 1
         rip = np.full(len(st), self.last_ip, np.uint64)
+        if (k < 0).any():  # stores take their IP from the last I line of an earlier block
+            self._report_pending()
+        elif len(ii):
+            self._pending = None  # replaced by this block's I lines: no store took its IP from it
         need = np.unique(k[k >= 0])
+        carry_only = -1  # (index in ii of) the last I line, when it is parsed for the carry only
         if len(ii):
+            if not len(need) or need[-1] != len(ii) - 1:
+                carry_only = len(ii) - 1
             need = np.union1d(need, [len(ii) - 1])  # the carry for the next block
         if self.diagnostics.strict:
             # strict: every I line is checked, also those no store takes its IP from (the
             # default mode parses only the I lines stores use: the others affect no record)
             need = np.arange(len(ii))
+            carry_only = -1
         ia = blk.starts[ii[need]] + 3
         ie = blk.ends[ii[need]]
         icomma = _first_at_or_after(commas, ia, ie)
         ipv, iok = _parse_uint(buf, ia, icomma, 16)
         iok &= icomma >= 0
+        if self.diagnostics.strict:  # the size too (the default mode reads only the address)
+            iok &= _parse_uint(buf, icomma + 1, ie, 10)[1]
         bad_i = {}
         if not iok.all():
             for j in np.flatnonzero(~iok):
@@ -440,6 +542,9 @@ class LackeySource(_TextSource):
         rip[have] = ip_of[k[have]]
         if len(ii):
             self.last_ip = ip_of[-1]
+        if carry_only >= 0 and int(ii[carry_only]) in bad_i:  # reported if and when a store uses it
+            line = int(ii[carry_only])
+            self._pending = (blk.line0 + line, bad_i.pop(line), blk.line(line))
 
         bad_lines = []
         if not ok.all():
@@ -450,6 +555,10 @@ class LackeySource(_TextSource):
                     addr[j], size[j], ok[j] = int(m.group(1), 16), int(m.group(2)), True
                 else:
                     bad_lines.append((int(st[j]), self._why(line)))
+        for j in wrapping(addr, size):
+            if ok[j]:
+                ok[j] = False
+                bad_lines.append((int(st[j]), wrap_reason(addr[j], size[j])))
         for i_other in np.flatnonzero(other):
             bad_lines.append((int(i_other), "not a lackey line (expected 'I  ', ' S ', ' M ', ' L ' or '==pid==')"))
         bad_lines.extend(bad_i.items())
@@ -473,6 +582,9 @@ class LackeySource(_TextSource):
 
 
 # ------------------------------------------------------------------------------- CSV
+_CSV_FIELD = re.compile(rb"0[xX][0-9a-fA-F]+|[0-9]+")
+
+
 class CsvSource(_TextSource):
     """``gpa,size[,rip]`` per line; each field hex (``0x...``) or decimal.  An optional
     header (a first line that is not numeric, e.g. ``gpa,size,rip``); blank lines and
@@ -506,6 +618,7 @@ class CsvSource(_TextSource):
         rip, ok_r = self._field(buf, np.where(has2, c2 + 1, e), e)
         rip = np.where(has2, rip, NO_RIP)
         ok = has1 & ok_g & ok_s & (~has2 | ok_r) & (c3 < 0) & (size >= 1) & (size <= MAX_SIZE) & (rip != RIP_CARRY)
+        ok[wrapping(gpa, size)] = False  # the slow path says why
         if not ok.all():
             for i in np.flatnonzero(~ok):
                 rec = self._slow(blk, int(i))
@@ -520,11 +633,10 @@ class CsvSource(_TextSource):
             return None
         parts = [p.strip() for p in text.split(b",")]
         vals: list[int] | None
-        vals = []
-        try:
-            for p in parts:
-                vals.append(int(p, 16) if p[:2].lower() == b"0x" else int(p, 10))
-        except ValueError:
+        # the documented forms only: int() would also take "1_000", "+5" or "0x_10"
+        if all(_CSV_FIELD.fullmatch(p) for p in parts):
+            vals = [int(p, 16) if p[:2].lower() == b"0x" else int(p, 10) for p in parts]
+        else:
             vals = None
         if vals is None or len(vals) not in (2, 3):
             if blk.line0 + i == 1 and all(re.fullmatch(rb"[A-Za-z_][A-Za-z0-9_ ]*", p) for p in parts):
@@ -540,6 +652,9 @@ class CsvSource(_TextSource):
             return None
         if not 0 <= gpa < 1 << 64 or not 0 <= rip < 1 << 64:
             self._bad(blk, i, "address out of the 64-bit range")
+            return None
+        if gpa + size > 1 << 64:
+            self._bad(blk, i, wrap_reason(gpa, size))
             return None
         if rip == int(RIP_CARRY):
             self._bad(blk, i, _RESERVED)
@@ -584,6 +699,7 @@ class PinatraceSource(_TextSource):
         write = ok & (kind == 87)
         skip = (e == s) | (buf[s] == 35)  # blank, "#eof", comments
         fix = ~ok & ~skip
+        bad_lines = []
         if fix.any():
             for i in np.flatnonzero(fix):
                 m = _PIN_LINE.match(blk.line(int(i)))
@@ -591,12 +707,18 @@ class PinatraceSource(_TextSource):
                     if m.group(2) == b"W":
                         ip[i], addr[i], write[i] = int(m.group(1), 16), int(m.group(3), 16), True
                 else:
-                    self._bad(blk, int(i), "expected 'IP: W ADDR' or 'IP: R ADDR' (hex)")
+                    bad_lines.append((int(i), "expected 'IP: W ADDR' or 'IP: R ADDR' (hex)"))
         reserved = write & (ip == RIP_CARRY)
         if reserved.any():
             for i in np.flatnonzero(reserved):
-                self._bad(blk, int(i), _RESERVED)
+                bad_lines.append((int(i), _RESERVED))
             write &= ~reserved
+        if addr.max(initial=0) > _U64_MAX - np.uint64(self.size):  # some write may run past 2**64
+            for w in np.flatnonzero(write & (addr > _U64_MAX - np.uint64(self.size) + np.uint64(1))):
+                bad_lines.append((int(w), wrap_reason(addr[w], self.size)))
+                write[w] = False
+        for line, why in sorted(bad_lines):
+            self._bad(blk, line, why)
         n = int(np.count_nonzero(write))
         return self._records(addr[write], np.full(n, self.size, np.uint16), ip[write])
 
@@ -750,26 +872,50 @@ class NativeSource(TraceSource):
             yield from self._npz()
 
     def _check(self, gpa, size, rip, first: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        try:
-            g = _as_unsigned(gpa, np.uint64)
-            r = _as_unsigned(rip, np.uint64) if rip is not None else np.full(len(g), NO_RIP)
-            sz = np.asarray(size)
-            if sz.dtype.kind not in "ui":
-                raise TypeError(f"expected an integer size column, got {sz.dtype}")
-            bad = (sz < 1) | (sz > MAX_SIZE)
-        except (ValueError, TypeError, OverflowError) as e:
-            raise TraceFormatError(f"{self.path}: records {first}..{first + len(gpa) - 1}: {e}") from None
+        """A chunk of columns read from the file (record ``first`` onwards) checked:
+        a column of the wrong type is a TraceFormatError; malformed records (a negative
+        gpa or rip, a size outside 1..MAX_SIZE, the reserved rip, a write running past
+        the end of the 64-bit address space) go to the diagnostics.  Reductions only,
+        bar one pass over ``rip``, when every record is good."""
+        cols = {"gpa": np.asarray(gpa), "size": np.asarray(size)}
+        if rip is not None:
+            cols["rip"] = np.asarray(rip)
+        n = len(cols["gpa"])
+        for name, a in cols.items():
+            if a.dtype.kind not in "ui":
+                raise TraceFormatError(f"{self.path}: records {first}..{first + n - 1}: expected an integer "
+                                       f"{name} column, got {a.dtype}")
+        sz = cols["size"]
+        g = cols["gpa"].astype(np.uint64, copy=False)
+        r = cols["rip"].astype(np.uint64, copy=False) if rip is not None else np.full(n, NO_RIP)
+        negative = [c for c in ("gpa", "rip") if c in cols and cols[c].dtype.kind == "i" and n and cols[c].min() < 0]
+        size_bad = n and (sz.min() < 1 or sz.max() > MAX_SIZE)
         reserved = r == RIP_CARRY if rip is not None else None
-        if reserved is not None and reserved.any():
-            bad = bad | reserved
-        if bad.any():
-            for j in np.flatnonzero(bad):
-                why = _RESERVED if reserved is not None and reserved[j] else \
-                    f"size {int(sz[j])} out of range (1..{MAX_SIZE})"
-                self.diagnostics.malformed(self.path, first + int(j), why, unit="record")
-            keep = ~bad
-            g, sz, r = g[keep], sz[keep], r[keep]
-        return g, sz.astype(np.uint16, copy=False), r
+        wraps = wrapping(g, sz)
+        if not (negative or size_bad or len(wraps) or (reserved is not None and reserved.any())):
+            return g, sz.astype(np.uint16, copy=False), r
+        bad = np.zeros(n, bool)
+        bad[wraps] = True
+        for c in negative:
+            bad |= cols[c] < 0
+        if size_bad:
+            bad |= (sz < 1) | (sz > MAX_SIZE)
+        if reserved is not None:
+            bad |= reserved
+        for j in np.flatnonzero(bad):
+            if "gpa" in negative and cols["gpa"][j] < 0:
+                why = f"gpa {int(cols['gpa'][j])} is negative"
+            elif not 1 <= sz[j] <= MAX_SIZE:
+                why = f"size {int(sz[j])} out of range (1..{MAX_SIZE})"
+            elif "rip" in negative and cols["rip"][j] < 0:
+                why = f"rip {int(cols['rip'][j])} is negative"
+            elif reserved is not None and reserved[j]:
+                why = _RESERVED
+            else:
+                why = wrap_reason(g[j], sz[j])
+            self.diagnostics.malformed(self.path, first + int(j), why, unit="record")
+        keep = ~bad
+        return g[keep], sz[keep].astype(np.uint16), r[keep]
 
     def _npz(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         try:
@@ -779,9 +925,9 @@ class NativeSource(TraceSource):
             if kind is not None:
                 raise TraceFormatError(f"{self.path}: a {kind}-compressed native trace is not supported; "
                                        f"decompress it first") from None
-            raise TraceFormatError(f"{self.path}: not a native trace (.npz): {e}") from None
+            raise TraceFormatError(f"{self.path}: not a native trace (.npz): {_reason(e)}") from None
         except _ZIP_ERRORS as e:  # NotImplementedError: zip version...
-            raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
+            raise TraceFormatError(f"{self.path}: unreadable native trace: {_reason(e)}") from None
         with zf, open(self.path, "rb") as fd:
             names = set(zf.namelist())
             for col in ("gpa", "size"):
@@ -793,7 +939,7 @@ class NativeSource(TraceSource):
             except TraceFormatError:
                 raise
             except _ZIP_ERRORS as e:  # zipfile's BadZipFile, zlib.error, NotImplementedError, RuntimeError...
-                raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
+                raise TraceFormatError(f"{self.path}: unreadable native trace: {_reason(e)}") from None
             counts = {c: r[1] for c, r in readers.items()}
             if len(set(counts.values())) != 1:
                 raise TraceFormatError(f"{self.path}: columns of different lengths: {counts}")
@@ -806,7 +952,7 @@ class NativeSource(TraceSource):
                 except TraceFormatError:
                     raise
                 except _ZIP_ERRORS as e:  # a bad CRC or deflate stream shows up as the member is read
-                    raise TraceFormatError(f"{self.path}: unreadable native trace: {e}") from None
+                    raise TraceFormatError(f"{self.path}: unreadable native trace: {_reason(e)}") from None
                 self.bytes_done = int(self.bytes_total * b / max(n, 1))
                 yield self._check(cols["gpa"], cols["size"], cols.get("rip"), a)
         self.bytes_done = self.bytes_total
@@ -865,17 +1011,6 @@ def _compressed_kind(path: Path) -> str | None:
     return None
 
 
-def _as_unsigned(a, dtype) -> np.ndarray:
-    a = np.asarray(a)
-    if a.dtype.kind == "u":
-        return a.astype(dtype, copy=False)
-    if a.dtype.kind == "i":
-        if len(a) and a.min() < 0:
-            raise ValueError("negative address")
-        return a.astype(dtype)
-    raise TypeError(f"expected an unsigned integer column, got {a.dtype}")
-
-
 def _pyarrow_parquet():
     try:
         import pyarrow.parquet as pq
@@ -913,10 +1048,13 @@ def detect_format(path) -> str:
         return "csv"
     try:
         f, raw = _open_text(path)
-        with f:
+        try:
             head = f.read(1 << 16)
+        finally:
+            f.close()
+            raw.close()  # (a GzipFile given a file object leaves it open)
     except _DECOMPRESS_ERRORS as e:
-        raise TraceFormatError(f"{path}: cannot read: {e}") from None
+        raise TraceFormatError(f"{path}: cannot read: {_reason(e)}") from None
     if head[:2] == b"PK":
         if compressed:
             raise TraceFormatError(f"{path}: compressed native traces are not supported; decompress it first")
@@ -932,8 +1070,18 @@ def detect_format(path) -> str:
             votes["csv"] += 1
     best = max(votes, key=votes.__getitem__)
     if votes[best] == 0:
-        raise TraceFormatError(f"{path}: cannot tell the trace format; give --format ({', '.join(FORMATS)})")
+        raise TraceFormatError(f"{path}: cannot tell the trace format; give it (--format, or fmt= in Python: "
+                               f"{', '.join(FORMATS)})")
     return best
+
+
+def _shard_files(path: Path) -> list[Path]:
+    """The shards of directory ``path``: its regular, non-hidden files in sorted name
+    order (what a replay of the directory reads)."""
+    try:
+        return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    except OSError as e:
+        raise TraceFormatError(f"{path}: cannot list the directory: {_reason(e)}") from None
 
 
 def list_shards(path) -> list[Path]:
@@ -941,7 +1089,7 @@ def list_shards(path) -> list[Path]:
     non-hidden files in sorted name order (its shards, replayed as one trace)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = _shard_files(path)
         if not files:
             raise TraceFormatError(f"{path}: directory holds no trace shards")
         return files
@@ -950,19 +1098,41 @@ def list_shards(path) -> list[Path]:
     return [path]
 
 
+def _diagnostics(diagnostics: Diagnostics | None, strict: bool) -> Diagnostics:
+    """The Diagnostics a reader reports to: ``diagnostics``, or a new one with ``strict``.
+    ``strict=True`` with a lenient ``diagnostics`` is a ValueError (it was ignored)."""
+    if diagnostics is None:
+        return Diagnostics(strict=bool(strict))
+    if not isinstance(diagnostics, Diagnostics):
+        raise TypeError(f"diagnostics must be a Diagnostics or None, got {type(diagnostics).__name__}")
+    if strict and not diagnostics.strict:
+        raise ValueError("strict=True contradicts diagnostics=Diagnostics(strict=False): give Diagnostics(strict=True), "
+                         "or only one of the two")
+    return diagnostics
+
+
+def check_read_args(fmt, size, chunk_records) -> None:
+    """The arguments every trace reader takes, checked up front (before any file is
+    opened): ``fmt`` one of :data:`FORMATS` or ``"auto"`` (a TraceFormatError, a
+    ValueError, else), ``size`` 1..65535 and ``chunk_records`` 1..2**30 (ValueErrors
+    naming the argument)."""
+    if not isinstance(fmt, str) or (fmt != "auto" and fmt not in _SOURCES):
+        raise TraceFormatError(f"trace format {fmt!r}: must be one of {', '.join(FORMATS)} or auto")
+    _write_size(size)
+    _chunk_records(chunk_records)
+
+
 def open_trace(path, fmt: str = "auto", *, size: int = 8, chunk_records: int = CHUNK_RECORDS,
                diagnostics: Diagnostics | None = None, strict: bool = False) -> TraceSource:
     """A :class:`TraceSource` for one trace file.  ``fmt``: lackey, csv, pinatrace,
-    native or auto.  ``size``: pinatrace write size (1..65535).  A bad ``size`` or
-    ``chunk_records`` is a ValueError naming the argument."""
-    _write_size(size)
-    _positive_int("chunk_records", chunk_records)
-    if diagnostics is None:
-        diagnostics = Diagnostics(strict=strict)
+    native or auto.  ``size``: pinatrace write size (1..65535).  ``chunk_records``:
+    1..:data:`MAX_CHUNK_RECORDS` (2**30).  A bad ``fmt``, ``size`` or ``chunk_records``
+    is a ValueError naming the argument, raised before the file is looked at."""
+    check_read_args(fmt, size, chunk_records)
+    diagnostics = _diagnostics(diagnostics, strict)
+    _trace_file(path)
     if fmt == "auto":
         fmt = detect_format(path)
-    if fmt not in _SOURCES:
-        raise TraceFormatError(f"trace format {fmt!r}: must be one of {', '.join(FORMATS)} or auto")
     kw: dict[str, Any] = {"chunk_records": chunk_records, "diagnostics": diagnostics}
     if fmt == "pinatrace":
         kw["size"] = size
@@ -990,26 +1160,116 @@ def read_trace(path, fmt: str = "auto", **kw) -> np.ndarray:
 # =====================================================================================
 
 
+def _writable(records, first: int) -> dict[str, np.ndarray]:
+    """The columns of ``records`` as written (gpa u64, size u16, rip u64), checked as
+    the readers check them: integer fields, no negative gpa or rip, sizes 1..MAX_SIZE,
+    no write running past the end of the 64-bit address space, no reserved rip.  A bad
+    record is a TraceFormatError naming it (``record first + i``); a chunk that is not
+    a structured array with those fields, a TypeError."""
+    names = records.dtype.names if isinstance(records, np.ndarray) else None
+    if names is None or "gpa" not in names or "size" not in names:
+        raise TypeError("records must be a structured array with integer gpa and size fields (and optionally rip), "
+                        f"got {type(records).__name__}" + (f" of dtype {records.dtype}" if names is None and
+                                                           isinstance(records, np.ndarray) else ""))
+    if records.ndim != 1:
+        raise TypeError(f"records must be a 1-D array, got shape {records.shape}")
+    raw = {c: records[c] for c in ("gpa", "size", "rip") if c in names}
+    n = len(records)
+    for c, a in raw.items():
+        if a.dtype.kind not in "ui":
+            raise TypeError(f"the {c} field must hold integers, got dtype {a.dtype}")
+        if n and a.dtype.kind == "i" and a.min() < 0:
+            j = int(np.argmax(a < 0))
+            raise TraceFormatError(f"record {first + j}: {c} {int(a[j])} is negative")
+    sz = raw["size"]
+    if n and (sz.min() < 1 or sz.max() > MAX_SIZE):
+        j = int(np.argmax((sz < 1) | (sz > MAX_SIZE)))
+        raise TraceFormatError(f"record {first + j}: size {int(sz[j])} out of range (1..{MAX_SIZE})")
+    cols: dict[str, np.ndarray] = {
+        "gpa": np.ascontiguousarray(raw["gpa"], np.uint64), "size": np.ascontiguousarray(sz, np.uint16),
+        "rip": np.ascontiguousarray(raw["rip"], np.uint64) if "rip" in raw else np.full(n, NO_RIP)}
+    wraps = wrapping(cols["gpa"], cols["size"])
+    if len(wraps):
+        j = int(wraps[0])
+        raise TraceFormatError(f"record {first + j}: {wrap_reason(cols['gpa'][j], cols['size'][j])}")
+    if "rip" in raw and n and (cols["rip"] == RIP_CARRY).any():
+        j = int(np.argmax(cols["rip"] == RIP_CARRY))
+        raise TraceFormatError(f"record {first + j}: {_RESERVED}")
+    return cols
+
+
+_NATIVE_SUFFIXES = (".npz", ".parquet", ".pq")
+
+
+def _output_file(path, what: str = "a native trace") -> Path:
+    """``path`` checked as the file a writer will create or replace: not empty, not a
+    directory, in an existing directory.  Errors (a ValueError, else the OSError
+    subclass that fits) name ``path`` and the problem; nothing is created."""
+    if isinstance(path, (str, bytes)) and not str(path).strip():
+        raise ValueError(f"an empty path; give a file name for {what}")
+    p = Path(path)
+    if p.is_dir():
+        raise IsADirectoryError(f"{p} is a directory; give a file name for {what}")
+    parent = p.parent
+    if not parent.exists():
+        raise FileNotFoundError(f"{p}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise NotADirectoryError(f"{p}: {parent} is not a directory")
+    return p
+
+
+def check_native_path(path) -> Path:
+    """``path`` checked as the target of a native trace, as :class:`NativeWriter` checks
+    it before creating anything (callers that do long work before writing check it
+    first): not empty (a ValueError), a ``.npz``, ``.parquet`` or ``.pq`` name (a
+    TraceFormatError), not a directory, in an existing directory (OSErrors naming
+    ``path``), pyarrow installed for Parquet (:class:`MissingDependency`)."""
+    p = _output_file(path, "a native trace (.npz or .parquet)")
+    suffix = p.suffix.lower()
+    if suffix not in _NATIVE_SUFFIXES:
+        raise TraceFormatError(f"{p}: a native trace is written as .npz or .parquet")
+    if suffix != ".npz":
+        _pyarrow_parquet()
+    return p
+
+
+def _temp_dir(target: Path) -> str:
+    """A hidden temporary directory beside ``target`` (list_shards skips it); an
+    OSError names ``target``, not the temporary name."""
+    try:
+        return tempfile.mkdtemp(prefix=".sppkit-trace-", dir=target.parent)
+    except OSError as e:
+        raise type(e)(f"{target}: cannot write in {target.parent}: {_reason(e)}") from None
+
+
 class NativeWriter:
     """Stream records into a native trace: ``.npz`` (columns as uncompressed ``.npy``
-    members, so readers can memory-map them) or ``.parquet`` (pyarrow).  Memory use is
-    one chunk; the ``.npz`` columns are spooled to temporary files beside ``path``
+    members, so readers can memory-map them) or ``.parquet``/``.pq`` (pyarrow).  Memory
+    use is one chunk; the ``.npz`` columns are spooled to temporary files beside ``path``
     and assembled on :meth:`close`, a Parquet file is written beside ``path``: either
     replaces ``path`` only on a successful :meth:`close` (:meth:`abort` leaves an
-    existing file alone)."""
+    existing file alone).
+
+    ``path`` is checked before anything is created: a suffix other than .npz, .parquet
+    or .pq is a TraceFormatError, an empty path a ValueError; a directory, or a path in
+    a directory that does not exist, an OSError (IsADirectoryError, FileNotFoundError...)
+    naming ``path``."""
 
     def __init__(self, path) -> None:
-        self.path = Path(path)
+        self.path = check_native_path(path)
+        suffix = self.path.suffix.lower()
         self.count = 0
         self._closed = False
-        self.parquet = self.path.suffix.lower() in (".parquet", ".pq")
+        self._failed: BaseException | None = None
+        self.parquet = suffix != ".npz"
         if self.parquet:
             pq = _pyarrow_parquet()
             import pyarrow as pa
 
             self._pa = pa
             self._schema = pa.schema([("gpa", pa.uint64()), ("size", pa.uint16()), ("rip", pa.uint64())])
-            self._dir = tempfile.mkdtemp(prefix=".sppkit-trace-", dir=self.path.parent or ".")
+            self._dir = _temp_dir(self.path)
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)  # never closed: no litter
             self._tmp = Path(self._dir) / self.path.name
             try:
                 self._pq = pq.ParquetWriter(str(self._tmp), self._schema)
@@ -1017,61 +1277,84 @@ class NativeWriter:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 raise
         else:
-            if self.path.suffix.lower() != ".npz":
-                raise TraceFormatError(f"{self.path}: a native trace is written as .npz or .parquet")
-            self._dir = tempfile.mkdtemp(prefix=".sppkit-trace-", dir=self.path.parent or ".")
-            self._files = {c: open(os.path.join(self._dir, c), "wb") for c, _ in _COLUMNS}
+            self._dir = _temp_dir(self.path)
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
+            self._files = {}
+            try:
+                for c, _ in _COLUMNS:
+                    self._files[c] = open(os.path.join(self._dir, c), "wb")
+            except BaseException:
+                for f in self._files.values():
+                    f.close()
+                shutil.rmtree(self._dir, ignore_errors=True)
+                raise
 
     def write(self, records: np.ndarray) -> None:
         """Append records (an array of :data:`TRACE_DTYPE`, or any structured array
-        with ``gpa`` and ``size`` fields and optionally ``rip``)."""
+        with integer ``gpa`` and ``size`` fields and optionally ``rip``).  A record the
+        readers would refuse (see :func:`_writable`) is a TraceFormatError naming it;
+        nothing of that call is written.  A write that fails on the way to the disk
+        writes nothing either (.npz), or discards the trace (Parquet: :meth:`abort`)."""
         if self._closed:
-            raise ValueError("writer is closed")
-        n = len(records)
+            why = f" (aborted after a failed write: {self._failed})" if self._failed is not None else ""
+            raise ValueError(f"{self.path}: writer is closed{why}")
+        cols = _writable(records, self.count)
+        n = len(cols["gpa"])
         if n == 0:
             return
-        names = records.dtype.names or ()
-        cols: dict[str, np.ndarray] = {
-            "gpa": np.ascontiguousarray(records["gpa"], np.uint64),
-            "size": np.ascontiguousarray(records["size"], np.uint16),
-            "rip": np.ascontiguousarray(records["rip"], np.uint64) if "rip" in names else np.full(n, NO_RIP),
-        }
         if self.parquet:
-            self._pq.write_table(self._pa.table(cols, schema=self._schema))
+            try:
+                self._pq.write_table(self._pa.table(cols, schema=self._schema))
+            except BaseException as e:
+                self._failed = e
+                self.abort()
+                raise
         else:
-            for c, dt in _COLUMNS:
-                self._files[c].write(cols[c].astype(dt, copy=False).tobytes())
+            at = {c: f.tell() for c, f in self._files.items()}
+            try:
+                for c, dt in _COLUMNS:
+                    self._files[c].write(cols[c].astype(dt, copy=False).tobytes())
+            except BaseException:
+                for c, f in self._files.items():  # the columns stay the same length
+                    f.seek(at[c])
+                    f.truncate()
+                raise
         self.count += n
 
     def close(self) -> None:
+        """Finish the trace: it replaces ``path`` now.  On failure (an OSError naming
+        ``path``) ``path`` is left as it was and the temporary files are removed."""
         if self._closed:
             return
         self._closed = True
-        if self.parquet:
-            try:
-                self._pq.close()
-                os.replace(self._tmp, self.path)
-            finally:
-                shutil.rmtree(self._dir, ignore_errors=True)
-            return
-        tmp = self.path.with_name(f".{self.path.name}.partial")
         try:
-            for f in self._files.values():
-                f.close()
-            with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-                for c, dt in _COLUMNS:
-                    spool = os.path.join(self._dir, c)
-                    with zf.open(c + ".npy", "w", force_zip64=True) as out, open(spool, "rb") as src:
-                        np.lib.format.write_array_header_2_0(
-                            out, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
-                                  "shape": (self.count,)})
-                        shutil.copyfileobj(src, out, 8 << 20)
-                with zf.open("format.npy", "w") as out:
-                    np.lib.format.write_array(out, np.array(NATIVE_VERSION))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
-            shutil.rmtree(self._dir, ignore_errors=True)
+            if self.parquet:
+                try:
+                    self._pq.close()
+                    os.replace(self._tmp, self.path)
+                finally:
+                    shutil.rmtree(self._dir, ignore_errors=True)
+                return
+            tmp = self.path.with_name(f".{self.path.name}.partial")
+            try:
+                for f in self._files.values():
+                    f.close()
+                with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+                    for c, dt in _COLUMNS:
+                        spool = os.path.join(self._dir, c)
+                        with zf.open(c + ".npy", "w", force_zip64=True) as out, open(spool, "rb") as src:
+                            np.lib.format.write_array_header_2_0(
+                                out, {"descr": np.lib.format.dtype_to_descr(dt), "fortran_order": False,
+                                      "shape": (self.count,)})
+                            shutil.copyfileobj(src, out, 8 << 20)
+                    with zf.open("format.npy", "w") as out:
+                        np.lib.format.write_array(out, np.array(NATIVE_VERSION))
+                os.replace(tmp, self.path)
+            finally:
+                tmp.unlink(missing_ok=True)
+                shutil.rmtree(self._dir, ignore_errors=True)
+        except OSError as e:
+            raise type(e)(f"{self.path}: cannot write: {_reason(e)}") from e
 
     def abort(self) -> None:
         """Discard what was written (an error happened)."""
@@ -1109,15 +1392,33 @@ def write_native(path, records: np.ndarray) -> int:
 
 class TraceRecorder:
     """An ``on_write`` observer (``recorder(gpa, size, rip)``) that records a guest's
-    writes into a native trace, a chunk at a time.  Call :meth:`close` at the end."""
+    writes into a native trace, a chunk at a time.  Call :meth:`close` at the end (or
+    :meth:`abort` to discard the trace; as a context manager: close, or abort on an
+    exception).
+
+    ``path`` is checked as :class:`NativeWriter` checks it and ``chunk_records`` is an
+    int 1..:data:`MAX_CHUNK_RECORDS` (a ValueError), both before anything is created.
+    Each record is checked as it is given: ``gpa`` an integer 0..2**64-1, ``size``
+    1..65535, ``gpa + size <= 2**64``, ``rip`` None or an integer 0..2**64-1 other than
+    :data:`RIP_CARRY`; a bad one is a ValueError (TypeError: not an integer) naming it
+    (``record N``, counted from 0) and is not recorded."""
 
     def __init__(self, path, *, chunk_records: int = 1 << 16) -> None:
+        n = _chunk_records(chunk_records)
+        buf = np.empty(n, TRACE_DTYPE)  # before the writer: a failure here leaves no temporary files
         self.writer = NativeWriter(path)
-        self._buf = np.empty(chunk_records, TRACE_DTYPE)
+        self._buf = buf
         self._n = 0
         self.count = 0
 
     def __call__(self, gpa: int, size: int, rip: int | None) -> None:
+        if type(gpa) is not int or type(size) is not int or (rip is not None and type(rip) is not int):
+            gpa, size, rip = self._ints(gpa, size, rip)
+        if not (0 <= gpa and 1 <= size <= MAX_SIZE and gpa + size <= 1 << 64) or \
+                (rip is not None and (not 0 <= rip < 1 << 64 or rip == _RIP_CARRY_INT)):
+            self._refuse(gpa, size, rip)
+        if self.writer._closed:
+            raise ValueError(f"{self.writer.path}: recorder is closed")
         r = self._buf[self._n]
         r["gpa"] = gpa
         r["size"] = size
@@ -1127,14 +1428,60 @@ class TraceRecorder:
         if self._n == len(self._buf):
             self.flush()
 
+    def _ints(self, gpa, size, rip) -> tuple[int, int, int | None]:
+        out: list[int | None] = []
+        for name, v in (("gpa", gpa), ("size", size), ("rip", rip)):
+            if v is None and name == "rip":
+                out.append(None)
+            elif isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"record {self.count}: {name} must be an integer, got {type(v).__name__} {v!r}")
+            else:
+                out.append(int(v))
+        g, s = out[0], out[1]
+        assert g is not None and s is not None
+        return g, s, out[2]
+
+    def _refuse(self, gpa: int, size: int, rip: int | None):
+        where = f"record {self.count}"
+        if not 0 <= gpa < 1 << 64:
+            raise ValueError(f"{where}: gpa {gpa:#x} is outside the 64-bit address space")
+        if not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"{where}: size {size} out of range (1..{MAX_SIZE})")
+        if gpa + size > 1 << 64:
+            raise ValueError(f"{where}: {wrap_reason(gpa, size)}")
+        assert rip is not None
+        if rip == _RIP_CARRY_INT:
+            raise ValueError(f"{where}: {_RESERVED}")
+        raise ValueError(f"{where}: rip {rip:#x} is outside the 64-bit address space")
+
     def flush(self) -> None:
         if self._n:
             self.writer.write(self._buf[: self._n])
             self._n = 0
 
     def close(self) -> None:
-        self.flush()
+        """Write what is buffered and finish the trace (it replaces ``path`` now); on
+        failure the trace is discarded and ``path`` left as it was."""
+        try:
+            self.flush()
+        except BaseException:
+            self.writer.abort()
+            raise
         self.writer.close()
+
+    def abort(self) -> None:
+        """Discard the trace: ``path`` is left as it was."""
+        self._n = 0
+        self.writer.abort()
+
+    def __enter__(self) -> "TraceRecorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -1144,17 +1491,36 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def overwritten_input(src_path, out_path, shard_records: int | None = None) -> Path | None:
-    """The file of trace ``src_path`` (the file, or one of its shards) that converting
-    it into ``out_path`` would overwrite, else None."""
-    out_path = Path(out_path)
-    shards = list_shards(src_path)
-    if shard_records is None:
-        return next((p for p in shards if _same_file(p, out_path)), None)
+def _shard_target(out_path: Path) -> tuple[Path, str]:
+    """Where ``convert_trace(..., shard_records=N)`` writes: ``(directory, shard
+    suffix)``, the directory being ``out_path`` without its suffix."""
     suffix = out_path.suffix if out_path.suffix in (".npz", ".parquet") else ".npz"
     out_dir = out_path if not out_path.suffix else out_path.with_suffix("")
+    return out_dir, suffix
+
+
+def overwritten_input(src_path, out_path, shard_records: int | None = None, *,
+                      shards: list[Path] | None = None) -> Path | None:
+    """The file of trace ``src_path`` (the file, or one of its shards) that converting
+    it into ``out_path`` would overwrite, else None.  ``shards``: ``list_shards(src_path)``
+    if the caller has it."""
+    out_path = Path(out_path)
+    if shards is None:
+        shards = list_shards(src_path)
+    if shard_records is None:
+        return next((p for p in shards if _same_file(p, out_path)), None)
+    out_dir, suffix = _shard_target(out_path)
     part = re.compile(r"part-\d{5,}" + re.escape(suffix))
     return next((p for p in shards if part.fullmatch(p.name) and _same_file(p.parent, out_dir)), None)
+
+
+def _missing_dirs(d: Path) -> list[Path]:
+    """``d`` and its ancestors that do not exist yet, deepest first."""
+    out = []
+    while not d.exists() and d != d.parent:
+        out.append(d)
+        d = d.parent
+    return out
 
 
 def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, strict: bool = False,
@@ -1162,34 +1528,76 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
                   diagnostics: Diagnostics | None = None, progress=None) -> dict:
     """Convert a trace (file or shard directory) into the native format.
 
-    ``out_path``: ``.npz`` or ``.parquet`` file; with ``shard_records``, a directory
-    of shards ``part-00000.npz`` ... of at most that many records each.  IPs are
-    carried across input shards as for one concatenated trace.  Returns counts."""
-    diagnostics = diagnostics if diagnostics is not None else Diagnostics(strict=strict)
+    ``out_path``: ``.npz`` or ``.parquet`` file, replaced only when the conversion
+    succeeds; with ``shard_records`` (1..2**63-1), a directory (``out_path`` without its
+    suffix; created if missing) of shards ``part-00000.npz`` (``.parquet`` if
+    ``out_path`` ends so) ... of at most that many records each.  IPs are carried
+    across input shards as for one concatenated trace.  Returns counts.
+
+    Everything is checked before anything is written: bad arguments are ValueErrors
+    naming them; an ``out_path`` that would overwrite the input is a ValueError; a
+    directory for a single-file output, or a missing parent directory, an OSError.
+    A shard directory that already holds files (anything a replay of the directory
+    would read: regular, non-hidden files) is a FileExistsError: they would be read
+    with the new shards.  A conversion that fails leaves no output behind: the shards
+    it wrote and the directories it created are removed, an existing ``out_path``
+    file is kept."""
+    diagnostics = _diagnostics(diagnostics, strict)
+    check_read_args(fmt, size, chunk_records)
+    if shard_records is not None:
+        shard_records = _positive_int("shard_records", shard_records, MAX_SHARD_RECORDS, "2**63-1")
+    if progress is not None and not callable(progress):
+        raise TypeError(f"progress must be a callable or None, got {type(progress).__name__}")
+    if isinstance(out_path, (str, bytes)) and not str(out_path).strip():
+        raise ValueError("out_path: an empty path; give a file name ending in .npz or .parquet "
+                         "(or a directory with shard_records)")
     out_path = Path(out_path)
     shards = list_shards(src_path)
-    if shard_records is not None:
-        if shard_records < 1:
-            raise ValueError(f"--shard-records {shard_records}: must be positive")
-    clash = overwritten_input(src_path, out_path, shard_records)
+    clash = overwritten_input(src_path, out_path, shard_records, shards=shards)
     if clash is not None:
         raise ValueError(f"{out_path}: would overwrite the input {clash}; write the converted trace elsewhere")
-    if shard_records is not None:
-        suffix = out_path.suffix if out_path.suffix in (".npz", ".parquet") else ".npz"
-        out_dir = out_path if not out_path.suffix else out_path.with_suffix("")
-        out_dir.mkdir(parents=True, exist_ok=True)
+    created: list[Path] = []
+    out_dir, suffix = out_path.parent, out_path.suffix
+    if shard_records is None:
+        if out_path.is_dir():
+            raise IsADirectoryError(f"{out_path} is a directory; a directory of shards needs shard_records")
+        # the other checks of out_path (suffix, parent directory, pyarrow) are NativeWriter's, made before
+        # anything is read or written
+    else:
+        out_dir, suffix = _shard_target(out_path)
+        if suffix == ".parquet":
+            _pyarrow_parquet()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise NotADirectoryError(f"{out_dir} exists and is not a directory; shard_records writes a directory "
+                                     "of shards there")
+        if out_dir.is_dir():
+            old = _shard_files(out_dir)
+            if old:
+                more = ", ..." if len(old) > 1 else ""
+                raise FileExistsError(
+                    f"{out_dir} already holds {len(old)} shard(s) ({old[0].name}{more}); a directory of shards is "
+                    "read whole, so they would be replayed with the new ones: remove them or give another output "
+                    "directory")
+        created = _missing_dirs(out_dir)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            for d in created:
+                _rmdir_quietly(d)
+            raise type(e)(f"{out_dir}: cannot create the directory: {_reason(e)}") from None
     carry = NO_RIP
     total = 0
     writer = None
     shard_no = 0
-    written_files = []
+    written_files: list[Path] = []
 
     def new_writer():
         nonlocal shard_no
         p = out_dir / f"part-{shard_no:05d}{suffix}" if shard_records else out_path
+        w = NativeWriter(p)
         shard_no += 1
         written_files.append(p)
-        return NativeWriter(p)
+        return w
 
     try:
         writer = new_writer()
@@ -1215,5 +1623,17 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
     except BaseException:
         if writer is not None:
             writer.abort()
+        if shard_records is not None:  # shards already closed: ours (the directory held none)
+            for f in written_files:
+                f.unlink(missing_ok=True)
+            for d in created:
+                _rmdir_quietly(d)
         raise
     return {"records": total, "skipped_records": diagnostics.skipped, "files": [str(p) for p in written_files]}
+
+
+def _rmdir_quietly(d: Path) -> None:
+    try:
+        d.rmdir()
+    except OSError:  # not empty (someone else's file), or gone: leave it
+        pass

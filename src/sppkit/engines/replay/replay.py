@@ -23,6 +23,7 @@ chunk plus counters sized by the policy, whatever the trace's length.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import threading
@@ -40,13 +41,18 @@ from .formats import (
     RIP_CARRY,
     Diagnostics,
     MissingDependency,
+    TraceFormatError,
+    check_read_args,
     list_shards,
+    shown,
     open_trace,
+    wrap_reason,
+    wrapping,
 )
 
 __all__ = [
-    "MAX_PROTECTED_PAGES", "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer",
-    "SubCounts", "maps_from_ranges", "replay", "replay_arrays", "replay_shard", "trace_columns",
+    "MAX_CYCLES", "MAX_PROTECTED_PAGES", "CostModel", "PageIndex", "ProtectionModel", "ReplayResult", "ShardResult", "Replayer",
+    "SubCounts", "check_run_args", "maps_from_ranges", "replay", "replay_arrays", "replay_shard", "trace_columns",
 ]
 
 FULL_MAP = 0xFFFF_FFFF
@@ -54,7 +60,6 @@ REGION_2M_PAGES = 512
 _LOOKBACK = 16  # a record of at most 65535 bytes starts at most 16 pages before its last page
 _U64 = np.uint64
 _MAX_GFN = (1 << 52) - 1  # the last 4-KiB page of the 64-bit address space
-_U64_MAX = _U64(0xFFFF_FFFF_FFFF_FFFF)
 
 
 def _int_arg(value, what: str) -> int:
@@ -103,9 +108,12 @@ def _int_column(a, name: str) -> np.ndarray:
     return a
 
 
-def trace_columns(gpa, size, rip=None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def trace_columns(gpa, size, rip=None, *, first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Check and convert write-record columns: ``gpa`` u64, ``size`` u16 (1..65535),
     ``rip`` u64 or None — equal-length 1-D integer arrays (ValueError/TypeError else).
+    A record with a size outside 1..65535 is a :class:`TraceFormatError` (a ValueError)
+    naming it: ``record first + i``.  (A write running past the end of the 64-bit address
+    space is refused, naming its record, by :meth:`PageIndex.select`, at no extra pass.)
     O(1) for columns that already have those dtypes, bar the size range check."""
     gpa, size = _int_column(gpa, "gpa"), _int_column(size, "size")
     r = None if rip is None else _int_column(rip, "rip")
@@ -116,33 +124,51 @@ def trace_columns(gpa, size, rip=None) -> tuple[np.ndarray, np.ndarray, np.ndarr
         return gpa.astype(np.uint64), size.astype(np.uint16), None if r is None else r.astype(np.uint64)
     if size.dtype != np.uint16:
         if size.min() < 1 or size.max() > 0xFFFF:
-            raise ValueError("record sizes must be 1..65535")
+            _bad_size(size, first)
         size = np.ascontiguousarray(size, np.uint16)
     else:
         size = np.ascontiguousarray(size)  # a structured chunk's field is a strided view
         if size.min() < 1:
-            raise ValueError("record sizes must be 1..65535")
+            _bad_size(size, first)
     gpa = np.ascontiguousarray(gpa, np.uint64)
     if r is not None:
         r = np.ascontiguousarray(r, np.uint64)
     return gpa, size, r
 
 
-def _check_wrap(gpa: np.ndarray, size: np.ndarray, cross: np.ndarray) -> None:
-    """A ValueError if a page-crossing record runs past the end of the 64-bit address
-    space (only crossing records can; they are few, so this is cheap)."""
+def _bad_size(size: np.ndarray, first: int):
+    j = int(np.flatnonzero((size < 1) | (size > 0xFFFF))[0])
+    raise TraceFormatError(f"record {first + j}: size {int(size[j])} out of range: record sizes must be 1..65535")
+
+
+def _check_wrap(gpa: np.ndarray, size: np.ndarray, cross: np.ndarray, first: int) -> None:
+    """A :class:`TraceFormatError` naming the first record (``first`` + its index) whose
+    write runs past the end of the 64-bit address space.  Only page-crossing records can
+    (2**64 is a page boundary), and they are few: this is cheap."""
     idx = np.flatnonzero(cross)
-    g = gpa[idx]
-    s = size[idx].astype(np.uint64)
-    wrap = g > (_U64_MAX - s) + _U64(1)  # gpa + size > 2**64
-    if wrap.any():
-        j = int(np.argmax(wrap))
-        raise ValueError(f"a write of {int(s[j])} bytes at gpa {int(g[j]):#x} runs past the 64-bit address space")
+    wraps = wrapping(gpa[idx], size[idx])
+    if len(wraps):
+        j = int(idx[wraps[0]])
+        raise TraceFormatError(f"record {first + j}: {wrap_reason(gpa[j], size[j])}")
 
 
 # =====================================================================================
 # cost model
 # =====================================================================================
+
+
+#: The largest cycle cost per exit (or SPP miss) a :class:`CostModel` takes: totals
+#: (counts of at most ~2**70 exits) stay finite floats, so reports never hold inf or
+#: nan (which JSON cannot carry).
+MAX_CYCLES = 1e12
+
+
+def _cycles(name: str, v) -> None:
+    """A cycle cost: a real number 0..MAX_CYCLES (TypeError / ValueError naming it)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise TypeError(f"CostModel {name}={shown(v)}: must be a number of cycles")
+    if not 0 <= v <= MAX_CYCLES:  # False for nan too; exact for big ints
+        raise ValueError(f"CostModel {name}={shown(v)}: must be a finite number of cycles, 0 to {MAX_CYCLES:g}")
 
 
 @dataclass(frozen=True)
@@ -163,6 +189,10 @@ class CostModel:
 
     Page-granular: every page-granular exit costs one exit.  SPP: every violation costs
     one exit, every SPP miss ``miss_cycles``.
+
+    Each cost is a number 0..:data:`MAX_CYCLES` (1e12; a ValueError else, a TypeError
+    for what is not a number), so that every figure of :meth:`estimate` is a finite
+    float.
     """
 
     exit_cycles: float = 500.0
@@ -174,12 +204,16 @@ class CostModel:
             v = getattr(self, name)
             if v is None and name == "miss_cycles":
                 continue
-            if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
-                raise TypeError(f"CostModel {name}={v!r}: must be a number of cycles")
-            if not np.isfinite(v) or v < 0:
-                raise ValueError(f"CostModel {name}={v!r}: must be a finite, non-negative number of cycles")
+            _cycles(name, v)
 
     def estimate(self, page_granular: int, violations: int, misses: int) -> dict:
+        """Cycles under page-granular protection vs SPP for these counts (integers
+        0..2**64).  ``speedup`` is None when SPP costs nothing (or so little that the
+        ratio is not a finite float); every number is finite."""
+        for name, v in (("page_granular", page_granular), ("violations", violations), ("misses", misses)):
+            if not 0 <= _int_arg(v, f"estimate: {name}") <= 1 << 64:
+                raise ValueError(f"estimate: {name}={v!r}: must be a count, 0..2**64")
+        page_granular, violations, misses = int(page_granular), int(violations), int(misses)
         ck, cu = float(self.exit_cycles), float(self.user_exit_cycles)
         cm = ck if self.miss_cycles is None else float(self.miss_cycles)
         pg_k, pg_u = page_granular * ck, page_granular * cu
@@ -201,7 +235,11 @@ class CostModel:
 
 
 def _ratio(a: float, b: float) -> float | None:
-    return None if b == 0 else a / b
+    """a / b, or None when b is 0 or the ratio overflows (a tiny SPP cost)."""
+    if b == 0:
+        return None
+    r = a / b
+    return r if math.isfinite(r) else None
 
 
 # =====================================================================================
@@ -344,9 +382,10 @@ class PageIndex:
         return np.where(self.gfns[pos] == pages, pos, -1)
 
     # -- the per-chunk pass ----------------------------------------------------------------
-    def _crossing(self, gpa: np.ndarray, size: np.ndarray) -> tuple[int, np.ndarray, int]:
+    def _crossing(self, gpa: np.ndarray, size: np.ndarray, first: int = 0) -> tuple[int, np.ndarray, int]:
         """(accesses after page splitting, mask of records that cross a page boundary,
-        how many do); a ValueError for a record that runs past the 64-bit space."""
+        how many do); a TraceFormatError naming the record (``first`` + its index) that
+        runs past the 64-bit space, if one does."""
         n = len(gpa)
         sc = self._scratch
         t = sc.get("u32", n, np.uint32)
@@ -357,7 +396,7 @@ class PageIndex:
         np.greater(t, np.uint32(4096), out=cross)
         ncross = int(np.count_nonzero(cross))
         if ncross:
-            _check_wrap(gpa, size, cross)
+            _check_wrap(gpa, size, cross, first)
         if ncross == 0 or int(size.max()) <= 4096:
             return n + ncross, cross, ncross
         np.add(t, np.uint32(4095), out=t)
@@ -365,7 +404,8 @@ class PageIndex:
         return int(t.sum(dtype=np.int64)), cross, ncross
 
     def count_accesses(self, gpa: np.ndarray, size: np.ndarray) -> int:
-        """Accesses after page splitting: one per 4-KiB page each record touches."""
+        """Accesses after page splitting: one per 4-KiB page each record touches (a
+        TraceFormatError for a record that runs past the 64-bit address space)."""
         if len(gpa) == 0:
             return 0
         return self._crossing(gpa, size)[0]
@@ -422,11 +462,14 @@ class PageIndex:
         a_end = np.minimum(end[rep] - (k << 12), 4096)
         return page, a_off, a_end - a_off, idx[rep]
 
-    def select(self, gpa: np.ndarray, size: np.ndarray):
+    def select(self, gpa: np.ndarray, size: np.ndarray, *, first: int = 0):
+        """See the class docstring.  Pure: changes nothing but scratch buffers.  A record
+        that runs past the end of the 64-bit address space is a TraceFormatError naming
+        it as ``record first + i``."""
         n = len(gpa)
         if n == 0:
             return 0, []
-        accesses, cross, ncross = self._crossing(gpa, size)
+        accesses, cross, ncross = self._crossing(gpa, size, first)
         if self.n == 0:
             return accesses, []
         if self.direct is None:
@@ -588,7 +631,10 @@ class SubCounts:
 def maps_from_ranges(ranges: Iterable[tuple[int, int]], *, limit: int = MAX_PROTECTED_PAGES):
     """Access maps of byte ranges ``(start, length)``, rounded out to whole sub-pages
     (as :meth:`sppkit.policy.Policy.access_maps`), computed with numpy:
-    ``(gfns u64 sorted, maps int64)``, pages with something protected only."""
+    ``(gfns u64 sorted, maps int64)``, pages with something protected only.  ``limit``:
+    the most pages the ranges may cover, 0..:data:`MAX_PROTECTED_PAGES`."""
+    if not 0 <= _int_arg(limit, "limit") <= MAX_PROTECTED_PAGES:
+        raise ValueError(f"limit={limit!r}: must be 0..{MAX_PROTECTED_PAGES:,} pages")
     pages, clear = [], []
     total = 0
     for i, item in enumerate(ranges):
@@ -766,29 +812,56 @@ class Replayer:
 
     def feed_columns(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None = None) -> None:
         """Contiguous columns: ``gpa`` u64, ``size`` (1..65535, any integer dtype),
-        ``rip`` u64 or None (unknown); see :func:`trace_columns`."""
-        gpa, size, rip = trace_columns(gpa, size, rip)
+        ``rip`` u64 or None (unknown); see :func:`trace_columns`.
+
+        A bad record (a size outside 1..65535, a write running past the end of the 64-bit
+        address space, or -- unless the chunks come from a trace reader, ``carry=True``
+        -- a violating record whose rip is :data:`RIP_CARRY`) is a TraceFormatError
+        naming it as ``record N``, counted from the first record fed to this Replayer;
+        the call then changes no counter: every slice is computed before any is counted."""
+        first = self.result.writes
+        gpa, size, rip = trace_columns(gpa, size, rip, first=first)
         n = len(gpa)
         if n == 0:
             return
         step = self.SLICE
-        for k in range(0, n, step):
-            self._feed(gpa[k : k + step], size[k : k + step], None if rip is None else rip[k : k + step])
+        if n <= step:
+            self._apply(self._slice(gpa, size, rip, first))
+            return
+        done = [self._slice(gpa[k : k + step], size[k : k + step], None if rip is None else rip[k : k + step],
+                            first + k) for k in range(0, n, step)]
+        for counts in done:
+            self._apply(counts)
 
-    def _feed(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None) -> None:
+    def _slice(self, gpa: np.ndarray, size: np.ndarray, rip: np.ndarray | None, first: int) -> tuple:
+        """The counts of one slice of records (``first``: the index of its first record),
+        computed without changing :attr:`result`: ``(writes, accesses, parts)``."""
+        accesses, parts = self.model.index.select(gpa, size, first=first)
+        return len(gpa), accesses, [self._count(part, rip, first) for part in parts]
+
+    def _apply(self, counts: tuple) -> None:
         r = self.result
-        n = len(gpa)
-        r.writes += n
-        accesses, parts = self.model.index.select(gpa, size)
+        writes, accesses, parts = counts
+        r.writes += writes
         r.accesses += accesses
-        for part in parts:
-            self._count(part, rip)
+        for pid, wkeys, viol in parts:
+            r.page_granular += len(pid)
+            _accumulate(r.pg_per_page, pid)
+            r.writes_per_sub.add(wkeys)
+            if viol is None:
+                continue
+            vp, vkeys, u, c = viol
+            r.violations += len(vp)
+            _accumulate(r.viol_per_page, vp)
+            r.viol_per_sub.add(vkeys)
+            d = r.ip_counts
+            for ip, k in zip(u.tolist(), c.tolist()):
+                d[ip] = d.get(ip, 0) + k
 
-    def _count(self, part, rip: np.ndarray | None) -> None:
-        r = self.result
+    def _count(self, part, rip: np.ndarray | None, first: int) -> tuple:
+        """The counts of one part of :meth:`PageIndex.select`: ``(pid, sub-page write
+        keys, violations)``, violations None or ``(pids, sub-page keys, rips, counts)``."""
         pid, off, length, src = part
-        r.page_granular += len(pid)
-        _accumulate(r.pg_per_page, pid)
         s0, s1, touched = _touched(off, length)
         amap = self.model.maps[pid]
         denied = touched & ~amap & FULL_MAP
@@ -797,22 +870,18 @@ class Replayer:
         else:
             viol = denied != 0
         base = pid * 32
-        r.writes_per_sub.add(_expand_bits(base, s0, s1, touched))
+        wkeys = _expand_bits(base, s0, s1, touched)
         nv = int(np.count_nonzero(viol))
         if nv == 0:
-            return
-        r.violations += nv
-        vp = pid[viol]
-        _accumulate(r.viol_per_page, vp)
-        r.viol_per_sub.add(_expand_bits(base[viol], s0[viol], s1[viol], denied[viol]))
+            return pid, wkeys, None
+        vkeys = _expand_bits(base[viol], s0[viol], s1[viol], denied[viol])
         rips = rip[src[viol]] if rip is not None else np.full(nv, NO_RIP)
         u, c = np.unique(rips, return_counts=True)
         if not self._carry and (u[-2:] == RIP_CARRY).any():  # sorted: RIP_CARRY, if any, is just before NO_RIP
-            raise ValueError(f"rip {int(RIP_CARRY):#x} is reserved (sppkit's marker for an IP carried over "
-                             "from the previous shard); it cannot be a record's rip")
-        d = r.ip_counts
-        for ip, k in zip(u.tolist(), c.tolist()):
-            d[ip] = d.get(ip, 0) + k
+            j = int(src[viol][rips == RIP_CARRY].min())
+            raise TraceFormatError(f"record {first + j}: rip {int(RIP_CARRY):#x} is reserved (sppkit's marker for "
+                                   "an IP carried over from the previous shard); it cannot be a record's rip")
+        return pid, wkeys, (pid[viol], vkeys, u, c)
 
 
 # =====================================================================================
@@ -825,10 +894,11 @@ class ReplayResult:
 
     def __init__(self, counters: ShardResult, model: ProtectionModel, *, cost: CostModel | None = None,
                  elapsed: float | None = None, trace: str | None = None) -> None:
+        _cost_arg(cost)
         self.c = counters
         self.model = model
         self.cost = cost or CostModel()
-        self.elapsed = elapsed
+        self.elapsed = _elapsed_arg(elapsed)
         self.trace = trace
 
     # -- headline numbers -----------------------------------------------------------------
@@ -962,13 +1032,56 @@ class ReplayResult:
         }
         if self.elapsed is not None:
             d["elapsed_seconds"] = self.elapsed
-            d["writes_per_second"] = self.writes / self.elapsed if self.elapsed > 0 else None
+            d["writes_per_second"] = _ratio(self.writes, self.elapsed)
         return d
+
+
+def _cost_arg(cost) -> None:
+    if cost is not None and not isinstance(cost, CostModel):
+        raise TypeError(f"cost must be a CostModel or None, got {type(cost).__name__}")
+
+
+def _elapsed_arg(elapsed) -> float | None:
+    """``elapsed`` (seconds) as a finite float >= 0, or None; else a ValueError/TypeError."""
+    if elapsed is None:
+        return None
+    if isinstance(elapsed, (bool, np.bool_)) or not isinstance(elapsed, (int, float, np.integer, np.floating)):
+        raise TypeError(f"elapsed={elapsed!r}: must be a number of seconds or None")
+    if not 0 <= elapsed < math.inf:
+        raise ValueError(f"elapsed={elapsed!r}: must be a finite number of seconds >= 0")
+    return float(elapsed)
 
 
 # =====================================================================================
 # drivers
 # =====================================================================================
+
+
+def check_run_args(fmt, size, chunk_records, cost, *, dask: bool, scheduler, workers, callbacks=()) -> None:
+    """The arguments of :func:`replay` and :func:`~sppkit.engines.replay.sweep.sweep`,
+    checked before any trace is read or any dask cluster started: the readers' (see
+    :func:`~sppkit.engines.replay.formats.check_read_args`), ``cost`` a CostModel or None,
+    ``scheduler`` (a non-empty address) and ``workers`` (an int >= 1) only with ``dask``
+    and not together, ``callbacks`` ``(name, value)`` pairs callable or None."""
+    check_read_args(fmt, size, chunk_records)
+    _cost_arg(cost)
+    if scheduler is not None:
+        if not isinstance(scheduler, str) or not scheduler.strip():
+            raise ValueError(f"scheduler={scheduler!r}: must be the address of a dask scheduler "
+                             "(e.g. tcp://host:8786)")
+        if not dask:
+            raise ValueError("scheduler needs dask=True")
+    if workers is not None:
+        if isinstance(workers, (bool, np.bool_)) or not isinstance(workers, (int, np.integer)) or workers < 1:
+            raise ValueError(f"workers={workers!r}: must be a positive integer (threads of the local dask cluster)")
+        if not dask:
+            raise ValueError("workers needs dask=True (it sets the threads of the local dask cluster)")
+        if scheduler is not None:
+            raise ValueError("workers sets the threads of a local dask cluster; the cluster behind scheduler has "
+                             "its own workers")
+    for name, fn in callbacks:
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be a callable or None, got {type(fn).__name__}")
 
 
 def replay_arrays(model: ProtectionModel, chunks: Iterable) -> ReplayResult:
@@ -1024,7 +1137,15 @@ def replay(trace, model: ProtectionModel, fmt: str = "auto", *, size: int = 8, s
     ``dask``: replay the shards as tasks on a dask.distributed cluster (``scheduler``:
     its address; default a LocalCluster in this process) and merge the results in
     shard order — identical counters to the single-process run.
+
+    Every argument is checked before the trace is read (see :func:`check_run_args`):
+    ``chunk_records`` 1..2**30, ``size`` 1..65535, ``fmt`` a format or "auto", ``cost``
+    a CostModel, ``scheduler``/``workers`` only with ``dask``.
     """
+    if not isinstance(model, ProtectionModel):
+        raise TypeError(f"replay needs a ProtectionModel, got {type(model).__name__}")
+    check_run_args(fmt, size, chunk_records, cost, dask=dask, scheduler=scheduler, workers=workers,
+                   callbacks=(("on_warning", on_warning),))
     shards = list_shards(trace)
     t0 = time.perf_counter()
     kw = {"size": size, "strict": strict, "chunk_records": chunk_records}

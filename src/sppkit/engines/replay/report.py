@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,9 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .formats import MissingDependency
+from .formats import MissingDependency, _output_file, _reason
 
-__all__ = ["plot_replay", "print_replay", "print_sweep"]
+__all__ = ["check_plot_path", "plot_replay", "print_replay", "print_sweep"]
 
 
 def _n(v) -> str:
@@ -105,20 +106,52 @@ def print_sweep(d: dict, console: Console) -> None:
     console.print(t)
 
 
-def plot_replay(result, path, *, max_pages: int = 48) -> Path:
-    """A PNG: left, a heat map of the most-written protected pages × their 32 sub-pages
-    (accesses touching each sub-page, log scale; protected sub-pages outlined, violated
-    ones marked); right, exits under page-granular protection vs SPP."""
-    if isinstance(max_pages, (bool, np.bool_)) or not isinstance(max_pages, (int, np.integer)) or max_pages < 0:
-        raise ValueError(f"max_pages={max_pages!r}: must be an integer >= 0")
+def _matplotlib():
     try:
         import matplotlib
 
         matplotlib.use("Agg", force=True)
-        import matplotlib.pyplot as plt
-        from matplotlib.colors import LogNorm
     except ImportError:
         raise MissingDependency("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
+    return matplotlib
+
+
+def check_plot_path(path) -> tuple[Path, str]:
+    """``path`` checked as :func:`plot_replay`'s output (callers check it before the
+    replay whose result it draws): ``(path, format)``, the format named by the suffix
+    (none: png).  An empty path or a suffix matplotlib cannot write is a ValueError; a
+    directory or a missing parent directory an OSError naming ``path``; no matplotlib a
+    :class:`MissingDependency`."""
+    p = _output_file(path, "the plot (e.g. replay.png)")
+    _matplotlib()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    fmt = p.suffix[1:].lower() or "png"
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in kinds:
+        raise ValueError(f"{p}: matplotlib cannot write .{fmt} files; use .png "
+                         f"(or {', '.join('.' + k for k in sorted(kinds) if k != 'png')})")
+    return p, fmt
+
+
+def plot_replay(result, path, *, max_pages: int = 48) -> Path:
+    """A PNG: left, a heat map of the most-written protected pages × their 32 sub-pages
+    (accesses touching each sub-page, log scale; protected sub-pages outlined, violated
+    ones marked); right, exits under page-granular protection vs SPP.
+
+    ``path``: the file to write, exactly that name (PNG, or the format its suffix names:
+    .svg, .pdf...); returned.  Checked before anything is drawn: a directory, a missing
+    parent directory (OSErrors naming ``path``) or a suffix matplotlib cannot write (a
+    ValueError).  An existing file is replaced only when the plot is complete."""
+    from .replay import ReplayResult
+
+    if not isinstance(result, ReplayResult):
+        raise TypeError(f"plot_replay needs a ReplayResult, got {type(result).__name__}")
+    if isinstance(max_pages, (bool, np.bool_)) or not isinstance(max_pages, (int, np.integer)) or max_pages < 0:
+        raise ValueError(f"max_pages={max_pages!r}: must be an integer >= 0")
+    path, fmt = check_plot_path(path)
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
 
     c = result.c
     gfns = result.model.gfns
@@ -168,7 +201,13 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
                    "cycles", fontsize=8)
     fig.suptitle(f"sppkit replay: {result.writes:,} writes, {result.accesses:,} accesses")
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        fig.savefig(tmp, dpi=110, format=fmt)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise type(e)(f"{path}: cannot write: {_reason(e)}") from None
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
     return path

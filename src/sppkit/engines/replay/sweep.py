@@ -20,8 +20,8 @@ import numpy as np
 
 from ...arch.processor import SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST, SPP_WRITE_CHECKS
 from .formats import CHUNK_RECORDS, Diagnostics, list_shards, open_trace
-from .replay import (CostModel, PageIndex, _accumulate, _byte_range, _replay_dask_generic, _want_progress,
-                     trace_columns)
+from .replay import (CostModel, PageIndex, _accumulate, _byte_range, _cost_arg, _elapsed_arg, _replay_dask_generic,
+                     _top_arg, _want_progress, check_run_args, trace_columns)
 
 __all__ = ["SweepModel", "SweepCounters", "SweepRow", "sweep", "sweep_shard", "candidates_from_elf",
            "candidates_from_policy"]
@@ -133,9 +133,9 @@ class SweepModel:
         return SweepCounters(hist=np.zeros(self.npages * 1024, np.int64))
 
     def feed_columns(self, c: "SweepCounters", gpa, size) -> None:
-        gpa, size, _ = trace_columns(gpa, size)
+        gpa, size, _ = trace_columns(gpa, size, first=c.writes)
+        accesses, parts = self.index.select(gpa, size, first=c.writes)  # may refuse a record: nothing counted yet
         c.writes += len(gpa)
-        accesses, parts = self.index.select(gpa, size)
         c.accesses += accesses
         for pid, off, length, _src in parts:
             s0 = off >> 7
@@ -221,7 +221,16 @@ class SweepResult:
     trace: str | None = None
     cost: CostModel | None = None
 
+    def __post_init__(self) -> None:
+        _cost_arg(self.cost)
+        elapsed = _elapsed_arg(self.elapsed)
+        if elapsed is None:
+            raise TypeError("elapsed=None: a sweep's elapsed time is a number of seconds")
+        self.elapsed = elapsed
+
     def to_dict(self, top: int | None = None) -> dict:
+        """The report: ``top`` rows (an int >= 0; None: all)."""
+        top = _top_arg(top)
         rows = self.rows if top is None else self.rows[:top]
         return {
             "trace": self.trace, "shards": len(self.counters.files), "formats": sorted(set(self.counters.formats)),
@@ -237,9 +246,14 @@ def sweep(trace, model: SweepModel, fmt: str = "auto", *, sort: str = "avoided",
           strict: bool = False, chunk_records: int = CHUNK_RECORDS, progress: bool = False, dask: bool = False,
           scheduler: str | None = None, workers: int | None = None, cost: CostModel | None = None) -> SweepResult:
     """One pass over a trace (file or shard directory) for every candidate of ``model``;
-    rows sorted by ``sort`` (avoided, page, spp, name, address)."""
-    if sort not in _SORT_KEYS:
+    rows sorted by ``sort`` (avoided, page, spp, name, address).  Every argument is
+    checked before the trace is read (as :func:`~sppkit.engines.replay.replay` checks
+    its own)."""
+    if not isinstance(model, SweepModel):
+        raise TypeError(f"sweep needs a SweepModel, got {type(model).__name__}")
+    if not isinstance(sort, str) or sort not in _SORT_KEYS:
         raise ValueError(f"sort {sort!r}: must be one of {', '.join(_SORT_KEYS)}")
+    check_run_args(fmt, size, chunk_records, cost, dask=dask, scheduler=scheduler, workers=workers)
     shards = list_shards(trace)
     t0 = time.perf_counter()
     kw: dict[str, Any] = {"size": size, "strict": strict, "chunk_records": chunk_records}
