@@ -13,8 +13,6 @@ from . import __version__
 from .engines.base import MAX_TIMEOUT  # (the engines' own limit: one rule)
 from .usecases.monitor import timeout_option
 
-#: Native trace suffixes (as sppkit.engines.replay.NativeWriter writes them).
-TRACE_SUFFIXES = (".npz", ".parquet", ".pq")
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
@@ -152,24 +150,14 @@ def _memory_option(ctx, param, value):
 
 
 def _trace_path(path: str, option: str) -> str:
-    """``path`` if a native trace can be written there: not empty, .npz/.parquet, in an
-    existing directory (checked before the work whose output it receives)."""
-    if not path.strip():
-        raise click.BadParameter("an empty path; give a file name ending in .npz or .parquet", param_hint=option)
-    if os.path.splitext(path)[1].lower() not in TRACE_SUFFIXES:
-        raise click.BadParameter(f"{path}: a native trace is written as .npz or .parquet (pyarrow)",
-                                 param_hint=option)
-    parent = os.path.dirname(path) or "."
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"{path}: directory {parent} does not exist", param_hint=option)
-    if os.path.isdir(path):
-        raise click.BadParameter(f"{path} is a directory", param_hint=option)
-    if os.path.splitext(path)[1].lower() != ".npz":
-        import importlib.util
+    """``path`` if a native trace can be written there (formats.check_native_path, as
+    the writer checks it), checked before the work whose output it receives."""
+    from .engines.replay.formats import check_native_path
 
-        if importlib.util.find_spec("pyarrow") is None:
-            raise click.BadParameter(f"{path}: Parquet needs pyarrow, which is not installed "
-                                     "(pip install 'sppkit[parquet]'); or write .npz", param_hint=option)
+    try:
+        check_native_path(path)
+    except (ValueError, OSError, RuntimeError) as e:  # (RuntimeError: MissingDependency, no pyarrow)
+        raise click.BadParameter(str(e), param_hint=option) from None
     return path
 
 

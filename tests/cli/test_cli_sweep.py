@@ -357,16 +357,16 @@ CONVERT = [
     case("in-empty-directory", ["{dir}", "{out}"], "no trace shards"),
     case("in-text-file", ["{text}", "{out}"], "cannot tell the trace format"),
     # an empty OUT said ".: a native trace is written as .npz or .parquet"
-    case("out-empty", ["{lackey}", ""], "'OUT'", "an empty path"),
-    case("out-wrong-suffix", ["{lackey}", "{text}"], "'OUT'", ".npz or .parquet"),
-    case("out-directory", ["{lackey}", "{dir}"], "'OUT'", ".npz or .parquet"),
+    case("out-empty", ["{lackey}", ""], "an empty path"),
+    case("out-wrong-suffix", ["{lackey}", "{text}"], "notes.txt", ".npz or .parquet"),
+    case("out-directory", ["{lackey}", "{dir}"], "is a directory", "--shard-records"),
     # a missing directory leaked a temporary name: "No such file or directory: '.../.sppkit-trace-xxxx'"
-    case("out-missing-directory", ["{lackey}", "{nodir}"], "'OUT'", "nodir does not exist"),
+    case("out-missing-directory", ["{lackey}", "{nodir}"], "nodir does not exist"),
     case("out-is-in", ["{fakenpz}", "{fakenpz}", "--format", "lackey"], "would overwrite the input"),
     # shards left from an earlier conversion were replayed with the new ones
-    case("out-has-old-shards", ["{lackey}", "{shards}", "--shard-records", "2"], "'OUT'", "already holds 1 shard"),
-    case("out-shards-onto-file", ["{lackey}", "{lackey}.npz", "--shard-records", "2"], "'OUT'",
-         "is not a directory"),
+    case("out-has-old-shards", ["{lackey}", "{shards}", "--shard-records", "2"], "already holds 1 shard"),
+    case("out-shards-onto-file", ["{lackey}", "{lackey}.npz", "--shard-records", "2"],
+         "is not a directory", "--shard-records"),
     case("format-unknown", ["{lackey}", "{out}", "--format", "x"], "'--format'"),
     case("size-0", ["{lackey}", "{out}", "--size", "0"], "'--size'"),
     case("shard-records-0", ["{lackey}", "{out}", "--shard-records", "0"], "'--shard-records'"),
@@ -577,7 +577,7 @@ SPPKIT = Path(sys.executable).with_name("sppkit")
     pytest.param(["run", "{bin}", *FLAT, "--timeout", BIG], ["'--timeout'"], id="run-timeout-2**64"),
     pytest.param(["replay", "{lackey}", "--protect", "0:1", "--exit-cycles", "1e308", "--json"],
                  ["'--exit-cycles'"], id="replay-exit-cycles-1e308"),
-    pytest.param(["trace", "convert", "{lackey}", ""], ["'OUT'"], id="convert-out-empty"),
+    pytest.param(["trace", "convert", "{lackey}", ""], ["an empty path"], id="convert-out-empty"),
     pytest.param(["bogus"], ["No such command", "'sppkit --help'"], id="unknown-command"),
 ])
 def test_console_script_one_line_errors(files, args, needles):

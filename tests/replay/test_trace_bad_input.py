@@ -1026,7 +1026,7 @@ def test_convert_checks_its_arguments_before_writing(tmp_path, kw, match):
 
 @pytest.mark.parametrize("out, exc, match", [
     ("", ValueError, "an empty path"),
-    ("{dir}", IsADirectoryError, "is a directory; a directory of shards needs shard_records"),
+    ("{dir}", IsADirectoryError, "is a directory; a directory of shards needs --shard-records"),
     ("{tmp}/nodir/x.npz", FileNotFoundError, r"x\.npz: directory .*nodir does not exist"),
     ("{tmp}/x.txt", TraceFormatError, r"x\.txt: a native trace is written as \.npz or \.parquet"),
 ])

@@ -1,6 +1,6 @@
 """``sppkit replay`` and ``sppkit trace`` (registered on the main group in sppkit.cli).
 
-Heavy imports happen inside the commands; errors a user can cause are ValueError /
+Heavy imports (matplotlib, pyarrow, dask) happen inside the commands; errors a user can cause are ValueError /
 RuntimeError subclasses, printed as one line by the main group.
 """
 
@@ -12,14 +12,13 @@ import sys
 
 import click
 
+# The API's bounds, one rule: click shows and checks them for --chunk-records and the
+# cycle costs.
+from .formats import MAX_CHUNK_RECORDS as _MAX_CHUNK
+from .replay import MAX_CYCLES as _MAX_CYCLES
+
 _FORMATS = ["auto", "lackey", "csv", "pinatrace", "native"]
 _CHUNK = 1 << 20
-#: The largest --chunk-records: 2**30 records is ~100 GiB of chunk buffers; larger
-#: values overflowed readers (Parquet batch sizes are C longs).
-_MAX_CHUNK = 1 << 30
-#: The largest cycle cost per exit: totals (at most 2**64 exits) stay finite floats,
-#: so the JSON report never holds Infinity.
-_MAX_CYCLES = 1e12
 
 
 def _warn(msg: str) -> None:
@@ -50,25 +49,17 @@ def _report_unreadable(what: str, records: int, skipped: int, examples: list[str
 
 
 def _plot_option(ctx, param, value):
-    """--plot FILE: checked before the replay whose result it draws."""
+    """--plot FILE: checked (report.check_plot_path, as plot_replay checks it) before
+    the replay whose result it draws."""
     if value is None:
         return None
-    if not value.strip():
-        raise click.BadParameter("an empty path; give a file name such as replay.png")
-    parent = os.path.dirname(value) or "."
-    if not os.path.isdir(parent):
-        raise click.BadParameter(f"{value}: directory {parent} does not exist")
-    suffix = os.path.splitext(value)[1].lower().lstrip(".")
-    try:
-        from matplotlib.backend_bases import FigureCanvasBase
-    except ImportError:
-        raise click.BadParameter("needs matplotlib, which is not installed: pip install matplotlib") from None
-    kinds = FigureCanvasBase.get_supported_filetypes()
-    if suffix and suffix not in kinds:
-        raise click.BadParameter(f"{value}: matplotlib cannot write .{suffix} files; use .png "
-                                 f"(or {', '.join('.' + k for k in sorted(kinds) if k != 'png')})")
-    return value
+    from .report import check_plot_path
 
+    try:
+        check_plot_path(value)
+    except (ValueError, OSError, RuntimeError) as e:  # (RuntimeError: MissingDependency, no matplotlib)
+        raise click.BadParameter(str(e)) from None
+    return value
 
 def _non_empty(ctx, param, value):
     if value is not None and not value.strip():
@@ -376,38 +367,10 @@ def convert(src, out, fmt, pin_size, strict, shard_records, chunk_records, as_js
     import json
     import time
 
-    from .formats import Diagnostics, convert_trace, overwritten_input
+    from .formats import Diagnostics, convert_trace
 
-    if not out.strip():
-        raise click.BadParameter("an empty path; give a file name ending in .npz or .parquet", param_hint="'OUT'")
-    suffix = os.path.splitext(out)[1].lower()
-    if shard_records is None:
-        if suffix not in (".npz", ".parquet", ".pq"):
-            raise click.BadParameter(f"{out}: a native trace is written as .npz or .parquet (or give "
-                                     "--shard-records for a directory of shards)", param_hint="'OUT'")
-        if os.path.isdir(out):
-            raise click.BadParameter(f"{out} is a directory; a directory of shards needs --shard-records",
-                                     param_hint="'OUT'")
-        parent = os.path.dirname(out) or "."
-        if not os.path.isdir(parent):
-            raise click.BadParameter(f"{out}: directory {parent} does not exist", param_hint="'OUT'")
-    clash = overwritten_input(src, out, shard_records)
-    if clash is not None:
-        raise click.UsageError(f"OUT {out} would overwrite the input file {clash}; "
-                               f"write the converted trace to another path")
-    if shard_records is not None:
-        out_dir = out if not suffix else os.path.splitext(out)[0]
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-            raise click.BadParameter(f"{out_dir} exists and is not a directory; --shard-records writes a "
-                                     "directory of shards there", param_hint="'OUT'")
-        shard_suffix = suffix if suffix in (".npz", ".parquet") else ".npz"
-        old = sorted(f for f in os.listdir(out_dir) if f.startswith("part-") and f.endswith(shard_suffix)) \
-            if os.path.isdir(out_dir) else []
-        if old:
-            raise click.BadParameter(
-                f"{out_dir} already holds {len(old)} shard(s) ({old[0]}, ...); shards left from an earlier "
-                "conversion would be replayed with the new ones: remove them or give another OUT",
-                param_hint="'OUT'")
+    # OUT (empty, suffix, a directory, a missing parent, the input itself, old shards)
+    # is checked by convert_trace before anything is read or written: one rule.
     diag = Diagnostics(strict=strict)
     t0 = time.perf_counter()
     bar, on_chunk = _convert_progress(progress)

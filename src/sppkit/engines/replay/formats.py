@@ -1560,7 +1560,8 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
     out_dir, suffix = out_path.parent, out_path.suffix
     if shard_records is None:
         if out_path.is_dir():
-            raise IsADirectoryError(f"{out_path} is a directory; a directory of shards needs shard_records")
+            raise IsADirectoryError(f"{out_path} is a directory; a directory of shards needs --shard-records "
+                                    "(shard_records= in Python)")
         # the other checks of out_path (suffix, parent directory, pyarrow) are NativeWriter's, made before
         # anything is read or written
     else:
@@ -1568,8 +1569,8 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
         if suffix == ".parquet":
             _pyarrow_parquet()
         if out_dir.exists() and not out_dir.is_dir():
-            raise NotADirectoryError(f"{out_dir} exists and is not a directory; shard_records writes a directory "
-                                     "of shards there")
+            raise NotADirectoryError(f"{out_dir} exists and is not a directory; --shard-records (shard_records=) "
+                                     "writes a directory of shards there")
         if out_dir.is_dir():
             old = _shard_files(out_dir)
             if old:
