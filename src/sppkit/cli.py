@@ -331,10 +331,15 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
                       "reach the VMM and are recorded (the rest run on the CPU); use --engine unicorn to record "
                       "every write")
         result = eng.run()
-    finally:
-        eng.close()
+    except BaseException:
+        if recorder is not None:
+            recorder.abort()  # a run that failed leaves no half-written trace
+        raise
+    else:
         if recorder is not None:
             recorder.close()
+    finally:
+        eng.close()
     if as_json:
         click.echo(json.dumps(result.to_dict(), allow_nan=False))
     else:

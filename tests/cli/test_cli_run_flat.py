@@ -110,3 +110,32 @@ def test_demo_engine_reaches_every_guest_part(monkeypatch):
     r = CliRunner().invoke(main, ["demo", "--engine", "unicorn"])
     assert r.exit_code == 0, r.output
     assert seen == dict.fromkeys(("demo_monitor", "demo_device", "demo_checkpoint", "demo_guard"), "unicorn")
+
+
+def test_record_writes_the_trace_of_a_run(tmp_path):
+    from sppkit.engines.replay import read_trace
+
+    out = tmp_path / "w.npz"
+    r = _run(tmp_path, "--protect", "0x401000:8", "--record", str(out))
+    assert r.exit_code == 3, r.output
+    recs = read_trace(out)
+    assert [(int(g), int(s)) for g, s in zip(recs["gpa"], recs["size"])] == [(0x401000, 8)]
+
+
+def test_record_of_a_failed_run_leaves_no_file(tmp_path, monkeypatch):
+    """A run that raises (here: after its writes were recorded) used to close the
+    recorder and leave a trace of part of a run; it is aborted: no file, no
+    temporary directory."""
+    from sppkit.engines.unicorn import UnicornEngine
+
+    real_run = UnicornEngine.run
+
+    def failing_run(self, *a, **kw):
+        real_run(self, *a, **kw)
+        raise RuntimeError("the engine failed")
+
+    monkeypatch.setattr(UnicornEngine, "run", failing_run)
+    out = tmp_path / "w.npz"
+    r = _run(tmp_path, "--protect", "0x401000:8", "--record", str(out))
+    assert r.exit_code != 0 and "the engine failed" in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guest.bin"]
