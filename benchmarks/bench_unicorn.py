@@ -27,7 +27,12 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
 Each figure is the best of ``--reps`` runs, interleaved across contenders; times are
 the process's CPU time (all threads) for the run only, set-up excluded on both sides.
 
+(c) With --breakdown: the stress loop at 1 in 101 with the engine's store hook replaced by
+    less and less work (a no-op, a raw commit, vm.write alone), to show what each layer
+    costs in the running engine.
+
 Usage: .venv/bin/python benchmarks/bench_unicorn.py [--iterations N] [--writes N] [--records N] [--reps R]
+       [--breakdown]
 """
 
 from __future__ import annotations
@@ -256,6 +261,54 @@ def vm_write_cost(n: int, gpa: int) -> float:
     return (clock() - t) / n * 1e6
 
 
+# ------------------------------------------------------------------ (c) where the time goes
+def breakdown(args) -> None:
+    """(c) The stress loop at 1 protected store in 101, with the engine's store hook
+    (the Python method the C trampoline calls) replaced by less and less work, to show
+    what each layer costs in the running engine.  Measurement only: the stand-ins
+    decide nothing (the first skips every store, the second commits every store), so
+    they are not engines; the last row is the engine as shipped."""
+    def noop(self, address, data, rip):  # Unicorn's fault path + trampoline + a Python call
+        return True
+
+    def raw(self, address, data, rip):  # ... + committing the bytes, the least a hook must do
+        self._ram[address:address + len(data)] = data
+        return True
+
+    def vm_write_only(self, address, data, rip):  # ... + vm.write, without the engine's bookkeeping
+        self.vm.write(address, data, rip=rip)
+        return True
+
+    shipped = UnicornEngine._on_store
+    code, out_ip = loop_guest(args.iterations, 1, ALLOWED)
+    protected = args.iterations
+    stores = args.iterations * (K + 1)
+    rows = [("no-op hook (skips the store)", noop), ("raw commit into RAM", raw),
+            ("vm.write only", vm_write_only), ("the engine (vm.write + bookkeeping)", shipped)]
+    t = Table(title=f"(c) where a protected store's time goes: stress loop, 1 store in {K + 1} protected",
+              caption="stand-ins for the engine's hook, for measurement only; budget = the cost per protected "
+                      f"store at which the loop runs at {TARGET_RATIO}x bare")
+    for col in ("hook body", "per protected store", "engine speed"):
+        t.add_column(col, justify="left" if col == "hook body" else "right")
+    budget = None
+    try:
+        for name, body in rows:
+            UnicornEngine._on_store = body  # type: ignore[method-assign]
+            bare_t, eng_t = [], []
+            for _ in range(args.reps):
+                bare_t.append(run_bare(code, out_ip))
+                eng_t.append(run_engine(code, [(DENIED, 0x10)])[0])
+            b, e = min(bare_t), min(eng_t)
+            budget = b * (1 / TARGET_RATIO - 1) / protected
+            t.add_row(name, f"{(e - b) / protected * 1e6:.2f} µs", f"{b / e:.2f}x")
+    finally:
+        UnicornEngine._on_store = shipped  # type: ignore[method-assign]
+    console.print(t)
+    assert budget is not None
+    console.print(f"budget at {TARGET_RATIO}x: {budget * 1e6:.2f} µs per protected store "
+                  f"({protected / stores:.2%} of {stores:,} stores)")
+
+
 # ------------------------------------------------------------------ main
 def _verdict(protected_fraction: float, ratio: float) -> str:
     if not protected_fraction or protected_fraction > 0.01:
@@ -269,6 +322,8 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200_000, help="records of the workload guest in (a2)")
     ap.add_argument("--writes", type=int, default=20_000, help="protected writes per run of (b)")
     ap.add_argument("--reps", type=int, default=5, help="runs per figure (best is kept)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also (c): where the time of a protected store goes on the stress loop")
     args = ap.parse_args()
     t0 = time.perf_counter()
     native_ok, native_why = native_status()
@@ -347,6 +402,9 @@ def main() -> None:
     for name, (us, vm_us) in cost.items():
         t.add_row(name, f"{us:.1f} µs", f"{vm_us:.1f} µs", f"{us - vm_us:.1f} µs")
     console.print(t)
+
+    if args.breakdown:
+        breakdown(args)
 
     # ---- verdict
     for what, ratio in verdicts.items():
