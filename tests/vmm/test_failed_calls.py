@@ -164,3 +164,19 @@ def test_read_over_several_memslots_is_limited_like_one_host_read(monkeypatch):
     assert vm.read(PAGE, 3 * PAGE) == b"\x5a" * PAGE + bytes(2 * PAGE)  # across two slots, at the limit
     with pytest.raises(ValueError, match=r"more than MAX_READ"):
         vm.read(0, 3 * PAGE + 1)
+
+
+def test_violation_handler_is_what_on_violation_registered():
+    vm = Vm()
+    assert vm.violation_handler is None
+
+    def handler(ev):
+        return Decision.SKIP
+
+    vm.on_violation(handler)
+    assert vm.violation_handler is handler
+    with pytest.raises(TypeError, match="needs a callable"):
+        vm.on_violation("skip")
+    assert vm.violation_handler is handler, "a refused handler changes nothing"
+    vm.on_violation(None)
+    assert vm.violation_handler is None

@@ -6,3 +6,10 @@ from .device import Device, DeviceBus, DeviceError, DeviceReport, Register, Ring
 from .monitor import (  # noqa: F401
     MonitorError, MonitorReport, UnknownSymbolError, Watch, WatchError, WatchEvent, WatchManager, run_monitor,
 )
+
+__all__ = [
+    "Device", "DeviceBus", "DeviceError", "DeviceReport", "GuardError", "GuardReport", "MonitorError", "MonitorReport",
+    "Register", "RingConsole", "UnknownSymbolError", "Watch", "WatchError", "WatchEvent", "WatchManager",
+    "checkpoint_guest", "guard_guest", "open_checkpoint_set", "read_guard_table", "restore_checkpoint", "run_device",
+    "run_monitor",
+]

@@ -67,7 +67,7 @@ from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..policy import parse_range_arg
 from ..vmm import Decision, SppViolation
-from .monitor import (ENGINE_HELP, JSON_HELP, Progress, cpl_option, engine_option, memory_option,
+from .monitor import (ENGINE_HELP, JSON_HELP, Progress, check_run_args, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
@@ -190,26 +190,52 @@ class Region:
         return {"name": self.name, "gpa": self.gpa, "size": self.size}
 
 
-def tracked_regions(image, ram_size: int, extra: Iterable[tuple[int, int]] = (), *,
-                    table_range: tuple[int, int] | None = None) -> list[Region]:
-    """The memory a checkpoint covers: the image's writable segments, the stack (the
-    top 64 KiB of RAM) and ``extra`` ``(start, length)`` ranges, rounded out to pages,
-    overlaps merged.  ``table_range``: the engine's page tables, which may not be tracked."""
-    raw: list[tuple[str, int, int]] = []
-    for seg in image.segments:
-        if seg.writable:
-            raw.append((f"data@{seg.gpa:#x}", seg.gpa & ~(PAGE - 1), (seg.gpa + seg.memsz + PAGE - 1) & ~(PAGE - 1)))
-    raw.append(("stack", ram_size - STACK_BYTES, ram_size))
-    for start, length in extra:
+def _check_track(extra: Iterable[tuple[int, int]], ram_size: int) -> list[tuple[int, int]]:
+    """``extra`` as a list of ``(start, length)`` ranges, each inside guest RAM; ValueError
+    naming the first bad one (the words of ``--track``)."""
+    if isinstance(extra, (str, bytes)):
+        raise ValueError(f"--track {extra!r}: give (start, length) pairs, e.g. [(0x100000, 0x2000)] "
+                         "(policy.parse_range_arg reads START:LENGTH text)")
+    try:
+        items = list(extra)
+    except TypeError:
+        raise ValueError(f"--track {extra!r}: must be a list of (start, length) pairs") from None
+    out = []
+    for item in items:
+        if isinstance(item, (str, bytes)) or not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"--track {item!r}: must be a (start, length) pair, e.g. (0x100000, 0x2000)")
+        start, length = item
         if isinstance(start, bool) or isinstance(length, bool) or not isinstance(start, int) \
                 or not isinstance(length, int) or start < 0 or length <= 0:
             raise ValueError(f"--track {start!r}:{length!r}: start must be an integer >= 0 and length > 0")
-        lo, hi = start & ~(PAGE - 1), (start + length + PAGE - 1) & ~(PAGE - 1)
+        hi = (start + length + PAGE - 1) & ~(PAGE - 1)
         if hi > ram_size:
             raise ValueError(
                 f"--track {start:#x}:{length:#x} ends beyond guest RAM ({ram_size >> 20} MiB, "
                 f"ends at {ram_size:#x})"
             )
+        out.append((start, length))
+    return out
+
+
+def tracked_regions(image, ram_size: int, extra: Iterable[tuple[int, int]] = (), *,
+                    table_range: tuple[int, int] | None = None) -> list[Region]:
+    """The memory a checkpoint covers: the image's writable segments, the stack (the
+    top 64 KiB of RAM) and ``extra`` ``(start, length)`` ranges, rounded out to pages,
+    overlaps merged.  ``table_range``: the engine's page tables, which may not be tracked."""
+    check_ram_size(ram_size)  # what the engines take: the stack is its top 64 KiB
+    if table_range is not None and (
+            not isinstance(table_range, (tuple, list)) or len(table_range) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in table_range)):
+        raise ValueError(f"table_range {table_range!r}: must be a (start, end) pair of addresses, or None")
+    ranges = _check_track(extra, ram_size)
+    raw: list[tuple[str, int, int]] = []
+    for seg in image.segments:
+        if seg.writable:
+            raw.append((f"data@{seg.gpa:#x}", seg.gpa & ~(PAGE - 1), (seg.gpa + seg.memsz + PAGE - 1) & ~(PAGE - 1)))
+    raw.append(("stack", ram_size - STACK_BYTES, ram_size))
+    for start, length in ranges:
+        lo, hi = start & ~(PAGE - 1), (start + length + PAGE - 1) & ~(PAGE - 1)
         if table_range and lo < table_range[1] and table_range[0] < hi:
             raise ValueError(
                 f"--track {start:#x}:{length:#x} overlaps the guest's page tables "
@@ -251,28 +277,77 @@ def memory_digest(read: Callable[[int, int], bytes], regions: Iterable[Region]) 
 # =============================================================================== tracking
 class DirtyTracker:
     """Sub-page dirty tracking through SPP: arm() write-protects every tracked sub-page;
-    the violation handler records the first write to each and unprotects it."""
+    the violation handler records the first write to each and unprotects it.
+
+    ``regions``: whole pages of guest RAM (writable memslots).  A violation on a page
+    the tracker does not track is someone else's protection: it is neither recorded
+    nor unprotected, and the write is discarded (``SKIP``, as the Vm does without a
+    handler)."""
 
     def __init__(self, vm, regions: list[Region], *, on_dirty: Callable[[int], None] | None = None) -> None:
+        if on_dirty is not None and not callable(on_dirty):
+            raise TypeError(f"on_dirty={on_dirty!r}: must be a callable (violations since arm) -> None, or None")
+        try:
+            regions = list(regions)
+        except TypeError:
+            raise ValueError(f"regions {regions!r}: must be a list of Region") from None
+        slots = sorted(vm.memslots(), key=lambda m: m.gpa)
+        ram = ", ".join(f"[{m.gpa:#x}, {m.end:#x})" for m in slots) or "none"
+        for r in regions:
+            if not isinstance(r, Region):
+                raise ValueError(f"region {r!r}: must be a Region(name, gpa, size)")
+            if isinstance(r.gpa, bool) or isinstance(r.size, bool) or not isinstance(r.gpa, int) \
+                    or not isinstance(r.size, int) or r.gpa < 0 or r.size <= 0 or r.gpa % PAGE or r.size % PAGE:
+                raise ValueError(f"region {r.name!r} gpa={r.gpa!r} size={r.size!r}: must be whole 4-KiB pages "
+                                 "(gpa page-aligned, size a positive multiple of 4096)")
+            g = r.gpa
+            while g < r.end:  # every page in a writable memslot
+                m = next((m for m in slots if m.gpa <= g < m.end), None)
+                if m is None:
+                    raise ValueError(f"region {r.name!r} [{r.gpa:#x}, {r.end:#x}) lies outside guest RAM: no "
+                                     f"memslot covers gpa {g:#x} (guest RAM: {ram})")
+                if m.readonly:
+                    raise ValueError(f"region {r.name!r}: gpa {g:#x} is in read-only memslot {m.slot}, which "
+                                     "guest writes never change")
+                g = m.end
         self.vm = vm
         self.regions = regions
         self.gfns = sorted({g for r in regions for g in range(r.gpa >> 12, r.end >> 12)})
+        self._tracked = frozenset(self.gfns)
         self.dirty: dict[int, int] = {}  # gfn -> 32-bit mask of dirty sub-pages
         self.violations = 0  #: since the last arm()
         self.total_violations = 0
         self.on_dirty = on_dirty
 
     def arm(self, gfns: Iterable[int] | None = None) -> None:
-        """Write-protect every sub-page of ``gfns`` (default: all tracked pages) and
-        forget the dirty set."""
-        todo = sorted(self.gfns if gfns is None else gfns)
+        """Write-protect every sub-page of ``gfns`` (default: all tracked pages; each
+        must be tracked) and forget the dirty set.  All or nothing: every page is
+        checked before any is protected."""
+        if gfns is None:
+            todo = list(self.gfns)
+        else:
+            try:
+                todo = sorted(set(gfns))
+            except TypeError:
+                raise ValueError(f"gfns {gfns!r}: must be page frame numbers of tracked pages") from None
+            bad = next((g for g in todo if isinstance(g, bool) or not isinstance(g, int) or g not in self._tracked),
+                       None)
+            if bad is not None:
+                raise ValueError(f"gfn {bad!r}: not a page this tracker tracks ("
+                                 + ", ".join(f"[{r.gpa >> 12:#x}, {r.end >> 12:#x})" for r in self.regions)
+                                 + ")")
+        batches = []
         i = 0
         while i < len(todo):  # contiguous batches of at most 512 pages
             j = i
             while j + 1 < len(todo) and todo[j + 1] == todo[j] + 1 and j + 1 - i < 512:
                 j += 1
-            self.vm.set_subpage_access(todo[i], [0] * (j - i + 1))
+            batches.append((todo[i], j - i + 1))
             i = j + 1
+        for gfn, n in batches:  # raises (SPP off, a memslot gone) before any page changes
+            self.vm.get_subpage_access(gfn, n)
+        for gfn, n in batches:
+            self.vm.set_subpage_access(gfn, [0] * n)
         self.dirty = {}
         self.violations = 0
 
@@ -281,14 +356,16 @@ class DirtyTracker:
         self.arm(self.dirty.keys())
 
     def handle(self, ev: SppViolation) -> Decision:
+        if ev.gfn not in self._tracked:
+            return Decision.SKIP  # someone else's protection: not ours to record or lift
         bits = 0
         for s in ev.subpages:
             bits |= 1 << s
+        if self.on_dirty is not None:  # first: a callback that raises leaves the tracker as it was
+            self.on_dirty(self.violations + 1)
         self.dirty[ev.gfn] = self.dirty.get(ev.gfn, 0) | bits
         self.violations += 1
         self.total_violations += 1
-        if self.on_dirty is not None:
-            self.on_dirty(self.violations)
         return Decision.UNPROTECT
 
     def dirty_runs(self) -> list[tuple[int, int]]:
@@ -341,13 +418,16 @@ def _unpack_regs(data: bytes, path: Path) -> dict[str, int]:
 def encode_checkpoint(*, index: int, kind: int, set_id: bytes, memory: list[tuple[int, bytes]],
                       regs: dict[str, int], console: bytes = b"", meta: dict | None = None,
                       version: int = FORMAT_VERSION) -> bytes:
-    """The bytes of one checkpoint file (``version`` other than 1 only for tests)."""
-    recs: list[tuple[int, int, bytes]] = [(REC_MEMORY, gpa, bytes(data)) for gpa, data in memory]
-    recs.append((REC_REGISTERS, 0, _pack_regs(regs)))
-    if console:
-        recs.append((REC_CONSOLE, 0, bytes(console)))
-    if meta is not None:
-        recs.append((REC_META, 0, json.dumps(meta, sort_keys=True).encode()))
+    """The bytes of one checkpoint file (``version`` other than 1 only for tests).
+
+    ``index``: 0 for the base (``kind`` 0), from 1 for an incremental checkpoint (kind
+    1); ``set_id``: 16 bytes; ``memory``: ``(gpa, bytes)`` records of whole 128-byte
+    sub-pages; ``regs``: register name (at most 8 ASCII characters) -> unsigned 64-bit
+    value; ``console``: bytes; ``meta``: a JSON object.  A bad field is a
+    :class:`CheckpointError` naming it, raised before anything is encoded.  (Register
+    names are not checked against the engines': :func:`read_checkpoint_file` refuses
+    unknown ones, and tests write such files to check that it does.)"""
+    recs = _checked_records(index, kind, set_id, memory, regs, console, meta, version)
     payload = sum(len(d) for _, _, d in recs)
     parent = NO_PARENT if kind == KIND_BASE else index - 1
     head = _HEADER.pack(MAGIC, version, _HEADER.size, kind, 7, index, parent, len(recs), 0, payload,
@@ -361,6 +441,76 @@ def encode_checkpoint(*, index: int, kind: int, set_id: bytes, memory: list[tupl
     out += tail
     out += hashlib.sha256(bytes(out)).digest()
     return bytes(out)
+
+
+def _checked_records(index, kind, set_id, memory, regs, console, meta, version) -> list[tuple[int, int, bytes]]:
+    """The records of :func:`encode_checkpoint`, every field checked first."""
+
+    def bad(field: str, value, valid: str) -> NoReturn:
+        text = repr(value)
+        raise CheckpointError(f"checkpoint {field} {text if len(text) <= 60 else text[:57] + '...'}: {valid}")
+
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def as_bytes(field: str, v) -> bytes:
+        if isinstance(v, str) or v is None:
+            bad(field, v, "must be bytes")
+        try:
+            return bytes(memoryview(v))
+        except TypeError:
+            bad(field, v, "must be bytes")
+
+    if not is_int(version) or not 0 <= version <= 0xFFFF:
+        bad("version", version, "must be an integer from 0 to 65535")
+    if not is_int(kind) or kind not in (KIND_BASE, KIND_INCREMENTAL):
+        bad("kind", kind, f"must be {KIND_BASE} (base) or {KIND_INCREMENTAL} (incremental)")
+    if not is_int(index) or not 0 <= index < NO_PARENT:
+        bad("index", index, f"must be an integer from 0 to {NO_PARENT - 1}")
+    if (index == 0) != (kind == KIND_BASE):
+        bad("index", index, "the base checkpoint (kind 0) is index 0, an incremental one (kind 1) index 1 or more")
+    sid = as_bytes("set_id", set_id)
+    if len(sid) != 16:
+        bad("set_id", set_id, f"must be 16 bytes, not {len(sid)}")
+    if isinstance(memory, (str, bytes, dict)):
+        bad("memory", memory, "must be a list of (gpa, bytes) records")
+    try:
+        mem = list(memory)
+    except TypeError:
+        bad("memory", memory, "must be a list of (gpa, bytes) records")
+    recs: list[tuple[int, int, bytes]] = []
+    for i, rec in enumerate(mem):
+        if not isinstance(rec, (tuple, list)) or len(rec) != 2:
+            bad(f"memory[{i}]", rec, "must be a (gpa, bytes) pair")
+        gpa, data = rec[0], as_bytes(f"memory[{i}] data", rec[1])
+        if not is_int(gpa) or gpa < 0 or gpa % GRANULE:
+            bad(f"memory[{i}] gpa", gpa, f"must be a non-negative multiple of {GRANULE}")
+        if not data or len(data) % GRANULE or len(data) > 0xFFFFFFFF or gpa + len(data) > 1 << 64:
+            bad(f"memory[{i}] data of {len(data)} bytes at", gpa,
+                f"must be whole {GRANULE}-byte sub-pages (at most 4 GiB), ending at or below 2**64")
+        recs.append((REC_MEMORY, gpa, data))
+    if not isinstance(regs, dict):
+        bad("regs", regs, "must be a dict of register name -> value")
+    for name, v in regs.items():
+        if not isinstance(name, str) or not name.isascii() or not 0 < len(name) <= 8:
+            bad("register name", name, "must be 1 to 8 ASCII characters")
+        if not is_int(v) or not 0 <= v < 1 << 64:
+            bad(f"register {name}", v, "must be an integer from 0 to 2**64 - 1")
+    recs.append((REC_REGISTERS, 0, _pack_regs(regs)))
+    text = as_bytes("console", console)
+    if text:
+        recs.append((REC_CONSOLE, 0, text))
+    if meta is not None:
+        if not isinstance(meta, dict):
+            bad("meta", meta, "must be a dict (a JSON object) or None")
+        try:
+            recs.append((REC_META, 0, json.dumps(meta, sort_keys=True).encode()))
+        except (TypeError, ValueError) as e:
+            bad("meta", meta, f"must be JSON-serialisable ({e})")
+    for _, _, data in recs:
+        if len(data) > 0xFFFFFFFF:
+            bad("record of", len(data), "bytes: a record holds at most 4 GiB")
+    return recs
 
 
 @dataclass
@@ -576,6 +726,10 @@ class RestoredState:
     recorded_sha256: str | None  # the digest taken when the checkpoint was written
 
     def read(self, gpa: int, n: int) -> bytes:
+        """``n`` bytes of the rebuilt memory at ``gpa`` (inside one tracked region)."""
+        for what, v in (("gpa", gpa), ("n", n)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{what}={v!r}: must be a non-negative integer")
         for r in self.regions:
             if r.gpa <= gpa and gpa + n <= r.end:
                 return bytes(self.memory[r.gpa][gpa - r.gpa : gpa - r.gpa + n])
@@ -817,10 +971,25 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
 
 def apply_state(engine, state: RestoredState) -> None:
     """Load a restored state into a fresh engine: tracked memory, registers, and the
-    console output so far (so the run's console is the whole run's)."""
+    console output so far (so the run's console is the whole run's).  Everything is
+    checked before anything is loaded: a state that does not fit the engine changes
+    nothing in it."""
+    if not isinstance(state, RestoredState):
+        raise TypeError(f"apply_state: {state!r:.60} is not a RestoredState (CheckpointSet.load returns one)")
     for r in state.regions:
         if r.end > engine.ram_size:
             raise ValueError(f"region {r.name} ends at {r.end:#x}, beyond this engine's RAM ({engine.ram_size:#x})")
+        data = state.memory.get(r.gpa)
+        if data is None or len(data) != r.size:
+            have = "no bytes" if data is None else f"{len(data):#x} bytes"
+            raise ValueError(f"region {r.name} [{r.gpa:#x}, {r.end:#x}): the state holds {have} for it, "
+                             f"not {r.size:#x}")
+    for name, v in state.regs.items():
+        if name not in REGISTERS:
+            raise ValueError(f"register {name!r}: must be one of {', '.join(REGISTERS)}")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < 1 << 64:
+            raise ValueError(f"register {name} {v!r}: must be an integer from 0 to 2**64 - 1")
+    for r in state.regions:
         engine.vm.load(r.gpa, bytes(state.memory[r.gpa]))
     regs = dict(state.regs)
     if "rflags" in regs:
@@ -960,6 +1129,9 @@ class Checkpointer:
         if every is None and port is None:
             raise ValueError("give --every N (tracked writes) or --at-port-signal (or both): otherwise only the "
                              "base checkpoint would be taken")
+        if on_checkpoint is not None and not callable(on_checkpoint):
+            raise TypeError(f"on_checkpoint={on_checkpoint!r}: must be a callable (engine, CheckpointInfo) -> None, "
+                            "or None")
         self.engine = engine
         self.out = Path(out_dir)
         self.every = _parse_every(every)
@@ -1112,12 +1284,19 @@ def checkpoint_guest(guest, out_dir, *, every=None, at_port_signal: bool = False
     """Run ``guest`` (a bundled program, a .c or an ELF) to completion on ``engine``,
     taking a base checkpoint and one incremental checkpoint after every ``every``
     tracked writes and/or at every ``out`` to ``port``, into ``out_dir`` (new or empty)."""
+    if not isinstance(at_port_signal, bool):
+        raise ValueError(f"at_port_signal={at_port_signal!r}: must be True or False")
     if not at_port_signal and every is None:
         raise ValueError("give --every N (tracked writes) or --at-port-signal (or both)")
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF or port in (0xE9, 0xF4):
         shown = f"{port:#x}" if isinstance(port, int) and not isinstance(port, bool) else repr(port)
         raise ValueError(f"--port {shown}: must be 0x0..0xffff and not 0xe9/0xf4 (the console and exit ports)")
     _parse_every(every)
+    check_run_args(engine, timeout, ram_size=ram_size, cpl=cpl)
+    if on_checkpoint is not None and not callable(on_checkpoint):
+        raise TypeError(f"on_checkpoint={on_checkpoint!r}: must be a callable (engine, CheckpointInfo) -> None, "
+                        "or None")
+    track = _check_track(track, ram_size)
     _check_out(out_dir)  # before building and running anything
     image, elf, name = load_guest_spec(guest)
     eng, _ = _make_engine(image, engine, ram_size=ram_size, cpl=cpl, timeout=timeout)
@@ -1174,6 +1353,9 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
     every file up to it, and check it against the hash taken when it was written.
     With ``resume``, load it into a fresh engine (:func:`apply_state`) and run the
     guest to completion; ``result.console`` is then the whole run's console."""
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume={resume!r}: must be True or False")
+    check_run_args(engine, timeout)  # checked even without resume (then unused), as the CLI does
     cs = open_checkpoint_set(directory)
     k = len(cs) - 1 if to is None else to
     state = cs.load(k)

@@ -44,6 +44,7 @@ from .monitor import (
     WatchEvent,
     WatchManager,
     _as_decision,
+    check_run_args,
     cpl_option,
     engine_option,
     load_guest_image,
@@ -97,6 +98,8 @@ class Device:
 
     def __init__(self, name: str | None = None, registers=None) -> None:
         if name is not None:
+            if not isinstance(name, str) or not name:
+                raise DeviceError(f"device name {name!r}: must be a non-empty string")
             self.name = name
         if registers is not None:
             if isinstance(registers, (str, bytes, Register)):
@@ -115,6 +118,8 @@ class Device:
 
     # -- declaration ------------------------------------------------------------
     def _validate(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise DeviceError(f"device name {self.name!r}: must be a non-empty string")
         seen: dict[str, Register] = {}
         for r in self.registers:  # types first: the checks below (and sorting) compare numbers
             if not isinstance(r, Register):
@@ -157,6 +162,10 @@ class Device:
                           f"(registers: {', '.join(r.name for r in self.registers)})")
 
     def register_at(self, offset: int, size: int = 1) -> list[Register]:
+        """The registers overlapping ``[offset, offset + size)`` of the device's page."""
+        for what, v in (("offset", offset), ("size", size)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise DeviceError(f"device {self.name!r}: register_at {what} {v!r}: must be an integer")
         return [r for r in self.registers if r.offset < offset + size and offset < r.end]
 
     @property
@@ -175,22 +184,47 @@ class Device:
         return self.bus.vm, self.gpa
 
     def set_register(self, name: str, value: int) -> None:
-        """Update the RAM copy of a register: what the guest's next read returns."""
+        """Update the RAM copy of a register: what the guest's next read returns.
+        ``value`` must fit the register's width (a negative value is stored in two's
+        complement, as a reset value is)."""
         r = self.register(name)
+        bits = 8 * r.width
+        if isinstance(value, bool) or not isinstance(value, int) or not -(1 << (bits - 1)) <= value < 1 << bits:
+            shown = f"{value:#x}" if isinstance(value, int) and not isinstance(value, bool) else repr(value)
+            raise DeviceError(f"device {self.name!r}: register {r.name!r} value {shown}: must be an integer "
+                              f"from {-(1 << (bits - 1))} to {(1 << bits) - 1:#x} ({r.width} byte(s))")
         vm, gpa = self._attached()
-        vm.load(gpa + r.offset, (value & ((1 << (8 * r.width)) - 1)).to_bytes(r.width, "little"))
+        vm.load(gpa + r.offset, (value & ((1 << bits) - 1)).to_bytes(r.width, "little"))
 
     def get_register(self, name: str) -> int:
         r = self.register(name)
         vm, gpa = self._attached()
         return int.from_bytes(vm.read(gpa + r.offset, r.width), "little")
 
+    def _in_page(self, what: str, offset, n) -> None:
+        """DeviceError unless ``[offset, offset + n)`` lies inside the device's 4-KiB page."""
+        for field, v in (("offset", offset), ("length", n)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise DeviceError(f"device {self.name!r}: {what} {field} {v!r}: must be an integer")
+        if n < 0:
+            raise DeviceError(f"device {self.name!r}: {what} length {n}: must be 0 or more")
+        if offset < 0 or offset + n > PAGE:
+            raise DeviceError(f"device {self.name!r}: {what} [{offset:#x}, {offset + n:#x}) lies outside its page "
+                              f"[0x0, {PAGE:#x}): a device reads and loads its own page only")
+
     def read(self, offset: int, n: int) -> bytes:
         """Bytes of the device's page (its RAM part: rings, buffers)."""
+        self._in_page("read", offset, n)
         vm, gpa = self._attached()
         return vm.read(gpa + offset, n)
 
     def load(self, offset: int, data: bytes) -> None:
+        """Put ``data`` at ``offset`` of the device's page (VMM side: no trap)."""
+        try:
+            n = memoryview(data).nbytes
+        except TypeError:
+            raise DeviceError(f"device {self.name!r}: load data {data!r:.40}: must be bytes-like") from None
+        self._in_page("load", offset, n)
         vm, gpa = self._attached()
         vm.load(gpa + offset, data)
 
@@ -210,9 +244,9 @@ class Device:
             self.bad_writes += 1
             return Decision.SKIP
         r = regs[0]
-        self.writes[r.name] += 1
         handler = getattr(self, f"on_{r.name}", None)
-        answer = handler(value) if handler is not None else None
+        answer = handler(value) if handler is not None else None  # (a handler that raises: not counted)
+        self.writes[r.name] += 1
         if answer is not None:
             return answer
         return Decision.EMULATE if r.access == "rw" else Decision.SKIP
@@ -227,13 +261,25 @@ class DeviceBus:
 
     def __init__(self, vm: Vm, *, chain=None, page_granular: bool = False,
                  manager: WatchManager | None = None) -> None:
+        if not isinstance(page_granular, bool):
+            raise DeviceError(f"page_granular={page_granular!r}: must be True or False")
+        if manager is not None:
+            if not isinstance(manager, WatchManager):
+                raise DeviceError(f"manager={manager!r}: must be a WatchManager (or None: the bus makes one)")
+            if manager.vm is not vm:
+                raise DeviceError("manager: that WatchManager watches another Vm than this bus's")
+            if chain is not None or page_granular:
+                raise DeviceError("give chain and page_granular to the WatchManager passed as manager= (the bus "
+                                  "uses that manager as it is)")
         self.vm = vm
-        self.wm = manager or WatchManager(vm, chain=chain, page_granular=page_granular)
+        self.wm = manager if manager is not None else WatchManager(vm, chain=chain, page_granular=page_granular)
         self.devices: dict[int, Device] = {}  # gfn -> device
         self._watches: dict[int, list] = {}
         self.decisions: Counter = Counter()
 
     def attach(self, device: Device, gpa: int) -> Device:
+        if not isinstance(device, Device):
+            raise DeviceError(f"attach: {device!r} is not a Device")
         if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
             raise DeviceError(f"device {device.name!r}: page address {gpa!r} must be a non-negative integer")
         if gpa & (PAGE - 1):
@@ -278,10 +324,17 @@ class DeviceBus:
         self._watches[gpa >> 12] = ws
         return device
 
-    def detach(self, device: Device) -> None:
+    def _mine(self, device: Device) -> int:
+        """The gfn of ``device``'s page; DeviceError unless it is attached to this bus."""
+        if not isinstance(device, Device):
+            raise DeviceError(f"{device!r} is not a Device")
         gfn = (device.gpa or 0) >> 12
-        if self.devices.get(gfn) is not device:
+        if device.gpa is None or self.devices.get(gfn) is not device:
             raise DeviceError(f"device {device.name!r} is not attached to this bus")
+        return gfn
+
+    def detach(self, device: Device) -> None:
+        gfn = self._mine(device)
         for w in self._watches.pop(gfn):
             self.wm.unwatch(w)
         del self.devices[gfn]
@@ -292,8 +345,8 @@ class DeviceBus:
             gpa = device.gpa
             assert gpa is not None  # the watches live only while the device is attached (detach unwatches first)
             off = ev.gpa - gpa
-            d = _as_decision(device.write(off, ev.size, int.from_bytes(ev.new, "little")) or Decision.SKIP,
-                             f"{device.name}.write")
+            answer = device.write(off, ev.size, int.from_bytes(ev.new, "little"))
+            d = Decision.SKIP if answer is None else _as_decision(answer, f"{device.name}.write")
             self.decisions[d.value] += 1
             return d
 
@@ -301,13 +354,13 @@ class DeviceBus:
 
     def exits_by_subpage(self, device: Device) -> dict[int, int]:
         """SPP exits (violations) per sub-page of ``device``'s page, from the Vm's counters."""
-        gfn = device._attached()[1] >> 12
+        gfn = self._mine(device)
         st = self.vm.stats(top=1 << 16)
         return {d["subpage"]: d["violations"] for d in st["top_subpages"] if d["gfn"] == gfn}
 
     def page_writes(self, device: Device) -> int:
         """Guest writes to ``device``'s page = the exits of page-granular trapping."""
-        gfn = device._attached()[1] >> 12
+        gfn = self._mine(device)
         st = self.vm.stats(top=1 << 16)
         return next((d["writes"] for d in st["top_page_granular"] if d["gfn"] == gfn), 0)
 
@@ -459,7 +512,10 @@ def resolve_page(image, page: str | int) -> int:
     """A device page given as a symbol of the guest or an address."""
     if isinstance(page, int):
         return page
-    text = str(page).strip()
+    if not isinstance(page, str):
+        raise DeviceError(f"--page {page!r}: must be a symbol of the guest (e.g. devpage) or an integer "
+                          "guest-physical address (e.g. 0x404000)")
+    text = page.strip()
     if not text:
         raise DeviceError("--page '': an empty value; give a symbol of the guest (e.g. devpage) or a "
                           "page-aligned guest-physical address (e.g. 0x404000)")
@@ -501,10 +557,21 @@ def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto"
     """Run ``guest`` (default: the bundled ``devdriver``) against a :class:`RingConsole`
     at ``page`` (a symbol of the guest or a GPA)."""
     from ..engines import DEFAULT_RAM, choose_engine
+    from ..engines.base import check_ram_size
 
+    if not isinstance(page_granular, bool):
+        raise DeviceError(f"page_granular={page_granular!r}: must be True or False")
+    if memory is not None:
+        try:
+            check_ram_size(memory)
+        except ValueError as e:
+            raise DeviceError(f"memory: {e}") from None
+    check_run_args(engine, timeout, cpl=cpl)
+    if not isinstance(page, (str, int)):
+        resolve_page(None, page)  # names the bad value before the guest is built
     image = load_guest_image(guest)
     gpa = resolve_page(image, page)
-    ram = memory or DEFAULT_RAM
+    ram = DEFAULT_RAM if memory is None else memory
     where = f"--page {page!r}" if isinstance(page, str) and page.strip() != f"{gpa:#x}" else "--page"
     if isinstance(gpa, bool) or not isinstance(gpa, int):
         raise DeviceError(f"{where}: {gpa!r} is not an address (a symbol of the guest or an integer GPA)")

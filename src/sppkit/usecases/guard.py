@@ -33,11 +33,11 @@ import click
 import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine
-from ..engines.base import MAX_TIMEOUT
+from ..engines.base import MAX_TIMEOUT, check_ram_size
 from ..engines.result import RunResult
 from ..vmm import Decision
 from .checkpoint import load_guest_spec
-from .monitor import (JSON_HELP, Progress, cpl_option, engine_option, memory_option,
+from .monitor import (JSON_HELP, Progress, check_run_args, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
@@ -121,8 +121,31 @@ class GuardTable:
         return None
 
 
+def _check_ram(ram_size) -> int:
+    try:
+        return check_ram_size(ram_size)
+    except ValueError as e:
+        raise GuardError(f"--memory: {e}") from None
+
+
+def _reader(read: Callable[[int, int], bytes]) -> Callable[[int, int], bytes]:
+    """``read`` checked: every call must return exactly the bytes asked for."""
+    if not callable(read):
+        raise TypeError(f"read={read!r}: must be a callable (gpa, n) -> bytes, e.g. vm.read")
+
+    def checked(gpa: int, n: int) -> bytes:
+        data = read(gpa, n)
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) != n:
+            raise TypeError(f"read({gpa:#x}, {n}) returned {data!r:.40}: it must return {n} bytes")
+        return bytes(data)
+
+    return checked
+
+
 def read_guard_table(read: Callable[[int, int], bytes], image, ram_size: int) -> GuardTable:
     """Read and validate the guest's ``guard_table`` (see guardalloc.h)."""
+    read = _reader(read)
+    _check_ram(ram_size)
     sym = image.symbols.get(TABLE_SYMBOL)
     if sym is None:
         raise GuardError(f"{image.where}: no {TABLE_SYMBOL!r} symbol: the guest must be built with guardalloc.h")
@@ -168,6 +191,14 @@ def read_guard_table(read: Callable[[int, int], bytes], image, ram_size: int) ->
             raise GuardTableError(f"{w}: guard {guard:#x} already belongs to entry {seen[guard]}")
         seen[guard] = i
         buffers.append(GuardBuffer(i, start, size, guard, slot, state))
+    # slots [guard - (slot - 128), guard + 128) never overlap in guardalloc.h: one that does
+    # would put a guard inside another buffer, whose legitimate writes would then trap
+    spans = sorted((b.guard + GUARD_SIZE - b.slot_size, b.guard + GUARD_SIZE, b.index) for b in buffers)
+    for (lo0, hi0, i0), (lo1, hi1, i1) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            first, second = sorted(((i0, lo0, hi0), (i1, lo1, hi1)))
+            raise GuardTableError(f"{where}: entry {second[0]}: slot [{second[1]:#x}, {second[2]:#x}) overlaps "
+                                  f"entry {first[0]}'s slot [{first[1]:#x}, {first[2]:#x})")
     return GuardTable(sym.addr, cap, gsize, arena, asize, used, buffers)
 
 
@@ -179,7 +210,20 @@ def _round(n: int, to: int) -> int:
 def guard_numbers(sizes: list[int], *, arena_used: int | None = None) -> dict:
     """Memory for guarding buffers of ``sizes``: 128-byte guard sub-pages (buffer area
     rounded to 128 B + one sub-page) vs 4-KiB guard pages (area rounded to 4 KiB + one
-    page), the guards alone and whole footprints, and buffers per MiB."""
+    page), the guards alone and whole footprints, and buffers per MiB.  ``sizes``: each
+    a positive number of bytes."""
+    if isinstance(sizes, (str, bytes)):
+        raise GuardError(f"sizes {sizes!r}: must be a list of buffer sizes in bytes")
+    try:
+        sizes = list(sizes)
+    except TypeError:
+        raise GuardError(f"sizes {sizes!r}: must be a list of buffer sizes in bytes") from None
+    for i, v in enumerate(sizes):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            raise GuardError(f"sizes[{i}] {v!r}: a buffer size must be a positive integer (bytes)")
+    if arena_used is not None and (isinstance(arena_used, bool) or not isinstance(arena_used, int)
+                                   or arena_used < 0):
+        raise GuardError(f"arena_used {arena_used!r}: must be a non-negative integer (bytes), or None")
     n = len(sizes)
     if not n:
         return {"buffers": 0}
@@ -261,9 +305,8 @@ class GuardSession:
     """Protects the guest's guards on every ready signal and runs it to the end."""
 
     def __init__(self, engine, *, decision: Decision | str = "stop", port: int = GUARD_PORT) -> None:
-        d = Decision.parse(decision)
-        if d not in (Decision.STOP, Decision.SKIP):
-            raise GuardError(f"--decision {d.value}: a guard takes stop or skip")
+        d = _guard_decision(decision)
+        _check_port(port)
         if engine.image.symbols.get(TABLE_SYMBOL) is None:
             raise GuardError(f"{engine.image.where}: no {TABLE_SYMBOL!r} symbol: the guest must be built with "
                              "guardalloc.h")
@@ -321,6 +364,28 @@ class GuardSession:
             out.append(GuardHit(b, v.gpa, v.size, (v.gpa - b.end) if b else None, v.decision, v.rip_at, v.rip_after,
                                 v.instruction, retired))
         return out
+
+
+def _guard_decision(decision) -> Decision:
+    """``decision`` as STOP or SKIP, else GuardError naming it."""
+    try:
+        d = Decision.parse(decision)
+    except ValueError:
+        d = None
+    if d not in (Decision.STOP, Decision.SKIP):
+        shown = decision.value if isinstance(decision, Decision) else decision
+        raise GuardError(f"--decision {shown!r}: a guard takes stop or skip")
+    assert d is not None
+    return d
+
+
+def _check_port(port) -> int:
+    """``port`` if the guest can signal on it, else GuardError naming it."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 0xFFFF or port in (0xE9, 0xF4):
+        shown = f"{port:#x}" if isinstance(port, int) and not isinstance(port, bool) else repr(port)
+        raise GuardError(f"port {shown}: must be an integer from 0x0 to 0xffff, not 0xe9/0xf4 (the console and exit "
+                         f"ports); guardalloc.h signals on {GUARD_PORT:#x}")
+    return port
 
 
 _PARAM_BYTES = 8  #: the guard_bufs parameters are u64
@@ -420,11 +485,12 @@ def guard_guest(guest="guard_bufs", *, decision: str = "stop", engine: str = "au
                 overflow_by: int | None = None, port: int = GUARD_PORT) -> GuardReport:
     """Run a guardalloc.h guest with its guards protected; report every guard hit and
     the memory numbers (128-byte guards vs 4-KiB guard pages) for its buffers."""
+    d = _guard_decision(decision)
+    _check_port(port)
+    _check_ram(ram_size)
+    check_run_args(engine, timeout, cpl=cpl)
     image, _, _ = load_guest_spec(guest)
     _check_params(image, buffers, overflow_buffer, overflow_by, ram_size)
-    d = Decision.parse(decision)
-    if d not in (Decision.STOP, Decision.SKIP):
-        raise GuardError(f"--decision {decision!r}: a guard takes stop or skip")
     cls, _ = choose_engine(engine)
     eng = cls(image, ram_size=ram_size, cpl=cpl, timeout=timeout)
     try:

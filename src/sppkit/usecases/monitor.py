@@ -41,11 +41,12 @@ import click
 
 from ..arch.sppt import vector_from_map
 from ..engines.base import MAX_TIMEOUT, check_timeout
-from ..vmm import Decision, SppViolation, Vm
+from ..vmm import Decision, SppViolation, Vm, VmmError
 
 __all__ = [
     "MonitorError", "MonitorReport", "UnknownSymbolError", "Watch", "WatchError", "WatchEvent", "WatchManager",
-    "WatchTarget", "demo_monitor", "monitor_command", "print_monitor", "resolve_symbols", "run_monitor",
+    "WatchTarget", "check_run_args", "demo_monitor", "monitor_command", "print_monitor", "resolve_symbols",
+    "run_monitor",
 ]
 
 PAGE = 4096
@@ -220,15 +221,21 @@ class WatchManager:
 
     def __init__(self, vm: Vm, *, chain: Callable[[SppViolation], Decision] | None = None, armed: bool = True,
                  page_granular: bool = False, default: Decision | str = Decision.SKIP) -> None:
+        if not isinstance(vm, Vm):
+            raise TypeError(f"WatchManager needs a sppkit.Vm, got {vm!r}")
         if not vm.spp_enabled:
             raise WatchError("SPP is not enabled on this Vm: call vm.enable_spp() first")
         if chain is not None and not callable(chain):
             raise TypeError("chain must be a violation handler (event) -> Decision, or None")
+        for what, flag in (("armed", armed), ("page_granular", page_granular)):
+            if not isinstance(flag, bool):
+                raise WatchError(f"{what}={flag!r}: must be True or False")
         self.vm = vm
         self.chain = chain
-        self.page_granular = bool(page_granular)
+        self.page_granular = page_granular
         self.default = _decision_arg(default, "default decision")
-        self._armed = bool(armed)
+        self._armed = armed
+        self._closed = False
         self._watches: dict[int, Watch] = {}
         self._pages: dict[int, _Page] = {}
         self._next = 1
@@ -241,6 +248,27 @@ class WatchManager:
         self.transparent_by_subpage: Counter = Counter()  #: (gfn, sub-page) -> transparent commits
         vm.on_violation(self._on_violation)
 
+    def _usable(self, what: str) -> None:
+        """WatchError, before anything changes, when ``what`` cannot be done now: the
+        manager was closed, or SPP was turned off on its Vm (``vm.disable_spp()`` drops
+        every protection, so the manager's maps are no longer the Vm's)."""
+        if self._closed:
+            raise WatchError(f"{what}: this WatchManager is closed (close() gave the Vm back to its chain); "
+                             "make a new one")
+        if not self.vm.spp_enabled:
+            raise WatchError(f"{what}: SPP is not enabled on this Vm any more (vm.disable_spp() dropped every "
+                             "protection); call vm.enable_spp() again first")
+
+    def _check_pages(self, what: str, gfns: Iterable[int]) -> None:
+        """WatchError, before anything changes, when a page's map can no longer be read
+        or set (its memslot was deleted or moved since it was watched)."""
+        for gfn in gfns:
+            try:
+                self.vm.get_subpage_access(gfn, 1)
+            except VmmError as e:
+                raise WatchError(f"{what}: page {gfn << 12:#x}: {e} (its memslot was deleted or moved while "
+                                 "it was watched)") from None
+
     # ------------------------------------------------------------------ registration
     def watch(self, start: int, length: int, callback: Callable[[WatchEvent], Any] | None = None, *,
               name: str | None = None, decision: Decision | str | None = None) -> Watch:
@@ -248,10 +276,13 @@ class WatchManager:
         write touching those bytes and returns the decision (allow/deny/stop, True/False
         or a Decision; None = the watch's ``decision``).  Without a callback the
         watch's ``decision`` (default: the manager's) applies."""
+        if name is not None and (not isinstance(name, str) or not name):
+            raise WatchError(f"watch name {name!r}: must be a non-empty string, or None (named after its range)")
         for what, v in (("start", start), ("length", length)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise WatchError(f"watch {name or '?'}: {what} must be an integer, got {v!r}")
         label = name or f"{start:#x}:{length:#x}"
+        self._usable(f"watch {label!r}")
         if start < 0 or length <= 0:
             raise WatchError(f"watch {label!r}: needs start >= 0 and length > 0 "
                              f"(got start={start:#x}, length={length})")
@@ -278,6 +309,8 @@ class WatchManager:
         """Remove a watch; pages nobody watches any more get their previous map back."""
         if not isinstance(w, Watch) or self._watches.get(w.id) is not w:
             raise WatchError(f"{w!r} is not a watch of this manager (already removed?)")
+        self._usable(f"unwatch {w.name!r}")
+        self._check_pages(f"unwatch {w.name!r}", {gfn for gfn, _ in w.subpages()})
         del self._watches[w.id]
         w.active = False
         touched: dict[int, _Page] = {}
@@ -293,6 +326,8 @@ class WatchManager:
 
     def arm(self) -> int:
         """Push the vectors of every watched page (for ``armed=False``); returns the pushes made."""
+        self._usable("arm")
+        self._check_pages("arm", self._pages)
         before = self.pushes
         self._armed = True
         for page in self._pages.values():
@@ -301,6 +336,8 @@ class WatchManager:
 
     def disarm(self) -> int:
         """Restore every watched page's previous map; watches stay registered."""
+        self._usable("disarm")
+        self._check_pages("disarm", self._pages)
         before = self.pushes
         self._armed = False
         for page in self._pages.values():
@@ -308,10 +345,20 @@ class WatchManager:
         return self.pushes - before
 
     def close(self) -> None:
-        """Remove every watch and give the Vm back to ``chain``."""
+        """Remove every watch and give the Vm back to ``chain`` (only if this manager is
+        still the Vm's violation handler: a handler installed since, such as another
+        manager chaining to this one, stays).  Closing again does nothing; a closed
+        manager takes no new watches."""
+        if self._closed:
+            return
+        if self._watches:  # all or nothing: every page checked before any watch is removed
+            self._usable("close")
+            self._check_pages("close", self._pages)
         for w in list(self._watches.values()):
             self.unwatch(w)
-        self.vm.on_violation(self.chain)
+        if self.vm.violation_handler == self._on_violation:
+            self.vm.on_violation(self.chain)
+        self._closed = True
 
     @property
     def armed(self) -> bool:
@@ -323,11 +370,15 @@ class WatchManager:
 
     def refcount(self, gpa: int) -> int:
         """Watches overlapping the sub-page holding ``gpa``."""
+        if isinstance(gpa, bool) or not isinstance(gpa, int) or gpa < 0:
+            raise WatchError(f"refcount gpa={gpa!r}: must be a non-negative integer (a guest-physical address)")
         page = self._pages.get(gpa >> 12)
         return page.counts[(gpa >> 7) & 31] if page else 0
 
     def access_map(self, gfn: int) -> int:
         """The 32-bit map this manager wants for ``gfn`` (bit i = sub-page i writable)."""
+        if isinstance(gfn, bool) or not isinstance(gfn, int) or gfn < 0:
+            raise WatchError(f"access_map gfn={gfn!r}: must be a non-negative integer (a guest page frame number)")
         page = self._pages.get(gfn)
         return self._desired(page) if page else self.vm.get_subpage_access(gfn, 1)[0]
 
@@ -358,27 +409,47 @@ class WatchManager:
 
     def _sync(self, page: _Page) -> None:
         want = self._desired(page)
-        if want != page.cur_map:
+        # compared with the map in force in the Vm, not only the one last pushed: SPP
+        # turned off and on again, for one, leaves every page writable
+        if want != page.cur_map or want != self.vm.get_subpage_access(page.gfn, 1)[0]:
             self.vm.set_spp_vector(page.gfn << 12, vector_from_map(want))
             page.cur_map = want
             self.pushes += 1
 
     # ------------------------------------------------------------------ violations
+    def _chained(self, ev: SppViolation) -> Decision:
+        if self.chain is None:
+            return Decision.SKIP
+        d = self.chain(ev)
+        if not isinstance(d, Decision):
+            raise TypeError(f"the chained violation handler {self.chain!r} returned {d!r}; it must return a "
+                            "sppkit.Decision")
+        return d
+
     def _on_violation(self, ev: SppViolation) -> Decision:
-        self.violations += 1
-        outer = self.chain(ev) if self.chain is not None else Decision.SKIP
+        # Everything is decided first (the chain and the callbacks may raise, or answer
+        # something that is no decision): a violation that raises changes no counter.
+        outer = self._chained(ev)
         page = self._pages.get(ev.gfn)
-        if page is None or not self._armed:
+        if page is None:
+            self.violations += 1
+            self.foreign += 1
+            self.decisions[outer.value] += 1
+            return outer
+        # The manager owns the maps of the pages it watches: the chain may not unprotect
+        # one (the Vm would change a map behind it; the next push would undo it).
+        if outer is Decision.UNPROTECT:
+            outer = Decision.EMULATE
+        if not self._armed:
+            self.violations += 1
             self.foreign += 1
             self.decisions[outer.value] += 1
             return outer
         foreign = any(not (page.base_map >> s) & 1 for s in ev.denied)
         hit = [w for w in page.watches if w.overlaps(ev.gpa, ev.size)]
-        decisions: list[Decision] = [outer if outer is not Decision.UNPROTECT else Decision.EMULATE] if foreign else []
-        if foreign:
-            self.foreign += 1
+        decisions: list[Decision] = [outer] if foreign else []
+        decided: list[tuple[list[Watch], Decision]] = []
         if hit:
-            self.notified += 1
             old = self.vm.read(ev.gpa, ev.size)
             groups: dict[int, tuple[Any, list[Watch]]] = {}
             for w in hit:
@@ -391,6 +462,14 @@ class WatchManager:
                     ans = cb(wev)
                     d = (_strictest(w.decision for w in ws) if ans is None
                          else _as_decision(ans, f"callback of {ws[0].name!r}"))
+                decided.append((ws, d))
+        # -- decided: count
+        self.violations += 1
+        if foreign:
+            self.foreign += 1
+        if hit:
+            self.notified += 1
+            for ws, d in decided:
                 for w in ws:
                     w.hits += 1
                     w.decisions[d.value] += 1
@@ -603,16 +682,25 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
     recorded; stop: the run ends).  ``ticks`` patches the guest's ``param_ticks``.
     """
     from ..engines import DEFAULT_RAM, choose_engine
+    from ..engines.base import check_ram_size
 
     given = [x is not None for x in (protect_symbols, policy, targets)]
     if sum(given) > 1:
         raise MonitorError("give --protect-symbols or --policy, not both")
     try:
         dec = Decision.parse(decision)
-    except ValueError as e:
-        raise MonitorError(str(e)) from None
+    except ValueError:
+        raise MonitorError(f"decision {decision!r}: must be skip, emulate or stop") from None
     if dec is Decision.UNPROTECT:
         raise MonitorError("decision unprotect: a watch keeps its protection; use skip, emulate or stop")
+    if not isinstance(page_granular, bool):
+        raise MonitorError(f"page_granular={page_granular!r}: must be True or False")
+    if memory is not None:
+        try:
+            check_ram_size(memory)
+        except ValueError as e:
+            raise MonitorError(f"memory: {e}") from None
+    check_run_args(engine, timeout, cpl=cpl)
     if ticks is not None and (isinstance(ticks, bool) or not isinstance(ticks, int)
                               or not 1 <= ticks <= MAX_TICKS):
         raise MonitorError(f"ticks {ticks!r}: must be an integer from 1 to {MAX_TICKS} (--ticks)")
@@ -643,7 +731,7 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
         raise MonitorError(f"{image.where}: say what to watch: --protect-symbols SYM,... or --policy FILE")
     if not tlist:
         raise MonitorError("nothing to watch")
-    ram = memory or DEFAULT_RAM
+    ram = DEFAULT_RAM if memory is None else memory
     source = (f"--policy {os.fspath(policy)}: " if policy is not None
               else "--protect-symbols: " if protect_symbols is not None else "")
     for t in tlist:
@@ -856,6 +944,21 @@ ENGINE_HELP = ("kvm: the real CPU (needs a usable /dev/kvm); unicorn: emulated a
 CPL_HELP = "Privilege level the guest runs at; 3 runs natively under KVM on hosts where CPL 0 is emulated."
 JSON_HELP = "Print one JSON object on stdout instead of tables (notes and progress go to stderr)."
 PROGRESS_HELP = "Show what is running on stderr while it runs (only when stderr is a terminal)."
+
+
+def check_run_args(engine, timeout, *, ram_size=None, cpl=None) -> None:
+    """ValueError naming the first bad engine name, timeout, RAM size or CPL of a run
+    function: checked before a guest is built, an engine made or a file written."""
+    from ..engines import ENGINES
+    from ..engines.base import check_ram_size
+
+    if engine not in ("auto", *ENGINES):
+        raise ValueError(f"engine {engine!r}: must be kvm, unicorn or auto")
+    check_timeout(timeout)
+    if ram_size is not None:
+        check_ram_size(ram_size)
+    if cpl is not None and (isinstance(cpl, bool) or not isinstance(cpl, int) or cpl not in (0, 3)):
+        raise ValueError(f"cpl={cpl!r}: must be 0 or 3")
 
 
 def timeout_option(ctx, param, value):

@@ -436,6 +436,12 @@ class Vm:
             raise TypeError("on_violation needs a callable (event) -> Decision, or None")
         self._handler = callback
 
+    @property
+    def violation_handler(self) -> ViolationHandler | None:
+        """The handler :meth:`on_violation` registered (None: violations are SKIPped);
+        a handler that chains to another can check it is still the one asked."""
+        return self._handler
+
     def on_write(self, callback: Callable[[int, int, int | None], None] | None) -> None:
         """Register an observer told of every guest write before it is decided, as
         ``callback(gpa, size, rip)`` (e.g. to record a trace); None removes it."""
