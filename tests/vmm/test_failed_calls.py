@@ -180,3 +180,22 @@ def test_violation_handler_is_what_on_violation_registered():
     assert vm.violation_handler is handler, "a refused handler changes nothing"
     vm.on_violation(None)
     assert vm.violation_handler is None
+
+
+def test_a_raising_handler_propagates_nothing_lands_and_the_violation_stays_counted():
+    """The documented rule for a handler that raises: the exception reaches the caller,
+    no byte of the write lands, and the write and its violation stay counted."""
+    vm = Vm()
+    vm.add_memslot(0, 0, 2 << 20)
+    vm.enable_spp()
+    vm.set_subpage_access(0x10, [0])
+
+    def boom(ev):
+        raise RuntimeError("handler failed")
+
+    vm.on_violation(boom)
+    with pytest.raises(RuntimeError, match="handler failed"):
+        vm.write(0x10000, b"xyz")
+    assert vm.read(0x10000, 3) == bytes(3)
+    st = vm.stats()
+    assert (st["writes"], st["violations"]) == (1, 1)

@@ -461,7 +461,9 @@ class Vm:
 
         A write that cannot be made — ``data`` not bytes-like or not 1 to 4096 bytes, a
         bad ``gpa`` or ``gla``, a page not in any memslot — raises before anything
-        changes: no statistics, no observer call, no handler call.
+        changes: no statistics, no observer call, no handler call.  A violation handler
+        that raises: the exception propagates and no byte lands, but the write and its
+        violation were made and stay counted (as an exit taken is counted).
         """
         if type(data) is not bytes:
             data = _bytes_like(data)
