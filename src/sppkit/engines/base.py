@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import mmap
+import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -31,7 +33,9 @@ class EngineError(RuntimeError):
 
 def parse_size(text: str | int) -> int:
     """'64M', '1G', '65536', 0x... → bytes."""
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
+        if text <= 0:
+            raise ValueError(f"memory size {text!r}: must be positive")
         return text
     t = str(text).strip().upper().removesuffix("B").removesuffix("I")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
@@ -48,6 +52,78 @@ def parse_size(text: str | int) -> int:
 #: The registers both engines' ``regs()``/``set_regs()`` use (and a checkpoint holds).
 REGISTERS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+
+#: RFLAGS bits a 64-bit guest cannot have set: the reserved bits (3, 5, 15, 22-63) and
+#: VM (17, virtual-8086 mode).  Bit 1 is always 1: both engines set it.
+RFLAGS_RESERVED = ((1 << 64) - (1 << 22)) | (1 << 17) | (1 << 15) | (1 << 5) | (1 << 3)
+
+
+def check_regs(regs: object) -> dict[str, int]:
+    """``regs`` (register name -> value, as ``regs()`` returns them) if every name is one
+    of :data:`REGISTERS` and every value a 64-bit unsigned integer (RFLAGS without
+    reserved bits); else TypeError/ValueError naming the first bad entry.  Checked
+    whole before an engine loads any of them."""
+    if not isinstance(regs, Mapping):
+        raise TypeError(f"registers {regs!r:.80}: must be a dict of register name -> value, e.g. {{'rax': 1}}")
+    out: dict[str, int] = {}
+    for n, v in regs.items():
+        if n not in REGISTERS:
+            raise ValueError(f"register {n!r}: must be one of {', '.join(REGISTERS)}")
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
+            raise ValueError(f"register {n}={v!r:.40}: must be an integer from 0 to 2**64-1")
+        if n == "rflags" and v & RFLAGS_RESERVED:
+            raise ValueError(f"rflags={v:#x}: bits {v & RFLAGS_RESERVED:#x} are reserved in a 64-bit guest "
+                             f"(must be 0: bits 3, 5, 15, 17 (VM) and 22-63)")
+        out[n] = int(v)
+    return out
+
+
+def check_port(port: object) -> int:
+    """``port`` if it is an I/O port a handler may take: 0..0xFFFF but not the console
+    (0xE9) or exit (0xF4) port."""
+    if not isinstance(port, int) or isinstance(port, bool):
+        raise TypeError(f"port {port!r:.40}: must be an integer I/O port 0..0xFFFF")
+    if port in (0xE9, 0xF4) or not 0 <= port <= 0xFFFF:
+        raise ValueError(f"port {port:#x}: must be 0..0xFFFF and not 0xE9/0xF4 (console/exit)")
+    return port
+
+
+SPP_MODES = ("lazy", "eager")
+
+
+def check_engine_args(image: object, policy: object, ram_size: object, cpl: object, spp_mode: object) -> None:
+    """The constructor arguments both engines take, checked before anything is built:
+    TypeError/ValueError naming the first bad one."""
+    from ..guests.elf import GuestImage, Segment
+    from ..policy import Policy
+    from .x86 import segments_for
+
+    if not isinstance(image, GuestImage):
+        raise TypeError(f"image {image!r:.60}: must be a sppkit.guests.GuestImage "
+                        "(load one with sppkit.guests.load_elf or flat_image)")
+    segs = image.segments
+    if not isinstance(segs, (list, tuple)) or not segs:
+        raise ValueError(f"{image.where}: the image has no segments: nothing to run")
+    for seg in segs:
+        if not isinstance(seg, Segment):
+            raise TypeError(f"{image.where}: segment {seg!r:.60}: must be a sppkit.guests.Segment")
+        if not isinstance(seg.gpa, int) or isinstance(seg.gpa, bool) or seg.gpa < 0:
+            raise ValueError(f"{image.where}: segment gpa={seg.gpa!r:.40}: must be a non-negative integer")
+        if not isinstance(seg.memsz, int) or isinstance(seg.memsz, bool) \
+                or not isinstance(seg.data, (bytes, bytearray)) or not len(seg.data) <= seg.memsz:
+            raise ValueError(f"{image.where}: segment at {seg.gpa:#x}: data must be bytes and memsz "
+                             f"({seg.memsz!r:.40}) an integer at least its length")
+    entry = image.entry
+    if not isinstance(entry, int) or isinstance(entry, bool) or not 0 <= entry < 1 << 64:
+        raise ValueError(f"{image.where}: entry point {entry!r:.40}: must be an address from 0 to 2**64-1")
+    if policy is not None and not isinstance(policy, Policy):
+        raise TypeError(f"policy {policy!r:.60}: must be a sppkit.policy.Policy or None "
+                        "(load one with sppkit.policy.load_policy or Policy.from_ranges)")
+    check_ram_size(ram_size)
+    segments_for(cpl)  # type: ignore[arg-type]  # (checks cpl: 0 or 3)
+    if not isinstance(spp_mode, str) or spp_mode not in SPP_MODES:
+        raise ValueError(f"spp_mode={spp_mode!r:.40}: must be 'lazy' or 'eager'")
+
 
 #: The largest guest RAM: the engines identity-map it with one page-directory-pointer
 #: table of 2-MiB pages (512 GiB).
@@ -109,7 +185,7 @@ class EngineBase:
         spp_mode: str = "lazy",
         backing=None,
     ) -> None:
-        check_ram_size(ram_size)
+        check_engine_args(image, policy, ram_size, cpl, spp_mode)
         self.image = image
         self.policy = policy
         self.vm = Vm()
@@ -141,21 +217,37 @@ class EngineBase:
         self._insn_at: dict = {}
         self._sym_cache: dict = {}
         self._pause = False
+        self._closed = False
+        self._run_lock = threading.Lock()  # held while run() runs (see _begin_run)
+        self._run_thread: int | None = None
 
     # -- extension points used by the usecases ------------------------------------------
     def add_port_handler(self, port: int, handler) -> None:
         """Call ``handler(engine, value)`` on every guest ``out`` to ``port`` (other than the
         console 0xE9 and exit 0xF4 ports).  If it returns ``"pause"`` the run pauses
-        after the instruction (see :meth:`request_pause`)."""
-        if port in (0xE9, 0xF4) or not 0 <= port <= 0xFFFF:
-            raise ValueError(f"port {port:#x}: must be 0..0xFFFF and not 0xE9/0xF4 (console/exit)")
+        after the instruction (see :meth:`request_pause`); any other string is an error
+        raised from :meth:`run` (a misspelt request), other values are ignored.
+        ``handler=None`` removes the port's handler."""
+        self._check_open("add_port_handler()")
+        check_port(port)
+        if handler is None:
+            self._port_handlers.pop(port, None)
+            return
+        if not callable(handler):
+            raise TypeError(f"port {port:#x} handler {handler!r:.60}: must be a callable (engine, value) -> "
+                            "'pause' | None, or None to remove the handler")
         self._port_handlers[port] = handler
 
     def _port_out(self, port: int, value: int) -> bool:
         """Dispatch an OUT to a registered handler; True if the run should pause."""
         h = self._port_handlers.get(port)
-        if h is not None and h(self, value) == "pause":
-            self._pause = True
+        if h is not None:
+            r = h(self, value)
+            if r == "pause":
+                self._pause = True
+            elif isinstance(r, str):
+                raise ValueError(f"the handler of port {port:#x} returned {r!r:.40}: it must return 'pause' "
+                                 "(pause the run) or None")
         return self._pause
 
     #: whether :meth:`record_writes` sees every guest write (False: only writes to
@@ -163,30 +255,117 @@ class EngineBase:
     records_every_write = False
 
     def record_writes(self, callback) -> None:
-        """Call ``callback(gpa, size, rip)`` for guest writes, e.g. to record a trace.
-        This base version sees the writes the engine hands to ``vm.write``."""
+        """Call ``callback(gpa, size, rip)`` for guest writes, e.g. to record a trace
+        (None: stop recording; a later call replaces the callback).  This base version
+        sees the writes the engine hands to ``vm.write``; an exception the callback
+        raises is re-raised from :meth:`run` and the write it was told of is not made."""
+        self._check_open("record_writes()")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"record_writes callback {callback!r:.60}: must be a callable (gpa, size, rip) -> None, "
+                            "or None")
         self.vm.on_write(callback)
 
     def request_pause(self) -> None:
-        """Ask the run to stop at the next instruction boundary the engine can reach
-        (KVM: once the current exit is handled; Unicorn: after the next instruction).  :meth:`run` then returns ``stop_reason == "paused"`` and a
-        later :meth:`run` continues from there."""
+        """Ask the running guest to stop at the next instruction boundary the engine can
+        reach (KVM: once the current exit is handled; Unicorn: after the current
+        instruction) — from a callback of :meth:`run` (a port handler, the violation
+        handler, a write observer), or another thread, where it takes effect at the
+        next such callback.  :meth:`run` then returns ``stop_reason == "paused"`` and a
+        later :meth:`run` continues from there.  EngineError when no run is in progress
+        (a request that would otherwise be dropped)."""
+        self._check_open("request_pause()")
+        if self._run_thread is None:
+            raise EngineError("request_pause(): no run is in progress; call it from a port handler, the violation "
+                              "handler or a write observer while run() runs (or return 'pause' from a port handler)")
         self._pause = True
 
-    def run(self) -> RunResult:  # pragma: no cover - engines override
+    def run(self) -> RunResult:
         """Run (or, after a pause, continue) the guest until it exits, halts, faults,
-        stops on a decision, pauses or times out."""
+        stops on a decision, pauses or times out.  An exception raised by a callback
+        (port handler, violation handler, write observer) is re-raised here; the write
+        it was deciding is not made, and a later run() goes on from where the guest
+        stopped — under Unicorn at that store, which is then decided again; under KVM
+        after its instruction, which had retired (the write is lost, as a SKIP would
+        lose it).  EngineError once the guest has exited, once the engine is closed,
+        and when called while this engine is already running (from one of its callbacks
+        or another thread)."""
+        self._begin_run()
+        try:
+            return self._run()
+        except BaseException:
+            self._pending.clear()  # violations of a write that was not made: no record
+            raise
+        finally:
+            self._pause = False  # a request that did not land before the run ended
+            self._run_thread = None
+            self._run_lock.release()
+
+    def _run(self) -> RunResult:  # pragma: no cover - engines override
         raise NotImplementedError
 
-    def close(self) -> None:  # pragma: no cover - engines override
-        """Release the engine's resources (the VM, its memory)."""
+    def _begin_run(self) -> None:
+        self._check_open("run()")
+        if not self._run_lock.acquire(blocking=False):
+            raise EngineError("run(): this engine is already running (run() was called from one of its callbacks "
+                              "or from another thread); return from the callback instead — a port handler can "
+                              "return 'pause' to stop the run")
+        try:
+            self._check_open("run()")  # (closed by another thread meanwhile)
+            if self.exit_code is not None:
+                raise EngineError(f"run(): the guest has already exited (exit code {self.exit_code}); "
+                                  "construct a new engine to run it again")
+        except BaseException:
+            self._run_lock.release()
+            raise
+        self._run_thread = threading.get_ident()
+        self._pause = False
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise EngineError(f"{what}: this {self.name} engine is closed")
+
+    def close(self) -> None:
+        """Release the engine's resources (the emulator or KVM VM); the Vm, and so guest
+        memory, stays readable.  Idempotent; EngineError while the engine is running
+        (from one of its callbacks or another thread: close it after run() returns)."""
+        if self._closed:
+            return
+        if not self._run_lock.acquire(blocking=False):  # (never under a running emulator or vCPU)
+            raise EngineError("close(): the engine is running (close() was called from one of its callbacks or from "
+                              "another thread); close it after run() returns")
+        try:
+            if not self._closed:
+                self._closed = True
+                self._release()
+        finally:
+            self._run_lock.release()
+
+    def _release(self) -> None:  # pragma: no cover - engines override
         raise NotImplementedError
 
-    def regs(self) -> dict[str, int]:  # pragma: no cover - engines override
+    def regs(self) -> dict[str, int]:
+        """General-purpose registers, RIP and RFLAGS (between runs or in a callback)."""
+        self._check_open("regs()")
+        return self._get_regs()
+
+    def set_regs(self, regs: dict[str, int]) -> None:
+        """Load registers (names as :meth:`regs`; missing ones keep their value).  Every
+        name and value is checked before any register changes (see :func:`check_regs`)."""
+        self._check_open("set_regs()")
+        self._set_regs(check_regs(regs))
+
+    def _get_regs(self) -> dict[str, int]:  # pragma: no cover - engines override
         raise NotImplementedError
 
-    def set_regs(self, regs: dict[str, int]) -> None:  # pragma: no cover - engines override
+    def _set_regs(self, regs: dict[str, int]) -> None:  # pragma: no cover - engines override
         raise NotImplementedError
+
+    def code_at(self, rip: int) -> bytes:
+        """Up to 15 bytes of guest memory from ``rip`` for decoding: fewer near the end of
+        guest RAM, none outside it."""
+        if not isinstance(rip, int) or isinstance(rip, bool) or not 0 <= rip < self.ram_size:
+            return b""
+        return self.vm.read(rip, min(15, self.ram_size - rip))
 
     # -- policy -------------------------------------------------------------------
     def apply_policy(self, policy: "Policy") -> None:
@@ -245,12 +424,16 @@ class EngineBase:
         return find_writer(self.vm.read, rip_after, gpa, size, regs or {})
 
     def instruction_at(self, rip: int):
-        """The instruction at ``rip`` (decoded once per address)."""
+        """The instruction at guest-physical ``rip`` (decoded once per address), or None
+        where the bytes do not decode.  ValueError for an address outside guest RAM."""
         from .x86 import decode
 
         d = self._insn_at.get(rip)
         if d is None:
-            d = self._insn_at[rip] = decode(self.vm.read(rip, 15), rip, None)
+            if not isinstance(rip, int) or isinstance(rip, bool) or not 0 <= rip < self.ram_size:
+                raise ValueError(f"rip={rip!r:.40}: must be a guest-physical address in guest RAM "
+                                 f"(0 to {self.ram_size - 1:#x})")
+            d = self._insn_at[rip] = decode(self.code_at(rip), rip, None)
         return d
 
     def symbolize(self, gpa: int) -> str | None:

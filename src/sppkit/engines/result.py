@@ -57,6 +57,10 @@ class RunResult:
         return (self.exit_code & 0xFF) if self.stop_reason == "exit" and self.exit_code is not None else 1
 
     def to_dict(self, max_violations: int = 1000) -> dict:
+        """Plain JSON data (``violations``: the first ``max_violations`` records;
+        ``violations_total``: how many there are)."""
+        if not isinstance(max_violations, int) or isinstance(max_violations, bool) or max_violations < 0:
+            raise ValueError(f"max_violations={max_violations!r:.40}: must be a non-negative integer")
         return {
             "engine": self.engine,
             "exit_code": self.exit_code,

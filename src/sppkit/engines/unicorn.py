@@ -61,7 +61,7 @@ from unicorn.x86_const import (
 
 from ..vmm import GpaNotMapped
 from ..vmm.vm import ALLOWED
-from .base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
+from .base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_engine_args, check_timeout
 from .result import RunResult
 from .x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 
@@ -140,8 +140,11 @@ def setup_cpu(uc: Uc, layout, cpl: int) -> None:
 
 
 def _guard(fn):
-    """Decorator for the engine's Unicorn hooks: the first exception is kept and the
-    emulation stopped, and run() re-raises it (never swallowed at the C boundary)."""
+    """Decorator for the engine's Unicorn (instruction and code) hooks: the first
+    exception is kept and the emulation stopped, and run() re-raises it (never swallowed
+    at the C boundary).  emu_stop() only takes effect at the end of the translated
+    block: until then every store is held back (see _hold_stores), so none lands after
+    the failing callback."""
 
     def wrapper(self, uc, *args):
         try:
@@ -149,7 +152,10 @@ def _guard(fn):
         except BaseException as e:  # re-raised from run()
             if self._error is None:
                 self._error = e
-            uc.emu_stop()
+            try:
+                self._hold_stores()
+            finally:
+                uc.emu_stop()
             return False
 
     return wrapper
@@ -169,9 +175,17 @@ class UnicornEngine(EngineBase):
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
                  timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
                  native_hook: bool | None = None) -> None:
+        check_engine_args(image, policy, ram_size, cpl, spp_mode)
         self.timeout = check_timeout(timeout)
+        if not isinstance(max_instructions, int) or isinstance(max_instructions, bool) \
+                or not 0 <= max_instructions < 1 << 64:
+            raise ValueError(f"max_instructions={max_instructions!r:.40}: must be an integer from 0 (no limit) "
+                             "to 2**64-1")
+        if native_hook is not None and not isinstance(native_hook, bool):
+            raise TypeError(f"native_hook={native_hook!r:.40}: must be None (the C trampoline when it can be "
+                            "built), True (required) or False (never)")
         self.max_instructions = max_instructions
-        self._ram = allocate_ram(check_ram_size(ram_size))
+        self._ram = allocate_ram(ram_size)
         super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
         self.uc = uc = Uc(UC_ARCH_X86, UC_MODE_64)
         self._ram_ptr = ctypes.c_char.from_buffer(self._ram)
@@ -200,6 +214,10 @@ class UnicornEngine(EngineBase):
         self._smc_step = False
         self._smc_dirty: list[tuple[int, int]] = []
         self._beyond: tuple[int, int] | None = None  # (gpa, size) of a store running past the end of RAM
+        # (rip, gpa, answer) of a store decided and made, then abandoned so that the run
+        # can pause right after its instruction (see _on_store, _pause_after_store)
+        self._replay: tuple[int, int, object] | None = None
+        self._record_hook = None
         self.exits: Counter = Counter()
         self._pc = image.entry
         uc.hook_add(UC_HOOK_INSN, self._hook_out, None, 1, 0, UC_X86_INS_OUT)
@@ -347,15 +365,22 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
-        if self._ending and not self._code_hooks:
+        if self._ending:
+            rp = self._replay
+            if rp is not None and rp[0] == rip and rp[1] == address:
+                # The store of a pause, already decided and made, met again as its
+                # instruction runs alone (_pause_after_store): the same answer, no second call.
+                self._replay = None
+                return rp[2]
             # The run is ending (a port handler's pause, the timeout, the exit port):
             # emu_stop() only takes effect at the end of the translated block, and
             # Unicorn abandons a store it meets on the way and runs it again on resume.
             # So the store is not decided here: the run stops at it, nothing written,
             # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
             # block may be gone from the cache, and Unicorn cannot stop in it.)
-            self._held = True
-            return False
+            if not self._code_hooks:
+                self._held = True
+                return False
         code_lo, code_hi = self._code_span  # (one comparison first: the path of every protected store)
         if code_lo <= address < code_hi and data is not None and rip is not None \
                 and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip):
@@ -377,8 +402,8 @@ class UnicornEngine(EngineBase):
             if size == 8:
                 wide = self._wide_cache.get(rip)
                 if wide is None:
-                    wide = self._wide_cache[rip] = _vector_store_info(self.vm.read(rip, 15), rip)
-                if wide and address == _operand_address(wide[1], self.regs()):
+                    wide = self._wide_cache[rip] = _vector_store_info(self.code_at(rip), rip)
+                if wide and address == _operand_address(wide[1], self._get_regs()):
                     # Unicorn hands a 16/32-byte vector store over in 8-byte pieces:
                     # decide the whole store at its first piece, from the source register.
                     reg, n = wide[0]
@@ -405,19 +430,37 @@ class UnicornEngine(EngineBase):
                     return False
             if self._ept.version != self._generation:
                 self._project()
-            if self._pause:
-                # Stopping inside a memory hook would leave RIP at this instruction and
-                # repeat it on resume: stop at the next instruction instead.
-                # The block goes on to its end (stores in it are decided as usual) and
-                # the run stops when execution reaches the next instruction.
-                d = decode(self.vm.read(rip, 15), rip, None)
-                self._stop_at(rip + (d.length if d else 1))
+            if self._pause and not self._smc_step:  # (an SMC step stops after its instruction anyway)
+                return self._pause_at_store(rip, address, n, True if n == size else n)
             return True if n == size else n
         except BaseException as e:  # re-raised from run()
             if self._error is None:
                 self._error = e
             self.uc.emu_stop()
             return False
+
+    def _pause_at_store(self, rip: int, address: int, n: int, answer):
+        """A pause was asked for while the store at ``address`` (``n`` bytes, decided and
+        made) was decided — by the violation handler, a write observer, another thread.
+        Stopping inside a memory hook would leave RIP at this instruction and repeat it
+        on resume, and a code hook on the next instruction is not seen by the block
+        already running.  So the store is abandoned before its instruction retires
+        (restartable, like a store that faults once its bytes landed) and
+        _pause_after_store() runs that instruction again alone, this store answered as
+        decided (``answer``): the run pauses right after it, as under KVM."""
+        d = decode(self.code_at(rip), rip, None)
+        if d is not None and d.size == n and not d.reads_memory:
+            # (only an instruction that reads no memory runs again the same: a
+            # read-modify-write one would read the bytes already made, and its flags and
+            # registers would differ)
+            self._replay = (rip, address, answer)
+            self._ending = True
+            return False
+        # An instruction that reads memory (add [m], 1; xadd...), or that stores in
+        # several pieces (fxsave, x87 stores...): its store is made and it retires;
+        # stop when the next instruction is reached.
+        self._stop_at(rip + (d.length if d else 1))
+        return answer
 
     # -- self-modifying code ---------------------------------------------------------------
     def _near_running_code(self, address: int, rip: int) -> bool:
@@ -445,14 +488,20 @@ class UnicornEngine(EngineBase):
     def _emulate(self, start: int) -> None:
         """emu_start from ``start``; a store held back by _on_store because it writes
         code near the running block is run alone, on translations made after its
-        neighbourhood was dropped from the cache, and the run goes on from there."""
+        neighbourhood was dropped from the cache, and the run goes on from there.  A
+        store abandoned for a pause is run again alone, and the run ends after it."""
         uc = self.uc
         while True:
             try:
                 uc.emu_start(start, _NO_STOP_ADDRESS, count=self.max_instructions)
                 return
             except UcError as e:
-                if e.errno != UC_ERR_WRITE_PROT or self._smc is None or self._error is not None:
+                if e.errno != UC_ERR_WRITE_PROT or self._error is not None:
+                    raise
+                if self._replay is not None:
+                    self._pause_after_store()
+                    return
+                if self._smc is None:
                     raise
             rip, self._smc = self._smc, None
             page = rip & ~0xFFF
@@ -469,11 +518,39 @@ class UnicornEngine(EngineBase):
                 return
             start = uc.reg_read(UC_X86_REG_RIP)
 
+    def _pause_after_store(self) -> None:
+        """Run the instruction of the store abandoned for a pause (``_replay``) alone:
+        _on_store answers that store as it was decided, and the run stops after it."""
+        uc = self.uc
+        rip = self._replay[0] if self._replay is not None else 0
+        page = rip & ~0xFFF
+        lo, hi = max(0, page - 0x1000), min(self.ram_size, page + 0x2000)
+        uc.ctl_remove_cache(lo, hi)  # (translations that hold the one-instruction count)
+        self._ending = True  # the store is answered at the top of _on_store
+        try:
+            uc.emu_start(rip, _NO_STOP_ADDRESS, count=1)
+        finally:
+            self._replay = None
+            uc.ctl_remove_cache(lo, hi)
+
     records_every_write = True
 
     def record_writes(self, callback) -> None:
         """Call ``callback(gpa, size, rip)`` for *every* guest write (a memory hook on
-        all of RAM: slower, but the trace holds the whole workload)."""
+        all of RAM: slower, but the trace holds the whole workload); None stops
+        recording, a later call replaces the callback.  An exception it raises is
+        re-raised from :meth:`run`: a write to a page holding a protected sub-page is
+        then not made (as under KVM); Unicorn makes a write to any other page all the
+        same (the hook sees it before it lands but cannot cancel it)."""
+        self._check_open("record_writes()")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"record_writes callback {callback!r:.60}: must be a callable (gpa, size, rip) -> None, "
+                            "or None")
+        if self._record_hook is not None:
+            self.uc.hook_del(self._record_hook)
+            self._record_hook = None
+        if callback is None:
+            return
         last: list[tuple[int, int, int] | None] = [None]  # (rip, lo, hi) of the last access recorded
 
         def hook(uc, access, address, size, value, user_data):
@@ -484,10 +561,19 @@ class UnicornEngine(EngineBase):
                         and size < prev[2] - prev[1]:
                     return  # Unicorn's byte-by-byte re-report of an access already recorded
                 last[0] = (rip, address, address + size)
+                asked = self._pause
                 callback(address, size, rip)
+                if self._pause and not asked:
+                    # A pause asked for by the observer: a store to a read-only page goes on
+                    # to _on_store, which pauses right after its instruction; for any other
+                    # store (the hook cannot stop it), at the engine's next callback or when
+                    # the next instruction is reached again, whichever comes first.
+                    d = decode(self.code_at(rip), rip, None)
+                    self._stop_at(rip + (d.length if d else 1))
             except BaseException as e:
                 if self._error is None:
                     self._error = e
+                self._ending = True  # the store, if it reaches _on_store, is not made
                 uc.emu_stop()
 
         self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
@@ -506,26 +592,31 @@ class UnicornEngine(EngineBase):
     # -- run -------------------------------------------------------------------------------
     _REGS = {name: name.upper() for name in REGISTERS}  # sppkit name -> unicorn.x86_const suffix
 
-    def regs(self) -> dict[str, int]:
-        """General-purpose registers, RIP and RFLAGS."""
+    def _get_regs(self) -> dict[str, int]:
         import unicorn.x86_const as X
 
         return {n: self.uc.reg_read(getattr(X, f"UC_X86_REG_{u}")) for n, u in self._REGS.items()}
 
-    def set_regs(self, regs: dict[str, int]) -> None:
-        """Load registers (names as :meth:`regs`; missing ones keep their value)."""
+    def _set_regs(self, regs: dict[str, int]) -> None:
         import unicorn.x86_const as X
 
-        for n, v in regs.items():
-            if n not in self._REGS:
-                raise ValueError(f"register {n!r}: must be one of {', '.join(self._REGS)}")
-        for n, v in regs.items():
+        for n, v in regs.items():  # (checked by set_regs: all or nothing)
             self.uc.reg_write(getattr(X, f"UC_X86_REG_{self._REGS[n]}"), v)
         if "rip" in regs:
             self._pc = regs["rip"]
 
-    def run(self) -> RunResult:
-        """Run (or, after a pause, continue) the guest."""
+    def _raise_error(self) -> None:
+        """Re-raise the exception a callback raised; a later run() goes on from where
+        the guest stopped (a store held back, or not made because the callback deciding
+        it raised, runs again)."""
+        err, self._error = self._error, None
+        self._pc = self.uc.reg_read(UC_X86_REG_RIP)
+        self._held = False
+        self._stop = self._beyond = self._replay = None
+        assert err is not None
+        raise err
+
+    def _run(self) -> RunResult:
         uc = self.uc
         start = self._pc
         self._pause = False
@@ -560,7 +651,7 @@ class UnicornEngine(EngineBase):
                         self._error = err
         except UcError as e:
             if self._error is not None:
-                raise self._error
+                self._raise_error()
             rip = uc.reg_read(UC_X86_REG_RIP)
             if self.exit_code is not None:
                 # emu_stop() takes effect at the end of the translation block: the
@@ -579,11 +670,11 @@ class UnicornEngine(EngineBase):
             if e.errno == UC_ERR_WRITE_PROT and self._beyond is not None:
                 gpa, n = self._beyond
                 self._beyond = None
-                d = decode(self.vm.read(rip, 15), rip, None)
+                d = decode(self.code_at(rip), rip, None)
                 return self.result("shutdown", rip_at=rip, exits=self.exits,
                                    detail=f"guest fault at rip={rip:#x}: a {n}-byte store at gpa={gpa:#x} runs "
                                    f"past the end of guest RAM (triple fault: no IDT)" + (f" (`{d.text}`)" if d else ""))
-            d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
+            d = decode(self.code_at(rip), rip, None)
             # A fault with no IDT is a triple fault on a real CPU: KVM reports a shutdown.
             return self.result("shutdown", rip_at=rip, exits=self.exits,
                                detail=f"guest fault at rip={rip:#x}: {e}" + (f" (`{d.text}`)" if d else ""))
@@ -594,7 +685,7 @@ class UnicornEngine(EngineBase):
                 uc.hook_del(h)
             self._code_hooks.clear()
         if self._error is not None:
-            raise self._error
+            self._raise_error()
         rip = uc.reg_read(UC_X86_REG_RIP)
         self._pc = rip
         if self.exit_code is not None:
@@ -611,8 +702,12 @@ class UnicornEngine(EngineBase):
         self._ending = True
         self.uc.emu_stop()
 
-    def close(self) -> None:
-        pass
+    def _release(self) -> None:
+        # uc_close: the emulator and its translation cache (guest RAM is the Vm's and
+        # stays readable).  Through the binding's finalizer, which runs once.
+        fin = getattr(self.uc, "_Uc__finalizer", None)
+        if fin is not None:
+            fin()
 
 
 def _vector_store_info(code: bytes, rip: int):

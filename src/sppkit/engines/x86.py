@@ -46,8 +46,8 @@ class Segment:
 
 def segments_for(cpl: int) -> tuple[Segment, Segment]:
     """(code, data) segments for a flat 64-bit guest at ``cpl`` (0 or 3)."""
-    if cpl not in (0, 3):
-        raise ValueError(f"cpl={cpl!r}: must be 0 or 3")
+    if not isinstance(cpl, int) or isinstance(cpl, bool) or cpl not in (0, 3):
+        raise ValueError(f"cpl={cpl!r:.40}: must be 0 or 3 (an int)")
     if cpl == 0:
         return Segment(0x08, 11, 0, True), Segment(0x10, 3, 0, False)
     return Segment(0x1B, 11, 3, True), Segment(0x23, 3, 3, False)
@@ -116,6 +116,8 @@ def plan_long_mode(
 # ----------------------------------------------------------------- decoding
 _FORMATTER = iced_x86.Formatter(iced_x86.FormatterSyntax.INTEL)
 _INFO = iced_x86.InstructionInfoFactory()
+_READ_ACCESS = {iced_x86.OpAccess.READ, iced_x86.OpAccess.READ_WRITE, iced_x86.OpAccess.COND_READ,
+                iced_x86.OpAccess.READ_COND_WRITE}
 _WRITE_ACCESS = {iced_x86.OpAccess.WRITE, iced_x86.OpAccess.READ_WRITE, iced_x86.OpAccess.COND_WRITE,
                  iced_x86.OpAccess.READ_COND_WRITE}
 
@@ -137,6 +139,7 @@ class Decoded:
     writes_memory: bool
     address: int | None  # the written address computed with the given registers, if any
     size: int  # bytes of the written memory operand (0 if none)
+    reads_memory: bool = False  # any memory operand read (a read-modify-write store included)
 
     @property
     def mnemonic(self) -> str:
@@ -155,17 +158,18 @@ def decode(code: bytes, rip: int, regs: dict[str, int] | None = None) -> Decoded
     ins = dec.decode()
     if ins.code == iced_x86.Code.INVALID:
         return None
-    writes = False
+    writes = reads = False
     addr = None
     size = 0
     for mem in _INFO.info(ins).used_memory():
+        reads = reads or mem.access in _READ_ACCESS
         if mem.access in _WRITE_ACCESS:
             writes = True
             if not size:
                 size = iced_x86.MemorySizeInfo(mem.memory_size).size
                 if regs is not None:
                     addr = _address(mem, regs, ins)
-    return Decoded(rip, ins.len, _FORMATTER.format(ins), writes, addr, size)
+    return Decoded(rip, ins.len, _FORMATTER.format(ins), writes, addr, size, reads)
 
 
 def _reg_value(reg, regs: dict[str, int], ins) -> int:

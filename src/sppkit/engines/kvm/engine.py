@@ -16,12 +16,13 @@ page-crossing store arrives as one exit per page and is decided per page.
 from __future__ import annotations
 
 import mmap
+import os
 import signal
 import threading
 from collections import Counter
 
 from ...vmm import GpaNotMapped
-from ..base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_ram_size, check_timeout
+from ..base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_engine_args, check_timeout
 from ..result import RunResult
 from ..x86 import CR0, CR4, EFER, PORT_CONSOLE, PORT_EXIT, decode, segments_for
 from .binding import (
@@ -63,11 +64,15 @@ class KvmEngine(EngineBase):
 
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
                  timeout: float = 60.0, spp_mode: str = "lazy", path: str = "/dev/kvm") -> None:
+        check_engine_args(image, policy, ram_size, cpl, spp_mode)
+        self.timeout = check_timeout(timeout)
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            raise TypeError(f"path {path!r:.60}: must be the path of the KVM device (a str, bytes or os.PathLike), "
+                            "e.g. /dev/kvm")
         ok, why = kvm_status(path)
         if not ok:
             raise KvmUnavailable(why)
-        self.timeout = check_timeout(timeout)
-        self._ram = allocate_ram(check_ram_size(ram_size), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._ram = allocate_ram(ram_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
         self.kvm = Kvm(path)
         self.kvm.require(CAP_READONLY_MEM, CAP_SYNC_REGS)
@@ -141,17 +146,13 @@ class KvmEngine(EngineBase):
         r = self.vcpu.sync_regs()
         return {n: getattr(r, n) for n in _REG_NAMES}
 
-    def regs(self) -> dict[str, int]:
-        """General-purpose registers, RIP and RFLAGS (between runs or in a callback)."""
+    def _get_regs(self) -> dict[str, int]:
         r = self.vcpu.get_regs()
         return {n: getattr(r, n) for n in _REG_NAMES}
 
-    def set_regs(self, regs: dict[str, int]) -> None:
-        """Load registers (names as :meth:`regs`; missing ones keep their value)."""
+    def _set_regs(self, regs: dict[str, int]) -> None:
         r = self.vcpu.get_regs()
-        for n, v in regs.items():
-            if n not in _REG_NAMES:
-                raise ValueError(f"register {n!r}: must be one of {', '.join(_REG_NAMES)}")
+        for n, v in regs.items():  # (checked by set_regs: all or nothing)
             setattr(r, n, v)
         self.vcpu.set_regs(r)
 
@@ -159,8 +160,9 @@ class KvmEngine(EngineBase):
         return self.vm.read(gpa, n)
 
     # -- the run loop -----------------------------------------------------------------------
-    def run(self) -> RunResult:
+    def _run(self) -> RunResult:
         exits: Counter = Counter()
+        self.vcpu.immediate_exit = False  # (a timer that fired as the last run ended)
         alarm = self._arm_timeout()
         try:
             return self._loop(exits)
@@ -220,7 +222,7 @@ class KvmEngine(EngineBase):
                 return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
             if type(ex) is Shutdown:
                 rip = vcpu.sync_rip()
-                d = decode(self.vm.read(rip, 15), rip, None) if rip < self.ram_size else None
+                d = decode(self.code_at(rip), rip, None)
                 return self.result("shutdown", rip_at=rip, exits=exits,
                                    detail=f"guest fault at rip={rip:#x} (triple fault: no IDT)"
                                    + (f" (`{d.text}`)" if d else ""))
@@ -247,8 +249,12 @@ class KvmEngine(EngineBase):
                             instruction=d.text if d else None)
             self._pending.clear()
             if r.stopped:
-                last = self.records[-1]
-                return (last.rip_at, rip_after)
+                return (self.records[-1].rip_at, rip_after)
+        if r.stopped:
+            # STOP from a violation handler that queued no record (one that does not
+            # call handle_violation): the run ends all the same.
+            d = self.instruction_before(rip_after, gpa, len(data), self._regs())
+            return (d.rip if d else None, rip_after)
         if self.vm.ept_generation != self._generation:
             self._project()
         if self._pause:
@@ -258,7 +264,7 @@ class KvmEngine(EngineBase):
     def _emulation_error(self, ex: InternalError) -> EngineError:
         rip = self.vcpu.sync_rip()
         regs = self._regs()
-        code = ex.insn_bytes or self.vm.read(rip, 15)
+        code = ex.insn_bytes or self.code_at(rip)
         d = decode(code, rip, regs)
         if d is None:
             return EngineError(f"KVM internal error (suberror {ex.suberror}) at rip={rip:#x}; "
@@ -266,7 +272,7 @@ class KvmEngine(EngineBase):
         where = f" writing gpa={d.address:#x}" if d.address is not None else ""
         return EngineError(f"KVM could not emulate `{d.text}` at rip={rip:#x}{where}: {_UNEMULATABLE_HINT}")
 
-    def close(self) -> None:
+    def _release(self) -> None:
         for obj in (getattr(self, "vcpu", None), getattr(self, "vmfd", None), getattr(self, "kvm", None)):
             if obj is not None:
                 obj.close()

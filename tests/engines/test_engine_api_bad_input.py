@@ -1,0 +1,771 @@
+"""Bad input to the engines' public Python API, on both engines.
+
+Every bad case must end in a clear exception naming the problem before anything
+changes, or in correct behaviour — never a crash of the interpreter, a hang, a
+swallowed exception or a misleading message.  Covered: constructor arguments,
+``add_port_handler`` (ports, handlers, what handlers return or raise),
+``record_writes`` observers, violation handlers, ``request_pause`` at odd times, the
+run/close life cycle (``run()`` after the exit, after ``close()``, from a callback),
+``regs``/``set_regs``, ``instruction_at``, ``parse_size``, ``choose_engine`` and the
+result's JSON.
+
+Hand-made flat guests (iced-x86, the helpers of test_differential): no C toolchain
+needed.  The KVM half of each test is skipped, with the reason, where KVM is not usable
+here; the case that used to crash the interpreter runs in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from iced_x86 import Code, Register
+from iced_x86 import Instruction as Ins
+
+from sppkit.engines import EngineError, RunResult, choose_engine, parse_size
+from sppkit.engines.unicorn import UnicornEngine
+from sppkit.guests import GuestImage, Segment
+from sppkit.policy import Policy
+from sppkit.vmm import Decision
+from engine_helpers import RAM, SUB
+from test_differential import CODE, DATA, _abs, exit_ins, flat, mov_imm, putc, skip_without_kvm
+
+ENGINES = ["unicorn", "kvm"]
+#: "unicorn-py": the Unicorn engine with the ctypes trampoline (native_hook=False),
+#: for what goes through the protected-store path
+STORE_PATH_ENGINES = ["unicorn", "unicorn-py", "kvm"]
+A, B = DATA + 0x200, DATA + 0x210  # two bytes of sub-page 4 of the first data page
+INIT_A, INIT_B = 0x4A, 0xBA  # test_differential's initial data there
+
+
+# ------------------------------------------------------------------- guests and engines
+def store(addr: int, value: int) -> list[Ins]:
+    """``mov rax, value; mov [addr], al``."""
+    return [mov_imm(Register.RAX, value), Ins.create_mem_reg(Code.MOV_RM8_R8, _abs(addr), Register.AL)]
+
+
+def out80(value: int) -> list[Ins]:
+    return [mov_imm(Register.RAX, value), Ins.create_u32_reg(Code.OUT_IMM8_AL, 0x80, Register.AL)]
+
+
+def guest(*parts: list[Ins]) -> tuple[GuestImage, list[int]]:
+    return flat([i for p in parts for i in p])
+
+
+def with_jmp(before: list[list[Ins]], after: list[list[Ins]]) -> GuestImage:
+    """``before``, a `jmp` to the next instruction (ends the translated block), ``after``."""
+    b, a = [i for p in before for i in p], [i for p in after for i in p]
+    _, ips = flat(b + [Ins.create_branch(Code.JMP_REL32_64, CODE)] + a)
+    return flat(b + [Ins.create_branch(Code.JMP_REL32_64, ips[len(b) + 1])] + a)[0]
+
+
+#: store A (0x22), print "A", out 0x80 (1), store B (0x33), print "B", exit 3
+STD_PARTS = (store(A, 0x22), putc("A"), out80(1), store(B, 0x33), putc("B"), exit_ins(3))
+
+
+def std_guest() -> GuestImage:
+    return guest(*STD_PARTS)[0]
+
+
+def protect_a(decision: str = "emulate") -> Policy:
+    return Policy.from_ranges([(A, SUB)], decision)
+
+
+def spin_guest() -> GuestImage:
+    """Print "A", then `jmp $` forever."""
+    b = putc("A")
+    _, ips = flat(b + [Ins.create_branch(Code.JMP_REL32_64, CODE)])
+    return flat(b + [Ins.create_branch(Code.JMP_REL32_64, ips[len(b)])])[0]
+
+
+def engine_class(engine: str):
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine
+
+        return KvmEngine, {}
+    return UnicornEngine, ({"native_hook": False} if engine == "unicorn-py" else {})
+
+
+@pytest.fixture
+def make():
+    """``make(engine, image=None, **kw)``: an engine on ``image`` (the standard guest),
+    closed after the test."""
+    made = []
+
+    def factory(engine: str, image: GuestImage | None = None, **kw):
+        cls, extra = engine_class(engine)
+        kw = {"ram_size": RAM, "timeout": 20.0, **extra, **kw}
+        eng = cls(std_guest() if image is None else image, **kw)
+        made.append(eng)
+        return eng
+
+    yield factory
+    for eng in made:
+        eng.close()
+
+
+def byte(eng, gpa: int) -> int:
+    return eng.vm.read(gpa, 1)[0]
+
+
+def made_records_are_in_memory(eng) -> bool:
+    """Every record of a write the engine says it made (EMULATE/UNPROTECT) has its
+    bytes in guest memory: no record of a write that was not made."""
+    return all(eng.vm.read(v.gpa, v.size) == bytes.fromhex(v.data)
+               for v in eng.records if v.decision in ("emulate", "unprotect"))
+
+
+class Boom(Exception):
+    pass
+
+
+# ======================================================================= constructor
+def _image(**change) -> GuestImage:
+    code = std_guest().segments[0]
+    kw = {"segments": [code], "entry": CODE, **change}
+    return GuestImage(**kw)
+
+
+CTOR_CASES = [
+    # (id, image, kwargs, exception, message)
+    ("image-None", None, {}, TypeError, r"image None: must be a sppkit\.guests\.GuestImage"),
+    ("image-path-str", "guest.elf", {}, TypeError, r"image 'guest\.elf': must be a sppkit\.guests\.GuestImage"),
+    ("image-bytes", b"\x90", {}, TypeError, r"must be a sppkit\.guests\.GuestImage"),
+    ("image-no-segments", _image(segments=[]), {}, ValueError, r"the image has no segments"),
+    ("image-segment-None", _image(segments=[None]), {}, TypeError, r"segment None: must be a sppkit\.guests\.Segment"),
+    ("image-memsz-below-data", _image(segments=[Segment(CODE, b"\x90\x90", 1, "r-x")]), {}, ValueError,
+     r"memsz \(1\) an integer at least its length"),
+    ("entry-negative", _image(entry=-1), {}, ValueError, r"entry point -1: must be an address from 0 to 2\*\*64-1"),
+    ("entry-2**64", _image(entry=1 << 64), {}, ValueError, r"entry point 18446744073709551616: must be an address"),
+    ("entry-str", _image(entry="0x400000"), {}, ValueError, r"entry point '0x400000': must be an address"),
+    ("policy-str", "std", {"policy": "mixed.toml"}, TypeError, r"policy 'mixed\.toml': must be a sppkit\.policy\.Policy"),
+    ("policy-dict", "std", {"policy": {"decision": "skip"}}, TypeError, r"must be a sppkit\.policy\.Policy or None"),
+    ("cpl-1", "std", {"cpl": 1}, ValueError, r"cpl=1: must be 0 or 3"),
+    ("cpl-False", "std", {"cpl": False}, ValueError, r"cpl=False: must be 0 or 3"),
+    ("cpl-3.0", "std", {"cpl": 3.0}, ValueError, r"cpl=3\.0: must be 0 or 3"),
+    ("cpl-str", "std", {"cpl": "3"}, ValueError, r"cpl='3': must be 0 or 3"),
+    ("spp_mode-bad", "std", {"spp_mode": "eager!"}, ValueError, r"spp_mode='eager!': must be 'lazy' or 'eager'"),
+    ("spp_mode-None", "std", {"spp_mode": None}, ValueError, r"spp_mode=None: must be 'lazy' or 'eager'"),
+    ("ram_size-str", "std", {"ram_size": "64M"}, ValueError, r"RAM size '64M': must be an integer number of bytes"),
+    ("ram_size-odd", "std", {"ram_size": RAM + 4096}, ValueError, r"must be a multiple of 2 MiB"),
+    ("ram_size-True", "std", {"ram_size": True}, ValueError, r"RAM size True"),
+    ("timeout-nan", "std", {"timeout": math.nan}, ValueError, r"timeout nan: must be a finite number"),
+    ("timeout-negative", "std", {"timeout": -1}, ValueError, r"timeout -1: must be a finite number"),
+    ("timeout-str", "std", {"timeout": "5"}, ValueError, r"timeout '5'"),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("image", "kw", "exc", "match"), [pytest.param(*c[1:], id=c[0]) for c in CTOR_CASES])
+def test_constructor_refuses_bad_arguments(engine, image, kw, exc, match):
+    """Before: a wrong-typed image or policy was an AttributeError ('NoneType' object has
+    no attribute 'segments'); cpl=False/3.0 and entry points of -1 or 2**64 (silently
+    wrapped) were accepted, an entry point "0x400000" failed inside Unicorn at run() with
+    ctypes' "argument 2: TypeError: wrong type"; an image without segments timed out
+    under Unicorn but triple-faulted under KVM."""
+    cls, extra = engine_class(engine)
+    image = std_guest() if image == "std" else image
+    with pytest.raises(exc, match=match):
+        cls(image, **{"ram_size": RAM, "timeout": 5.0, **extra, **kw})
+
+
+@pytest.mark.parametrize(("kw", "exc", "match"), [
+    pytest.param({"native_hook": "yes"}, TypeError, r"native_hook='yes': must be None .*True .*or False", id="native_hook-str"),
+    pytest.param({"native_hook": 0}, TypeError, r"native_hook=0: must be None", id="native_hook-0"),
+    pytest.param({"max_instructions": -1}, ValueError, r"max_instructions=-1: must be an integer from 0", id="max_instructions-negative"),
+    pytest.param({"max_instructions": "5"}, ValueError, r"max_instructions='5'", id="max_instructions-str"),
+    pytest.param({"max_instructions": 5.0}, ValueError, r"max_instructions=5\.0", id="max_instructions-float"),
+    pytest.param({"max_instructions": 1 << 64}, ValueError, r"max_instructions=18446744073709551616", id="max_instructions-2**64"),
+    pytest.param({"max_instructions": True}, ValueError, r"max_instructions=True", id="max_instructions-True"),
+])
+def test_unicorn_arguments(kw, exc, match):
+    """Before: native_hook="yes" / 0 were taken as True / None, max_instructions=-1 and
+    2**64 were passed on to Unicorn as "no limit" (size_t wrap), "5" failed at run()
+    with ctypes' "argument 5: TypeError: wrong type"."""
+    with pytest.raises(exc, match=match):
+        UnicornEngine(std_guest(), ram_size=RAM, **kw)
+
+
+@pytest.mark.parametrize("path", [None, 3, ["/dev/kvm"]], ids=["None", "int", "list"])
+def test_kvm_path_must_be_a_path(path):
+    """Before: KvmEngine(path=None) failed deep in kvm_status with "open: path should be
+    string, bytes or os.PathLike, not NoneType" (not naming the argument)."""
+    skip_without_kvm()
+    from sppkit.engines.kvm.engine import KvmEngine
+
+    with pytest.raises(TypeError, match=r"path .*: must be the path of the KVM device"):
+        KvmEngine(std_guest(), ram_size=RAM, path=path)
+
+
+@pytest.mark.parametrize(("name", "match"), [
+    pytest.param(None, r"engine None: must be kvm, unicorn or auto", id="None"),
+    pytest.param("KVM", r"engine 'KVM': must be kvm, unicorn or auto", id="upper-case"),
+    pytest.param("", r"engine '': must be", id="empty"),
+    pytest.param(1, r"engine 1: must be", id="int"),
+])
+def test_choose_engine_names(name, match):
+    with pytest.raises(ValueError, match=match):
+        choose_engine(name)
+
+
+# ======================================================================= port handlers
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("port", "handler", "exc", "match"), [
+    pytest.param("0x80", "ok", TypeError, r"port '0x80': must be an integer I/O port", id="port-str"),
+    pytest.param(None, "ok", TypeError, r"port None: must be an integer I/O port", id="port-None"),
+    pytest.param(True, "ok", TypeError, r"port True: must be an integer I/O port", id="port-True"),
+    pytest.param(128.0, "ok", TypeError, r"port 128\.0: must be an integer I/O port", id="port-float"),
+    pytest.param(-1, "ok", ValueError, r"port -0x1: must be 0\.\.0xFFFF", id="port-negative"),
+    pytest.param(0x10000, "ok", ValueError, r"port 0x10000: must be 0\.\.0xFFFF", id="port-0x10000"),
+    pytest.param(0xE9, "ok", ValueError, r"not 0xE9/0xF4", id="port-console"),
+    pytest.param(0xF4, "ok", ValueError, r"not 0xE9/0xF4", id="port-exit"),
+    pytest.param(0x80, "pause", TypeError, r"port 0x80 handler 'pause': must be a callable", id="handler-str"),
+    pytest.param(0x80, 42, TypeError, r"port 0x80 handler 42: must be a callable", id="handler-int"),
+])
+def test_port_handler_registration_refuses(make, engine, port, handler, exc, match):
+    """Before: a port of "0x80" or None raised "'<=' not supported between instances of
+    'int' and 'str'", True and 128.0 were registered, and a handler that is not
+    callable was accepted and failed mid-run ("'str' object is not callable")."""
+    eng = make(engine)
+    with pytest.raises(exc, match=match):
+        eng.add_port_handler(port, (lambda e, v: None) if handler == "ok" else handler)
+    r = eng.run()  # nothing was registered
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "AB")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_port_handler_none_removes_it(make, engine):
+    eng = make(engine)
+    eng.add_port_handler(0x80, lambda e, v: "pause")
+    eng.add_port_handler(0x80, None)
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 3)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("ret", "outcome"), [
+    pytest.param("pause", "paused", id="pause"),
+    pytest.param(None, "exit", id="None"),
+    pytest.param(0, "exit", id="0"),  # e.g. `return vm.set_subpage_access(...)`
+    pytest.param(False, "exit", id="False"),
+    pytest.param("PAUSE", "error", id="str-PAUSE"),
+    pytest.param("stop", "error", id="str-stop"),
+    pytest.param("", "error", id="str-empty"),
+])
+def test_port_handler_return_values(make, engine, ret, outcome):
+    """Before: a handler returning "PAUSE" or "stop" (meaning to pause) was silently
+    ignored and the run went on."""
+    eng = make(engine)
+    eng.add_port_handler(0x80, lambda e, v: ret)
+    if outcome == "error":
+        with pytest.raises(ValueError, match=rf"the handler of port 0x80 returned {ret!r}: it must return 'pause'"):
+            eng.run()
+        return
+    r = eng.run()
+    assert r.stop_reason == outcome
+    if outcome == "paused":
+        assert r.console == "A" and byte(eng, B) == INIT_B  # nothing after the out ran
+        r = eng.run()
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "AB")
+
+
+# ======================================================================= callbacks that raise
+def _raise_in(callback: str, eng, calls: list) -> None:
+    """Install ``callback`` so that it raises Boom once (its first call), then behaves."""
+    def once(what):
+        calls.append(what)
+        if len(calls) == 1:
+            raise Boom(f"{callback} raised")
+
+    if callback == "port-handler":
+        eng.add_port_handler(0x80, lambda e, v: once(v))
+    elif callback == "violation-handler":
+        def handler(ev):
+            d = eng.handle_violation(ev)  # queued for a record, then the raise
+            once(ev.gpa)
+            return d
+        eng.vm.on_violation(handler)
+    else:
+        eng.record_writes(lambda gpa, size, rip: once(gpa))
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("callback", ["port-handler", "violation-handler", "write-observer"])
+def test_callback_exception_is_reraised_and_a_later_run_goes_on(make, engine, callback):
+    """The exception is re-raised from run(), the write being decided is not made, and
+    a later run() finishes the guest.  Before: Unicorn kept the exception and re-raised
+    it from every later run() (the guest could never finish); under KVM the violation
+    queued by a handler that then raised was recorded, as EMULATE, at the next write,
+    although its bytes never landed; under Unicorn a store still in the block after a
+    raising port handler was made."""
+    eng = make(engine, policy=protect_a("emulate"))
+    calls: list = []
+    _raise_in(callback, eng, calls)
+    with pytest.raises(Boom, match=f"{callback} raised"):
+        eng.run()
+    assert byte(eng, B) == INIT_B  # nothing ran on to the second store
+    if callback != "port-handler":
+        assert byte(eng, A) == INIT_A  # the write being decided was not made
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "AB")
+    assert byte(eng, B) == 0x33
+    assert made_records_are_in_memory(eng), [(hex(v.gpa), v.decision, v.data) for v in eng.records]
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("ret", [pytest.param("emulate", id="str"), pytest.param(None, id="None"),
+                                 pytest.param(1, id="int")])
+def test_violation_handler_returning_no_decision(make, engine, ret):
+    eng = make(engine, policy=protect_a())
+    eng.vm.on_violation(lambda ev: ret)
+    with pytest.raises(TypeError, match=rf"the violation handler returned {ret!r}; it must return a sppkit\.Decision"):
+        eng.run()
+    assert byte(eng, A) == INIT_A and eng.records == []
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+def test_stop_from_a_handler_that_records_nothing_stops(make, engine):
+    """A violation handler of its own returning STOP (without handle_violation).
+    Before: KVM ignored the STOP and ran the guest to its exit."""
+    eng = make(engine, policy=protect_a())
+    eng.vm.on_violation(lambda ev: Decision.STOP)
+    r = eng.run()
+    assert r.stop_reason == "stop-decision" and r.console == ""
+    assert byte(eng, A) == INIT_A and byte(eng, B) == INIT_B
+    assert r.rip_at == guest(*STD_PARTS)[1][1]  # the store
+
+
+# ======================================================================= record_writes
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("callback", ["x", 42, b"cb"], ids=["str", "int", "bytes"])
+def test_record_writes_refuses_a_non_callable(make, engine, callback):
+    """Before: Unicorn accepted it and failed at run() ("'str' object is not callable")."""
+    eng = make(engine)
+    with pytest.raises(TypeError, match=r"record_writes callback .*: must be a callable \(gpa, size, rip\)"):
+        eng.record_writes(callback)
+    assert eng.run().exit_code == 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_record_writes_none_and_replacement(make, engine):
+    """None stops recording; a second callback replaces the first.  Before: Unicorn
+    registered None as a hook (TypeError at run()) and called every callback ever
+    registered."""
+    eng = make(engine, policy=protect_a())
+    first, second = [], []
+    eng.record_writes(None)
+    eng.record_writes(lambda *a: first.append(a))
+    eng.record_writes(lambda *a: second.append(a))
+    assert eng.run().exit_code == 3
+    assert first == [] and [g for g, _, _ in second][:2] == [A, B]
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("decision", ["emulate", "skip", "stop"])
+def test_observer_raising_leaves_the_write_undecided(make, engine, decision):
+    """An observer that raises on a store to a protected page: the store is neither
+    decided nor made.  Before: Unicorn went on to hand it to vm.write — the violation
+    handler was called and EMULATE committed it — although run() raised."""
+    eng = make(engine, policy=protect_a(decision))
+    decided = []
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (decided.append(ev.gpa), engine_handler(ev))[1])
+
+    def observer(gpa, size, rip):
+        raise Boom(f"observer at {gpa:#x}")
+
+    eng.record_writes(observer)
+    with pytest.raises(Boom, match=f"observer at {A:#x}"):
+        eng.run()
+    assert byte(eng, A) == INIT_A and decided == [] and eng.records == []
+    assert eng.vm.stats()["violations"] == 0
+
+
+# ======================================================================= request_pause
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("when", ["before-run", "after-exit", "after-close"])
+def test_request_pause_outside_a_run(make, engine, when):
+    """Before: KVM kept the request and paused the next run at its first exit, Unicorn
+    dropped it silently."""
+    eng = make(engine)
+    if when == "after-exit":
+        assert eng.run().exit_code == 3
+    if when == "after-close":
+        eng.close()
+    with pytest.raises(EngineError, match=r"this \w+ engine is closed" if when == "after-close"
+                       else r"request_pause\(\): no run is in progress"):
+        eng.request_pause()
+    if when == "before-run":
+        r = eng.run()
+        assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "AB")
+
+
+def _pause_guest(layout: str):
+    if layout == "one-block":
+        image, ips = guest(store(A, 0x22), putc("A"), store(B, 0x33), putc("B"), exit_ins(3))
+        return image, [ips[2], ips[6]], ["", "A"]
+    if layout == "jmp":  # the block ends between the two stores
+        image = with_jmp([store(A, 0x22), putc("A")], [store(B, 0x33), putc("B"), exit_ins(3)])
+        _, ips = guest(store(A, 0x22), putc("A"), [Ins.create_branch(Code.JMP_REL32_64, CODE)], store(B, 0x33),
+                       putc("B"))
+        return image, [ips[2], ips[7]], ["", "A"]
+    # push to a protected stack sub-page
+    image, ips = guest([mov_imm(Register.RAX, 0x77), Ins.create_reg(Code.PUSH_R64, Register.RAX)], putc("A"),
+                       exit_ins(3))
+    return image, [ips[2]], [""]
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("layout", ["one-block", "jmp", "push"])
+@pytest.mark.parametrize("who", ["violation-handler", "write-observer"])
+def test_pause_from_a_write_callback_lands_after_the_store(make, engine, layout, who):
+    """The violation handler (or a write observer) calls request_pause() at each store
+    to a protected page: the run pauses right after the storing instruction, on both
+    engines, each store decided once.  Before: Unicorn's pause waited for the next
+    execution of the next instruction, which in straight-line code never came: the
+    guest ran to its exit and no pause happened."""
+    image, pause_ips, consoles = _pause_guest(layout)
+    policy = Policy.from_ranges([(RAM - SUB, SUB)] if layout == "push" else [(A, SUB)], "emulate")
+    eng = make(engine, image, policy=policy)
+    if who == "write-observer":
+        eng.record_writes(lambda gpa, size, rip: eng.request_pause())
+    else:
+        engine_handler = eng.handle_violation
+
+        def handler(ev):
+            eng.request_pause()
+            return engine_handler(ev)
+
+        eng.vm.on_violation(handler)
+    seen = []
+    for _ in range(len(pause_ips)):
+        r = eng.run()
+        seen.append((r.stop_reason, r.console, r.rip_at if r.rip_at is not None else r.rip_after))
+    assert seen == [("paused", c, ip) for c, ip in zip(consoles, pause_ips)]
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 3)
+    assert eng.vm.stats()["writes"] == len(pause_ips)  # each store handed to vm.write once
+    assert made_records_are_in_memory(eng) and len(eng.records) == len(pause_ips)
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("who", ["violation-handler", "write-observer"])
+def test_pause_at_a_read_modify_write_store_keeps_its_flags(make, engine, who):
+    """`add byte [A], 0xB6` on A = 0x4A (the sum wraps to 0: ZF = 1), a pause asked for
+    at its store, then `setz al` as the exit code.  The store is made once and the
+    instruction's flags are those of the sum of the old value.  Before: Unicorn ran the
+    instruction again to pause right after it, and the second run read the byte the
+    first had already made (0 + 0xB6: ZF = 0)."""
+    image, ips = guest([Ins.create_mem_i32(Code.ADD_RM8_IMM8, _abs(A), 0xB6),
+                        Ins.create_reg(Code.SETE_RM8, Register.AL),
+                        Ins.create_reg_reg(Code.MOVZX_R32_RM8, Register.EAX, Register.AL),
+                        Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX)])
+    assert INIT_A + 0xB6 == 0x100
+    eng = make(engine, image, policy=protect_a())
+    if who == "write-observer":
+        eng.record_writes(lambda gpa, size, rip: eng.request_pause())
+    else:
+        engine_handler = eng.handle_violation
+        eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    for _ in range(3):
+        r = eng.run()
+        if r.stop_reason != "paused":
+            break
+    assert (r.stop_reason, r.exit_code) == ("exit", 1), "ZF of 0x4A + 0xB6"
+    assert byte(eng, A) == 0 and eng.vm.stats()["writes"] == 1
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+def test_pause_in_a_rep_store_lands_at_an_instruction_boundary(make, engine):
+    """A pause asked for at the first iteration of `rep stosb` (3 bytes): KVM pauses
+    after each iteration, Unicorn after the instruction; every byte is decided once."""
+    image, ips = guest([mov_imm(Register.RDI, A), mov_imm(Register.RCX, 3), mov_imm(Register.RAX, 0x55),
+                        Ins.create_rep_stosb(64)], putc("A"), exit_ins(3))
+    eng = make(engine, image, policy=protect_a())
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    for _ in range(4):
+        r = eng.run()
+        if r.stop_reason != "paused":
+            break
+        rip, rcx = (r.rip_at if r.rip_at is not None else r.rip_after), eng.regs()["rcx"]
+        assert (rip, rcx) in {(ips[3], 2), (ips[3], 1), (ips[3], 0), (ips[4], 0)}
+    assert (r.stop_reason, r.exit_code) == ("exit", 3)
+    assert eng.vm.read(A, 3) == b"\x55" * 3 and eng.vm.stats()["writes"] == 3
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+def test_pause_in_a_store_made_in_pieces(make, engine):
+    """fxsave64 (512 bytes, decided piece by piece) into protected sub-pages, then one
+    more protected store, a pause asked for at every violation (KVM cannot emulate
+    fxsave on a protected page: Unicorn only).  The run pauses at an instruction
+    boundary and every piece is decided once.  Before: the pause was lost (the guest
+    ran to its exit)."""
+    from iced_x86 import MemoryOperand
+
+    image, ips = guest([mov_imm(Register.RBX, DATA + 0x1000),
+                        Ins.create_mem(Code.FXSAVE64_M512BYTE, MemoryOperand(Register.RBX))],
+                       store(B, 0x33), putc("B"), exit_ins(3))
+    eng = make(engine, image, cpl=0, policy=Policy.from_ranges([(DATA + 0x1000, 0x200), (A, SUB)], "emulate"))
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    r = eng.run()
+    assert r.stop_reason == "paused" and r.rip_at in ips[2:] and r.console == ""
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code, r.console, byte(eng, B)) == ("exit", 3, "B", 0x33)
+    assert eng.vm.stats()["writes"] == len(eng.records)  # one vm.write (and one record) per piece
+    assert made_records_are_in_memory(eng)
+
+
+# ======================================================================= life cycle
+@pytest.mark.parametrize("engine", ENGINES)
+def test_run_after_the_guest_exited(make, engine):
+    """Before: Unicorn ran the bytes after the exit instruction and reported "exit"
+    again; KVM ran them into a triple fault ("shutdown", exit code 3)."""
+    eng = make(engine)
+    assert eng.run().exit_code == 3
+    for _ in range(2):
+        with pytest.raises(EngineError, match=r"run\(\): the guest has already exited \(exit code 3\)"):
+            eng.run()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("call", ["run", "regs", "set_regs", "record_writes", "add_port_handler"])
+def test_calls_after_close(make, engine, call):
+    """close() twice is fine; the Vm stays readable; everything that needs the emulator
+    or the vCPU is an EngineError.  Before: Unicorn's close() did nothing (run() still
+    ran the guest); KVM raised "ValueError: VcpuFd is closed"."""
+    eng = make(engine)
+    eng.close()
+    eng.close()
+    assert eng.vm.read(CODE, 1) == std_guest().segments[0].data[:1]
+    args = {"run": (), "regs": (), "set_regs": ({"rax": 1},), "record_writes": (print,),
+            "add_port_handler": (0x80, print)}[call]
+    with pytest.raises(EngineError, match=rf"{call}\(\): this \w+ engine is closed"):
+        getattr(eng, call)(*args)
+
+
+NESTED_RUN = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {tests!r})
+    from test_engine_api_bad_input import engine_class, std_guest
+    from engine_helpers import RAM
+    cls, extra = engine_class({engine!r})
+    eng = cls(std_guest(), ram_size=RAM, timeout=10.0, **extra)
+    eng.add_port_handler(0x80, lambda e, v: e.run())
+    try:
+        eng.run()
+        print("outer run returned")
+    except Exception as ex:
+        print(type(ex).__name__ + ": " + str(ex))
+    print("again:", eng.run().stop_reason)
+""")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_run_from_a_callback_is_refused(engine):
+    """run() from the engine's own port handler.  Before: Unicorn recursed into
+    emu_start until the interpreter crashed (SIGSEGV); KVM's inner run finished the
+    guest and the outer one ran on past the exit into a triple fault.  In a subprocess:
+    a crash must not take the test run with it."""
+    if engine == "kvm":
+        skip_without_kvm()
+    import os
+
+    tests = os.path.dirname(__file__)
+    out = subprocess.run([sys.executable, "-c", NESTED_RUN.format(tests=tests, engine=engine)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, f"the interpreter died ({out.returncode}): {out.stderr[-2000:]}"
+    assert "EngineError: run(): this engine is already running" in out.stdout, out.stdout + out.stderr
+    assert "again: exit" in out.stdout
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("where", ["port-handler", "violation-handler"])
+def test_close_from_a_callback_is_refused(make, engine, where):
+    """Before: Unicorn's close() was a no-op; under KVM the run died with
+    "ValueError: VcpuFd is closed" / "mmap closed or invalid"."""
+    eng = make(engine, policy=protect_a())
+    if where == "port-handler":
+        eng.add_port_handler(0x80, lambda e, v: e.close())
+    else:
+        engine_handler = eng.handle_violation
+        eng.vm.on_violation(lambda ev: (eng.close(), engine_handler(ev))[1])
+    with pytest.raises(EngineError, match=r"close\(\): the engine is running"):
+        eng.run()
+    eng.close()
+    with pytest.raises(EngineError, match="is closed"):
+        eng.run()
+
+
+def _in_another_thread(fn) -> list:
+    """Run ``fn`` in another thread and wait for it: what it returned or raised."""
+    import threading
+
+    out: list = []
+
+    def target():
+        try:
+            out.append(fn())
+        except BaseException as e:  # handed back to the test
+            out.append(e)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join()
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_close_from_another_thread_during_a_run(make, engine):
+    """Before: Unicorn's close() did nothing; under KVM the run died with "ValueError:
+    mmap closed or invalid".  (Unicorn releasing its handle under a running emulator
+    would crash the interpreter.)"""
+    eng = make(engine)
+    seen: list = []
+    eng.add_port_handler(0x80, lambda e, v: seen.extend(_in_another_thread(e.close)))
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "AB")
+    assert len(seen) == 1 and isinstance(seen[0], EngineError) and "close(): the engine is running" in str(seen[0])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pause_requested_from_another_thread_during_a_run(make, engine):
+    """Taken, and honoured at the engine's next callback (here: the port handler's
+    return)."""
+    eng = make(engine)
+    eng.add_port_handler(0x80, lambda e, v: _in_another_thread(e.request_pause) and None)
+    r = eng.run()
+    assert (r.stop_reason, r.console, byte(eng, B)) == ("paused", "A", INIT_B)
+    assert eng.run().exit_code == 3
+
+
+# ======================================================================= registers
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize(("regs", "exc", "match"), [
+    pytest.param(None, TypeError, r"registers None: must be a dict", id="None"),
+    pytest.param([("rax", 1)], TypeError, r"must be a dict of register name -> value", id="list"),
+    pytest.param({"RAX": 1}, ValueError, r"register 'RAX': must be one of rax, rbx", id="upper-case"),
+    pytest.param({"eax": 1}, ValueError, r"register 'eax': must be one of", id="eax"),
+    pytest.param({1: 2}, ValueError, r"register 1: must be one of", id="int-name"),
+    pytest.param({"rax": "1"}, ValueError, r"register rax='1': must be an integer from 0 to 2\*\*64-1", id="str"),
+    pytest.param({"rax": None}, ValueError, r"register rax=None", id="value-None"),
+    pytest.param({"rax": 1.5}, ValueError, r"register rax=1\.5", id="float"),
+    pytest.param({"rax": True}, ValueError, r"register rax=True", id="bool"),
+    pytest.param({"rax": -1}, ValueError, r"register rax=-1", id="negative"),
+    pytest.param({"rax": 1 << 64}, ValueError, r"register rax=18446744073709551616", id="2**64"),
+    pytest.param({"rbx": 7, "rcx": "x"}, ValueError, r"register rcx='x'", id="good-then-bad"),
+    pytest.param({"rbx": 7, "bad": 2}, ValueError, r"register 'bad'", id="good-then-bad-name"),
+    pytest.param({"rflags": (1 << 64) - 1}, ValueError, r"rflags=0xffffffffffffffff: bits .* are reserved", id="rflags-all"),
+    pytest.param({"rflags": 0x2 | 1 << 17}, ValueError, r"rflags=0x20002: bits 0x20000 are reserved", id="rflags-VM"),
+    pytest.param({"rflags": 0x2 | 1 << 32}, ValueError, r"bits 0x100000000 are reserved", id="rflags-bit32"),
+])
+def test_set_regs_refuses_and_changes_nothing(make, engine, regs, exc, match):
+    """Before: Unicorn loaded rbx before failing on rcx (a failed call changed state);
+    -1, 2**64 and True were wrapped/truncated; the engines disagreed on reserved RFLAGS
+    bits (Unicorn dropped bits 32-63, KVM bit 17); a list raised AttributeError."""
+    eng = make(engine)
+    before = eng.regs()
+    with pytest.raises(exc, match=match):
+        eng.set_regs(regs)
+    assert eng.regs() == before
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_set_regs_good_values(make, engine):
+    eng = make(engine)
+    eng.set_regs({"rax": (1 << 64) - 1, "r15": 0, "rflags": 0})
+    got = eng.regs()
+    assert (got["rax"], got["r15"], got["rflags"]) == ((1 << 64) - 1, 0, 0x2)  # bit 1 always reads 1
+
+
+# ======================================================================= instruction_at
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("rip", [-1, RAM, 1 << 64, "0x400000", None, True, float(CODE)],
+                         ids=["negative", "ram-size", "2**64", "str", "None", "bool", "float"])
+def test_instruction_at_refuses_addresses_outside_ram(make, engine, rip):
+    """Before: messages named "gpa=" (not the argument) or "read at gpa=0x1000000: no
+    memslot covers ..." for an address past RAM."""
+    eng = make(engine)
+    with pytest.raises(ValueError, match=r"rip=.*: must be a guest-physical address in guest RAM \(0 to 0xffffff\)"):
+        eng.instruction_at(rip)
+
+
+def _ud2_at_the_end() -> GuestImage:
+    ud2 = bytes.fromhex("0f0b")
+    return GuestImage(segments=[Segment(RAM - 2, ud2, 2, "r-x")], entry=RAM - 2)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_instruction_and_fault_in_the_last_bytes_of_ram(make, engine):
+    """A guest faulting at the last instruction of RAM is a shutdown naming it.
+    Before: run() raised GpaNotMapped (decoding read 15 bytes past the end of RAM), and
+    so did instruction_at() for any of the last 14 addresses."""
+    eng = make(engine, _ud2_at_the_end(), cpl=0)
+    assert eng.instruction_at(RAM - 2).text == "ud2"
+    assert eng.instruction_at(RAM - 1) is None  # one byte: does not decode
+    r = eng.run()
+    assert r.stop_reason == "shutdown" and r.rip_at == RAM - 2 and "(`ud2`)" in r.detail
+
+
+# ======================================================================= sizes and results
+@pytest.mark.parametrize(("value", "match"), [
+    pytest.param(True, r"memory size True", id="True"),
+    pytest.param(0, r"memory size 0: must be positive", id="zero"),
+    pytest.param(-5, r"memory size -5: must be positive", id="negative"),
+    pytest.param("0", r"memory size '0': must be positive", id="str-zero"),
+    pytest.param(None, r"memory size None: expected a number", id="None"),
+    pytest.param(1.5, r"memory size 1\.5: expected a number", id="float"),
+])
+def test_parse_size_refuses(value, match):
+    """Before: parse_size(True) returned True, parse_size(0) 0 and parse_size(-5) -5 (the
+    same values as strings were refused)."""
+    with pytest.raises(ValueError, match=match):
+        parse_size(value)
+
+
+def _result() -> RunResult:
+    eng = UnicornEngine(std_guest(), ram_size=RAM, policy=protect_a())
+    try:
+        return eng.run()
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("max_violations", [-1, True, "3", 2.5, None], ids=["negative", "bool", "str", "float", "None"])
+def test_run_result_to_dict_max_violations(max_violations):
+    """Before: to_dict(-1) silently dropped the last record (a slice), "3" raised
+    "slice indices must be integers"."""
+    with pytest.raises(ValueError, match=r"max_violations=.*: must be a non-negative integer"):
+        _result().to_dict(max_violations)
+
+
+def _result_for(make, engine, stop: str) -> RunResult:
+    if stop == "exit":
+        return make(engine, policy=protect_a()).run()
+    if stop == "stop-decision":
+        return make(engine, policy=protect_a("stop")).run()
+    if stop == "paused":
+        eng = make(engine, policy=protect_a())
+        eng.add_port_handler(0x80, lambda e, v: "pause")
+        return eng.run()
+    if stop == "shutdown":
+        return make(engine, _ud2_at_the_end(), cpl=0).run()
+    return make(engine, spin_guest(), timeout=0.2).run()  # timeout
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("stop", ["exit", "stop-decision", "paused", "shutdown", "timeout"])
+def test_result_json_is_strict(make, engine, stop):
+    """Every result serialises as strict JSON (no NaN/Infinity) and reads back the same."""
+    r = _result_for(make, engine, stop)
+    assert r.stop_reason == stop
+    text = json.dumps(r.to_dict(), allow_nan=False)
+    assert json.loads(text) == json.loads(json.dumps(r.to_dict()))
+    for v in r.violations:
+        json.dumps(v.to_dict(), allow_nan=False)
+
