@@ -414,7 +414,7 @@ def test_dirty_tracker_bad_arguments(vm, regions, kw, exc, match):
 
 def test_dirty_tracker_refuses_a_read_only_region(vm):
     vm.add_memslot(1, 8 << 20, 1 << 20, readonly=True)
-    with pytest.raises(ValueError, match=r"region 'rom': gpa 0x800000 is in read-only memslot 1"):
+    with pytest.raises(ValueError, match=r"region 'rom' \[0x800000, .*\) is in read-only memslot 1 at gpa 0x800000"):
         C.DirtyTracker(vm, [C.Region("rom", 8 << 20, 0x1000)])
 
 

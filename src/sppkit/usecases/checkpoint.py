@@ -67,7 +67,7 @@ from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..policy import parse_range_arg
 from ..vmm import Decision, SppViolation
-from .monitor import (ENGINE_HELP, JSON_HELP, Progress, check_run_args, cpl_option, engine_option, memory_option,
+from .monitor import (ENGINE_HELP, JSON_HELP, Progress, check_run_args, writable_ram_problem, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
@@ -291,8 +291,6 @@ class DirtyTracker:
             regions = list(regions)
         except TypeError:
             raise ValueError(f"regions {regions!r}: must be a list of Region") from None
-        slots = sorted(vm.memslots(), key=lambda m: m.gpa)
-        ram = ", ".join(f"[{m.gpa:#x}, {m.end:#x})" for m in slots) or "none"
         for r in regions:
             if not isinstance(r, Region):
                 raise ValueError(f"region {r!r}: must be a Region(name, gpa, size)")
@@ -300,16 +298,9 @@ class DirtyTracker:
                     or not isinstance(r.size, int) or r.gpa < 0 or r.size <= 0 or r.gpa % PAGE or r.size % PAGE:
                 raise ValueError(f"region {r.name!r} gpa={r.gpa!r} size={r.size!r}: must be whole 4-KiB pages "
                                  "(gpa page-aligned, size a positive multiple of 4096)")
-            g = r.gpa
-            while g < r.end:  # every page in a writable memslot
-                m = next((m for m in slots if m.gpa <= g < m.end), None)
-                if m is None:
-                    raise ValueError(f"region {r.name!r} [{r.gpa:#x}, {r.end:#x}) lies outside guest RAM: no "
-                                     f"memslot covers gpa {g:#x} (guest RAM: {ram})")
-                if m.readonly:
-                    raise ValueError(f"region {r.name!r}: gpa {g:#x} is in read-only memslot {m.slot}, which "
-                                     "guest writes never change")
-                g = m.end
+            problem = writable_ram_problem(vm, r.gpa, r.end)
+            if problem is not None:
+                raise ValueError(f"region {r.name!r} [{r.gpa:#x}, {r.end:#x}) {problem}")
         self.vm = vm
         self.regions = regions
         self.gfns = sorted({g for r in regions for g in range(r.gpa >> 12, r.end >> 12)})

@@ -557,16 +557,8 @@ def run_device(guest: str | os.PathLike = DEFAULT_GUEST, *, engine: str = "auto"
     """Run ``guest`` (default: the bundled ``devdriver``) against a :class:`RingConsole`
     at ``page`` (a symbol of the guest or a GPA)."""
     from ..engines import DEFAULT_RAM, choose_engine
-    from ..engines.base import check_ram_size
 
-    if not isinstance(page_granular, bool):
-        raise DeviceError(f"page_granular={page_granular!r}: must be True or False")
-    if memory is not None:
-        try:
-            check_ram_size(memory)
-        except ValueError as e:
-            raise DeviceError(f"memory: {e}") from None
-    check_run_args(engine, timeout, cpl=cpl)
+    check_run_args(engine, timeout, cpl=cpl, page_granular=page_granular, memory=memory, error=DeviceError)
     if not isinstance(page, (str, int)):
         resolve_page(None, page)  # names the bad value before the guest is built
     image = load_guest_image(guest)

@@ -62,6 +62,23 @@ MINIKERNEL_BITS = {1: "syscall table hijacked", 2: "credentials escalated", 4: "
                    8: "hot data disturbed"}
 
 
+def writable_ram_problem(vm, start: int, end: int) -> str | None:
+    """Why guest writes to ``[start, end)`` could not all reach guest memory — a gpa no
+    memslot covers, or one in a read-only memslot — or None: the one check of the use
+    cases' watched and tracked ranges."""
+    slots = sorted(vm.memslots(), key=lambda m: m.gpa)
+    g = start
+    while g < end:
+        m = next((m for m in slots if m.gpa <= g < m.end), None)
+        if m is None:
+            ram = ", ".join(f"[{m.gpa:#x}, {m.end:#x})" for m in slots) or "none"
+            return f"lies outside guest RAM: no memslot covers gpa {g:#x} (guest RAM: {ram})"
+        if m.readonly:
+            return f"is in read-only memslot {m.slot} at gpa {g:#x}: guest writes there never reach guest memory"
+        g = m.end
+    return None
+
+
 class MonitorError(ValueError):
     """Bad input to the monitor or the watch manager; the message names the problem."""
 
@@ -383,18 +400,9 @@ class WatchManager:
         return self._desired(page) if page else self.vm.get_subpage_access(gfn, 1)[0]
 
     def _check_ram(self, label: str, start: int, length: int) -> None:
-        slots = sorted(self.vm.memslots(), key=lambda m: m.gpa)
-        ram = ", ".join(f"[{m.gpa:#x}, {m.end:#x})" for m in slots) or "none"
-        g = start & ~(PAGE - 1)
-        while g < start + length:
-            m = next((m for m in slots if m.gpa <= g < m.end), None)
-            if m is None:
-                raise WatchError(f"watch {label!r} [{start:#x}, {start + length:#x}) lies outside guest RAM: "
-                                 f"no memslot covers gpa {max(g, start):#x} (guest RAM: {ram})")
-            if m.readonly:
-                raise WatchError(f"watch {label!r}: gpa {max(g, start):#x} is in read-only memslot {m.slot}; "
-                                 "writes there never reach guest memory")
-            g += PAGE
+        problem = writable_ram_problem(self.vm, start, start + length)
+        if problem is not None:
+            raise WatchError(f"watch {label!r} [{start:#x}, {start + length:#x}) {problem}")
 
     def _desired(self, page: _Page) -> int:
         if not self._armed:
@@ -682,7 +690,6 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
     recorded; stop: the run ends).  ``ticks`` patches the guest's ``param_ticks``.
     """
     from ..engines import DEFAULT_RAM, choose_engine
-    from ..engines.base import check_ram_size
 
     given = [x is not None for x in (protect_symbols, policy, targets)]
     if sum(given) > 1:
@@ -693,14 +700,7 @@ def run_monitor(guest: str | os.PathLike = DEFAULT_GUEST, *, protect_symbols: st
         raise MonitorError(f"decision {decision!r}: must be skip, emulate or stop") from None
     if dec is Decision.UNPROTECT:
         raise MonitorError("decision unprotect: a watch keeps its protection; use skip, emulate or stop")
-    if not isinstance(page_granular, bool):
-        raise MonitorError(f"page_granular={page_granular!r}: must be True or False")
-    if memory is not None:
-        try:
-            check_ram_size(memory)
-        except ValueError as e:
-            raise MonitorError(f"memory: {e}") from None
-    check_run_args(engine, timeout, cpl=cpl)
+    check_run_args(engine, timeout, cpl=cpl, page_granular=page_granular, memory=memory, error=MonitorError)
     if ticks is not None and (isinstance(ticks, bool) or not isinstance(ticks, int)
                               or not 1 <= ticks <= MAX_TICKS):
         raise MonitorError(f"ticks {ticks!r}: must be an integer from 1 to {MAX_TICKS} (--ticks)")
@@ -946,19 +946,33 @@ JSON_HELP = "Print one JSON object on stdout instead of tables (notes and progre
 PROGRESS_HELP = "Show what is running on stderr while it runs (only when stderr is a terminal)."
 
 
-def check_run_args(engine, timeout, *, ram_size=None, cpl=None) -> None:
-    """ValueError naming the first bad engine name, timeout, RAM size or CPL of a run
-    function: checked before a guest is built, an engine made or a file written."""
+def check_run_args(engine, timeout, *, ram_size=None, cpl=None, page_granular=None, memory=None,
+                   error: type[ValueError] = ValueError) -> None:
+    """``error`` (a ValueError) naming the first bad page_granular flag, memory size,
+    engine name, timeout, RAM size or CPL of a run function: checked before a guest is
+    built, an engine made or a file written."""
     from ..engines import ENGINES
     from ..engines.base import check_ram_size
 
-    if engine not in ("auto", *ENGINES):
-        raise ValueError(f"engine {engine!r}: must be kvm, unicorn or auto")
-    check_timeout(timeout)
-    if ram_size is not None:
-        check_ram_size(ram_size)
-    if cpl is not None and (isinstance(cpl, bool) or not isinstance(cpl, int) or cpl not in (0, 3)):
-        raise ValueError(f"cpl={cpl!r}: must be 0 or 3")
+    if page_granular is not None and not isinstance(page_granular, bool):
+        raise error(f"page_granular={page_granular!r}: must be True or False")
+    if memory is not None:
+        try:
+            check_ram_size(memory)
+        except ValueError as e:
+            raise error(f"memory: {e}") from None
+    try:
+        if engine not in ("auto", *ENGINES):
+            raise ValueError(f"engine {engine!r}: must be kvm, unicorn or auto")
+        check_timeout(timeout)
+        if ram_size is not None:
+            check_ram_size(ram_size)
+        if cpl is not None and (isinstance(cpl, bool) or not isinstance(cpl, int) or cpl not in (0, 3)):
+            raise ValueError(f"cpl={cpl!r}: must be 0 or 3")
+    except ValueError as e:
+        if error is ValueError:
+            raise
+        raise error(str(e)) from None
 
 
 def timeout_option(ctx, param, value):
