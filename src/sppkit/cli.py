@@ -196,13 +196,14 @@ def _load_guest(guest: str, flat_at: int | None, entry: int | None, ram_size: in
             raise click.BadParameter(f"{entry:#x} is outside the flat binary, which spans {flat_at:#x}-{end:#x} "
                                      f"(--flat-at plus its {len(data):,} bytes)", param_hint="'--entry'")
         return flat_image(data, flat_at, entry)
-    if os.path.exists(guest):
+    if os.path.exists(guest) and not guest.endswith(".c"):
         return load_elf(guest)  # (a device or FIFO is refused unread)
-    if guest in list_programs():
+    if guest in list_programs() or (guest.endswith(".c") and os.path.isfile(guest)):
         from rich.console import Console
 
         # building takes a few seconds the first time (then it is cached); a spinner on a terminal
-        with Console(stderr=True).status(f"building the bundled guest {guest!r} with gcc…"):
+        what = f"the bundled guest {guest!r}" if guest in list_programs() else guest
+        with Console(stderr=True).status(f"building {what} with gcc…"):
             return load_elf(build_guest(guest))
     raise click.BadParameter(
         f"{guest!r} is neither a file nor a bundled program ({', '.join(list_programs())})", param_hint="'GUEST'"
@@ -282,9 +283,10 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
     sub-pages (violations), what page-granular protection would have trapped, and
     the guest's console.
 
-    GUEST is an x86-64 static ELF, a flat binary (with --flat-at), or a bundled
-    program (selftest, mixed, workload, ...: a name that is neither lists them all;
-    bundled programs are built with gcc on first use).
+    GUEST is an x86-64 static ELF, a flat binary (with --flat-at), a C file (built
+    with gcc against sppkit's guest runtime: main()'s return value is the exit code),
+    or a bundled program (selftest, mixed, workload, ...: a name that is neither lists
+    them all; bundled programs are built with gcc on first use).
 
     Exit status: the guest's exit code (its write to port 0xF4) when it exits, 1 when
     the run ends otherwise (STOP decision, fault, timeout), 2 on bad input.
