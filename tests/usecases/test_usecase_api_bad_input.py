@@ -206,17 +206,25 @@ RUN_ARGS = [
 ]
 
 
-class TestRunMonitorArgumentsFirst:
-    @pytest.fixture(autouse=True)
-    def _no_engine(self, monkeypatch):
-        import sppkit.engines as engines
+@pytest.fixture
+def no_engine(monkeypatch):
+    """The run functions' argument errors come before any engine is chosen."""
+    import sppkit.engines as engines
 
-        monkeypatch.setattr(engines, "choose_engine", lambda name: pytest.fail("an engine was chosen"))
+    monkeypatch.setattr(engines, "choose_engine", lambda name: pytest.fail("an engine was chosen"))
 
-    @pytest.mark.parametrize("kw, match", [
+
+#: the flags and sizes run_monitor and run_device check alike (check_run_args)
+RUN_FLAGS = [
         case("page_granular-not-bool", dict(page_granular="no"), r"page_granular='no': must be True or False"),
         case("memory-text", dict(memory="64M"), r"memory: RAM size '64M': must be an integer"),
         case("memory-zero", dict(memory=0), r"memory: RAM size 0x0: must be a multiple of 2 MiB"),
+]
+
+
+@pytest.mark.usefixtures("no_engine")
+class TestRunMonitorArgumentsFirst:
+    @pytest.mark.parametrize("kw, match", RUN_FLAGS + [
         case("memory-unaligned", dict(memory=(3 << 20) + 1), r"RAM size 0x300001: must be a multiple of 2 MiB"),
         case("decision-bool", dict(decision=True), r"decision True: must be skip, emulate or stop$"),
         case("decision-word", dict(decision="allow"), r"decision 'allow': must be skip, emulate or stop$"),
@@ -342,17 +350,9 @@ def test_a_register_handler_that_raises_is_reraised_and_not_counted(vm):
     assert bus.wm.violations == 0 and bus.wm.notified == 0
 
 
+@pytest.mark.usefixtures("no_engine")
 class TestRunDeviceArgumentsFirst:
-    @pytest.fixture(autouse=True)
-    def _no_engine(self, monkeypatch):
-        import sppkit.engines as engines
-
-        monkeypatch.setattr(engines, "choose_engine", lambda name: pytest.fail("an engine was chosen"))
-
-    @pytest.mark.parametrize("kw, match", [
-        case("page_granular-not-bool", dict(page_granular="no"), r"page_granular='no': must be True or False"),
-        case("memory-text", dict(memory="64M"), r"memory: RAM size '64M': must be an integer"),
-        case("memory-zero", dict(memory=0), r"memory: RAM size 0x0: must be a multiple of 2 MiB"),
+    @pytest.mark.parametrize("kw, match", RUN_FLAGS + [
         case("page-float", dict(page=1.5), r"--page 1\.5: must be a symbol of the guest .* or an integer"),
         case("page-None", dict(page=None), r"--page None: must be a symbol of the guest"),
     ])
