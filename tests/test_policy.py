@@ -473,3 +473,121 @@ def test_policy_for_mixed_guest_protects_only_the_secret_subpages(tmp_path):
         assert p.entry_at(s.addr) is None and p.entry_at(s.end - 1) is None, hot
     assert p.decision_at(im.symbol("secret").addr + 0x7F) is Decision.STOP
     assert p.entry_at(im.symbol("secret").addr).name == "secret key"
+
+
+# -- fuzz-found input errors ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", [
+    "a = " + "[" * 5000 + "]" * 5000,
+    "a = " + "{b = " * 3000 + "1" + "}" * 3000,
+])
+def test_deeply_nested_toml_is_a_policy_error(text):
+    msg = error(text)
+    assert "nested too deeply" in msg
+
+
+def test_integer_with_thousands_of_digits_is_a_policy_error():
+    msg = error("[[protect]]\nstart = " + "9" * 5000 + "\nlength = 1\n")
+    assert "thousands of digits" in msg
+
+
+def test_parse_policy_takes_utf8_bytes_and_refuses_other_types():
+    assert parse_policy(b"[[protect]]\nstart = 0x1000\nlength = 8\n").entries[0].start == 0x1000
+    with pytest.raises(PolicyError, match=r"f.toml: not UTF-8 text: byte 10 is b.\\xff."):
+        parse_policy(b"# comment \xff\n", source="f.toml")
+    with pytest.raises(PolicyError, match="a policy is TOML text .* got NoneType"):
+        parse_policy(None)  # type: ignore[arg-type]
+
+
+def test_load_policy_refuses_devices_without_reading():
+    # /dev/null stands for every non-regular file: /dev/zero or a FIFO without a writer
+    # would never finish reading, so none is opened for a blocking read.
+    with pytest.raises(PolicyError, match="/dev/null: not a regular file"):
+        load_policy("/dev/null")
+
+
+def test_load_policy_directory_and_bad_paths(tmp_path):
+    with pytest.raises(PolicyError, match=rf"{tmp_path}: is a directory"):
+        load_policy(tmp_path)
+    with pytest.raises(PolicyError, match="embedded null byte"):
+        load_policy("a\0b.toml")
+    with pytest.raises(PolicyError, match="policy path must be a file path .* got NoneType"):
+        load_policy(None)  # type: ignore[arg-type]
+
+
+def test_load_policy_non_utf8_names_the_line(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_bytes(b"[[protect]]\nname = 'caf\xe9'\n")
+    with pytest.raises(PolicyError, match=rf"{p}: not UTF-8 text: line 2"):
+        load_policy(p)
+
+
+def test_load_policy_oversized_file_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(policy_mod, "MAX_POLICY_SIZE", 16)
+    p = tmp_path / "p.toml"
+    p.write_text("[[protect]]\nstart = 0x1000\nlength = 8\n")
+    with pytest.raises(PolicyError, match=rf"{p}: .* larger than any policy sppkit reads"):
+        load_policy(p)
+
+
+def test_load_policy_unloadable_image_path_is_a_policy_error(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text("[[protect]]\nsymbol = 'secret'\n")
+    with pytest.raises(PolicyError, match=rf"{p}: cannot load the guest image .*missing.elf: cannot read"):
+        load_policy(p, image=tmp_path / "missing.elf")
+
+
+def test_range_arg_and_from_ranges_refuse_wrong_types():
+    with pytest.raises(PolicyError, match="--protect: expected START:LENGTH text.*got NoneType"):
+        parse_protect_arg(None)  # type: ignore[arg-type]
+    with pytest.raises(PolicyError, match="--protect: ranges must be an iterable of .*got int 5"):
+        Policy.from_ranges(5)  # type: ignore[arg-type]
+
+
+def test_many_entries_on_one_page_parse_in_linear_time():
+    # The overlap check compared each entry with every earlier overlapping one:
+    # 20,000 entries on one sub-page took over a minute.  Counted, not timed.
+    n = 3_000
+    text = "[[protect]]\nstart = 0x1000\nlength = 1\n" * n
+    calls = 0
+    real = ProtectEntry.sub_end.fget
+
+    def counting(self):
+        nonlocal calls
+        calls += 1
+        return real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ProtectEntry, "sub_end", property(counting))
+        p = parse_policy(text)
+    assert len(p) == n
+    assert calls < 40 * n, calls
+
+
+def test_overlap_found_among_many_same_decision_entries():
+    text = "[[protect]]\nstart = 0x1000\nlength = 0x80\n" * 50
+    text += "[[protect]]\nstart = 0x2000\nlength = 0x80\n[[protect]]\nname = 'late'\nstart = 0x1040\nlength = 4\ndecision = 'stop'\n"
+    msg = error(text)
+    assert "[[protect]] entry 1 ('0x1000:0x80') and entry 52 ('late') overlap with different decisions (skip vs stop)" in msg
+    assert "[0x1000, 0x1080)" in msg
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(
+    st.sampled_from(["name", "symbol", "start", "offset", "length", "decision", "strat"]),
+    st.one_of(st.booleans(), st.integers(-2**65, 2**65), st.floats(allow_nan=False, allow_infinity=False),
+              st.sampled_from(["secret", "label", "big", "nosuch", "skip", "stop", "Emulate", "deny", ""])),
+    max_size=6), max_size=4))
+def test_fuzzed_entries_give_a_policy_or_a_policy_error(entries):
+    def lit(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        return repr(v)
+    text = "".join("[[protect]]\n" + "".join(f"{k} = {lit(v)}\n" for k, v in e.items()) for e in entries)
+    try:
+        parse_policy(text, source="f.toml", image=fake_image()).access_maps()
+    except PolicyError as e:
+        assert str(e).startswith("f.toml: ") and "Traceback" not in str(e)

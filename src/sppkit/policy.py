@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import stat
 import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -55,6 +56,9 @@ MAX_GPA = 1 << 64
 #: :meth:`Policy.access_maps` and :meth:`Policy.gfns` are linear in pages.  Replay
 #: (``sppkit replay --protect``) uses the same limit.
 MAX_PROTECTED_PAGES = 1 << 22
+#: The largest policy file :func:`load_policy` reads (bytes): 64 MiB, far more than a
+#: policy at :data:`MAX_PROTECTED_PAGES` one-page entries needs in practice.
+MAX_POLICY_SIZE = 64 << 20
 
 #: Decisions a policy may name (``unprotect`` is a handler's choice, not a policy's).
 POLICY_DECISIONS: tuple[Decision, ...] = (Decision.SKIP, Decision.EMULATE, Decision.STOP)
@@ -138,7 +142,12 @@ class Policy:
         d = _parse_decision(decision, f"{source}: decision")
         entries = []
         pages = 0
-        for i, item in enumerate(ranges, 1):
+        try:
+            items = iter(ranges)
+        except TypeError:
+            raise PolicyError(f"{source}: ranges must be an iterable of (start, length) pairs, got "
+                              f"{type(ranges).__name__} {ranges!r}") from None
+        for i, item in enumerate(items, 1):
             try:
                 start, length = item
             except (TypeError, ValueError):
@@ -152,14 +161,15 @@ class Policy:
         return cls(entries, source=source, default_decision=d)
 
     def _check_conflicts(self) -> None:
-        ordered = sorted(enumerate(self._entries, 1), key=lambda ie: ie[1].sub_start)
-        active: list[tuple[int, ProtectEntry]] = []
+        # Sweep in sub_start order, keeping per decision the entry that reaches furthest:
+        # O(n log n), so thousands of entries on one page do not take minutes.
+        ordered = sorted(enumerate(self._entries, 1), key=lambda ie: (ie[1].sub_start, ie[0]))
+        reach: dict[Decision, tuple[int, ProtectEntry]] = {}
         for i, e in ordered:
-            active = [(j, a) for j, a in active if a.sub_end > e.sub_start]
-            for j, a in active:
-                if a.decision is not e.decision:
+            for d, (j, a) in reach.items():
+                if d is not e.decision and a.sub_end > e.sub_start:
                     lo, hi = max(a.sub_start, e.sub_start), min(a.sub_end, e.sub_end)
-                    first, second = sorted(((j, a), (i, e)))
+                    first, second = sorted(((j, a), (i, e)), key=lambda ie: ie[0])
                     raise PolicyError(
                         f"{_label(self.source, first[0], first[1].name)} and entry {second[0]} "
                         f"({second[1].name!r}) overlap with different decisions "
@@ -167,7 +177,9 @@ class Policy:
                         f"[{lo:#x}, {hi:#x}); SPP protects whole 128-byte sub-pages, so one sub-page "
                         "can have only one decision"
                     )
-            active.append((i, e))
+            best = reach.get(e.decision)
+            if best is None or e.sub_end > best[1].sub_end:
+                reach[e.decision] = (i, e)
 
     # -- queries ----------------------------------------------------------------
 
@@ -340,12 +352,30 @@ def _parse_entry(raw, index: int, source: str, default: Decision, image) -> Prot
     return ProtectEntry(label, start, length, decision)
 
 
-def parse_policy(text: str, *, source: str = "<string>", image: "GuestImage | None" = None) -> Policy:
-    """Parse a TOML policy; ``symbol`` entries resolve against ``image``."""
+def parse_policy(text: str | bytes, *, source: str = "<string>", image: "GuestImage | None" = None) -> Policy:
+    """Parse a TOML policy (``str``, or UTF-8 ``bytes``); ``symbol`` entries resolve
+    against ``image``."""
+    if isinstance(text, (bytes, bytearray, memoryview)):
+        raw = bytes(text)
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise PolicyError(f"{source}: not UTF-8 text: byte {e.start} is {raw[e.start:e.start + 1]!r}; "
+                              "a policy is a UTF-8 TOML file") from None
+    if not isinstance(text, str):
+        raise PolicyError(f"{source}: a policy is TOML text (str or UTF-8 bytes), got {type(text).__name__}")
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise PolicyError(f"{source}: TOML syntax error: {e}") from None
+    except RecursionError:
+        raise PolicyError(f"{source}: TOML arrays or inline tables nested too deeply to parse; "
+                          "a policy needs no nesting beyond [[protect]] tables") from None
+    except ValueError as e:  # e.g. an integer literal longer than int() accepts (4300 digits)
+        problem = str(e)
+        if "integer string conversion" in problem:
+            problem = "an integer literal has thousands of digits (no 64-bit address needs more than 20)"
+        raise PolicyError(f"{source}: TOML value error: {problem}") from None
     unknown = [k for k in doc if k not in _TOP_KEYS]
     if unknown:
         hint = ""
@@ -365,25 +395,62 @@ def parse_policy(text: str, *, source: str = "<string>", image: "GuestImage | No
 def load_policy(path: str | os.PathLike, image: "GuestImage | str | os.PathLike | None" = None) -> Policy:
     """Read and parse a TOML policy file; ``image`` (a GuestImage or the path of a guest
     ELF) resolves ``symbol`` entries."""
-    path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
+        path = Path(path)
+    except TypeError:
+        raise PolicyError(f"policy path must be a file path (str or os.PathLike), got {type(path).__name__} "
+                          f"{path!r}") from None
+    data = _read_policy_file(path)
+    try:
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise PolicyError(f"{path}: not UTF-8 text: {e}") from None
+        line = data.count(b"\n", 0, e.start) + 1
+        raise PolicyError(f"{path}: not UTF-8 text: line {line} (byte {e.start}) has {data[e.start:e.start + 1]!r}; "
+                          "a policy is a UTF-8 TOML file") from None
     if image is None or hasattr(image, "symbols"):
         img = cast("GuestImage | None", image)
     else:
-        from .guests.elf import load_elf
+        from .guests.elf import GuestImageError, load_elf
 
-        img = load_elf(cast("str | Path", image))
+        try:
+            img = load_elf(cast("str | Path", image))
+        except GuestImageError as e:
+            raise PolicyError(f"{path}: cannot load the guest image that resolves its symbols: {e}") from None
     return parse_policy(text, source=str(path), image=img)
+
+
+def _read_policy_file(path: Path) -> bytes:
+    """The bytes of a regular file of at most :data:`MAX_POLICY_SIZE` bytes; a directory,
+    device or FIFO is refused before a byte is read (``/dev/zero`` would never end)."""
+    try:
+        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
+    except ValueError as e:  # an embedded NUL byte
+        raise PolicyError(f"{path!r}: not a usable policy path: {e}") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise PolicyError(f"{path}: is a directory, not a policy file")
+        if not stat.S_ISREG(info.st_mode):
+            raise PolicyError(f"{path}: not a regular file (a device, FIFO or socket); a policy is a TOML file")
+        if info.st_size > MAX_POLICY_SIZE:
+            raise PolicyError(f"{path}: {info.st_size:,} bytes, larger than any policy sppkit reads "
+                              f"(at most {MAX_POLICY_SIZE:,} bytes)")
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(MAX_POLICY_SIZE + 1)
+    except OSError as e:
+        raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
 
 
 def parse_range_arg(arg: str, option: str = "--protect") -> tuple[int, int]:
     """``"0x1000:256"`` → ``(0x1000, 256)``: START:LENGTH, each decimal or 0x/0o/0b-prefixed,
     a range within the 64-bit address space; a :class:`PolicyError` naming ``option``."""
+    if not isinstance(arg, str):
+        raise PolicyError(f"{option}: expected START:LENGTH text, e.g. 0x401000:256, got {type(arg).__name__} {arg!r}")
     text = arg.strip()
     start_s, sep, length_s = text.partition(":")
     if not sep or not start_s.strip() or not length_s.strip():

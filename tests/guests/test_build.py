@@ -214,7 +214,7 @@ def test_second_build_is_cached_and_does_not_run_gcc(tmp_path, monkeypatch):
     monkeypatch.setattr(subprocess, "Popen", no_gcc)
     second = build_guest("selftest", cache_dir=tmp_path)
     assert second == first and second.stat().st_mtime_ns == mtime
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [first.name, first.name + ".sha256"]  # no temp files left
 
 
 @needs_gcc
@@ -346,3 +346,75 @@ def test_start_traps_with_ud2_if_exit_port_is_ignored(images):
     with pytest.raises(unicorn.UcError) as ei:
         run_unicorn(images["selftest"], stop_on_exit=False, max_insns=1_000_000)
     assert ei.value.errno == unicorn.UC_ERR_INSN_INVALID
+
+
+# -- build: bad input and a damaged cache (fuzz/sweep findings) --------------------------
+
+
+def test_directory_non_c_file_and_wrong_type_are_refused(tmp_path):
+    (tmp_path / "dir.c").mkdir()
+    (tmp_path / "prog.txt").write_text("int main(void) { return 0; }\n")
+    with pytest.raises(GuestBuildError, match=r"dir\.c: is a directory, not a \.c file"):
+        build_guest(tmp_path / "dir.c", cache_dir=tmp_path / "c")
+    with pytest.raises(GuestBuildError, match=r"prog\.txt: not a C source file \(the name must end in \.c\)"):
+        build_guest(tmp_path / "prog.txt", cache_dir=tmp_path / "c")
+    with pytest.raises(GuestBuildError, match="a bundled program name or a path to a .c file, got int 5"):
+        build_guest(5, cache_dir=tmp_path / "c")  # type: ignore[arg-type]
+    assert not (tmp_path / "c").exists()
+
+
+@needs_gcc
+def test_cflags_must_be_a_sequence_of_strings(tmp_path):
+    with pytest.raises(GuestBuildError, match=r"cflags must be a list or tuple of strings .* got '-DX=1'"):
+        build_guest("selftest", cache_dir=tmp_path, cflags="-DX=1")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_gcc
+def test_compile_error_with_non_utf8_source_line_carries_diagnostics(tmp_path):
+    src = tmp_path / "latin1.c"
+    src.write_bytes(b"/* caf\xe9 */ int main(void) { return undeclared_thing; /* \xff */ }\n")
+    with pytest.raises(GuestBuildError) as ei:
+        build_guest(src, cache_dir=tmp_path / "cache")
+    msg = str(ei.value)
+    assert str(src) in msg and "undeclared_thing" in msg
+
+
+@needs_gcc
+def test_unwritable_cache_directory_is_a_build_error():
+    # /proc exists and takes no new files, even for root (chmod would not stop root)
+    with pytest.raises(GuestBuildError, match=r"cannot write to the guest cache directory /proc: .*SPPKIT_CACHE"):
+        build_guest("selftest", cache_dir="/proc")
+
+
+@needs_gcc
+@pytest.mark.parametrize("damage", ["truncate", "flip", "no-digest"])
+def test_damaged_cache_entry_is_rebuilt_not_loaded(tmp_path, damage):
+    out = build_guest("mixed", cache_dir=tmp_path)
+    good = out.read_bytes()
+    if damage == "truncate":
+        out.write_bytes(good[:100])
+    elif damage == "flip":
+        out.write_bytes(good[:200] + bytes([good[200] ^ 0xFF]) + good[201:])
+    else:
+        out.with_name(out.name + ".sha256").unlink()
+    again = build_guest("mixed", cache_dir=tmp_path)
+    assert again == out and again.read_bytes() == good
+    load_elf(again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.name + ".sha256"]
+
+
+@needs_gcc
+def test_concurrent_builds_of_one_guest_agree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = tmp_path / "same.c"
+    src.write_text('#include "sppkit_rt.h"\nint main(void) { return 7; }\n')
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(6) as pool:
+        outs = list(pool.map(lambda _: build_guest(src, cache_dir=cache), range(6)))
+    assert len(set(outs)) == 1
+    load_elf(outs[0])
+    assert sorted(p.name for p in cache.iterdir()) == [outs[0].name, outs[0].name + ".sha256"]
+    # the stored digest matches: the next call is a cache hit
+    assert build_mod._cached_ok(outs[0], outs[0].with_name(outs[0].name + ".sha256"))

@@ -394,3 +394,63 @@ def test_real_field_aliases_win_in_symbol_at(tmp_path):
     assert im.symbol_at(s.addr + 8) == (s, 8)
     # Past the 32-byte secret but in its padding: the enclosing page structure.
     assert im.symbol_at(s.addr + 0x40) == (im.symbol("keys_page"), 0x140)
+
+
+# -- fuzz/sweep findings ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args, kwargs, problem", [
+    ((5, 0x1000), {}, "data must be bytes, got int"),  # bytes(5) would be 5 zero bytes
+    (("\x90\xf4", 0x1000), {}, "data must be bytes, got str"),
+    ((b"\x90", 4096.0), {}, "gpa must be an integer, got float"),
+    ((b"\x90", True), {}, "gpa must be an integer, got bool"),
+    ((b"\x90", "0x1000"), {}, "gpa must be an integer, got str"),
+    ((b"\x90", 0x1000, 4096.0), {}, "entry must be an integer, got float"),
+    ((b"\x90\x90", (1 << 64) - 1), {}, "ends past 2**64"),
+    ((b"\x90", 0x1000), {"flags": "rw"}, "flags must be 'rwx'-style"),
+    ((b"\x90", 0x1000), {"flags": "xwr"}, "flags must be 'rwx'-style"),
+    ((b"\x90", 0x1000), {"flags": 7}, "flags must be 'rwx'-style"),
+])
+def test_flat_image_argument_errors(args, kwargs, problem):
+    with pytest.raises(GuestImageError, match=r"^<flat image>: ") as ei:
+        flat_image(*args, **kwargs)
+    assert problem in str(ei.value)
+
+
+def test_flat_image_accepts_bytes_like_and_flag_forms():
+    im = flat_image(bytearray(b"\x90\xf4"), (1 << 64) - 2, flags="r-x")
+    assert im.segments[0].data == b"\x90\xf4" and im.segments[0].flags == "r-x"
+    assert flat_image(memoryview(b"\xf4"), 0, flags="---").entry == 0
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_mutated_real_build_loads_or_is_refused(tmp_path_factory, mixed_raw, data):
+    """Byte mutations and truncations of a real guest: a GuestImage or a GuestImageError
+    naming the file, never another exception (IndexError, struct.error, ELFError...)."""
+    raw = bytearray(mixed_raw)
+    shoff = struct.unpack_from("<Q", raw, 0x28)[0]
+    region = data.draw(st.sampled_from([(0, 64), (64, 64 + 56 * 8), (shoff, len(raw)), (0, len(raw))]))
+    for pos, kind, v in data.draw(st.lists(st.tuples(
+            st.integers(*region).map(lambda p: min(p, len(raw) - 8)), st.booleans(),
+            st.sampled_from([0, 1, 0x7F, 0x80, 0xFF, 24, 64, 0xFFFF, 2**32, 2**63, 2**64 - 1])),
+            min_size=1, max_size=6)):
+        if kind:
+            struct.pack_into("<Q", raw, pos, v)
+        else:
+            raw[pos] = v & 0xFF
+    if data.draw(st.booleans()):
+        raw = raw[:data.draw(st.integers(0, len(raw)))]
+    path = tmp_path_factory.mktemp("fuzz") / "g.elf"
+    path.write_bytes(bytes(raw))
+    try:
+        img = load_elf(path)
+    except GuestImageError as e:
+        assert str(e).startswith(f"{path}: ")
+    else:
+        assert isinstance(img, GuestImage) and img.segments
+        img.describe(img.entry)

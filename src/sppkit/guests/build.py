@@ -69,12 +69,24 @@ def list_programs() -> list[str]:
 
 def program_path(name_or_path: str | os.PathLike) -> Path:
     """The ``.c`` file for a bundled program name or a path to a ``.c`` file."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise GuestBuildError(f"a guest is a bundled program name or a path to a .c file, got "
+                              f"{type(name_or_path).__name__} {name_or_path!r}")
     s = os.fspath(name_or_path)
+    if not isinstance(s, str):
+        s = os.fsdecode(s)
+    if "\0" in s:
+        raise GuestBuildError(f"guest {s!r}: a name or path cannot contain a NUL byte")
     looks_like_path = isinstance(name_or_path, os.PathLike) or s.endswith(".c") or os.sep in s or "/" in s
     if looks_like_path:
         p = Path(s).expanduser()
+        if p.is_dir():
+            raise GuestBuildError(f"guest source {p}: is a directory, not a .c file")
         if not p.is_file():
-            raise GuestBuildError(f"guest source {p}: no such file")
+            what = "no such file" if not p.exists() else "not a regular file"
+            raise GuestBuildError(f"guest source {p}: {what}")
+        if p.suffix != ".c":
+            raise GuestBuildError(f"guest source {p}: not a C source file (the name must end in .c)")
         return p.resolve()
     p = PROGRAMS_DIR / f"{s}.c"
     if not p.is_file():
@@ -148,7 +160,10 @@ def _build_key(src: Path, flags: list[str], version: str) -> str:
     h.update(b"sppkit-guest-build-v1\0")
     for f in _source_files(src):
         h.update(f.name.encode() + b"\0")
-        data = f.read_bytes()
+        try:
+            data = f.read_bytes()
+        except OSError as e:
+            raise GuestBuildError(f"building {src}: cannot read {f}: {e.strerror or e}") from e
         h.update(len(data).to_bytes(8, "little") + data)
     h.update("\0".join(flags).encode() + b"\0")
     h.update(version.encode())
@@ -168,27 +183,37 @@ def build_guest(
     base flags (e.g. ``("-DN=100",)``).  Raises :class:`GuestBuildError`.
     """
     src = program_path(name_or_path)
+    try:
+        flags_ok = not isinstance(cflags, (str, bytes)) and all(isinstance(f, str) for f in cflags)
+    except TypeError:
+        flags_ok = False
+    if not flags_ok:
+        raise GuestBuildError(f"building {src}: cflags must be a list or tuple of strings "
+                              f"(e.g. ('-DN=100',)), got {cflags!r}")
     gcc = _find_compiler()
     version = _compiler_version(gcc)
-    flags = [*BASE_CFLAGS, f"-I{RUNTIME_DIR}", *LINK_FLAGS, *map(str, cflags)]
+    flags = [*BASE_CFLAGS, f"-I{RUNTIME_DIR}", *LINK_FLAGS, *cflags]
     key = _build_key(src, flags, version)
 
     out_dir = guest_cache_dir(cache_dir)
     out = out_dir / f"{src.stem}-{key}.elf"
-    if out.is_file():
+    digest_file = out.with_name(out.name + ".sha256")
+    if _cached_ok(out, digest_file):
         return out
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".elf.tmp", dir=out_dir)
     except OSError as e:
-        raise GuestBuildError(f"cannot create the guest cache directory {out_dir}: {e.strerror or e}") from e
-
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".elf.tmp", dir=out_dir)
+        raise GuestBuildError(f"cannot write to the guest cache directory {out_dir}: {e.strerror or e} "
+                              "(set $SPPKIT_CACHE or pass cache_dir= to use another)") from e
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp_digest = tmp.with_name(tmp.name + ".sha256")
     cmd = [gcc, *flags, "-o", str(tmp), *map(str, RUNTIME_SOURCES), str(src)]
     try:
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_BUILD_TIMEOUT)
+            # errors="replace": gcc quotes source lines, which need not be UTF-8
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=_BUILD_TIMEOUT)
         except subprocess.TimeoutExpired as e:
             raise GuestBuildError(f"building {src}: {gcc} took longer than {_BUILD_TIMEOUT} s") from e
         except OSError as e:
@@ -199,9 +224,30 @@ def build_guest(
                 f"{proc.stderr.strip() or proc.stdout.strip() or '(no output)'}\n"
                 f"command: {' '.join(cmd)}"
             )
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
+        try:
+            os.chmod(tmp, 0o644)
+            tmp_digest.write_text(hashlib.sha256(tmp.read_bytes()).hexdigest() + "\n", encoding="ascii")
+            # the digest first: a reader that sees the new ELF with an old digest rebuilds
+            os.replace(tmp_digest, digest_file)
+            os.replace(tmp, out)
+        except OSError as e:
+            raise GuestBuildError(f"building {src}: cannot store the result in the guest cache directory "
+                                  f"{out_dir}: {e.strerror or e}") from e
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for t in (tmp, tmp_digest):
+            try:
+                t.unlink()
+            except OSError:
+                pass
     return out
+
+
+def _cached_ok(out: Path, digest_file: Path) -> bool:
+    """``out`` is a complete cached build: its SHA-256 matches the digest written with
+    it.  A truncated or damaged entry (or one without a digest) is rebuilt, not loaded."""
+    try:
+        want = digest_file.read_text(encoding="ascii").strip()
+        data = out.read_bytes()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return hashlib.sha256(data).hexdigest() == want

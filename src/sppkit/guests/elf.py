@@ -464,12 +464,26 @@ def load_elf(path: str | Path) -> GuestImage:
 
 def flat_image(data: bytes, gpa: int, entry: int | None = None, *, flags: str = "rwx") -> GuestImage:
     """A :class:`GuestImage` for a raw binary loaded at ``gpa`` (entry defaults to ``gpa``);
-    it has no symbols."""
+    it has no symbols.  Raises :class:`GuestImageError` for arguments that do not make
+    an image: ``data`` not bytes-like or empty, ``gpa``/``entry`` not integers, the
+    image running past 2**64, the entry outside it, ``flags`` not ``"rwx"``-style."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        # bytes(5) would be five zero bytes, bytes("...") a TypeError: neither is an image
+        raise GuestImageError(f"<flat image>: data must be bytes, got {type(data).__name__}")
     data = bytes(data)
+    for what, value in (("gpa", gpa), ("entry", entry)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise GuestImageError(f"<flat image>: {what} must be an integer, got {type(value).__name__} {value!r}")
+    if not isinstance(flags, str) or len(flags) != 3 or any(
+            ch not in (want, "-") for ch, want in zip(flags, "rwx")):
+        raise GuestImageError(f"<flat image>: flags must be 'rwx'-style ('r', 'w', 'x' or '-' in that order, "
+                              f"e.g. 'r-x'), got {flags!r}")
     if gpa < 0:
         raise GuestImageError(f"<flat image>: gpa {gpa:#x} is negative")
     if not data:
         raise GuestImageError("<flat image>: empty data, nothing to load")
+    if gpa + len(data) > _ADDR_LIMIT:
+        raise GuestImageError(f"<flat image>: gpa {gpa:#x} + {len(data):#x} bytes ends past 2**64")
     entry = gpa if entry is None else entry
     if not gpa <= entry < gpa + len(data):
         raise GuestImageError(
