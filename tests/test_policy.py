@@ -335,7 +335,7 @@ def test_load_policy_errors_name_the_path(tmp_path):
     f.write_text('[[protect]]\nstart = 0x1000\n')
     with pytest.raises(PolicyError, match=rf"^{f}: \[\[protect\]\] entry 1: missing length"):
         load_policy(f)
-    with pytest.raises(PolicyError, match=rf"{tmp_path / 'none.toml'}: cannot read policy"):
+    with pytest.raises(PolicyError, match=rf"{tmp_path / 'none.toml'}: cannot read a policy file"):
         load_policy(tmp_path / "none.toml")
 
 
@@ -527,7 +527,7 @@ def test_load_policy_oversized_file_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(policy_mod, "MAX_POLICY_SIZE", 16)
     p = tmp_path / "p.toml"
     p.write_text("[[protect]]\nstart = 0x1000\nlength = 8\n")
-    with pytest.raises(PolicyError, match=rf"{p}: .* larger than any policy sppkit reads"):
+    with pytest.raises(PolicyError, match=rf"{p}: .* more than sppkit reads for a policy file"):
         load_policy(p)
 
 

@@ -30,13 +30,13 @@ from __future__ import annotations
 
 import difflib
 import os
-import stat
 import tomllib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+from ._files import FileProblem, read_regular_file
 from .vmm.events import Decision
 
 if TYPE_CHECKING:
@@ -423,27 +423,9 @@ def _read_policy_file(path: Path) -> bytes:
     """The bytes of a regular file of at most :data:`MAX_POLICY_SIZE` bytes; a directory,
     device or FIFO is refused before a byte is read (``/dev/zero`` would never end)."""
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
-    except ValueError as e:  # an embedded NUL byte
-        raise PolicyError(f"{path!r}: not a usable policy path: {e}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise PolicyError(f"{path}: is a directory, not a policy file")
-        if not stat.S_ISREG(info.st_mode):
-            raise PolicyError(f"{path}: not a regular file (a device, FIFO or socket); a policy is a TOML file")
-        if info.st_size > MAX_POLICY_SIZE:
-            raise PolicyError(f"{path}: {info.st_size:,} bytes, larger than any policy sppkit reads "
-                              f"(at most {MAX_POLICY_SIZE:,} bytes)")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(MAX_POLICY_SIZE + 1)
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read policy: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
+        return read_regular_file(path, MAX_POLICY_SIZE, "a policy file")
+    except FileProblem as e:
+        raise PolicyError(f"{path}: {e}") from None
 
 
 def parse_range_arg(arg: str, option: str = "--protect") -> tuple[int, int]:

@@ -109,7 +109,7 @@ RUN = [
     case("no-guest", [], "Missing argument 'GUEST'"),
     case("guest-empty", [""], "'GUEST'", "an empty name"),
     case("guest-unknown-name", ["nosuchguest"], "'GUEST'", "neither a file nor a bundled program", "mixed"),
-    case("guest-directory", ["{dir}"], "adir", "cannot read"),
+    case("guest-directory", ["{dir}"], "adir", "is a directory, not an ELF file"),
     case("guest-text-file", ["{text}"], "notes.txt", "not an ELF file"),
     # read until memory ran out (a MemoryError traceback)
     case("guest-device", ["/dev/zero"], "/dev/zero: not a regular file"),
@@ -216,7 +216,7 @@ def test_run_bad_input_leaves_the_guest_file_alone(files):
 @pytest.mark.parametrize("args, needles", [
     pytest.param(["run", "{f}"], ["Permission denied"], id="run-elf"),
     pytest.param(["run", "{f}", *FLAT], ["'GUEST'", "Permission denied"], id="run-flat"),
-    pytest.param(["run", "{bin}", *FLAT, "--policy", "{f}"], ["cannot read policy", "Permission denied"],
+    pytest.param(["run", "{bin}", *FLAT, "--policy", "{f}"], ["cannot read a policy file", "Permission denied"],
                  id="run-policy"),
     pytest.param(["replay", "{f}", "--protect", "0:1"], ["Permission denied"], id="replay-trace"),
     pytest.param(["replay", "{f}", "--format", "lackey", "--protect", "0:1"], ["Permission denied"],

@@ -201,7 +201,7 @@ GUEST_CASES = [
       "--policy {d}/outside.toml: watch '0x10000000:0x8'", "lies outside guest RAM"),
     p("monitor-guest-missing", ["monitor", "{d}/none", *U], "guest '{d}/none' is neither a file nor"),
     p("monitor-guest-empty", ["monitor", "", *U], "guest '' is neither a file nor"),
-    p("monitor-guest-directory", ["monitor", "{d}/adir", *U], "adir: cannot read: Is a directory"),
+    p("monitor-guest-directory", ["monitor", "{d}/adir", *U], "adir: is a directory, not an ELF file"),
     p("monitor-guest-not-elf", ["monitor", "{d}/notelf.bin", *U], "notelf.bin: not an ELF file"),
     p("monitor-guest-without-defaults", ["monitor", "mixed", *U], "say what to watch: --protect-symbols"),
     # device

@@ -16,8 +16,6 @@ from __future__ import annotations
 import bisect
 import difflib
 import io
-import os
-import stat
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,6 +26,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.constants import P_FLAGS
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
+
+from .._files import FileProblem, read_regular_file
 
 #: The largest file :func:`load_elf` reads (bytes): 4 GiB.  A guest's loaded segments
 #: must fit guest RAM, and a file larger than this is not a guest program; the check
@@ -352,17 +352,9 @@ def load_elf(path: str | Path) -> GuestImage:
     """
     path = Path(path)
     try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer before it is refused
-        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
-            info = os.fstat(f.fileno())
-            if not stat.S_ISREG(info.st_mode):  # a device or FIFO would be read without end
-                raise GuestImageError(f"{path}: not a regular file (a device, FIFO or socket), not an ELF file")
-            if info.st_size > MAX_ELF_SIZE:
-                raise GuestImageError(f"{path}: {info.st_size:,} bytes, larger than any guest ELF sppkit loads "
-                                      f"(at most {MAX_ELF_SIZE:,} bytes)")
-            raw = f.read()
-    except OSError as e:
-        raise GuestImageError(f"{path}: cannot read: {e.strerror or e}") from e
+        raw = read_regular_file(path, MAX_ELF_SIZE, "an ELF file")
+    except FileProblem as e:
+        raise GuestImageError(f"{path}: {e}") from None
 
     def fail(problem: str) -> GuestImageError:
         return GuestImageError(f"{path}: {problem}")
