@@ -150,12 +150,7 @@ def _guard(fn):
         try:
             return fn(self, uc, *args)
         except BaseException as e:  # re-raised from run()
-            if self._error is None:
-                self._error = e
-            try:
-                self._hold_stores()
-            finally:
-                uc.emu_stop()
+            self._fail(e, hold=True)
             return False
 
     return wrapper
@@ -297,6 +292,18 @@ class UnicornEngine(EngineBase):
         self._prot = runs
         self._generation = self.vm.ept_generation
 
+    def _fail(self, e: BaseException, *, hold: bool = False) -> None:
+        """A callback raised ``e``: keep the first exception (run() re-raises it, never
+        swallowed at the C boundary) and stop the emulation; with ``hold``, every store
+        until the block ends is held back too (see _hold_stores)."""
+        if self._error is None:
+            self._error = e
+        try:
+            if hold:
+                self._hold_stores()
+        finally:
+            self.uc.emu_stop()
+
     def _hold_stores(self) -> None:
         """The run is to stop (a pause) but emu_stop() only takes effect at the end of the
         translated block: until then every page is read-only, so that each store still
@@ -346,9 +353,7 @@ class UnicornEngine(EngineBase):
             self._cover = None
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little") if 1 <= size <= 8 else None
         except BaseException as e:  # re-raised from run()
-            if self._error is None:
-                self._error = e
-            self.uc.emu_stop()
+            self._fail(e)
             return False
         r = self._on_store(address, data, rip)
         if r is False:
@@ -434,9 +439,7 @@ class UnicornEngine(EngineBase):
                 return self._pause_at_store(rip, address, n, True if n == size else n)
             return True if n == size else n
         except BaseException as e:  # re-raised from run()
-            if self._error is None:
-                self._error = e
-            self.uc.emu_stop()
+            self._fail(e)
             return False
 
     def _pause_at_store(self, rip: int, address: int, n: int, answer):
@@ -571,10 +574,8 @@ class UnicornEngine(EngineBase):
                     d = decode(self.code_at(rip), rip, None)
                     self._stop_at(rip + (d.length if d else 1))
             except BaseException as e:
-                if self._error is None:
-                    self._error = e
                 self._ending = True  # the store, if it reaches _on_store, is not made
-                uc.emu_stop()
+                self._fail(e)
 
         self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
 
