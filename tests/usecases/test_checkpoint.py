@@ -248,7 +248,7 @@ def test_truncated_file(cset):
     with pytest.raises(C.CheckpointTruncated, match="shorter than the 64-byte header"):
         C.restore_checkpoint(cset, 4)
     f.unlink()
-    with pytest.raises(C.CheckpointMissing, match="listed in manifest.json but the file is missing"):
+    with pytest.raises(C.CheckpointMissing, match="listed in checkpoints.jsonl but the file is missing"):
         C.restore_checkpoint(cset, 4)
 
 
@@ -272,14 +272,109 @@ def test_wrong_version(cset):
 def test_manifest_damage_and_version(cset):
     m = cset / "manifest.json"
     text = m.read_text()
-    m.write_text(text.replace('"reason": "port 0xf5 <- 1"', '"reason": "port 0xf5 <- 9"'))
+    m.write_text(text.replace('"cpl": 3', '"cpl": 0'))
     with pytest.raises(C.CheckpointCorrupted, match="manifest.json: manifest checksum"):
         C.open_checkpoint_set(cset)
-    m.write_text(text.replace('"version": 1', '"version": 3'))
-    with pytest.raises(C.CheckpointVersionMismatch, match="manifest.json: format version 3"):
-        C.open_checkpoint_set(cset)
+    for version, shown in (("3", "3"), ("0", "0"), ("true", "True"), ('"2"', "'2'")):
+        m.write_text(text.replace('"version": 2', f'"version": {version}'))
+        with pytest.raises(C.CheckpointVersionMismatch, match=f"manifest.json: format version {shown}; this sppkit "
+                                                              "reads versions 1, 2"):
+            C.open_checkpoint_set(cset)
     m.write_text("{not json")
     with pytest.raises(C.CheckpointCorrupted, match="not valid JSON"):
+        C.open_checkpoint_set(cset)
+
+
+def test_journal_damage(cset):
+    """Version 2 sets list their checkpoints in checkpoints.jsonl, each line chained to
+    the one before (the first to the manifest's SHA-256)."""
+    j = cset / "checkpoints.jsonl"
+    lines = j.read_bytes().split(b"\n")[:-1]
+    assert len(lines) == 8 and b'"final"' in lines[-1]
+    j.write_bytes(b"\n".join(lines + [lines[-1]]) + b"\n")  # a line after the final record
+    with pytest.raises(C.CheckpointCorrupted, match=r"checkpoints\.jsonl: line 9: a line after the run's final "
+                                                    r"record \(line 8\)"):
+        C.open_checkpoint_set(cset)
+    j.write_bytes(b"\n".join(lines[:3]) + b"\n" + b"[" * 100000 + b"]" * 100000 + b"\n")
+    with pytest.raises(C.CheckpointCorrupted, match=r"checkpoints\.jsonl: line 4: (JSON nested too deeply|must be)"):
+        C.open_checkpoint_set(cset)
+    j.write_bytes(b"\n".join(lines[:3]) + b"\n")  # the last lines cut off whole: the set of a run stopped there
+    cs = C.open_checkpoint_set(cset)
+    assert len(cs) == 3 and "final" not in cs.manifest and cs.torn_line is None
+    assert C.restore_checkpoint(cset, 2).verified
+
+
+def test_torn_last_line_is_left_out(cset):
+    """A run stopped while appending a line leaves it without its newline: the set is
+    read without it (the checkpoint file before it is in place but not listed)."""
+    from click.testing import CliRunner
+
+    from sppkit.cli import main
+
+    j = cset / "checkpoints.jsonl"
+    data = j.read_bytes()
+    lines = data.split(b"\n")[:-1]
+    j.write_bytes(b"\n".join(lines[:5]) + b"\n" + lines[5][: len(lines[5]) // 2])
+    cs = C.open_checkpoint_set(cset)
+    assert len(cs) == 5 and cs.torn_line == 6
+    assert C.restore_checkpoint(cset, 4).verified
+    with pytest.raises(C.UnknownCheckpoint, match="holds checkpoints 0..4"):
+        C.restore_checkpoint(cset, 5)
+    r = CliRunner().invoke(main, ["restore", str(cset)])
+    assert r.exit_code == 0, r.output
+    assert "line 6 of checkpoints.jsonl is incomplete" in r.output
+    j.write_bytes(data + b'{"chain":')  # a torn line after the final record: still the end of the run
+    assert len(C.open_checkpoint_set(cset)) == 7
+
+
+def test_failed_append_is_cut_off(tmp_path, monkeypatch):
+    """A journal append that fails half-way (a full disk) leaves the journal as it was:
+    no torn line before a later one."""
+    j = tmp_path / "checkpoints.jsonl"
+    j.write_bytes(b"one\n")
+    real = os.write
+
+    def half(fd, data):
+        if len(data) > 4:
+            real(fd, bytes(data[:4]))
+            raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", half)
+    with pytest.raises(C.CheckpointWriteError, match=r"cannot append to .*checkpoints\.jsonl: No space left"):
+        C._append(j, b"0123456789\n")
+    assert j.read_bytes() == b"one\n"
+    monkeypatch.setattr(os, "write", real)
+    C._append(j, b"two\n")
+    assert j.read_bytes() == b"one\ntwo\n"
+
+
+def test_version_1_sets_are_still_read(cset):
+    """A set written before the journal (version 1: the checkpoint list and the run's end
+    inside manifest.json) restores and resumes as before."""
+    cs = C.open_checkpoint_set(cset)
+    body = {k: v for k, v in cs.manifest.items() if k != "sha256"}
+    body["version"] = 1
+    (cset / "manifest.json").write_bytes(C._manifest_bytes(body))
+    (cset / "checkpoints.jsonl").unlink()
+    old = C.open_checkpoint_set(cset)
+    assert old.listed_in == "manifest.json" and len(old) == 7
+    assert old.manifest["final"] == cs.manifest["final"]
+    res = C.restore_checkpoint(cset, 6, resume=True, engine="unicorn")
+    assert res.verified and res.matches_recorded_run
+    (cset / "ckpt-000003.spck").unlink()
+    with pytest.raises(C.CheckpointMissing, match="listed in manifest.json but the file is missing"):
+        C.restore_checkpoint(cset, 4)
+
+
+@pytest.mark.parametrize("key", ["checkpoints", "final"])
+def test_version_2_manifest_lists_no_checkpoints(cset, key):
+    cs = C.open_checkpoint_set(cset)
+    header = {k: v for k, v in cs.manifest.items() if k not in ("sha256", "checkpoints", "final")}
+    header[key] = cs.manifest[key]
+    (cset / "manifest.json").write_bytes(C._manifest_bytes(header))
+    with pytest.raises(C.CheckpointCorrupted, match=f"manifest.json: field {key}: a version 2 manifest lists no "
+                                                    "checkpoints"):
         C.open_checkpoint_set(cset)
 
 
@@ -323,13 +418,24 @@ def test_file_from_another_set(cset, pristine, tmp_path):
 
 # ------------------------------------------------------------------ hand-edited or crafted sets
 def edit_manifest(d: Path, edit) -> None:
-    """Apply ``edit`` to the manifest body and recompute its SHA-256, as a hand edit with
-    the digest fixed up (or a buggy writer) would."""
+    """Apply ``edit`` to the set's body (the manifest, with the journal's checkpoint
+    entries as ``checkpoints`` and its end record as ``final``) and write it back with
+    every checksum recomputed, as a hand edit with the digests fixed up (or a buggy
+    writer) would."""
     m = d / "manifest.json"
     body = json.loads(m.read_text())
     body.pop("sha256")
+    records = [json.loads(line) for line in (d / "checkpoints.jsonl").read_text().splitlines()]
+    body["checkpoints"] = [r["checkpoint"] for r in records if "checkpoint" in r]
+    body["final"] = next(r["final"] for r in records if "final" in r)
     edit(body)
+    entries, final = body.pop("checkpoints"), body.pop("final", None)
     m.write_bytes(C._manifest_bytes(body))
+    chain, out = C._manifest_digest(body), b""
+    for record in [{"checkpoint": e} for e in entries] + ([{"final": final}] if final is not None else []):
+        chain, line = C._journal_line(chain, record)
+        out += line
+    (d / "checkpoints.jsonl").write_bytes(out)
 
 
 def put(path: tuple, value):
@@ -387,8 +493,13 @@ def test_manifest_fields_are_validated(cset, edit, field):
     edit_manifest(cset, edit)
     with pytest.raises(C.CheckpointCorrupted) as e:
         C.restore_checkpoint(cset, resume=True, engine="unicorn")
-    assert e.value.path.name == "manifest.json"
-    assert str(e.value).startswith(f"{cset / 'manifest.json'}: field {field} "), str(e.value)
+    if field.startswith(("checkpoints", "final")):  # listed in the journal: its line is named
+        line = 8 if field == "final" else int(field.split("[")[1].split("]")[0]) + 1
+        where = f"{cset / 'checkpoints.jsonl'}: line {line}: "
+    else:
+        where = f"{cset / 'manifest.json'}: "
+    assert e.value.path.name == where.split(": ")[0].rsplit("/", 1)[1]
+    assert str(e.value).startswith(f"{where}field {field} "), str(e.value)
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -407,7 +518,8 @@ def test_cli_restore_reports_a_bad_manifest_in_one_line(cset, edit, field):
     assert "Traceback" not in r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sppkit: error: "), r.stderr
-    assert "manifest.json" in lines[0] and f"field {field} " in lines[0]
+    assert ("checkpoints.jsonl" if field.startswith("checkpoints") else "manifest.json") in lines[0]
+    assert f"field {field} " in lines[0]
 
 
 def test_manifest_nested_too_deeply(cset):

@@ -321,28 +321,36 @@ def test_failed_base_checkpoint_leaves_out_as_it_was(tmp_path, monkeypatch, exis
 
 
 @needs_gcc
-def test_manifest_entries_are_encoded_once_each(tmp_path, monkeypatch):
-    """fix: the manifest was re-encoded whole (pure-Python JSON, indent=1) at every
-    checkpoint: `--every 1` runs took quadratic time (79 ms per checkpoint at 3000).
-    Each entry is now encoded once; the manifest still verifies."""
-    seen: list[int] = []
-    real = C._canonical_json
+def test_a_checkpoint_appends_one_journal_line(tmp_path, monkeypatch):
+    """fix: the whole manifest (every checkpoint's entry) was rewritten at every
+    checkpoint: about 8 MB per checkpoint at 25,000.  The manifest is now written once
+    and each checkpoint appends one line to checkpoints.jsonl: what a checkpoint writes
+    does not grow with the set."""
+    writes: list[tuple[str, int]] = []
+    real_atomic, real_append = C.atomic_write, C._append
 
-    def counting(value):
-        if isinstance(value, dict) and "index" in value and "file" in value:
-            seen.append(value["index"])
-        return real(value)
+    def atomic(path, data):
+        writes.append((Path(path).name, len(data)))
+        return real_atomic(path, data)
 
-    monkeypatch.setattr(C, "_canonical_json", counting)
+    def append(path, line):
+        writes.append((Path(path).name + "+", len(line)))
+        return real_append(path, line)
+
+    monkeypatch.setattr(C, "atomic_write", atomic)
+    monkeypatch.setattr(C, "_append", append)
     run = C.checkpoint_guest("ckpt_log", tmp_path / "set", at_port_signal=True, engine="unicorn")
     n = len(run.checkpoints)
-    assert n == 7 and sorted(seen) == list(range(n))  # not 1 + 2 + ... + n encodings
-    monkeypatch.setattr(C, "_canonical_json", real)
-    body = json.loads((tmp_path / "set" / "manifest.json").read_text())
-    digest = body.pop("sha256")
-    assert C._manifest_canonical(body) == json.dumps(body, sort_keys=True, separators=(",", ":"))
-    assert digest == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-    assert len(C.open_checkpoint_set(tmp_path / "set")) == n
+    assert n == 7
+    names = [w[0] for w in writes]
+    assert names.count("manifest.json") == 1 and names.count("checkpoints.jsonl") == 1  # (created empty)
+    appends = [size for name, size in writes if name == "checkpoints.jsonl+"]
+    assert len(appends) == n + 1  # one line per checkpoint, one for the run's end
+    assert max(appends) < 600  # one entry each, however many came before
+    journal = (tmp_path / "set" / "checkpoints.jsonl").read_bytes()
+    assert len(journal) == sum(appends) and journal.count(b"\n") == n + 1
+    cs = C.open_checkpoint_set(tmp_path / "set")
+    assert len(cs) == n and cs.manifest["final"]["stop_reason"] == "exit" and cs.torn_line is None
 
 
 # ====================================================================== restore of damaged sets
@@ -396,6 +404,38 @@ def _replace_by_dir(name):
     return damage
 
 
+def _lines(d):
+    return (d / "checkpoints.jsonl").read_bytes().split(b"\n")[:-1]
+
+
+def _put_lines(d, lines):
+    (d / "checkpoints.jsonl").write_bytes(b"".join(line + b"\n" for line in lines))
+
+
+def _drop_line(n):
+    def damage(d, sets):
+        lines = _lines(d)
+        _put_lines(d, lines[: n - 1] + lines[n:])
+    return damage
+
+
+def _swap_lines(a, b):
+    def damage(d, sets):
+        lines = _lines(d)
+        lines[a - 1], lines[b - 1] = lines[b - 1], lines[a - 1]
+        _put_lines(d, lines)
+    return damage
+
+
+def _edit_line(n, old, new):
+    def damage(d, sets):
+        lines = _lines(d)
+        assert old in lines[n - 1]
+        lines[n - 1] = lines[n - 1].replace(old, new, 1)
+        _put_lines(d, lines)
+    return damage
+
+
 def _copy_from(other, name):
     def damage(d, sets):
         shutil.copy(sets / other / name, d / name)
@@ -403,7 +443,7 @@ def _copy_from(other, name):
 
 
 DAMAGE = [
-    pytest.param(lambda d, s: (d / ck(3)).unlink(), ck(3), "checkpoint 3 is listed in manifest.json but the file "
+    pytest.param(lambda d, s: (d / ck(3)).unlink(), ck(3), "checkpoint 3 is listed in checkpoints.jsonl but the file "
                  "is missing", id="missing-ckpt3"),
     pytest.param(lambda d, s: (d / ck(0)).unlink(), ck(0), "is missing", id="missing-base"),
     pytest.param(lambda d, s: (d / "manifest.json").unlink(), "", "is not an sppkit checkpoint set: it has no "
@@ -418,10 +458,25 @@ DAMAGE = [
     pytest.param(_swap(ck(2), ck(3)), ck(2), "holds checkpoint 3 (kind 1), expected 2", id="swapped-2-3"),
     pytest.param(_swap(ck(0), ck(1)), ck(0), "holds checkpoint 1 (kind 1), expected 0", id="swapped-base-1"),
     pytest.param(_copy_from("b", ck(3)), ck(3), "belongs to another checkpoint set", id="ckpt3-from-another-run"),
-    pytest.param(_copy_from("b", "manifest.json"), ck(0), "it or manifest.json was copied from another run",
-                 id="fix:manifest-from-another-run"),
-    pytest.param(_copy_from("kv", "manifest.json"), ck(0), "it or manifest.json was copied from another run",
-                 id="fix:manifest-from-another-guest"),
+    pytest.param(_copy_from("b", "manifest.json"), "checkpoints.jsonl", "line 1: chain checksum (SHA-256) "
+                 "mismatch", id="fix:manifest-from-another-run"),
+    pytest.param(_copy_from("kv", "manifest.json"), "checkpoints.jsonl", "it and manifest.json come from different "
+                 "runs", id="fix:manifest-from-another-guest"),
+    pytest.param(_copy_from("b", "checkpoints.jsonl"), "checkpoints.jsonl", "line 1: chain checksum",
+                 id="journal-from-another-run"),
+    pytest.param(lambda d, s: (d / "checkpoints.jsonl").unlink(), "checkpoints.jsonl",
+                 "the set's list of checkpoints is missing", id="missing-journal"),
+    pytest.param(_replace_by_dir("checkpoints.jsonl"), "checkpoints.jsonl", "is a directory", id="journal-a-directory"),
+    pytest.param(_drop_line(3), "checkpoints.jsonl", "line 3: chain checksum", id="journal-line-removed"),
+    pytest.param(_swap_lines(2, 3), "checkpoints.jsonl", "line 2: chain checksum", id="journal-lines-swapped"),
+    pytest.param(_edit_line(4, b'"reason":"port', b'"reason":"Port'), "checkpoints.jsonl", "line 4: chain checksum",
+                 id="journal-line-edited"),
+    pytest.param(_edit_line(4, b'{"chain"', b'{"chain'), "checkpoints.jsonl", "line 4: not valid JSON",
+                 id="journal-line-not-json"),
+    pytest.param(_edit_line(4, b'"reason":"port', b'"reason":"\xff'), "checkpoints.jsonl", "line 4: not UTF-8",
+                 id="journal-line-not-utf8"),
+    pytest.param(_edit_line(2, b'"checkpoint":', b'"checkpoints":'), "checkpoints.jsonl",
+                 'line 2: must be {"checkpoint": ..., "chain": ...}', id="journal-line-bad-shape"),
     pytest.param(_replace_by_dir(ck(2)), ck(2), "checkpoint 2 cannot be read: Is a directory", id="ckpt2-a-directory"),
     pytest.param(_replace_by_dir("manifest.json"), "manifest.json", "is a directory, not the set's manifest file",
                  id="fix:manifest-a-directory"),

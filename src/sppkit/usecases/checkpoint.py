@@ -33,11 +33,22 @@ File format (version 1; all integers little-endian)
       checkpoint, 4 metadata (UTF-8 JSON, informational);
       trailer, 48 bytes: magic ``SPPKEND\\0``, u64 file length, SHA-256 of every
       byte before the digest.
-    ``manifest.json`` lists the set (guest, RAM size, tracked regions, one entry per
-    checkpoint with its file's SHA-256) and carries the SHA-256 of its own body;
+    The set (version 2): ``manifest.json`` describes it (guest, RAM size, tracked
+    regions, trigger) and carries the SHA-256 of its own body; it is written once, when
+    the run starts.  ``checkpoints.jsonl`` lists the checkpoints, one JSON line each
+    (``{"checkpoint": {index, file, sha256, ...}, "chain": H}``), then the run's end
+    (``{"final": {...}, "chain": H}``); ``H`` = SHA-256 of the previous line's ``H`` (the
+    manifest's SHA-256 for the first line) followed by the line's canonical JSON
+    without ``chain``, so an edited, removed or reordered line, or a journal from
+    another run, is caught.  A checkpoint costs one appended line, so a long run writes
+    in time linear in its checkpoints.  A last line without its newline (a run stopped
+    while appending it) is not part of the set.  Version 1 sets (the checkpoint list
+    inside ``manifest.json``) are still read.
     ``guest.elf`` is a copy of the guest, so a set can be resumed anywhere.
-    Every file is written atomically: a temporary file in the same directory,
-    ``fsync``, ``rename``, ``fsync`` of the directory.
+    Every file but the journal is written atomically: a temporary file in the same
+    directory, ``fsync``, ``rename``, ``fsync`` of the directory; a journal line is
+    appended and ``fsync``ed after its checkpoint file is in place, and a failed append
+    is cut off again.
 
 A corrupted, truncated or version-mismatched file raises a
 :class:`CheckpointFileError` subclass naming the file and the problem; every file
@@ -71,7 +82,7 @@ from .monitor import (ENGINE_HELP, JSON_HELP, Progress, check_run_args, writable
                       progress_option, timeout_option)
 
 __all__ = [
-    "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
+    "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "JOURNAL", "MANIFEST", "SET_VERSION", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
     "CheckpointInfo", "CheckpointMissing", "CheckpointRun", "CheckpointSet", "CheckpointTruncated",
     "CheckpointVersionMismatch", "CheckpointWriteError", "Checkpointer", "DirtyTracker", "GuestMismatch",
     "NotACheckpointSet", "Region", "RestoreResult", "RestoredState", "UnknownCheckpoint",
@@ -91,6 +102,9 @@ MAGIC = b"SPPKCKPT"
 TRAILER_MAGIC = b"SPPKEND\0"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "sppkit-checkpoint-set"
+JOURNAL = "checkpoints.jsonl"
+SET_VERSION = 2  #: the set format written (manifest + journal); FORMAT_VERSION is the checkpoint files'
+SET_VERSIONS_READ = (1, 2)  #: 1: the checkpoint list inside manifest.json
 GUEST_FILE = "guest.elf"
 NO_PARENT = 0xFFFFFFFF
 
@@ -652,56 +666,73 @@ def _canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def _manifest_canonical(body: dict, entries_json: list[str] | None = None) -> str:
-    """The manifest's canonical JSON without its ``sha256`` field: exactly
-    ``json.dumps(rest, sort_keys=True, separators=(",", ":"))``, assembled key by key so
-    that the ``checkpoints`` list can come from ``entries_json``, its entries already
-    encoded (a writer caches them: re-encoding every entry at every checkpoint made a
-    long run quadratic)."""
-    parts = []
-    for key in sorted(k for k in body if k != "sha256"):
-        value = body[key]
-        if key == "checkpoints" and isinstance(value, list):
-            items = entries_json if entries_json is not None and len(entries_json) == len(value) else \
-                [_canonical_json(e) for e in value]
-            encoded = "[" + ",".join(items) + "]"
-        else:
-            encoded = _canonical_json(value)
-        parts.append(_canonical_json(key) + ":" + encoded)
-    return "{" + ",".join(parts) + "}"
+def _manifest_canonical(body: dict) -> str:
+    """The manifest's canonical JSON without its ``sha256`` field."""
+    return _canonical_json({k: v for k, v in body.items() if k != "sha256"})
 
 
-def _manifest_digest(body: dict, entries_json: list[str] | None = None) -> str:
+def _manifest_digest(body: dict) -> str:
     """SHA-256 of the manifest's canonical JSON without its ``sha256`` field."""
-    return hashlib.sha256(_manifest_canonical(body, entries_json).encode()).hexdigest()
+    return hashlib.sha256(_manifest_canonical(body).encode()).hexdigest()
 
 
 def _display_json(value) -> str:
     return json.dumps(value, sort_keys=True)
 
 
-def _manifest_bytes(body: dict, entries_json: list[str] | None = None,
-                    entries_display: list[str] | None = None) -> bytes:
-    """The manifest file: one top-level key per line, one checkpoint per line, its
-    ``sha256`` field the digest of the rest.  ``entries_json`` / ``entries_display``: the
-    checkpoint entries already encoded canonically / for the file (a writer caches both,
-    so a manifest is written in time linear in its entries, see :func:`_manifest_canonical`)."""
-    entries = body.get("checkpoints")
-    n = len(entries) if isinstance(entries, list) else -1
-    if entries_json is None or len(entries_json) != n:
-        entries_json = [_canonical_json(e) for e in entries] if isinstance(entries, list) else None
-    if entries_display is None or len(entries_display) != n:
-        entries_display = [_display_json(e) for e in entries] if isinstance(entries, list) else None
-    full = dict(body, sha256=_manifest_digest(body, entries_json))
+def _manifest_bytes(body: dict) -> bytes:
+    """The manifest file: one top-level key per line (a version 1 manifest: one
+    checkpoint per line), its ``sha256`` field the digest of the rest."""
+    full = dict(body, sha256=_manifest_digest(body))
     lines = []
     for key in sorted(full):
         value = full[key]
-        if key == "checkpoints" and isinstance(value, list) and value and entries_display is not None:
-            encoded = "[\n  " + ",\n  ".join(entries_display) + "\n ]"
+        if key == "checkpoints" and isinstance(value, list) and value:
+            encoded = "[\n  " + ",\n  ".join(_display_json(e) for e in value) + "\n ]"
         else:
             encoded = _display_json(value)
         lines.append(f" {_display_json(key)}: {encoded}")
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode()
+
+
+def _chain(prev: str, record: dict) -> str:
+    """A journal line's ``chain``: SHA-256 of the previous line's (or the manifest's
+    SHA-256) followed by the line's canonical JSON without ``chain``."""
+    return hashlib.sha256((prev + _canonical_json(record)).encode()).hexdigest()
+
+
+def _journal_line(prev: str, record: dict) -> tuple[str, bytes]:
+    """``(chain, line)``: ``record`` ({"checkpoint": entry} or {"final": ...}) as the
+    journal line that follows the one whose chain is ``prev``."""
+    chain = _chain(prev, record)
+    return chain, (_canonical_json(dict(record, chain=chain)) + "\n").encode()
+
+
+def _append(path: Path, line: bytes) -> None:
+    """Append ``line`` to the journal and fsync it.  On failure the journal is cut back
+    to what it was (so no torn line is left before a later one) and
+    :class:`CheckpointWriteError` names it."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    except OSError as e:
+        raise CheckpointWriteError(e.errno, f"cannot append to {path}: {e.strerror or e}") from e
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except BaseException as e:
+            try:
+                os.ftruncate(fd, size)
+            except OSError:
+                pass  # the torn line is the last one: readers leave it out
+            if isinstance(e, OSError):
+                raise CheckpointWriteError(e.errno, f"cannot append to {path}: {e.strerror or e}") from e
+            raise
+    finally:
+        os.close(fd)
 
 
 # =============================================================================== the set
@@ -734,9 +765,17 @@ class RestoredState:
 class CheckpointSet:
     """A checkpoint directory: its manifest (verified) and access to its checkpoints."""
 
-    def __init__(self, directory: Path, manifest: dict) -> None:
+    def __init__(self, directory: Path, manifest: dict, *, listed_in: str = MANIFEST,
+                 torn_line: int | None = None) -> None:
         self.dir = directory
+        #: the manifest's body; for a version 2 set, with the journal's checkpoint
+        #: entries as ``checkpoints`` and its end record as ``final``, as version 1 had them
         self.manifest = manifest
+        #: the file that lists the checkpoints: checkpoints.jsonl, or manifest.json (version 1)
+        self.listed_in = listed_in
+        #: the number of the journal's last line when it lacks its newline (a run stopped
+        #: while appending it): that line is not part of the set; else None
+        self.torn_line = torn_line
         self.set_id = bytes.fromhex(manifest["set_id"])
         self.regions = [Region(r["name"], int(r["gpa"]), int(r["size"])) for r in manifest["regions"]]
         self.entries = manifest["checkpoints"]
@@ -767,7 +806,7 @@ class CheckpointSet:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise CheckpointMissing(path, f"checkpoint {k} is listed in {MANIFEST} but the file is missing") from None
+            raise CheckpointMissing(path, f"checkpoint {k} is listed in {self.listed_in} but the file is missing") from None
         except OSError as err:
             raise CheckpointFileError(path, f"checkpoint {k} cannot be read: {err.strerror or err}") from None
         f = read_checkpoint_file(path, data)
@@ -778,7 +817,7 @@ class CheckpointSet:
         if f.index != k or (k == 0) != (f.kind == KIND_BASE) or f.parent != (NO_PARENT if k == 0 else k - 1):
             raise CheckpointCorrupted(path, f"holds checkpoint {f.index} (kind {f.kind}), expected {k}")
         if hashlib.sha256(data).hexdigest() != e.get("sha256"):
-            raise CheckpointCorrupted(path, f"SHA-256 differs from the one {MANIFEST} recorded")
+            raise CheckpointCorrupted(path, f"SHA-256 differs from the one {self.listed_in} recorded")
         return f
 
     def load(self, k: int) -> RestoredState:
@@ -837,25 +876,35 @@ _MISSING = object()
 _HEX = re.compile(r"[0-9a-f]+")
 
 
+def _field_error(path: Path, field: str, value, problem: str, where: str = "") -> NoReturn:
+    if value is _MISSING:
+        raise CheckpointCorrupted(path, f"{where}field {field} is missing")
+    text = repr(value)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    raise CheckpointCorrupted(path, f"{where}field {field} = {text}: {problem}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_hex(v, digits: int) -> bool:
+    return isinstance(v, str) and len(v) == digits and _HEX.fullmatch(v) is not None
+
+
+def _is_name(v) -> bool:  # a file directly inside the set directory
+    return isinstance(v, str) and v not in ("", ".", "..") and "\0" not in v and os.path.basename(v) == v
+
+
 def _check_manifest(mpath: Path, body: dict) -> None:
-    """Check every manifest field restoring uses.  Its SHA-256 only shows the body is the
-    one written: a hand edit with the digest recomputed, or a buggy writer, gets here."""
+    """Check every manifest field restoring uses (the checkpoint list aside: see
+    :func:`_check_entries`).  Its SHA-256 only shows the body is the one written: a hand
+    edit with the digest recomputed, or a buggy writer, gets here."""
 
     def fail(field: str, value, problem: str) -> NoReturn:
-        if value is _MISSING:
-            raise CheckpointCorrupted(mpath, f"field {field} is missing")
-        text = repr(value)
-        text = text if len(text) <= 40 else text[:37] + "..."
-        raise CheckpointCorrupted(mpath, f"field {field} = {text}: {problem}")
+        _field_error(mpath, field, value, problem)
 
-    def is_int(v) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool)
-
-    def is_hex(v, digits: int) -> bool:
-        return isinstance(v, str) and len(v) == digits and _HEX.fullmatch(v) is not None
-
-    def is_name(v) -> bool:  # a file directly inside the set directory
-        return isinstance(v, str) and v not in ("", ".", "..") and "\0" not in v and os.path.basename(v) == v
+    is_int, is_hex, is_name = _is_int, _is_hex, _is_name
 
     v = body.get("set_id", _MISSING)
     if not is_hex(v, 32):
@@ -894,27 +943,83 @@ def _check_manifest(mpath: Path, body: dict) -> None:
         if not is_int(size) or size <= 0 or size % PAGE or gpa + size > ram:
             fail(f"regions[{i}].size", size, f"must be a positive number of pages ending within ram_size ({ram:#x})")
         end = gpa + size
-    entries = body.get("checkpoints", _MISSING)
+
+
+def _check_entries(path: Path, entries, final, *, lines: bool) -> None:
+    """Check the checkpoint list and the run's end record, as listed in ``path`` (the
+    manifest, or with ``lines`` the journal, whose line numbers the errors give)."""
+
+    def fail(i: int | None, field: str, value, problem: str) -> NoReturn:
+        where = f"line {i + 1}: " if lines and i is not None else ""
+        _field_error(path, field, value, problem, where)
+
     if not isinstance(entries, list):
-        fail("checkpoints", entries, "must be a list")
+        fail(None, "checkpoints", entries, "must be a list")
     for i, e in enumerate(entries):
         if not isinstance(e, dict):
-            fail(f"checkpoints[{i}]", e, "must be an object with index, file and sha256")
+            fail(i, f"checkpoints[{i}]", e, "must be an object with index, file and sha256")
         v = e.get("index", _MISSING)
-        if not is_int(v) or v != i:
-            fail(f"checkpoints[{i}].index", v, f"must be {i}, its place in the list")
+        if not _is_int(v) or v != i:
+            fail(i, f"checkpoints[{i}].index", v, f"must be {i}, its place in the list")
         v = e.get("file", _MISSING)
-        if not is_name(v):
-            fail(f"checkpoints[{i}].file", v, "must be the name of a file in the set directory")
+        if not _is_name(v):
+            fail(i, f"checkpoints[{i}].file", v, "must be the name of a file in the set directory")
         v = e.get("sha256", _MISSING)
-        if not is_hex(v, 64):
-            fail(f"checkpoints[{i}].sha256", v, "must be 64 lowercase hex digits")
+        if not _is_hex(v, 64):
+            fail(i, f"checkpoints[{i}].sha256", v, "must be 64 lowercase hex digits")
         v = e.get("memory_sha256")
-        if v is not None and not is_hex(v, 64):
-            fail(f"checkpoints[{i}].memory_sha256", v, "must be 64 lowercase hex digits")
-    v = body.get("final")
-    if v is not None and not isinstance(v, dict):
-        fail("final", v, "must be an object")
+        if v is not None and not _is_hex(v, 64):
+            fail(i, f"checkpoints[{i}].memory_sha256", v, "must be 64 lowercase hex digits")
+    if final is not None and not isinstance(final, dict):
+        fail(len(entries) if isinstance(entries, list) else None, "final", final, "must be an object")
+
+
+def _read_journal(jpath: Path, root: str) -> tuple[list, dict | None, int | None]:
+    """``(entries, final, torn_line)`` from a version 2 set's journal, every line's chain
+    checked from ``root`` (the manifest's SHA-256)."""
+    if jpath.is_dir():
+        raise CheckpointCorrupted(jpath, "is a directory, not the set's list of checkpoints")
+    try:
+        raw = jpath.read_bytes()
+    except FileNotFoundError:
+        raise CheckpointMissing(jpath, f"the set's list of checkpoints is missing ({MANIFEST} is there)") from None
+    except OSError as e:
+        raise CheckpointFileError(jpath, f"cannot be read: {e.strerror or e}") from None
+    pieces = raw.split(b"\n")
+    tail = pieces.pop()  # b"" when the journal ends with a newline
+    torn = len(pieces) + 1 if tail else None
+    entries: list = []
+    final = None
+    prev = root
+    for n, piece in enumerate(pieces, 1):
+        if final is not None:
+            raise CheckpointCorrupted(jpath, f"line {n}: a line after the run's final record (line {n - 1})")
+        try:
+            rec = json.loads(piece.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise CheckpointCorrupted(jpath, f"line {n}: not UTF-8") from None
+        except ValueError:
+            raise CheckpointCorrupted(jpath, f"line {n}: not valid JSON") from None
+        except RecursionError:
+            raise CheckpointCorrupted(jpath, f"line {n}: JSON nested too deeply") from None
+        if not isinstance(rec, dict) or set(rec) not in ({"checkpoint", "chain"}, {"final", "chain"}):
+            raise CheckpointCorrupted(jpath, f'line {n}: must be {{"checkpoint": ..., "chain": ...}} or '
+                                             f'{{"final": ..., "chain": ...}}')
+        chain = rec.pop("chain")
+        try:
+            expected = _chain(prev, rec)
+        except RecursionError:
+            raise CheckpointCorrupted(jpath, f"line {n}: JSON nested too deeply") from None
+        if chain != expected:
+            raise CheckpointCorrupted(
+                jpath, f"line {n}: chain checksum (SHA-256) mismatch: the line, or one before it, was edited, "
+                       f"removed or reordered, or it and {MANIFEST} come from different runs")
+        prev = chain
+        if "final" in rec:
+            final = rec["final"]
+        else:
+            entries.append(rec["checkpoint"])
+    return entries, final, torn
 
 
 def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
@@ -944,9 +1049,11 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
         raise CheckpointCorrupted(mpath, "JSON nested too deeply") from None
     if not isinstance(body, dict) or body.get("format") != MANIFEST_FORMAT:
         raise NotACheckpointSet(f"{d} is not an sppkit checkpoint set: {MANIFEST} is not a {MANIFEST_FORMAT} manifest")
-    if body.get("version") != FORMAT_VERSION:
+    version = body.get("version")
+    if isinstance(version, bool) or version not in SET_VERSIONS_READ:
         raise CheckpointVersionMismatch(
-            mpath, f"format version {body.get('version')!r}; this sppkit reads version {FORMAT_VERSION}")
+            mpath, f"format version {version!r}; this sppkit reads versions "
+                   f"{', '.join(map(str, SET_VERSIONS_READ))}")
     try:
         digest = _manifest_digest(body)
     except RecursionError:
@@ -954,8 +1061,23 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
     if body.get("sha256") != digest:
         raise CheckpointCorrupted(mpath, "manifest checksum (SHA-256) mismatch")
     _check_manifest(mpath, body)
+    torn = None
+    if version == 1:
+        listed_in = mpath
+        _check_entries(mpath, body.get("checkpoints", _MISSING), body.get("final"), lines=False)
+    else:
+        for key in ("checkpoints", "final"):
+            if key in body:
+                raise CheckpointCorrupted(mpath, f"field {key}: a version 2 manifest lists no checkpoints "
+                                                 f"({JOURNAL} does)")
+        listed_in = d / JOURNAL
+        entries, final, torn = _read_journal(listed_in, digest)
+        _check_entries(listed_in, entries, final, lines=True)
+        body = dict(body, checkpoints=entries)
+        if final is not None:
+            body["final"] = final
     try:
-        return CheckpointSet(d, body)
+        return CheckpointSet(d, body, listed_in=listed_in.name, torn_line=torn)
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointCorrupted(mpath, f"missing or malformed field: {e}") from None
 
@@ -1142,17 +1264,17 @@ class Checkpointer:
         self._console_at = 0
         self._writes_at = 0
         self.manifest = {
-            "format": MANIFEST_FORMAT, "version": FORMAT_VERSION, "set_id": self.set_id.hex(),
+            "format": MANIFEST_FORMAT, "version": SET_VERSION, "set_id": self.set_id.hex(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "guest": {"name": guest_name, "elf": GUEST_FILE, "sha256": hashlib.sha256(elf_bytes).hexdigest()},
             "engine": engine.name, "ram_size": engine.ram_size, "cpl": engine.cpl, "granule": GRANULE,
             "regions": [r.to_dict() for r in self.regions],
             "trigger": {"every_writes": self.every, "port": port},
-            "checkpoints": [],
         }
+        #: the checkpoints' entries, as appended to the journal (and "final" at the end)
+        self.journal: dict = {"checkpoints": []}
+        self._chain = ""  # the journal's last chain (the manifest's SHA-256 before the first line)
         self._elf = elf_bytes
-        self._entries_json: list[str] = []  # the manifest's checkpoint entries, encoded once each
-        self._entries_display: list[str] = []
         if port is not None:
             engine.add_port_handler(port, self._on_port)
 
@@ -1173,12 +1295,17 @@ class Checkpointer:
             self.engine.request_pause()
 
     # -- checkpoints ----------------------------------------------------------------------
-    def _write_manifest(self) -> None:
-        entries = self.manifest["checkpoints"]
-        new = entries[len(self._entries_json):]  # entries are only ever appended
-        self._entries_json.extend(_canonical_json(e) for e in new)
-        self._entries_display.extend(_display_json(e) for e in new)
-        atomic_write(self.out / MANIFEST, _manifest_bytes(self.manifest, self._entries_json, self._entries_display))
+    def _begin_set(self) -> None:
+        """The manifest (written once) and an empty journal."""
+        atomic_write(self.out / MANIFEST, _manifest_bytes(self.manifest))
+        self._chain = _manifest_digest(self.manifest)
+        atomic_write(self.out / JOURNAL, b"")
+
+    def _log(self, record: dict) -> None:
+        """Append ``record`` to the journal: one line, whatever the set's length."""
+        chain, line = _journal_line(self._chain, record)
+        _append(self.out / JOURNAL, line)
+        self._chain = chain
 
     def _take(self, reason: str, *, base: bool) -> CheckpointInfo:
         t0 = time.perf_counter()
@@ -1209,12 +1336,13 @@ class Checkpointer:
             spp_exits=0 if base else tr.violations, dirty_log_exits=0 if base else pages,
             engine_write_exits=writes - self._writes_at, memory_sha256=digest, rip=regs["rip"],
         )
-        self.manifest["checkpoints"].append({
+        entry = {
             "index": index, "file": path.name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
             "reason": reason, "memory_sha256": digest, "dirty_subpages": sub, "dirty_pages": pages,
             "spp_exits": info.spp_exits,
-        })
-        self._write_manifest()
+        }
+        self._log({"checkpoint": entry})
+        self.journal["checkpoints"].append(entry)
         self._console_at = len(eng.console)
         self._writes_at = writes
         if base:
@@ -1233,11 +1361,12 @@ class Checkpointer:
         created = _prepare_dir(self.out)
         try:
             atomic_write(self.out / GUEST_FILE, self._elf)
+            self._begin_set()
             eng.vm.on_violation(self.tracker.handle)
             self._take("base", base=True)
         except BaseException:
             if not self.infos:  # no usable set yet: leave --out as it was (new: gone; empty: empty)
-                for name in (MANIFEST, _ckpt_name(0), GUEST_FILE):
+                for name in (MANIFEST, JOURNAL, _ckpt_name(0), GUEST_FILE):
                     try:
                         (self.out / name).unlink()
                     except OSError:
@@ -1255,11 +1384,12 @@ class Checkpointer:
             reason = "; ".join(self._reason) or "pause"
             self._reason.clear()
             self._take(reason, base=False)
-        self.manifest["final"] = {
+        final = {
             "stop_reason": result.stop_reason, "exit_code": result.exit_code,
             "console_sha256": hashlib.sha256(result.console.encode()).hexdigest(),
         }
-        self._write_manifest()
+        self._log({"final": final})
+        self.journal["final"] = final
         return CheckpointRun(self.out, eng.name, self.regions, self.infos, result, time.perf_counter() - t0)
 
 
@@ -1314,6 +1444,9 @@ class RestoreResult:
     #: why the set's guest copy cannot be used (missing, unreadable, differs): the memory
     #: and registers are rebuilt all the same, but the set cannot be resumed; None when it verified
     guest_problem: str | None = None
+    #: the set's journal ends in this incomplete line (a run stopped while appending
+    #: it), left out of the set; None when the journal is whole
+    torn_line: int | None = None
 
     @property
     def verified(self) -> bool:
@@ -1334,7 +1467,7 @@ class RestoreResult:
             "regs": self.regs, "engine": self.engine,
             "guest_verified": self.guest_problem is None, "guest_problem": self.guest_problem,
             "result": self.result.to_dict(max_violations=0) if self.result else None,
-            "matches_recorded_run": self.matches_recorded_run,
+            "matches_recorded_run": self.matches_recorded_run, "torn_line": self.torn_line,
         }
 
 
@@ -1356,7 +1489,7 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
                                   f"rebuilt memory hashes to {digest[:16]}..., the checkpoint recorded "
                                   f"{state.recorded_sha256[:16]}...")
     out = RestoreResult(cs.dir, k, cs.regions, digest, state.recorded_sha256, state.regs,
-                        recorded_final=cs.manifest.get("final"))
+                        recorded_final=cs.manifest.get("final"), torn_line=cs.torn_line)
     if not resume:
         try:
             cs.check_guest()
@@ -1430,6 +1563,9 @@ def print_restore(res: RestoreResult, console) -> None:
                   f"rebuilt memory sha256 {res.sha256[:16]}… {state} the hash taken at the checkpoint")
     console.print(f"registers: rip {res.regs.get('rip', 0):#x}, rsp {res.regs.get('rsp', 0):#x}, "
                   f"rflags {res.regs.get('rflags', 0):#x}")
+    if res.torn_line is not None:
+        console.print(f"[yellow]note: line {res.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
+                      "while writing it): that checkpoint is not part of the set[/]")
     if res.guest_problem is not None:
         console.print(f"[red]guest copy: {escape(res.guest_problem)}: the set cannot be resumed[/]")
     if res.result is not None:
