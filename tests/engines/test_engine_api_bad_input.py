@@ -644,6 +644,145 @@ def test_pause_requested_from_another_thread_during_a_run(make, engine):
     assert eng.run().exit_code == 3
 
 
+def _pause_from_another_thread(eng, after: float = 0.3):
+    """Start a thread that, ``after`` seconds into a run of ``eng``, calls request_pause()
+    (retrying while no run is in progress yet); returns it (join it)."""
+    import threading
+    import time
+
+    def target():
+        time.sleep(after)
+        for _ in range(500):
+            try:
+                eng.request_pause()
+                return
+            except EngineError:  # the run has not started yet
+                time.sleep(0.01)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t
+
+
+COUNT_AT = DATA + 0x300  # the counting guest's counter (a qword of guest data)
+
+
+def counting_guest(n: int) -> GuestImage:
+    """``n`` times `add qword [COUNT_AT], 1` (a loop without an exit), then exit 0."""
+    body = [mov_imm(Register.RCX, n)]
+    loop = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
+            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
+    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
+    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+
+
+def counter(eng) -> int:
+    return int.from_bytes(eng.vm.read(COUNT_AT, 8), "little")
+
+
+def test_kvm_pause_from_another_thread_interrupts_a_guest_that_never_exits(make):
+    """fix: a pause asked for from another thread waited for the engine's next exit, so
+    a guest in a loop without exits ran on until the timeout.  KVM now kicks the vCPU
+    thread out of KVM_RUN.  (Unicorn: see test_unicorn_cannot_be_stopped_exactly_from_
+    another_thread.)"""
+    eng = make("kvm", spin_guest(), timeout=30.0)
+    for _ in range(2):
+        t = _pause_from_another_thread(eng)
+        r = eng.run()
+        t.join()
+        assert r.stop_reason == "paused", r
+        assert r.console == "A"
+
+
+def test_kvm_pause_from_another_thread_then_resume_counts_exactly(make):
+    """Paused from another thread in the middle of a loop of read-modify-write stores,
+    then resumed: every iteration runs exactly once."""
+    n = 300_000_000
+    eng = make("kvm", counting_guest(n), timeout=60.0)
+    before = counter(eng)
+    t = _pause_from_another_thread(eng, after=0.05)
+    r = eng.run()
+    t.join()
+    assert r.stop_reason == "paused", r  # (the loop takes a few tenths of a second here)
+    assert 0 < counter(eng) - before < n
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0)
+    assert counter(eng) - before == n
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_after_a_timeout_the_guest_continues_exactly_or_not_at_all(make, engine):
+    """fix: under Unicorn, run() after a timeout ran part of a translated block twice
+    (a counting loop counted one too many): Unicorn stopped from its timer thread leaves
+    RIP at the start of the block it was running.  That guest cannot be continued now,
+    and says so.  KVM stops at an instruction boundary and continues exactly."""
+    n = 300_000_000 if engine == "kvm" else 30_000_000
+    eng = make(engine, counting_guest(n), timeout=0.05)
+    before = counter(eng)
+    r = eng.run()
+    assert r.stop_reason == "timeout", r
+    if engine == "unicorn":
+        assert "cannot be continued" in r.detail
+        with pytest.raises(EngineError, match=r"run\(\): the last run timed out, .* cannot be continued exactly"):
+            eng.run()
+        return
+    eng.timeout = 60.0
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0)
+    assert counter(eng) - before == n
+
+
+def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
+    """Unicorn cannot be stopped exactly from another thread (see above): the pause lands
+    at the engine's next callback, here the exit port's, so the run ends by its exit."""
+    eng = make("unicorn", counting_guest(3_000_000), timeout=60.0)
+    before = counter(eng)
+    t = _pause_from_another_thread(eng, after=0.02)
+    r = eng.run()
+    t.join()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0)
+    assert counter(eng) - before == 3_000_000
+
+
+def test_kvm_run_survives_stray_signals_and_restores_handlers(make):
+    """A kick that arrives after its pause landed (or any other signal with a handler)
+    makes KVM_RUN return early: the run goes on (before, any such return was reported as
+    a timeout).  The caller's handlers of the signals the run uses are restored."""
+    import os
+    import signal
+    import threading
+    import time
+
+    eng = make("kvm", counting_guest(60_000_000), timeout=60.0)  # (skips where KVM is not usable)
+    before = counter(eng)
+    seen = []
+    mine = lambda signum, frame: seen.append(signum)  # noqa: E731
+    old = signal.signal(signal.SIGURG, mine)
+    try:
+        main = threading.get_ident()
+        stop = threading.Event()
+
+        def pester():
+            while not stop.wait(0.02):
+                signal.pthread_kill(main, signal.SIGURG)
+
+        t = threading.Thread(target=pester, daemon=True)
+        t.start()
+        try:
+            r = eng.run()
+        finally:
+            stop.set()
+            t.join()
+        assert (r.stop_reason, r.exit_code) == ("exit", 0), r
+        assert counter(eng) - before == 60_000_000
+        assert signal.getsignal(signal.SIGURG) is mine
+        os.kill(os.getpid(), signal.SIGURG)
+        time.sleep(0.01)
+        assert signal.SIGURG in seen  # the caller's handler works again
+    finally:
+        signal.signal(signal.SIGURG, old)
+
+
 # ======================================================================= registers
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize(("regs", "exc", "match"), [

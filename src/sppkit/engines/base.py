@@ -269,15 +269,26 @@ class EngineBase:
         """Ask the running guest to stop at the next instruction boundary the engine can
         reach (KVM: once the current exit is handled; Unicorn: after the current
         instruction) — from a callback of :meth:`run` (a port handler, the violation
-        handler, a write observer), or another thread, where it takes effect at the
-        next such callback.  :meth:`run` then returns ``stop_reason == "paused"`` and a
-        later :meth:`run` continues from there.  EngineError when no run is in progress
-        (a request that would otherwise be dropped)."""
+        handler, a write observer), or from another thread: KVM then interrupts the
+        guest where it runs when run() runs on the main thread (which can take the kick
+        signal), else at its next exit; Unicorn at its next callback (a store to a
+        protected page, port I/O), because Unicorn stopped from another thread leaves
+        the guest in the middle of a translated block.  :meth:`run` then
+        returns ``stop_reason == "paused"`` and a later :meth:`run` continues from
+        there.  EngineError when no run is in progress (a request that would otherwise
+        be dropped)."""
         self._check_open("request_pause()")
         if self._run_thread is None:
             raise EngineError("request_pause(): no run is in progress; call it from a port handler, the violation "
                               "handler or a write observer while run() runs (or return 'pause' from a port handler)")
         self._pause = True
+        if threading.get_ident() != self._run_thread:
+            self._interrupt()
+
+    def _interrupt(self) -> None:
+        """request_pause() from a thread other than the one in run(): make the running
+        guest reach the engine's loop, which sees ``_pause``.  This base version does
+        nothing (the pause lands at the engine's next callback)."""
 
     def run(self) -> RunResult:
         """Run (or, after a pause, continue) the guest until it exits, halts, faults,
@@ -317,8 +328,8 @@ class EngineBase:
         except BaseException:
             self._run_lock.release()
             raise
+        self._pause = False  # (before the run is visible to request_pause() from another thread)
         self._run_thread = threading.get_ident()
-        self._pause = False
 
     def _check_open(self, what: str) -> None:
         if self._closed:

@@ -192,6 +192,8 @@ class UnicornEngine(EngineBase):
         self._error: BaseException | None = None
         self._stop: tuple[int, int] | None = None  # (rip_at, gpa) of a STOP
         self._held = False  # the run stopped at a store it did not decide (see _on_store)
+        #: why the guest cannot be continued (a run that timed out between two stores), or None
+        self._inexact: str | None = None
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
         self._timed_out = False
@@ -618,9 +620,10 @@ class UnicornEngine(EngineBase):
         raise err
 
     def _run(self) -> RunResult:
+        if self._inexact is not None:
+            raise EngineError(f"run(): {self._inexact}")
         uc = self.uc
         start = self._pc
-        self._pause = False
         if self._holding or self.vm.ept_generation != self._generation:
             self._project()  # protections changed since the last run or pause
         # The timeout is a timer calling emu_stop(): emu_start(timeout=...) would make
@@ -695,7 +698,18 @@ class UnicornEngine(EngineBase):
             self._pause = False
             return self.result("paused", rip_at=rip, exits=self.exits)
         if self._timed_out:
-            return self.result("timeout", rip_at=rip, exits=self.exits, detail=f"no exit within {self.timeout} s")
+            # The timer's emu_stop() comes from another thread: Unicorn then leaves the
+            # guest in the middle of a translated block with RIP at the block's start
+            # (measured: the block's first store made, RIP still before it), so the
+            # instructions already done would run again.  (A run stopped at a store
+            # held back, above, is exact: the fault restores RIP.)
+            self._inexact = ("the last run timed out, and Unicorn stops a run from its timer in the middle of "
+                             "a translated block with RIP at the block's start (continuing would run "
+                             "instructions twice): this guest cannot be continued exactly; construct a new "
+                             "engine, with a longer timeout")
+            return self.result("timeout", rip_at=rip, exits=self.exits,
+                               detail=f"no exit within {self.timeout} s; RIP is the start of the translated block "
+                                      "that was running (Unicorn stops mid-block), so the run cannot be continued")
         return self.result("halt", rip_at=rip, exits=self.exits, detail="the instruction limit was reached")
 
     def _time_out(self) -> None:

@@ -56,6 +56,11 @@ _UNEMULATABLE_HINT = (
 )
 
 
+#: the signal that kicks the vCPU thread out of KVM_RUN for request_pause() from another
+#: thread: one whose default action is to be ignored, and that Python leaves alone
+_KICK = signal.SIGURG
+
+
 class KvmEngine(EngineBase):
     """Run a guest image under Linux KVM with the Vm deciding every write to a
     write-protected page.  ``timeout`` (seconds) ends a guest that never exits."""
@@ -93,6 +98,10 @@ class KvmEngine(EngineBase):
         self._setup_cpu()
         self.vcpu.enable_sync_regs(SYNC_X86_REGS)
         self._decoded: dict[tuple[int, int], object] = {}
+        # request_pause() from another thread kicks the vCPU thread out of KVM_RUN with
+        # _KICK (see _interrupt); the lock orders a kick against the handler's removal
+        self._kick_lock = threading.Lock()
+        self._kick_thread: int | None = None  # the thread in run(), while _KICK has our handler
 
     # -- EPT -> memslots --------------------------------------------------------------
     def _project(self) -> None:
@@ -162,26 +171,57 @@ class KvmEngine(EngineBase):
     # -- the run loop -----------------------------------------------------------------------
     def _run(self) -> RunResult:
         exits: Counter = Counter()
-        self.vcpu.immediate_exit = False  # (a timer that fired as the last run ended)
-        alarm = self._arm_timeout()
+        self.vcpu.immediate_exit = False  # (a timer or kick that fired as the last run ended)
+        self._timed_out = False
+        restore = self._arm_signals()
+        if self._pause:  # asked for from another thread before the kick could be armed
+            self.vcpu.immediate_exit = True
         try:
             return self._loop(exits)
         finally:
-            if alarm:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-                signal.signal(signal.SIGALRM, alarm)
+            if restore:
+                with self._kick_lock:
+                    self._kick_thread = None
+                if signal.SIGALRM in restore:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+                for signum, old in restore.items():
+                    signal.signal(signum, old)
 
-    def _arm_timeout(self):
-        if not self.timeout or threading.current_thread() is not threading.main_thread():
+    def _arm_signals(self) -> dict | None:
+        """On the main thread (the only one Python lets set signal handlers): the
+        timeout's SIGALRM, and the handler of _KICK, which request_pause() from another
+        thread sends.  Either makes the next (or the current) KVM_RUN return at once, at
+        an instruction boundary.  The handlers replaced, to restore; None elsewhere."""
+        if threading.current_thread() is not threading.main_thread():
             return None
         vcpu = self.vcpu
 
-        def on_alarm(signum, frame):
+        def kick(signum, frame):
             vcpu.immediate_exit = True
 
-        old = signal.signal(signal.SIGALRM, on_alarm)
-        signal.setitimer(signal.ITIMER_REAL, self.timeout)
-        return old or signal.SIG_DFL
+        def alarm(signum, frame):
+            self._timed_out = True
+            vcpu.immediate_exit = True
+
+        restore = {_KICK: signal.signal(_KICK, kick) or signal.SIG_DFL}
+        if self.timeout:
+            restore[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm) or signal.SIG_DFL
+            signal.setitimer(signal.ITIMER_REAL, self.timeout)
+        with self._kick_lock:
+            self._kick_thread = threading.get_ident()
+        return restore
+
+    def _interrupt(self) -> None:
+        """request_pause() from another thread: KVM_RUN returns at once (now, or when
+        next entered), and _loop sees the pause."""
+        if self._closed:
+            return
+        self.vcpu.immediate_exit = True
+        with self._kick_lock:
+            if self._kick_thread is not None:
+                # (_KICK is ignored by default: a kick that arrives after run() restored
+                # the handler is dropped, never fatal)
+                signal.pthread_kill(self._kick_thread, _KICK)
 
     def _loop(self, exits: Counter) -> RunResult:
         vcpu = self.vcpu
@@ -216,8 +256,10 @@ class KvmEngine(EngineBase):
                 if self._pause:
                     self._pause = False
                     return self.result("paused", rip_after=vcpu.sync_rip(), exits=exits)
-                return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits,
-                                   detail=f"no exit within {self.timeout} s")
+                if self._timed_out:
+                    return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits,
+                                       detail=f"no exit within {self.timeout} s")
+                continue  # another signal (a late kick, a handler of the caller's): run on
             if type(ex) is Hlt:
                 return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
             if type(ex) is Shutdown:
