@@ -806,7 +806,8 @@ class CheckpointSet:
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            raise CheckpointMissing(path, f"checkpoint {k} is listed in {self.listed_in} but the file is missing") from None
+            raise CheckpointMissing(path, f"checkpoint {k} is listed in {self.listed_in} but the file is "
+                                          "missing") from None
         except OSError as err:
             raise CheckpointFileError(path, f"checkpoint {k} cannot be read: {err.strerror or err}") from None
         f = read_checkpoint_file(path, data)
