@@ -732,6 +732,39 @@ def test_after_a_timeout_the_guest_continues_exactly_or_not_at_all(make, engine)
     assert counter(eng) - before == n
 
 
+def test_kvm_timeout_and_pause_work_when_run_is_off_the_main_thread(make):
+    """fix: the KVM timeout was a SIGALRM handler, which Python sets only on the main
+    thread: run() on any other thread had no timeout at all (a guest that never exits
+    hung it), and a pause from another thread waited for the next exit.  Both now kick
+    the vCPU thread with a signal it blocks and KVM_RUN lets through: no handler needed."""
+    eng = make("kvm", spin_guest(), timeout=0.3)
+    got = _in_another_thread(eng.run)
+    assert isinstance(got[0], RunResult) and got[0].stop_reason == "timeout", got
+    eng2 = make("kvm", spin_guest(), timeout=30.0)
+    got = _in_another_thread(lambda: (_pause_from_another_thread(eng2), eng2.run())[1])
+    assert isinstance(got[0], RunResult) and got[0].stop_reason == "paused", got
+
+
+def test_kvm_run_leaves_the_callers_alarm_alone(make):
+    """fix: the KVM timeout replaced the caller's SIGALRM handler during the run and
+    cancelled the caller's interval timer (setitimer) at its end."""
+    import signal
+
+    eng = make("kvm", timeout=5.0)
+    fired = []
+    mine = lambda signum, frame: fired.append(signum)  # noqa: E731
+    old = signal.signal(signal.SIGALRM, mine)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 30.0)
+        r = eng.run()
+        assert r.stop_reason == "exit"
+        assert signal.getitimer(signal.ITIMER_REAL)[0] > 20.0  # still armed, as the caller left it
+        assert signal.getsignal(signal.SIGALRM) is mine and not fired
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
 def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
     """Unicorn cannot be stopped exactly from another thread (see above): the pause lands
     at the engine's next callback, here the exit port's, so the run ends by its exit."""
@@ -745,9 +778,9 @@ def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
 
 
 def test_kvm_run_survives_stray_signals_and_restores_handlers(make):
-    """A kick that arrives after its pause landed (or any other signal with a handler)
-    makes KVM_RUN return early: the run goes on (before, any such return was reported as
-    a timeout).  The caller's handlers of the signals the run uses are restored."""
+    """Kick signals that come with no pause or timeout (a late kick, anyone's) make
+    KVM_RUN return early: the run goes on, without spinning on them.  The run installs
+    no signal handler: the caller's SIGURG handler is untouched and works after it."""
     import os
     import signal
     import threading

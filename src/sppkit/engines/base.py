@@ -270,10 +270,10 @@ class EngineBase:
         reach (KVM: once the current exit is handled; Unicorn: after the current
         instruction) — from a callback of :meth:`run` (a port handler, the violation
         handler, a write observer), or from another thread: KVM then interrupts the
-        guest where it runs when run() runs on the main thread (which can take the kick
-        signal), else at its next exit; Unicorn at its next callback (a store to a
-        protected page, port I/O), because Unicorn stopped from another thread leaves
-        the guest in the middle of a translated block.  :meth:`run` then
+        guest where it runs (it kicks the vCPU thread out of KVM_RUN); Unicorn pauses at
+        its next callback (a store to a protected page, port I/O), because Unicorn
+        stopped from another thread leaves the guest in the middle of a translated
+        block.  :meth:`run` then
         returns ``stop_reason == "paused"`` and a later :meth:`run` continues from
         there.  EngineError when no run is in progress (a request that would otherwise
         be dropped)."""

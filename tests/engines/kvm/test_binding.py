@@ -130,6 +130,7 @@ def test_ioctl_numbers_match_appendix_a() -> None:
         "KVM_SET_GUEST_DEBUG": 0x4048AE9B,
         "KVM_ENABLE_CAP": 0x4068AEA3,
         "KVM_CLEAR_DIRTY_LOG": 0xC018AEC0,
+        "KVM_SET_SIGNAL_MASK": 0x4004AE8B,
     }
     assert {name: getattr(b, name) for name in expected} == expected
     assert {b.IOCTL_NAMES[number] for number in expected.values()} == set(expected)

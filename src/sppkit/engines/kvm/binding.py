@@ -34,6 +34,7 @@ import errno as _errno
 import functools
 import mmap
 import os
+import signal
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -478,6 +479,12 @@ class kvm_enable_cap(_Struct):
     _fields_ = [("cap", _u32), ("flags", _u32), ("args", _u64 * 4), ("pad", _u8 * 64)]
 
 
+class kvm_signal_mask(_Struct):
+    """Header of KVM_SET_SIGNAL_MASK's argument (4 bytes): ``len`` bytes of sigset follow."""
+
+    _fields_ = [("len", _u32)]
+
+
 class kvm_translation(_Struct):
     """Argument and result of KVM_TRANSLATE (24 bytes)."""
 
@@ -519,6 +526,7 @@ KVM_SET_USER_MEMORY_REGION: Final = _iow(0x46, kvm_userspace_memory_region)
 KVM_SET_TSS_ADDR: Final = _io(0x47)
 KVM_SET_IDENTITY_MAP_ADDR: Final = _iow(0x48, _u64)
 KVM_RUN: Final = _io(0x80)
+KVM_SET_SIGNAL_MASK: Final = _iow(0x8B, kvm_signal_mask)
 KVM_GET_REGS: Final = _ior(0x81, kvm_regs)
 KVM_SET_REGS: Final = _iow(0x82, kvm_regs)
 KVM_GET_SREGS: Final = _ior(0x83, kvm_sregs)
@@ -537,7 +545,7 @@ IOCTL_NAMES: Final[dict[int, str]] = {
         "KVM_GET_SUPPORTED_CPUID", "KVM_CREATE_VCPU", "KVM_GET_DIRTY_LOG", "KVM_SET_USER_MEMORY_REGION",
         "KVM_SET_TSS_ADDR", "KVM_SET_IDENTITY_MAP_ADDR", "KVM_RUN", "KVM_GET_REGS", "KVM_SET_REGS",
         "KVM_GET_SREGS", "KVM_SET_SREGS", "KVM_TRANSLATE", "KVM_SET_CPUID2", "KVM_SET_GUEST_DEBUG",
-        "KVM_ENABLE_CAP", "KVM_CLEAR_DIRTY_LOG",
+        "KVM_ENABLE_CAP", "KVM_CLEAR_DIRTY_LOG", "KVM_SET_SIGNAL_MASK",
     )
 }  # fmt: skip
 
@@ -1248,6 +1256,9 @@ class VcpuFd(_Fd):
         super().__init__(-1)
         self.vm = vm
         self.vcpu_id = vcpu_id
+        #: signals that kick this vCPU out of KVM_RUN (see :meth:`set_signal_mask`):
+        #: :meth:`run` consumes them when KVM_RUN returns EINTR
+        self.kick_signals: frozenset[int] = frozenset()
         try:
             self._run = mmap.mmap(fd, vm.vcpu_mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         except OSError as e:
@@ -1385,6 +1396,31 @@ class VcpuFd(_Fd):
             )
         _U64.pack_into(self._run, RUN_VALID_REGS, mask)
 
+    def set_signal_mask(self, signals: Iterable[int] | None) -> None:
+        """KVM_SET_SIGNAL_MASK: the signals blocked while this vCPU runs in KVM_RUN,
+        whatever the calling thread blocks otherwise (None: the thread's own mask).
+
+        A signal the thread blocks but this mask does not, sent to the thread, makes
+        KVM_RUN return EINTR and then stays pending (blocked again on return): the way
+        to kick a vCPU thread out of KVM_RUN without a signal handler.  Name such
+        signals in :attr:`kick_signals`, so :meth:`run` consumes them on EINTR.
+
+        Raises:
+            ValueError: a signal number outside 1..64.
+        """
+        fd = self.fileno()
+        if signals is None:
+            _ioctl(fd, KVM_SET_SIGNAL_MASK, 0)
+            return
+        bits = 0
+        for sig in signals:
+            n = int(sig)
+            if not 1 <= n <= 64:
+                raise ValueError(f"signal {sig!r}: must be a signal number from 1 to 64")
+            bits |= 1 << (n - 1)
+        arg = ctypes.create_string_buffer(struct.pack("<IQ", 8, bits))  # the kernel's sigset: 8 bytes
+        _ioctl(fd, KVM_SET_SIGNAL_MASK, ctypes.addressof(arg))
+
     @property
     def sync_regs_mask(self) -> int:
         """The ``kvm_valid_regs`` mask currently requested."""
@@ -1492,6 +1528,10 @@ class VcpuFd(_Fd):
             err = ctypes.get_errno()
             if err != _errno.EINTR:
                 raise KvmError(err, "KVM_RUN")
+            kicks = self.kick_signals
+            if kicks:  # consumed, or KVM_RUN would return EINTR again at once
+                while signal.sigtimedwait(kicks, 0) is not None:
+                    pass
             _check_signals()
             if self._run[RUN_IMMEDIATE_EXIT]:
                 return _INTR

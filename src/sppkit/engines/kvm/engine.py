@@ -56,9 +56,17 @@ _UNEMULATABLE_HINT = (
 )
 
 
-#: the signal that kicks the vCPU thread out of KVM_RUN for request_pause() from another
-#: thread: one whose default action is to be ignored, and that Python leaves alone
+#: the signal that kicks the vCPU thread out of KVM_RUN (the timeout, request_pause()
+#: from another thread): blocked in that thread during a run, let through by KVM_RUN's
+#: signal mask, consumed with sigtimedwait; its default action is to be ignored, so a
+#: stray one is harmless
 _KICK = signal.SIGURG
+
+
+def _drain_kicks() -> None:
+    """Consume the _KICK signals pending for this thread (it blocks them)."""
+    while signal.sigtimedwait({_KICK}, 0) is not None:
+        pass
 
 
 class KvmEngine(EngineBase):
@@ -98,10 +106,10 @@ class KvmEngine(EngineBase):
         self._setup_cpu()
         self.vcpu.enable_sync_regs(SYNC_X86_REGS)
         self._decoded: dict[tuple[int, int], object] = {}
-        # request_pause() from another thread kicks the vCPU thread out of KVM_RUN with
-        # _KICK (see _interrupt); the lock orders a kick against the handler's removal
+        # The timeout and request_pause() from another thread kick the vCPU thread out
+        # of KVM_RUN with _KICK (see _run); the lock orders a kick against the run's end
         self._kick_lock = threading.Lock()
-        self._kick_thread: int | None = None  # the thread in run(), while _KICK has our handler
+        self._kick_thread: int | None = None  # the thread in run(), while it blocks _KICK
 
     # -- EPT -> memslots --------------------------------------------------------------
     def _project(self) -> None:
@@ -171,56 +179,49 @@ class KvmEngine(EngineBase):
     # -- the run loop -----------------------------------------------------------------------
     def _run(self) -> RunResult:
         exits: Counter = Counter()
-        self.vcpu.immediate_exit = False  # (a timer or kick that fired as the last run ended)
+        vcpu = self.vcpu
         self._timed_out = False
-        restore = self._arm_signals()
-        if self._pause:  # asked for from another thread before the kick could be armed
-            self.vcpu.immediate_exit = True
+        # The timeout and request_pause() from another thread kick this thread out of
+        # KVM_RUN with _KICK, which the thread blocks while the run lasts and KVM_RUN
+        # lets through (KVM_SET_SIGNAL_MASK): no signal handler, so any thread can run.
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK})
+        timer = None
         try:
+            vcpu.set_signal_mask(old_mask - {_KICK})
+            vcpu.kick_signals = frozenset({_KICK})
+            _drain_kicks()  # (one that came after the last run had drained them)
+            vcpu.immediate_exit = False  # (a timer or kick that fired as the last run ended)
+            with self._kick_lock:
+                self._kick_thread = threading.get_ident()
+            if self.timeout:
+                timer = threading.Timer(self.timeout, self._time_out)
+                timer.daemon = True
+                timer.start()
+            if self._pause:  # asked for from another thread before the kick was armed
+                vcpu.immediate_exit = True
             return self._loop(exits)
         finally:
-            if restore:
-                with self._kick_lock:
-                    self._kick_thread = None
-                if signal.SIGALRM in restore:
-                    signal.setitimer(signal.ITIMER_REAL, 0)
-                for signum, old in restore.items():
-                    signal.signal(signum, old)
+            if timer is not None:
+                timer.cancel()
+            with self._kick_lock:
+                self._kick_thread = None
+            _drain_kicks()
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
-    def _arm_signals(self) -> dict | None:
-        """On the main thread (the only one Python lets set signal handlers): the
-        timeout's SIGALRM, and the handler of _KICK, which request_pause() from another
-        thread sends.  Either makes the next (or the current) KVM_RUN return at once, at
-        an instruction boundary.  The handlers replaced, to restore; None elsewhere."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        vcpu = self.vcpu
-
-        def kick(signum, frame):
-            vcpu.immediate_exit = True
-
-        def alarm(signum, frame):
-            self._timed_out = True
-            vcpu.immediate_exit = True
-
-        restore = {_KICK: signal.signal(_KICK, kick) or signal.SIG_DFL}
-        if self.timeout:
-            restore[signal.SIGALRM] = signal.signal(signal.SIGALRM, alarm) or signal.SIG_DFL
-            signal.setitimer(signal.ITIMER_REAL, self.timeout)
-        with self._kick_lock:
-            self._kick_thread = threading.get_ident()
-        return restore
+    def _time_out(self) -> None:
+        self._timed_out = True
+        self._kick()
 
     def _interrupt(self) -> None:
         """request_pause() from another thread: KVM_RUN returns at once (now, or when
         next entered), and _loop sees the pause."""
-        if self._closed:
-            return
-        self.vcpu.immediate_exit = True
+        self._kick()
+
+    def _kick(self) -> None:
+        """Make the vCPU thread leave KVM_RUN (or not enter it) at once: Intr."""
         with self._kick_lock:
             if self._kick_thread is not None:
-                # (_KICK is ignored by default: a kick that arrives after run() restored
-                # the handler is dropped, never fatal)
+                self.vcpu.immediate_exit = True
                 signal.pthread_kill(self._kick_thread, _KICK)
 
     def _loop(self, exits: Counter) -> RunResult:
@@ -252,6 +253,7 @@ class KvmEngine(EngineBase):
                     vcpu.immediate_exit = True  # KVM_RUN completes the OUT, then returns at once
                 continue
             if type(ex) is Intr:
+                _drain_kicks()  # (else the next KVM_RUN would return at once)
                 vcpu.immediate_exit = False
                 if self._pause:
                     self._pause = False
@@ -259,7 +261,7 @@ class KvmEngine(EngineBase):
                 if self._timed_out:
                     return self.result("timeout", rip_after=vcpu.sync_rip(), exits=exits,
                                        detail=f"no exit within {self.timeout} s")
-                continue  # another signal (a late kick, a handler of the caller's): run on
+                continue  # (immediate_exit set with no pause or timeout: nothing to stop for)
             if type(ex) is Hlt:
                 return self.result("halt", rip_after=vcpu.sync_rip(), exits=exits)
             if type(ex) is Shutdown:
