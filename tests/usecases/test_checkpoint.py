@@ -349,6 +349,41 @@ def test_failed_append_is_cut_off(tmp_path, monkeypatch):
     assert j.read_bytes() == b"one\ntwo\n"
 
 
+@needs_gcc
+def test_a_set_can_be_read_while_it_is_written(tmp_path):
+    """A reader opening and loading the set while the checkpointing run writes it sees a
+    consistent set each time (the journal is created before the manifest; a checkpoint
+    file is in place before its line; a line being appended is left out)."""
+    import threading
+
+    out = tmp_path / "set"
+    done = threading.Event()
+    errors: list[str] = []
+    sizes: set[int] = set()
+
+    def reader():
+        while not done.is_set():
+            try:
+                cs = C.open_checkpoint_set(out)
+                sizes.add(len(cs))
+                if len(cs):
+                    assert cs.load(len(cs) - 1).index == len(cs) - 1
+            except C.NotACheckpointSet:
+                pass  # (not begun yet)
+            except Exception as e:  # handed to the test
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        run = C.checkpoint_guest("ckpt_kvstore", out, every=8, engine="unicorn")
+    finally:
+        done.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert len(sizes) > 10 and max(sizes) <= len(run.checkpoints)  # it did read the set as it grew
+
+
 def test_version_1_sets_are_still_read(cset):
     """A set written before the journal (version 1: the checkpoint list and the run's end
     inside manifest.json) restores and resumes as before."""

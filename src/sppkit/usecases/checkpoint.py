@@ -1297,10 +1297,11 @@ class Checkpointer:
 
     # -- checkpoints ----------------------------------------------------------------------
     def _begin_set(self) -> None:
-        """The manifest (written once) and an empty journal."""
+        """An empty journal, then the manifest (written once): a reader that finds the
+        manifest finds the journal too."""
+        atomic_write(self.out / JOURNAL, b"")
         atomic_write(self.out / MANIFEST, _manifest_bytes(self.manifest))
         self._chain = _manifest_digest(self.manifest)
-        atomic_write(self.out / JOURNAL, b"")
 
     def _log(self, record: dict) -> None:
         """Append ``record`` to the journal: one line, whatever the set's length."""
