@@ -273,10 +273,9 @@ class EngineBase:
         guest where it runs (it kicks the vCPU thread out of KVM_RUN); Unicorn pauses at
         its next callback (a store to a protected page, port I/O), because Unicorn
         stopped from another thread leaves the guest in the middle of a translated
-        block.  :meth:`run` then
-        returns ``stop_reason == "paused"`` and a later :meth:`run` continues from
-        there.  EngineError when no run is in progress (a request that would otherwise
-        be dropped)."""
+        block.  :meth:`run` then returns ``stop_reason == "paused"`` and a later
+        :meth:`run` continues from there.  EngineError when no run is in progress (a
+        request that would otherwise be dropped)."""
         self._check_open("request_pause()")
         if self._run_thread is None:
             raise EngineError("request_pause(): no run is in progress; call it from a port handler, the violation "
