@@ -584,6 +584,60 @@ def test_run_from_a_callback_is_refused(engine):
     assert "again: exit" in out.stdout
 
 
+CTRL_C_RUN = textwrap.dedent("""
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # (a child of a background job may ignore it)
+    sys.path.insert(0, {tests!r})
+    from test_engine_api_bad_input import engine_class, spin_guest
+    from engine_helpers import RAM
+    cls, extra = engine_class({engine!r})
+    eng = cls(spin_guest(), ram_size=RAM, timeout=60.0, **extra)
+    print("ready", flush=True)
+    try:
+        r = eng.run()
+        print("run returned:", r.stop_reason)
+    except KeyboardInterrupt:
+        print("KeyboardInterrupt")
+    eng.timeout = 0.5
+    try:
+        print("again:", eng.run().stop_reason)
+    except Exception as ex:
+        print("again:", type(ex).__name__ + ": " + str(ex))
+""")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ctrl_c_stops_a_guest_that_never_exits(engine):
+    """fix: under Unicorn, Ctrl-C did nothing until the timeout (60 s by default):
+    Python runs its SIGINT handler only between bytecodes, never inside emu_start, and a
+    looping guest makes no callback.  Now KeyboardInterrupt comes at once; that guest
+    cannot be continued (the stop lands mid-block).  KVM: KVM_RUN returns EINTR, and
+    the guest continues exactly.  In a subprocess (the test run must not get the
+    SIGINT)."""
+    if engine == "kvm":
+        skip_without_kvm()
+    import os
+    import signal
+
+    tests = os.path.dirname(__file__)
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_RUN.format(tests=tests, engine=engine)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        import time
+
+        time.sleep(0.5)  # (into the run)
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=50)  # (well before the guest's 60-s timeout)
+    finally:
+        p.kill()
+    assert "KeyboardInterrupt" in out.splitlines(), out + err
+    if engine == "unicorn":
+        assert "again: EngineError: run(): the last run was interrupted (KeyboardInterrupt)" in out, out + err
+    else:
+        assert "again: timeout" in out, out + err
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("where", ["port-handler", "violation-handler"])
 def test_close_from_a_callback_is_refused(make, engine, where):

@@ -24,6 +24,10 @@ pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 from __future__ import annotations
 
 import ctypes
+import os
+import select
+import signal
+import socket
 import threading
 from collections import Counter
 from pathlib import Path
@@ -643,7 +647,8 @@ class UnicornEngine(EngineBase):
             try:
                 # (no stop address: the guest stops by its exit port; 0 would stop a guest
                 # whose entry point is gpa 0 before its first instruction)
-                self._emulate(start)
+                with _CtrlC(self._on_ctrl_c):
+                    self._emulate(start)
             finally:
                 self._smc = None
                 self._flush_code()
@@ -717,12 +722,90 @@ class UnicornEngine(EngineBase):
         self._ending = True
         self.uc.emu_stop()
 
+    def _on_ctrl_c(self) -> None:
+        """Ctrl-C while the guest runs (see _CtrlC): stop the emulation, from the watching
+        thread, so run() raises KeyboardInterrupt now.  That stop may land mid-block (see
+        _run), so the guest cannot be continued."""
+        self._inexact = ("the last run was interrupted (KeyboardInterrupt), which stops Unicorn in the middle "
+                         "of a translated block with RIP at the block's start (continuing would run "
+                         "instructions twice): this guest cannot be continued exactly; construct a new engine")
+        self._ending = True
+        self.uc.emu_stop()
+
     def _release(self) -> None:
         # uc_close: the emulator and its translation cache (guest RAM is the Vm's and
         # stays readable).  Through the binding's finalizer, which runs once.
         fin = getattr(self.uc, "_Uc__finalizer", None)
         if fin is not None:
             fin()
+
+
+class _CtrlC:
+    """While the main thread is inside Unicorn: Ctrl-C stops the emulation at once.
+
+    Python runs its SIGINT handler (which raises KeyboardInterrupt) only between
+    bytecodes, never inside ``emu_start``, so a guest that makes no callback would run on
+    until the timeout.  Python's C-level handler also writes the signal's number to the
+    wakeup fd (``signal.set_wakeup_fd``, here one end of a socket pair, which works on
+    every platform); a thread waiting on the other end calls ``on_sigint`` (which stops
+    the emulation) and passes every number on to the wakeup fd that was there before.
+    Only on the main thread, and only while SIGINT has Python's default handler (so
+    KeyboardInterrupt follows for sure)."""
+
+    def __init__(self, on_sigint) -> None:
+        self._on_sigint = on_sigint
+        self._socks: tuple[socket.socket, ...] = ()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _CtrlC:
+        if threading.current_thread() is not threading.main_thread() \
+                or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+            return self
+        try:
+            r, w = socket.socketpair()
+            stop_r, stop_w = socket.socketpair()
+        except OSError:
+            return self  # (no sockets here: no prompt Ctrl-C)
+        self._socks = (r, w, stop_r, stop_w)
+        w.setblocking(False)
+        try:
+            self._old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+        except (ValueError, OSError):
+            self._close()
+            return self
+        self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old), daemon=True,
+                                        name="sppkit-unicorn-ctrl-c")
+        self._thread.start()
+        return self
+
+    def _watch(self, r: socket.socket, stop_r: socket.socket, old: int) -> None:
+        while True:
+            ready, _, _ = select.select([r, stop_r], [], [])
+            if r in ready:
+                data = r.recv(512)
+                if signal.SIGINT in data:
+                    self._on_sigint()
+                if old != -1:
+                    try:
+                        os.write(old, data)
+                    except OSError:
+                        pass
+            if stop_r in ready:
+                return
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is None:
+            return
+        signal.set_wakeup_fd(self._old)
+        self._socks[3].send(b"x")
+        self._thread.join()
+        self._thread = None
+        self._close()
+
+    def _close(self) -> None:
+        for sock in self._socks:
+            sock.close()
+        self._socks = ()
 
 
 def _vector_store_info(code: bytes, rip: int):
