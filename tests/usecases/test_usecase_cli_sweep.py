@@ -321,6 +321,34 @@ def test_failed_base_checkpoint_leaves_out_as_it_was(tmp_path, monkeypatch, exis
 
 
 @needs_gcc
+def test_a_failed_journal_append_leaves_a_usable_set(tmp_path, monkeypatch):
+    """A full disk while checkpoint 3's line is appended: the command fails in one line
+    naming the journal, the half-written line is cut off, and the set restores its
+    checkpoints 0..2."""
+    out = tmp_path / "set"
+    real = os.write
+    lines = [0]
+
+    def full_disk(fd, data):
+        if bytes(data[:2]) == b'{"':  # a journal line
+            lines[0] += 1
+            if lines[0] == 4:
+                real(fd, bytes(data[:10]))
+                raise OSError(28, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    r = invoke(["checkpoint", "ckpt_log", *U, "--at-port-signal", "--out", out])
+    assert_one_line_error(r, "cannot append to", "checkpoints.jsonl: No space left on device")
+    monkeypatch.setattr(os, "write", real)
+    journal = (out / "checkpoints.jsonl").read_bytes()
+    assert journal.endswith(b"\n") and journal.count(b"\n") == 3
+    cs = C.open_checkpoint_set(out)
+    assert len(cs) == 3 and cs.torn_line is None
+    assert C.restore_checkpoint(out, 2).verified
+
+
+@needs_gcc
 def test_a_checkpoint_appends_one_journal_line(tmp_path, monkeypatch):
     """fix: the whole manifest (every checkpoint's entry) was rewritten at every
     checkpoint: about 8 MB per checkpoint at 25,000.  The manifest is now written once
