@@ -384,6 +384,71 @@ def test_a_set_can_be_read_while_it_is_written(tmp_path):
     assert len(sizes) > 10 and max(sizes) <= len(run.checkpoints)  # it did read the set as it grew
 
 
+def test_fuzzed_journals_are_refused_by_name_or_read_consistently(pristine, tmp_path):
+    """Random damage to checkpoints.jsonl (bytes flipped, cut, inserted; lines dropped,
+    repeated, swapped): opening the set either fails with a CheckpointError naming the
+    journal, or gives a prefix of the real checkpoint list (a torn or cut tail) whose
+    checkpoints all restore verified — never another exception, never a wrong entry."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    d = tmp_path / "set"
+    shutil.copytree(pristine, d)
+    journal = d / "checkpoints.jsonl"
+    good = journal.read_bytes()
+    real = C.open_checkpoint_set(d)
+
+    def line_edit(data: bytes, kind: str, i: int, j: int) -> bytes:
+        ls = data.split(b"\n")
+        i, j = i % len(ls), j % len(ls)
+        if kind == "drop":
+            del ls[i]
+        elif kind == "repeat":
+            ls.insert(i, ls[j])
+        else:
+            ls[i], ls[j] = ls[j], ls[i]
+        return b"\n".join(ls)
+
+    byte_ops = st.tuples(st.sampled_from(["flip", "cut", "insert"]), st.integers(0, len(good) - 1),
+                         st.integers(1, 255))
+    line_ops = st.tuples(st.sampled_from(["drop", "repeat", "swap"]), st.integers(0, 100), st.integers(0, 100))
+
+    @settings(max_examples=int(os.environ.get("SPPKIT_FUZZ_EXAMPLES", "300")), deadline=None,
+              suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.lists(st.one_of(byte_ops, line_ops), min_size=1, max_size=3))
+    def check(ops):
+        data = good
+        for kind, a, b in ops:
+            if kind == "flip" and data:
+                a %= len(data)
+                data = data[:a] + bytes([data[a] ^ b]) + data[a + 1:]
+            elif kind == "cut":
+                data = data[: a % (len(data) + 1)]
+            elif kind == "insert":
+                a %= len(data) + 1
+                data = data[:a] + bytes([b]) + data[a:]
+            elif kind in ("drop", "repeat", "swap"):
+                data = line_edit(data, kind, a, b)
+        journal.write_bytes(data)
+        try:
+            cs = C.open_checkpoint_set(d)
+        except C.CheckpointError as e:
+            assert getattr(e, "path", journal).name in ("checkpoints.jsonl", "manifest.json"), str(e)
+            return
+        n = len(cs)
+        assert cs.entries == real.entries[:n]  # a prefix, entry for entry (whitespace around a line's
+        assert cs.manifest.get("final") in (None, real.manifest["final"])  # JSON does not change it)
+        if "final" in cs.manifest:
+            assert n == len(real)
+        if n:
+            assert C.restore_checkpoint(d, n - 1).verified
+
+    try:
+        check()
+    finally:
+        journal.write_bytes(good)
+
+
 def test_version_1_sets_are_still_read(cset):
     """A set written before the journal (version 1: the checkpoint list and the run's end
     inside manifest.json) restores and resumes as before."""
