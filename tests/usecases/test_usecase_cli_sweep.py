@@ -464,6 +464,13 @@ def _edit_line(n, old, new):
     return damage
 
 
+def _replace_by_fifo(name):
+    def damage(d, sets):
+        (d / name).unlink()
+        os.mkfifo(d / name)
+    return damage
+
+
 def _copy_from(other, name):
     def damage(d, sets):
         shutil.copy(sets / other / name, d / name)
@@ -508,6 +515,12 @@ DAMAGE = [
     pytest.param(_replace_by_dir(ck(2)), ck(2), "checkpoint 2 cannot be read: Is a directory", id="ckpt2-a-directory"),
     pytest.param(_replace_by_dir("manifest.json"), "manifest.json", "is a directory, not the set's manifest file",
                  id="fix:manifest-a-directory"),
+    pytest.param(_replace_by_fifo("manifest.json"), "manifest.json", "cannot be read: not a regular file (a device, "
+                 "FIFO or socket)", id="fix:manifest-a-fifo"),
+    pytest.param(_replace_by_fifo("checkpoints.jsonl"), "checkpoints.jsonl", "cannot be read: not a regular file",
+                 id="fix:journal-a-fifo"),
+    pytest.param(_replace_by_fifo(ck(2)), ck(2), "checkpoint 2 cannot be read: not a regular file",
+                 id="fix:ckpt2-a-fifo"),
 ]
 
 
@@ -525,23 +538,24 @@ def test_restore_of_a_damaged_set(sets, tmp_path, damage, file, problem, resume)
 
 @pytest.mark.parametrize("name, problem", [
     ("manifest.json", "manifest.json: cannot be read: Permission denied"),  # fix: was a bare OSError text
+    ("checkpoints.jsonl", "checkpoints.jsonl: cannot be read: Permission denied"),
     (ck(4), "ckpt-000004.spck: checkpoint 4 cannot be read: Permission denied"),
-], ids=["fix:manifest", "ckpt4"])
+], ids=["fix:manifest", "journal", "ckpt4"])
 def test_restore_of_an_unreadable_file(sets, tmp_path, monkeypatch, name, problem):
     """Unreadable files, simulated (tests may run as root, which chmod does not stop)."""
     d = tmp_path / "set"
     shutil.copytree(sets / "a", d)
     before = snapshot(d)
-    real = Path.read_bytes
+    real = os.open
 
-    def read_bytes(self):
-        if self.name == name:
-            raise PermissionError(13, "Permission denied", str(self))
-        return real(self)
+    def os_open(path, flags, *args, **kw):
+        if os.path.basename(os.fspath(path)) == name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, flags, *args, **kw)
 
-    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    monkeypatch.setattr(os, "open", os_open)
     r = invoke(["restore", d])
-    monkeypatch.setattr(Path, "read_bytes", real)
+    monkeypatch.setattr(os, "open", real)
     assert_one_line_error(r, f"{d}/{problem}")
     assert snapshot(d) == before
 
@@ -551,6 +565,8 @@ GUEST_DAMAGE = [
     pytest.param(lambda g: g.write_bytes(g.read_bytes()[:100]), "the guest copy differs from the one the checkpoints",
                  id="truncated"),
     pytest.param(lambda g: (g.unlink(), g.mkdir()), "cannot be read: Is a directory", id="a-directory"),
+    pytest.param(lambda g: (g.unlink(), os.mkfifo(g)), "cannot be read: not a regular file (a device, FIFO or "
+                 "socket)", id="fix:a-fifo"),
 ]
 
 

@@ -57,10 +57,12 @@ up to the requested checkpoint is verified before anything is loaded into a gues
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
+import stat
 import struct
 import tempfile
 import time
@@ -539,7 +541,7 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
     path = Path(path)
     if data is None:
         try:
-            data = path.read_bytes()
+            data = _read_bytes(path)
         except FileNotFoundError:
             raise CheckpointMissing(path, "file is missing") from None
         except OSError as e:
@@ -649,6 +651,23 @@ def atomic_write(path: os.PathLike | str, data: bytes) -> None:
             raise CheckpointWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
     _fsync_dir(d)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """``path.read_bytes()`` for a set's files, but a FIFO, device or socket is refused
+    as an OSError before anything is read (a FIFO would wait for a writer, a device might
+    never end); a directory is ``IsADirectoryError``, as read_bytes gives it."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", str(path))
+        with open(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def write_checkpoint_file(path: os.PathLike | str, **fields) -> int:
@@ -804,7 +823,7 @@ class CheckpointSet:
         e = self.entries[k]
         path = self.dir / e["file"]
         try:
-            data = path.read_bytes()
+            data = _read_bytes(path)
         except FileNotFoundError:
             raise CheckpointMissing(path, f"checkpoint {k} is listed in {self.listed_in} but the file is "
                                           "missing") from None
@@ -856,7 +875,7 @@ class CheckpointSet:
         g = self.manifest["guest"]
         path = self.dir / g["elf"]
         try:
-            data = path.read_bytes()
+            data = _read_bytes(path)
         except FileNotFoundError:
             raise GuestMismatch(f"{path}: the set's copy of the guest is missing") from None
         except OSError as e:
@@ -981,7 +1000,7 @@ def _read_journal(jpath: Path, root: str) -> tuple[list, dict | None, int | None
     if jpath.is_dir():
         raise CheckpointCorrupted(jpath, "is a directory, not the set's list of checkpoints")
     try:
-        raw = jpath.read_bytes()
+        raw = _read_bytes(jpath)
     except FileNotFoundError:
         raise CheckpointMissing(jpath, f"the set's list of checkpoints is missing ({MANIFEST} is there)") from None
     except OSError as e:
@@ -1039,7 +1058,7 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
     if mpath.is_dir():
         raise CheckpointCorrupted(mpath, "is a directory, not the set's manifest file")
     try:
-        raw = mpath.read_bytes()
+        raw = _read_bytes(mpath)
     except OSError as e:
         raise CheckpointFileError(mpath, f"cannot be read: {e.strerror or e}") from None
     try:
