@@ -536,6 +536,37 @@ def test_restore_of_a_damaged_set(sets, tmp_path, damage, file, problem, resume)
     assert snapshot(d) == before
 
 
+def test_restore_list(sets, tmp_path):
+    """`restore --list`: the set's checkpoints and its end, from the verified index,
+    without reading the checkpoint files (a missing one does not stop the listing)."""
+    d = tmp_path / "set"
+    shutil.copytree(sets / "a", d)
+    (d / ck(3)).unlink()
+    r = invoke(["restore", d, "--list", "--json"])
+    assert r.exit_code == 0, r.output
+    got = json.loads(r.stdout)
+    cs = C.open_checkpoint_set(d)
+    assert got["checkpoints"] == cs.entries and len(got["checkpoints"]) == 7
+    assert got["final"]["stop_reason"] == "exit" and got["torn_line"] is None and got["version"] == 2
+    r = invoke(["restore", d, "--list"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.stdout.split())  # (rich wraps the title on a narrow terminal)
+    assert "7 checkpoint(s) of ckpt_log" in text and "run end: exit, exit code 0" in text
+    assert "port 0xf5 <- 6" in text
+    journal = d / "checkpoints.jsonl"
+    journal.write_bytes(b"".join(journal.read_bytes().splitlines(keepends=True)[:3]))
+    r = invoke(["restore", d, "--list"])
+    text = " ".join(r.stdout.split())
+    assert "3 checkpoint(s)" in text and "run end: not recorded" in text
+
+
+@pytest.mark.parametrize("extra, named", [(["--to", "2"], "--to"), (["--resume"], "--resume"),
+                                          (["--to", "1", "--resume"], "--to nor --resume")])
+def test_restore_list_takes_no_to_or_resume(sets, extra, named):
+    r = invoke(["restore", sets / "a", "--list", *extra])
+    assert_one_line_error(r, "--list lists the set; it takes neither", named)
+
+
 @pytest.mark.parametrize("name, problem", [
     ("manifest.json", "manifest.json: cannot be read: Permission denied"),  # fix: was a bare OSError text
     ("checkpoints.jsonl", "checkpoints.jsonl: cannot be read: Permission denied"),

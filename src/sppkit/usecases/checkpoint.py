@@ -1540,6 +1540,41 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def set_listing(cs: CheckpointSet) -> dict:
+    """What ``sppkit restore --list --json`` prints: the set's description and index."""
+    m = cs.manifest
+    return {
+        "directory": str(cs.dir), "version": m["version"], "guest": m["guest"], "engine": m.get("engine"),
+        "ram_size": m["ram_size"], "regions": m["regions"], "trigger": m.get("trigger"),
+        "checkpoints": cs.entries, "final": m.get("final"), "torn_line": cs.torn_line,
+    }
+
+
+def print_listing(cs: CheckpointSet, console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    m = cs.manifest
+    t = Table(title=f"{escape(str(cs.dir))}: {len(cs)} checkpoint(s) of {escape(str(m['guest'].get('name', '?')))} "
+                    f"on {escape(str(m.get('engine', '?')))}")
+    for col in ("index", "reason", "size", "dirty sub-pages", "dirty pages", "SPP exits"):
+        t.add_column(col, justify="left" if col == "reason" else "right")
+    for e in cs.entries:
+        t.add_row(str(e["index"]), escape(str(e.get("reason", ""))), _fmt_bytes(e.get("bytes")),
+                  str(e.get("dirty_subpages", "—")), str(e.get("dirty_pages", "—")), str(e.get("spp_exits", "—")))
+    console.print(t)
+    f = m.get("final")
+    if f is None:
+        console.print("run end: not recorded (the checkpointing run stopped before it ended)")
+    else:
+        code = f.get("exit_code")
+        console.print(f"run end: {escape(str(f.get('stop_reason')))}, exit code {'—' if code is None else code}")
+    if cs.torn_line is not None:
+        console.print(f"[yellow]note: line {cs.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
+                      "while writing it): that checkpoint is not part of the set[/]")
+    console.print("[dim]listed from the verified index; `sppkit restore DIR --to K` verifies the files 0..K[/]")
+
+
 def print_checkpoint_run(run: CheckpointRun, console) -> None:
     from rich.markup import escape
     from rich.table import Table
@@ -1697,9 +1732,14 @@ def checkpoint_command(ctx, guest, every, at_port_signal, port, out_dir, engine,
 @click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
               help=f"With --resume: seconds before the resumed guest is stopped, from 0 to {MAX_TIMEOUT}; "
                    "0: no limit (ignored without --resume).")
+@click.option("--list", "list_", is_flag=True,
+              help="List the set's checkpoints (index, reason, size, dirty sub-pages and pages, SPP exits) and "
+                   "how the run ended, from its verified index, without reading the checkpoint files; with "
+                   "neither --to nor --resume.")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 @progress_option
-def restore_command(directory, to, resume, engine, timeout, as_json, progress):
+@click.pass_context
+def restore_command(ctx, directory, to, resume, engine, timeout, list_, as_json, progress):
     """Verify checkpoint set DIRECTORY (written by `sppkit checkpoint --out`) up to
     checkpoint --to, rebuild that checkpoint's memory and registers and check them
     against the hash taken when it was written; with --resume, run the guest on from
@@ -1712,11 +1752,22 @@ def restore_command(directory, to, resume, engine, timeout, as_json, progress):
 
     \b
     Examples:
+      sppkit restore /tmp/set --list           # what the set holds
       sppkit restore /tmp/set                  # verify every checkpoint
       sppkit restore /tmp/set --to 2 --resume --engine unicorn
     """
     from rich.console import Console
 
+    if list_:
+        given = [f"--{n}" for n in ("to", "resume") if _given(ctx, n)]
+        if given:
+            raise click.UsageError(f"--list lists the set; it takes neither {' nor '.join(given)}")
+        cs = open_checkpoint_set(directory)
+        if as_json:
+            click.echo(json.dumps(set_listing(cs)))
+        else:
+            print_listing(cs, Console())
+        raise SystemExit(0)
     # --engine and --timeout matter only with --resume; without it they are checked and
     # ignored, so that scripts may pass one --engine to every sppkit command
     with Progress(f"restore: verifying {directory}…", progress):
