@@ -584,6 +584,27 @@ def test_run_from_a_callback_is_refused(engine):
     assert "again: exit" in out.stdout
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_run_after_a_stop_decision(make, engine):
+    """As documented: under Unicorn the stopped store runs again and is decided again
+    (STOP again, nothing written), and goes through once the VMM unprotects it; under
+    KVM the write was lost with its retired instruction and the guest goes on after it."""
+    eng = make(engine, policy=protect_a("stop"))
+    r = eng.run()
+    assert r.stop_reason == "stop-decision" and byte(eng, A) == INIT_A
+    if engine == "unicorn":
+        at = r.rip_at
+        r = eng.run()
+        assert (r.stop_reason, r.rip_at, r.console, byte(eng, A)) == ("stop-decision", at, "", INIT_A)
+        eng.vm.set_subpage_access(A >> 12, [0xFFFFFFFF])  # the VMM lifts the protection
+        r = eng.run()
+        assert (r.stop_reason, r.exit_code, r.console, byte(eng, A), byte(eng, B)) == ("exit", 3, "AB", 0x22, 0x33)
+    else:
+        eng.vm.set_subpage_access(A >> 12, [0xFFFFFFFF])
+        r = eng.run()
+        assert (r.stop_reason, r.exit_code, r.console, byte(eng, A), byte(eng, B)) == ("exit", 3, "AB", INIT_A, 0x33)
+
+
 CTRL_C_RUN = textwrap.dedent("""
     import signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (a child of a background job may ignore it)
