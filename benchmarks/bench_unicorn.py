@@ -295,7 +295,7 @@ def breakdown(args) -> None:
                 st = vm._stats
                 st.writes += 1
                 st.page_granular += 1
-                vm.memory._frames[hit[0] >> 12][off:off + n] = data
+                vm.memory.frame(hit[0] >> 12)[off:off + n] = data
                 return True
         vm.write(address, data, rip=rip)
         return True

@@ -11,7 +11,7 @@ import click
 from . import __version__
 
 from .engines.base import MAX_TIMEOUT  # (the engines' own limit: one rule)
-from .usecases.monitor import timeout_option
+from .usecases.monitor import MEMORY_HELP, timeout_option
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -257,7 +257,7 @@ def _same_file(a: str, b: str | None) -> bool:
 @click.option("--cpl", type=click.Choice(["0", "3"]), default="3", show_default=True,
               help="Privilege level of the guest. 3 runs natively under KVM on hosts where CPL 0 is emulated.")
 @click.option("--memory", metavar="SIZE", default="64M", show_default=True, callback=_memory_option,
-              help="Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G.")
+              help=MEMORY_HELP)
 @click.option("--spp-mode", type=click.Choice(["lazy", "eager"]), default="lazy", show_default=True,
               help="SPPT construction: lazy (KVM series: built on SPP misses, one per 2-MiB region) or eager "
                    "(built up front, no misses).")

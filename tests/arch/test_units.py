@@ -822,3 +822,67 @@ class TestCacheAfterAccessedDirtyEnabled:
         cpu.translate(0x1000, 8, Access.READ)
         cpu.translate(0x1000, 8, Access.READ)
         assert not ept.leaf(0x1000)[2] & EPT_DIRTY
+
+
+class TestBackedRangesAreLazy:
+    """alloc_range(backing=...) makes no frame up front (it made two memoryviews a page:
+    a second and 130 MB of Python objects per GiB of guest RAM); a backed frame enters
+    the frame tables when first used, and reads, writes and table walks see the backing
+    whether it was touched or not."""
+
+    def test_a_large_backing_costs_nothing_up_front(self):
+        import mmap
+
+        mem = HostMemory(46)
+        ram = mmap.mmap(-1, 4 << 30, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000)  # NORESERVE
+        try:
+            base = mem.alloc_range(4 << 30, backing=ram)
+            assert not mem._frames and not mem._words
+            assert mem.frames_in_use == (4 << 30) >> 12
+            ram[0x12345678:0x12345680] = (0x1122334455667788).to_bytes(8, "little")  # behind the memory's back
+            assert mem.read_u64(base + 0x12345678) == 0x1122334455667788
+            assert mem.read(base + 0x12345676, 4) == bytes([0, 0, 0x88, 0x77])
+            mem.write(base + (3 << 30) + 0xFFE, b"abcd")  # across two untouched frames
+            assert ram[(3 << 30) + 0xFFE:(3 << 30) + 0x1002] == b"abcd"
+            assert len(mem._frames) == 3 and mem._words.keys() == mem._frames.keys()
+        finally:
+            del mem
+            ram.close()
+
+    def test_a_table_walk_reads_an_untouched_backed_frame(self):
+        mem = HostMemory(40)
+        backing = bytearray(0x4000)
+        base = mem.alloc_range(0x4000, backing=backing)
+        ept = EptBuilder(mem)
+        ept.map(0x5000, base + 0x3000, 0x1000)
+        # move the leaf table into the backed range, written there behind the memory's back
+        pml4 = ept.eptp() & ~0xFFF
+        pdpt = mem.read_u64(pml4) & ~0xFFF
+        pd = mem.read_u64(pdpt) & ~0xFFF
+        pt = mem.read_u64(pd) & ~0xFFF
+        backing[0x1000:0x2000] = mem.read(pt, 0x1000)
+        assert (base + 0x1000) >> 12 not in mem._words
+        mem.write_u64(pd, (mem.read_u64(pd) & 0xFFF) | (base + 0x1000))
+        cpu = Processor(mem, ept.eptp(), secondary_controls=SECONDARY_ENABLE_EPT)
+        assert cpu.translate(0x5010, 8, Access.READ)[0].hpa == base + 0x3010
+
+    def test_freed_backed_frames_read_zeros_and_are_reused_zeroed(self):
+        mem = HostMemory(40)
+        backing = bytearray(b"\xAA" * 0x3000)
+        base = mem.alloc_range(0x3000, backing=backing)
+        assert mem.read(base + 0x1000, 2) == b"\xAA\xAA"
+        mem.free_range(base + 0x1000, 0x1000)  # the middle frame, never touched
+        assert mem.read(base + 0x1000, 2) == b"\0\0" and mem.read(base + 0x2000, 2) == b"\xAA\xAA"
+        assert mem.frames_in_use == 2
+        mem.free_frame(base)  # a backed frame freed: its pfn is reused, zeroed, not the backing
+        assert mem.alloc_frame() == base and mem.read(base, 2) == b"\0\0" and backing[:2] == b"\xAA\xAA"
+        with pytest.raises(ValueError, match="not an allocated frame"):
+            mem.free_frame(base + 0x1000)
+
+    def test_alloc_frame_and_alloc_range_keep_clear_of_backed_ranges(self):
+        mem = HostMemory(40)
+        base = mem.alloc_range(0x3000, backing=bytearray(0x3000))
+        pfns = {mem.alloc_frame() >> 12 for _ in range(8)}
+        assert not any(base >> 12 <= p < (base + 0x3000) >> 12 for p in pfns)
+        other = mem.alloc_range(0x2000)
+        assert other >= base + 0x3000 or other + 0x2000 <= base

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from sppkit.arch import HostMemory, Processor, VmExit
+from sppkit.arch.memory import ZERO_WORDS
 
 # -- exit reasons (spec §4) ------------------------------------------------------
 EPT_VIOLATION = 48
@@ -110,6 +111,19 @@ class _RecordingFrames(dict):
         return super().__contains__(pfn)
 
 
+class _RecordingWords(_RecordingFrames):
+    """The u64-word dictionary of a RecordingMemory: as the memory's own, a frame not in
+    it reads as its backing's words or zeros (``__missing__``)."""
+
+    def __init__(self, words: dict, looked_up: set[int], memory: HostMemory) -> None:
+        super().__init__(words, looked_up)
+        self.memory = memory
+
+    def __missing__(self, pfn):
+        f = self.memory._backed_frame(pfn)
+        return ZERO_WORDS if f is None else dict.__getitem__(self, pfn)
+
+
 class RecordingMemory(HostMemory):
     """HostMemory that records which 4-KiB frames are looked up (read or written).
 
@@ -122,7 +136,7 @@ class RecordingMemory(HostMemory):
         super().__init__(maxphyaddr)
         looked_up: set[int] = set()
         self._frames = _RecordingFrames(self._frames, looked_up)
-        self._words = _RecordingFrames(self._words, looked_up)
+        self._words = _RecordingWords(self._words, looked_up, self)
 
     @property
     def frames_looked_up(self) -> set[int]:

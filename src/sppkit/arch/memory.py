@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import sys
+import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -86,6 +87,27 @@ def byte_view(data: object) -> memoryview:
     raise TypeError(f"data={data!r:.60}: must be bytes, bytearray or memoryview, not {type(data).__name__}")
 
 
+class _Words(dict):
+    """``HostMemory._words``: pfn -> the frame's u64 words.  A frame not in it reads as
+    :data:`ZERO_WORDS`, unless it lies in a range backed by a buffer and not yet touched
+    (see :meth:`HostMemory.alloc_range`): then its words are made from the backing.  The
+    processor's walks index it (``words[pfn][i]``): a hit costs what ``get`` does."""
+
+    __slots__ = ("_memory",)
+
+    def __init__(self, memory: HostMemory, *args) -> None:
+        super().__init__(*args)
+        self._memory = weakref.ref(memory)  # (no cycle: the memory, and its backing's views, go when dropped)
+
+    def __missing__(self, pfn: int):
+        memory = self._memory()
+        f = None if memory is None else memory._backed_frame(pfn)
+        return ZERO_WORDS if f is None else self[pfn]
+
+    def __reduce__(self):  # (pickled as a plain dict: HostMemory.__setstate__ rebuilds it)
+        return dict, (dict(self),)
+
+
 class PhysicalAddressError(ValueError):
     """An address outside the host-physical address space (at or above 2**maxphyaddr)."""
 
@@ -117,7 +139,12 @@ class HostMemory:
         # ``pfn << 12 | i << 3``), sharing their bytes: the processor's table walks read
         # here, faster than struct.  Every method that adds or drops a frame in
         # ``_frames`` does the same here (_add_frame / _drop_frame).
-        self._words: dict = {}
+        self._words: _Words = _Words(self)
+        # Ranges backed by a buffer (alloc_range(backing=...)): (first pfn, end pfn, a
+        # view of the backing).  Their frames enter _frames/_words when first used (a
+        # frame apiece made up front cost a second and 130 MB per GiB of guest RAM);
+        # every miss path of _frames asks _backed_frame.
+        self._backed: list[tuple[int, int, memoryview]] = []
         self._next = first_frame >> PAGE_SHIFT
         self._free: list[int] = []
 
@@ -158,7 +185,35 @@ class HostMemory:
 
     def __setstate__(self, d: dict) -> None:
         self.__dict__.update(d)
-        self._words = {pfn: _words_of(f) for pfn, f in self._frames.items()}
+        self.__dict__.setdefault("_backed", [])
+        self._words = _Words(self, {pfn: _words_of(f) for pfn, f in self._frames.items()})
+
+    def _backed_frame(self, pfn: int):
+        """The frame of ``pfn`` when it lies in a backed range (a view of the backing,
+        entered in _frames and _words now), else None."""
+        for lo, hi, mv in self._backed:
+            if lo <= pfn < hi:
+                k = pfn - lo
+                f = mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
+                self._add_frame(pfn, f)
+                return f
+        return None
+
+    def _in_backed(self, pfn: int) -> bool:
+        return any(lo <= pfn < hi for lo, hi, _ in self._backed)
+
+    def _unback(self, lo: int, hi: int) -> None:
+        """Take frames [lo, hi) out of the backed ranges (they were freed)."""
+        kept = []
+        for a, b, mv in self._backed:
+            if b <= lo or hi <= a:
+                kept.append((a, b, mv))
+                continue
+            if a < lo:
+                kept.append((a, lo, mv[: (lo - a) << PAGE_SHIFT]))
+            if hi < b:
+                kept.append((hi, b, mv[(hi - a) << PAGE_SHIFT :]))
+        self._backed = kept
 
     def frame(self, pfn: int) -> Frame:
         """The backing buffer of page frame ``pfn`` (created zeroed on first use)."""
@@ -179,6 +234,10 @@ class HostMemory:
                 f"frame number {pfn:#x} is outside 2**maxphyaddr = {self.limit:#x} (maxphyaddr={self.maxphyaddr})"
             )
         pfn = int(pfn)  # an int subclass (an IntEnum) keyed as the plain int it equals
+        if self._backed:
+            b = self._backed_frame(pfn)
+            if b is not None:
+                return b
         f = bytearray(PAGE_SIZE)
         self._add_frame(pfn, f)
         return f
@@ -187,11 +246,11 @@ class HostMemory:
         """Allocate a zeroed 4-KiB frame nobody uses and return its HPA."""
         while self._free:
             pfn = self._free.pop()
-            if pfn not in self._frames:
+            if pfn not in self._frames and not self._in_backed(pfn):
                 self._add_frame(pfn, bytearray(PAGE_SIZE))
                 return pfn << PAGE_SHIFT
         pfn = self._next
-        while pfn in self._frames:
+        while pfn in self._frames or self._in_backed(pfn):
             pfn += 1
         if pfn >= self.limit >> PAGE_SHIFT:
             raise MemoryError("host-physical address space exhausted")
@@ -220,15 +279,15 @@ class HostMemory:
             raise ValueError(f"offset={offset:#x}: must be a 4-KiB multiple below align")
         start = ((self._next << PAGE_SHIFT) + align - 1) & ~(align - 1)
         start += offset
-        while any(start >> PAGE_SHIFT <= pfn < (start + size) >> PAGE_SHIFT for pfn in self._frames):
+        while any(start >> PAGE_SHIFT <= pfn < (start + size) >> PAGE_SHIFT for pfn in self._frames) \
+                or any(lo < (start + size) >> PAGE_SHIFT and start >> PAGE_SHIFT < hi for lo, hi, _ in self._backed):
             start += align  # something was written there directly: keep clear of it
         if start + size > self.limit:
             raise MemoryError(f"host-physical address space exhausted reserving {size:#x} bytes")
         self._next = (start + size) >> PAGE_SHIFT
         if backing is not None:
             base = start >> PAGE_SHIFT
-            for k in range(size >> PAGE_SHIFT):
-                self._add_frame(base + k, mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT])
+            self._backed.append((base, base + (size >> PAGE_SHIFT), mv))  # frames made on first use
         return start
 
     def free_range(self, hpa: int, size: int) -> None:
@@ -257,6 +316,8 @@ class HostMemory:
             pfns = [pfn for pfn in self._frames if lo <= pfn < hi]
         for pfn in pfns:
             self._drop_frame(pfn)
+        if self._backed:
+            self._unback(lo, hi)
 
     def free_frame(self, hpa: int) -> None:
         """Return a frame obtained from :meth:`alloc_frame`; its contents are dropped."""
@@ -269,13 +330,21 @@ class HostMemory:
                 f"(maxphyaddr={self.maxphyaddr})"
             )
         pfn = hpa >> PAGE_SHIFT
-        if self._drop_frame(pfn) is None:
+        backed = self._in_backed(pfn)
+        if self._drop_frame(pfn) is None and not backed:
             raise ValueError(f"hpa={hpa:#x} is not an allocated frame")
+        if backed:
+            self._unback(pfn, pfn + 1)
         self._free.append(pfn)
 
     @property
     def frames_in_use(self) -> int:
-        return len(self._frames)
+        """Frames with contents: those written or allocated, and every frame of a backed
+        range (whether touched yet or not)."""
+        if not self._backed:
+            return len(self._frames)
+        return sum(hi - lo for lo, hi, _ in self._backed) + sum(1 for pfn in self._frames
+                                                                if not self._in_backed(pfn))
 
     # -- access -----------------------------------------------------------------
     # read_u64/write_u64 are the hot path (table walks, A/D flags, builders): the fast
@@ -286,6 +355,8 @@ class HostMemory:
         # (literals, not PAGE_SIZE - 8 / PAGE_SHIFT: no global loads on this path)
         if type(hpa) is int and (off := hpa & 0xFFF) <= 4088 and 0 <= hpa < self.limit:
             f = self._frames.get(hpa >> 12)
+            if f is None and self._backed:
+                f = self._backed_frame(hpa >> 12)
             return 0 if f is None else _unpack_u64(f, off)[0]
         return int.from_bytes(self.read(hpa, 8), "little")
 
@@ -314,6 +385,8 @@ class HostMemory:
             off = hpa & 0xFFF
             take = min(n, PAGE_SIZE - off)
             f = self._frames.get(hpa >> PAGE_SHIFT)
+            if f is None and self._backed:
+                f = self._backed_frame(hpa >> PAGE_SHIFT)
             out += bytes(take) if f is None else f[off : off + take]
             hpa += take
             n -= take

@@ -51,7 +51,7 @@ from .exits import (
     SppEvent,
     VmEntryFailure,
 )
-from .memory import ZERO_WORDS, HostMemory, PhysicalAddressError
+from .memory import HostMemory, PhysicalAddressError
 from .sppt import SPP_VECTOR_ODD_BITS, SPPT_LEVEL_NAMES, spptp_check, sppt_nonleaf_reserved
 from .tlb import INVEPT_ALL_CONTEXT, INVEPT_SINGLE_CONTEXT, TranslationCache
 
@@ -425,7 +425,7 @@ class Processor:
         used: list[tuple[int, int]] = []  # (hpa, raw) of each entry, for the A/D update (EPT A/D on)
         for lvl, shift, leaf_bits, rsv_table, rsv_leaf, frame_mask, off_mask in self._geometry:
             idx = (gpa >> shift) & 0x1FF
-            raw = words.get(base >> 12, ZERO_WORDS)[idx]
+            raw = words[base >> 12][idx]
             leaf = raw & leaf_bits
             rsv = rsv_leaf if leaf else rsv_table
             if bad_low[raw & 0x3F] or raw & rsv:  # not present, or present and misconfigured
@@ -538,7 +538,7 @@ class Processor:
         amask = self._amask
         for lvl, shift in ((4, 39), (3, 30), (2, 21)):
             idx = (gpa >> shift) & 0x1FF
-            e = words.get(base >> 12, ZERO_WORDS)[idx]
+            e = words[base >> 12][idx]
             if e & check != 1:  # not present, or present with reserved bits
                 if not e & 1:  # the not-present test comes first
                     return _new_exit(ExitInfo, (
@@ -551,7 +551,7 @@ class Processor:
                 ))
             base = e & amask
         idx = (gpa >> 12) & 0x1FF
-        vector = words.get(base >> 12, ZERO_WORDS)[idx]
+        vector = words[base >> 12][idx]
         if vector & SPP_VECTOR_ODD_BITS:
             return _new_exit(ExitInfo, (
                 SppEvent, nmi, gpa, gla, "L1E", vector, base + idx * 8,

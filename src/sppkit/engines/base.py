@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import mmap
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -153,11 +154,17 @@ def check_timeout(timeout: object) -> float:
     return float(timeout)
 
 
-def allocate_ram(ram_size: int, **mmap_kw) -> mmap.mmap:
-    """An anonymous mapping of ``ram_size`` bytes for guest RAM; EngineError naming the
+#: mmap's MAP_NORESERVE (Python 3.11's mmap module lacks the name; 0x4000 on Linux)
+MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
+
+
+def allocate_ram(ram_size: int, flags: int = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS) -> mmap.mmap:
+    """An anonymous mapping of ``ram_size`` bytes for guest RAM, taken lazily
+    (MAP_NORESERVE: only the pages the guest touches take host memory, so a large,
+    sparsely used guest RAM fits a small host, as with a VM's); EngineError naming the
     size when the host refuses it."""
     try:
-        return mmap.mmap(-1, ram_size, **mmap_kw)
+        return mmap.mmap(-1, ram_size, flags=flags | MAP_NORESERVE)
     except (OSError, OverflowError, ValueError) as e:
         raise EngineError(f"cannot allocate {ram_size >> 20:,} MiB of guest RAM: "
                           f"{getattr(e, 'strerror', None) or e}") from None

@@ -80,8 +80,8 @@ from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
 from ..policy import parse_range_arg
 from ..vmm import Decision, SppViolation
-from .monitor import (ENGINE_HELP, JSON_HELP, Progress, check_run_args, writable_ram_problem, cpl_option, engine_option, memory_option,
-                      progress_option, timeout_option)
+from .monitor import (ENGINE_HELP, JSON_HELP, MEMORY_HELP, Progress, check_run_args, cpl_option, engine_option,
+                      memory_option, progress_option, timeout_option, writable_ram_problem)
 
 __all__ = [
     "CHECKPOINT_PORT", "FORMAT_VERSION", "GRANULE", "JOURNAL", "MANIFEST", "SET_VERSION", "CheckpointCorrupted", "CheckpointError", "CheckpointFileError",
@@ -1659,7 +1659,7 @@ def _given(ctx: click.Context, name: str) -> bool:
               help="Where the set is written: a new or empty directory (an existing set is never overwritten).")
 @engine_option
 @click.option("--memory", metavar="SIZE", default="64M", show_default=True, callback=memory_option,
-              help="Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G.")
+              help=MEMORY_HELP)
 @cpl_option
 @click.option("--track", multiple=True, metavar="START:LENGTH",
               help="Track this guest-physical range too (decimal or 0x hex, whole pages; repeatable).  Always "

@@ -37,7 +37,7 @@ from ..engines.base import MAX_TIMEOUT, check_ram_size
 from ..engines.result import RunResult
 from ..vmm import Decision
 from .checkpoint import load_guest_spec
-from .monitor import (JSON_HELP, Progress, check_run_args, cpl_option, engine_option, memory_option,
+from .monitor import (JSON_HELP, MEMORY_HELP, Progress, check_run_args, cpl_option, engine_option, memory_option,
                       progress_option, timeout_option)
 
 __all__ = [
@@ -587,8 +587,7 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
               help="guard_bufs only: bytes written past that buffer's end, 0 (no overflow) to 4096.  "
                    "[default: the guest's own, 3]")
 @click.option("--memory", metavar="SIZE", default="64M", show_default=True, callback=memory_option,
-              help="Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G "
-                   "(guard_bufs needs 6M).")
+              help=MEMORY_HELP + "  (guard_bufs needs 6M.)")
 @cpl_option
 @click.option("--timeout", metavar="SECONDS", type=float, default=60.0, show_default=True, callback=timeout_option,
               help=f"Seconds each run segment (between two ready signals) may take before the guest is stopped, "

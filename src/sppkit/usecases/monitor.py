@@ -943,6 +943,8 @@ ENGINE_HELP = ("kvm: the real CPU (needs a usable /dev/kvm); unicorn: emulated a
                "before it retires; auto: kvm when usable, else unicorn.")
 CPL_HELP = "Privilege level the guest runs at; 3 runs natively under KVM on hosts where CPL 0 is emulated."
 JSON_HELP = "Print one JSON object on stdout instead of tables (notes and progress go to stderr)."
+MEMORY_HELP = ("Guest RAM at GPA 0: bytes, or with a K/M/G suffix; a multiple of 2 MiB from 2M to 512G, taken "
+               "lazily (only the pages the guest touches use host memory).")
 PROGRESS_HELP = "Show what is running on stderr while it runs (only when stderr is a terminal)."
 
 
