@@ -840,6 +840,38 @@ def test_kvm_run_leaves_the_callers_alarm_alone(make):
         signal.signal(signal.SIGALRM, old)
 
 
+def chatty_counting_guest(n: int) -> GuestImage:
+    """``n`` times: `add qword [COUNT_AT], 1`, then a "." to the console; then exit 0."""
+    body = [mov_imm(Register.RCX, n), mov_imm(Register.RAX, ord("."))]
+    loop = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
+            Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL),
+            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
+    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
+    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+
+
+@pytest.mark.parametrize("guest", ["protected-stores", "port-io"])
+def test_unicorn_timeout_is_exact_when_the_guest_makes_callbacks(make, guest):
+    """The timeout waits a moment for the guest's next store to a protected page (held
+    back) or port I/O, where Unicorn stops exactly: then the run can be continued, and
+    every iteration runs once.  (Only a guest making neither is stopped mid-block.)"""
+    if guest == "protected-stores":  # the counter shares its page with a protected sub-page
+        n, image, policy = 400_000, counting_guest(400_000), protect_a("emulate")
+    else:
+        n, image, policy = 300_000, chatty_counting_guest(300_000), None
+    eng = make("unicorn", image, policy=policy, timeout=0.2)
+    before = counter(eng)
+    r = eng.run()
+    assert r.stop_reason == "timeout" and "cannot be continued" not in r.detail, r
+    assert 0 < counter(eng) - before < n
+    eng.timeout = 60.0
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0), r
+    assert counter(eng) - before == n
+    if guest == "port-io":
+        assert r.console == "." * n
+
+
 def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
     """Unicorn cannot be stopped exactly from another thread (see above): the pause lands
     at the engine's next callback, here the exit port's, so the run ends by its exit."""

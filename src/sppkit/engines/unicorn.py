@@ -198,6 +198,10 @@ class UnicornEngine(EngineBase):
         self._held = False  # the run stopped at a store it did not decide (see _on_store)
         #: why the guest cannot be continued (a run that timed out between two stores), or None
         self._inexact: str | None = None
+        self._stop_lock = threading.Lock()  # orders the timeout's hard stop against the run's end
+        self._emulating = False
+        self._hard_stopped = False  # the timeout stopped the run from its thread (mid-block)
+        self._hard_timer: threading.Timer | None = None
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
         self._timed_out = False
@@ -339,6 +343,11 @@ class UnicornEngine(EngineBase):
             if pause:
                 self._hold_stores()
                 uc.emu_stop()
+                return
+        if self._timed_out and self.exit_code is None and not self._holding:
+            # the timeout: stop here, exactly, as a port handler's pause does (see _time_out)
+            self._hold_stores()
+            uc.emu_stop()
 
     @_guard
     def _hook_in(self, uc, port, size, user_data):
@@ -636,6 +645,8 @@ class UnicornEngine(EngineBase):
         self._timed_out = False
         self._held = False
         self._ending = False
+        self._emulating = True  # (read by the timeout's hard stop, under _stop_lock)
+        self._hard_stopped = False
         if timer:
             timer.daemon = True
             timer.start()
@@ -688,8 +699,13 @@ class UnicornEngine(EngineBase):
             return self.result("shutdown", rip_at=rip, exits=self.exits,
                                detail=f"guest fault at rip={rip:#x}: {e}" + (f" (`{d.text}`)" if d else ""))
         finally:
+            with self._stop_lock:
+                self._emulating = False
             if timer:
                 timer.cancel()
+            if self._hard_timer is not None:
+                self._hard_timer.cancel()
+                self._hard_timer = None
             for h in self._code_hooks:
                 uc.hook_del(h)
             self._code_hooks.clear()
@@ -703,11 +719,13 @@ class UnicornEngine(EngineBase):
             self._pause = False
             return self.result("paused", rip_at=rip, exits=self.exits)
         if self._timed_out:
-            # The timer's emu_stop() comes from another thread: Unicorn then leaves the
-            # guest in the middle of a translated block with RIP at the block's start
+            if not self._hard_stopped:  # (it ended on its own meanwhile: exact)
+                return self.result("timeout", rip_at=rip, exits=self.exits,
+                                   detail=f"no exit within {self.timeout} s")
+            # The hard stop's emu_stop() comes from another thread: Unicorn then leaves
+            # the guest in the middle of a translated block with RIP at the block's start
             # (measured: the block's first store made, RIP still before it), so the
-            # instructions already done would run again.  (A run stopped at a store
-            # held back, above, is exact: the fault restores RIP.)
+            # instructions already done would run again.
             self._inexact = ("the last run timed out, and Unicorn stops a run from its timer in the middle of "
                              "a translated block with RIP at the block's start (continuing would run "
                              "instructions twice): this guest cannot be continued exactly; construct a new "
@@ -717,10 +735,24 @@ class UnicornEngine(EngineBase):
                                       "that was running (Unicorn stops mid-block), so the run cannot be continued")
         return self.result("halt", rip_at=rip, exits=self.exits, detail="the instruction limit was reached")
 
+    #: seconds the timeout waits for the run to stop exactly (at its next store to a
+    #: protected page, held back, or its next port I/O) before stopping it from the timer
+    #: thread, which Unicorn does mid-block
+    _HARD_STOP_AFTER = 0.05
+
     def _time_out(self) -> None:
         self._timed_out = True
-        self._ending = True
-        self.uc.emu_stop()
+        self._ending = True  # the next store to a protected page stops the run, exactly (see _on_store)
+        t = threading.Timer(self._HARD_STOP_AFTER, self._time_out_hard)
+        t.daemon = True
+        self._hard_timer = t
+        t.start()
+
+    def _time_out_hard(self) -> None:
+        with self._stop_lock:
+            if self._emulating:
+                self._hard_stopped = True
+                self.uc.emu_stop()
 
     def _on_ctrl_c(self) -> None:
         """Ctrl-C while the guest runs (see _CtrlC): stop the emulation, from the watching
