@@ -5,13 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from . import __version__
 
 from .engines.base import MAX_TIMEOUT  # (the engines' own limit: one rule)
-from .usecases.monitor import MEMORY_HELP, timeout_option
+from .usecases.monitor import MEMORY_HELP, Progress, progress_option, timeout_option
 
 
 _NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
@@ -277,8 +278,9 @@ def _same_file(a: str, b: str | None) -> bool:
               help="Record the guest's writes (gpa, size, rip) as a native trace (.npz, or .parquet "
                    "with pyarrow) for `sppkit replay`: every write under Unicorn, the writes to "
                    "protected pages under KVM.  An existing FILE is replaced.")
+@progress_option
 def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, timeout, flat_at, entry, as_json,
-        record_file):
+        record_file, progress):
     """Run GUEST with sub-page write protection and report its writes to protected
     sub-pages (violations), what page-granular protection would have trapped, and
     the guest's console.
@@ -332,7 +334,8 @@ def run(guest, engine, policy_file, protect, decision, cpl, memory, spp_mode, ti
                 _warn(f"--record with the {eng.name} engine: only writes to pages holding a protected sub-page "
                       "reach the VMM and are recorded (the rest run on the CPU); use --engine unicorn to record "
                       "every write")
-        result = eng.run()
+        with Progress(f"run: {Path(str(guest)).name} on the {eng.name} engine (Ctrl-C stops it)…", progress):
+            result = eng.run()
     except BaseException:
         if recorder is not None:
             recorder.abort()  # a run that failed leaves no half-written trace

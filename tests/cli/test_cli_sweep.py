@@ -605,3 +605,23 @@ def test_record_then_replay(files, tmp_path):
 
     t = read_trace(rec)
     assert t["gpa"].tolist() == [0x401000] and np.all(t["size"] == 8)
+
+
+def test_run_shows_progress_on_a_terminal(monkeypatch):
+    """fix: `sppkit run` showed nothing while a long guest ran (the use-case commands had
+    a spinner).  Now a status line on stderr, only when stderr is a terminal (forced
+    here), and never with --no-progress; stdout keeps the JSON alone."""
+    import sppkit.usecases.monitor as M
+    from sppkit.cli import main
+    from sppkit.guests import toolchain_status
+
+    ok, why = toolchain_status()
+    if not ok:
+        pytest.skip(f"the bundled guest cannot be built: {why}")
+    monkeypatch.setattr(M, "stderr_is_terminal", lambda: True)
+    r = CliRunner().invoke(main, ["run", "selftest", "--engine", "unicorn", "--json"])
+    assert r.exit_code == 0, r.output
+    json.loads(r.stdout)
+    assert "run: selftest on the unicorn engine (Ctrl-C stops it)" in r.stderr
+    r = CliRunner().invoke(main, ["run", "selftest", "--engine", "unicorn", "--json", "--no-progress"])
+    assert r.exit_code == 0 and "Ctrl-C stops it" not in r.stderr
