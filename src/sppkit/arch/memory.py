@@ -191,12 +191,18 @@ class HostMemory:
     def _backed_frame(self, pfn: int):
         """The frame of ``pfn`` when it lies in a backed range (a view of the backing,
         entered in _frames and _words now), else None."""
+        f = self._backed_view(pfn)
+        if f is not None:
+            self._add_frame(pfn, f)
+        return f
+
+    def _backed_view(self, pfn: int):
+        """A view of the backing of ``pfn`` when it lies in a backed range, else None;
+        entered nowhere (reads need no frame of their own)."""
         for lo, hi, mv in self._backed:
             if lo <= pfn < hi:
                 k = pfn - lo
-                f = mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
-                self._add_frame(pfn, f)
-                return f
+                return mv[k << PAGE_SHIFT : (k + 1) << PAGE_SHIFT]
         return None
 
     def _in_backed(self, pfn: int) -> bool:
@@ -356,7 +362,7 @@ class HostMemory:
         if type(hpa) is int and (off := hpa & 0xFFF) <= 4088 and 0 <= hpa < self.limit:
             f = self._frames.get(hpa >> 12)
             if f is None and self._backed:
-                f = self._backed_frame(hpa >> 12)
+                f = self._backed_view(hpa >> 12)
             return 0 if f is None else _unpack_u64(f, off)[0]
         return int.from_bytes(self.read(hpa, 8), "little")
 
@@ -386,7 +392,7 @@ class HostMemory:
             take = min(n, PAGE_SIZE - off)
             f = self._frames.get(hpa >> PAGE_SHIFT)
             if f is None and self._backed:
-                f = self._backed_frame(hpa >> PAGE_SHIFT)
+                f = self._backed_view(hpa >> PAGE_SHIFT)
             out += bytes(take) if f is None else f[off : off + take]
             hpa += take
             n -= take
