@@ -271,7 +271,10 @@ class HostMemory:
         can share its low address bits with its backing, letting huge EPT leaves map
         it).  Frames are materialised lazily, on first write — unless ``backing`` (a
         writable buffer of ``size`` bytes, e.g. an ``mmap``) is given: then the frames
-        *are* that buffer, so what is written here is what a real vCPU reads there.
+        *are* that buffer, so what is written here is what a real vCPU reads there, and
+        what the vCPU writes there is read here.  A backed frame, too, is entered in the
+        frame tables only when first written or walked (reads read the backing), so a
+        large backing costs nothing up front.
         """
         if backing is not None:
             mv = memoryview(backing).cast("B")
