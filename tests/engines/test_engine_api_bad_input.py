@@ -627,6 +627,53 @@ CTRL_C_RUN = textwrap.dedent("""
 """)
 
 
+WAKEUP_FD_RUN = textwrap.dedent("""
+    import signal, socket, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    seen = []
+    signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    r, w = socket.socketpair()
+    w.setblocking(False)
+    signal.set_wakeup_fd(w.fileno())
+    sys.path.insert(0, {tests!r})
+    from test_engine_api_bad_input import engine_class, spin_guest
+    from engine_helpers import RAM
+    cls, extra = engine_class("unicorn")
+    eng = cls(spin_guest(), ram_size=RAM, timeout=1.0, **extra)
+    print("ready", flush=True)
+    res = eng.run()
+    print("run:", res.stop_reason)
+    print("wakeup fd kept:", signal.set_wakeup_fd(-1) == w.fileno())
+    r.setblocking(False)
+    print("forwarded:", sorted(set(r.recv(64))))
+    print("handler ran:", seen == [signal.SIGUSR1])
+""")
+
+
+def test_unicorn_run_passes_signals_on_to_the_callers_wakeup_fd():
+    """The Ctrl-C watcher borrows Python's signal wakeup fd while Unicorn runs: the
+    caller's own wakeup fd (asyncio's, say) still gets every signal number, and is put
+    back after the run.  In a subprocess."""
+    import os
+    import signal
+    import time
+
+    tests = os.path.dirname(__file__)
+    p = subprocess.Popen([sys.executable, "-c", WAKEUP_FD_RUN.format(tests=tests)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+        time.sleep(0.3)
+        p.send_signal(signal.SIGUSR1)
+        out, err = p.communicate(timeout=50)
+    finally:
+        p.kill()
+    assert "run: timeout" in out, out + err
+    assert "wakeup fd kept: True" in out, out + err
+    assert f"forwarded: [{int(signal.SIGUSR1)}]" in out, out + err
+    assert "handler ran: True" in out, out + err
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_ctrl_c_stops_a_guest_that_never_exits(engine):
     """fix: under Unicorn, Ctrl-C did nothing until the timeout (60 s by default):
