@@ -919,6 +919,24 @@ def test_unicorn_timeout_is_exact_when_the_guest_makes_callbacks(make, guest):
         assert r.console == "." * n
 
 
+def test_unicorn_pause_from_another_thread_lands_at_the_next_console_output(make):
+    """fix: a pause asked for from another thread was honoured only at stores to
+    protected pages and at ports with a handler, not at console output.  Now at any
+    port I/O: the run pauses right after the `out`, exactly (the counter and the
+    console agree), and goes on from there."""
+    n = 300_000
+    eng = make("unicorn", chatty_counting_guest(n), timeout=60.0)
+    before = counter(eng)
+    t = _pause_from_another_thread(eng, after=0.05)
+    r = eng.run()
+    t.join()
+    assert r.stop_reason == "paused", r
+    done = counter(eng) - before
+    assert 0 < done < n and r.console == "." * done  # stopped right after an iteration's `out`
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == n and r.console == "." * n
+
+
 def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
     """Unicorn cannot be stopped exactly from another thread (see above): the pause lands
     at the engine's next callback, here the exit port's, so the run ends by its exit."""

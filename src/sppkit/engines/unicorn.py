@@ -344,8 +344,11 @@ class UnicornEngine(EngineBase):
                 self._hold_stores()
                 uc.emu_stop()
                 return
-        if self._timed_out and self.exit_code is None and not self._holding:
-            # the timeout: stop here, exactly, as a port handler's pause does (see _time_out)
+        if (self._timed_out or self._pause) and self.exit_code is None and not self._holding \
+                and not self._code_hooks:
+            # the timeout, or a pause asked for from another thread: stop here, exactly, as
+            # a port handler's pause does.  (Not while a one-address code hook waits for
+            # the next instruction, see _stop_at: stores met on the way must be decided.)
             self._hold_stores()
             uc.emu_stop()
 
