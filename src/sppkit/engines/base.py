@@ -158,12 +158,17 @@ def check_timeout(timeout: object) -> float:
 MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000 if sys.platform.startswith("linux") else 0)
 
 
-def allocate_ram(ram_size: int, flags: int = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS) -> mmap.mmap:
-    """An anonymous mapping of ``ram_size`` bytes for guest RAM, taken lazily
+def allocate_ram(ram_size: int, flags: int | None = None) -> mmap.mmap:
+    """An anonymous mapping of ``ram_size`` bytes for guest RAM (``flags``: the mmap
+    flags, default MAP_SHARED | MAP_ANONYMOUS), taken lazily where the host can
     (MAP_NORESERVE: only the pages the guest touches take host memory, so a large,
     sparsely used guest RAM fits a small host, as with a VM's); EngineError naming the
     size when the host refuses it."""
     try:
+        if not hasattr(mmap, "MAP_ANONYMOUS"):  # (Windows: no mmap flags)
+            return mmap.mmap(-1, ram_size)
+        if flags is None:
+            flags = mmap.MAP_SHARED | mmap.MAP_ANONYMOUS
         return mmap.mmap(-1, ram_size, flags=flags | MAP_NORESERVE)
     except (OSError, OverflowError, ValueError) as e:
         raise EngineError(f"cannot allocate {ram_size >> 20:,} MiB of guest RAM: "
