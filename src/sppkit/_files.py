@@ -6,6 +6,11 @@ import os
 import stat
 
 
+#: os.open flags to read a file whole: non-blocking (a FIFO must not wait for a writer)
+#: and binary (no newline translation), where the platform has them
+READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
 class FileProblem(ValueError):
     """Why a file cannot be read whole; the message does not name the path (the caller
     puts it in its own error)."""
@@ -19,7 +24,7 @@ def read_regular_file(path, limit: int, what: str) -> bytes:
     O_NONBLOCK), and so is a file larger than ``limit``; ``what`` names what the file
     should be ("a policy file").  Every refusal is a :class:`FileProblem`."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        fd = os.open(path, READ_FLAGS)
     except OSError as e:
         raise FileProblem(f"cannot read {what}: {e.strerror or e}") from None
     except (ValueError, TypeError) as e:  # an embedded NUL byte, not a path

@@ -75,6 +75,7 @@ from typing import Callable, Iterable, Iterator, NoReturn
 import click
 
 from ..engines import DEFAULT_RAM, choose_engine
+from .._files import READ_FLAGS
 from ..arch.memory import MAX_READ
 from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
@@ -657,7 +658,7 @@ def _read_bytes(path: Path) -> bytes:
     """``path.read_bytes()`` for a set's files, but a FIFO, device or socket is refused
     as an OSError before anything is read (a FIFO would wait for a writer, a device might
     never end); a directory is ``IsADirectoryError``, as read_bytes gives it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    fd = os.open(path, READ_FLAGS)
     try:
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode):
@@ -732,7 +733,7 @@ def _append(path: Path, line: bytes) -> None:
     to what it was (so no torn line is left before a later one) and
     :class:`CheckpointWriteError` names it."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | getattr(os, "O_BINARY", 0))
     except OSError as e:
         raise CheckpointWriteError(e.errno, f"cannot append to {path}: {e.strerror or e}") from e
     try:
