@@ -1113,3 +1113,32 @@ def test_result_json_is_strict(make, engine, stop):
     for v in r.violations:
         json.dumps(v.to_dict(), allow_nan=False)
 
+
+
+# ======================================================================= guest RAM
+def test_guest_ram_is_taken_lazily_and_allocation_failures_are_named(monkeypatch):
+    """allocate_ram maps guest RAM with MAP_NORESERVE (only touched pages use host
+    memory); where the platform has no mmap flags (Windows) it maps without them; a
+    refusal is an EngineError naming the size."""
+    import mmap
+
+    from sppkit.engines import base
+
+    seen = []
+    real = mmap.mmap
+
+    def spy(*args, **kw):
+        seen.append(kw.get("flags"))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(mmap, "mmap", spy)
+    base.allocate_ram(2 << 20).close()
+    assert seen[-1] == mmap.MAP_SHARED | mmap.MAP_ANONYMOUS | base.MAP_NORESERVE
+    base.allocate_ram(2 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS).close()
+    assert seen[-1] == mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | base.MAP_NORESERVE
+    monkeypatch.delattr(mmap, "MAP_ANONYMOUS")  # as on Windows
+    base.allocate_ram(2 << 20).close()
+    assert seen[-1] is None
+    monkeypatch.undo()
+    with pytest.raises(EngineError, match=r"cannot allocate 1,099,511,627,776 MiB of guest RAM"):
+        base.allocate_ram(1 << 60)
