@@ -623,5 +623,8 @@ def test_run_shows_progress_on_a_terminal(monkeypatch):
     assert r.exit_code == 0, r.output
     json.loads(r.stdout)
     assert "run: selftest on the unicorn engine (Ctrl-C stops it)" in r.stderr
+    import re
+
+    assert re.search(r"Ctrl-C stops it\)…(\x1b\[[0-9;]*m)*\s+\d+ s", r.stderr), r.stderr  # the seconds so far
     r = CliRunner().invoke(main, ["run", "selftest", "--engine", "unicorn", "--json", "--no-progress"])
     assert r.exit_code == 0 and "Ctrl-C stops it" not in r.stderr

@@ -1021,9 +1021,9 @@ def stderr_is_terminal() -> bool:
 
 
 class Progress:
-    """One transient status line on stderr (a spinner and a text), shown only when
-    ``enabled`` and stderr is a terminal; otherwise every call does nothing.  A context
-    manager: the line disappears at the end."""
+    """One transient status line on stderr (a spinner, a text and the seconds elapsed),
+    shown only when ``enabled`` and stderr is a terminal; otherwise every call does
+    nothing.  A context manager: the line disappears at the end."""
 
     def __init__(self, text: str, enabled: bool = True) -> None:
         self._live = None
@@ -1032,8 +1032,19 @@ class Progress:
             from rich.console import Console
             from rich.live import Live
             from rich.spinner import Spinner
+            from rich.text import Text
 
-            self._spinner = Spinner("dots", text=text)
+            started = time.monotonic()
+
+            class _Elapsed(Spinner):  # the text, then the seconds so far, at every refresh
+                status = ""
+
+                def render(self, t: float):
+                    self.text = Text.from_markup(self.status) + Text(f"  {time.monotonic() - started:.0f} s", "dim")
+                    return super().render(t)
+
+            self._spinner = _Elapsed("dots")
+            self._spinner.status = text
             self._live = Live(self._spinner, console=Console(stderr=True, force_terminal=True), transient=True,
                               refresh_per_second=8)
 
@@ -1046,7 +1057,7 @@ class Progress:
         """Show ``text``: at once the first time and then at most every 0.1 s (the
         spinner's own refresh picks up the rest), so frequent updates cost little."""
         if self._live is not None:
-            self._spinner.update(text=text)
+            self._spinner.status = text
             now = time.monotonic()
             if now - self._shown >= 0.1:
                 self._shown = now
