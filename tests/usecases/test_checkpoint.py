@@ -529,10 +529,11 @@ def edit_manifest(d: Path, edit) -> None:
     body["checkpoints"] = [r["checkpoint"] for r in records if "checkpoint" in r]
     body["final"] = next(r["final"] for r in records if "final" in r)
     edit(body)
-    entries, final = body.pop("checkpoints"), body.pop("final", None)
+    absent = object()
+    entries, final = body.pop("checkpoints"), body.pop("final", absent)
     m.write_bytes(C._manifest_bytes(body))
     chain, out = C._manifest_digest(body), b""
-    for record in [{"checkpoint": e} for e in entries] + ([{"final": final}] if final is not None else []):
+    for record in [{"checkpoint": e} for e in entries] + ([{"final": final}] if final is not absent else []):
         chain, line = C._journal_line(chain, record)
         out += line
     (d / "checkpoints.jsonl").write_bytes(out)
@@ -585,6 +586,14 @@ MANIFEST_EDITS = [
     pytest.param(put(("checkpoints", 6, "memory_sha256"), 5), "checkpoints[6].memory_sha256",
                  id="memory_sha256=5"),
     pytest.param(put(("final",), 5), "final", id="final=5"),
+    pytest.param(put(("final",), None), "final", id="fix:final=null"),
+    pytest.param(put(("final", "exit_code"), "[/]"), "final.exit_code", id="fix:final.exit_code=markup"),
+    pytest.param(put(("final", "stop_reason"), 3), "final.stop_reason", id="fix:final.stop_reason=3"),
+    pytest.param(put(("checkpoints", 6, "bytes"), "5140"), "checkpoints[6].bytes", id="fix:bytes='5140'"),
+    pytest.param(put(("checkpoints", 6, "dirty_pages"), "[/]"), "checkpoints[6].dirty_pages",
+                 id="fix:dirty_pages=markup"),
+    pytest.param(put(("checkpoints", 6, "spp_exits"), -1), "checkpoints[6].spp_exits", id="fix:spp_exits=-1"),
+    pytest.param(put(("checkpoints", 6, "reason"), 5), "checkpoints[6].reason", id="fix:reason=5"),
 ]
 
 
@@ -594,7 +603,7 @@ def test_manifest_fields_are_validated(cset, edit, field):
     with pytest.raises(C.CheckpointCorrupted) as e:
         C.restore_checkpoint(cset, resume=True, engine="unicorn")
     if field.startswith(("checkpoints", "final")):  # listed in the journal: its line is named
-        line = 8 if field == "final" else int(field.split("[")[1].split("]")[0]) + 1
+        line = 8 if field.startswith("final") else int(field.split("[")[1].split("]")[0]) + 1
         where = f"{cset / 'checkpoints.jsonl'}: line {line}: "
     else:
         where = f"{cset / 'manifest.json'}: "
@@ -620,6 +629,25 @@ def test_cli_restore_reports_a_bad_manifest_in_one_line(cset, edit, field):
     assert len(lines) == 1 and lines[0].startswith("sppkit: error: "), r.stderr
     assert ("checkpoints.jsonl" if field.startswith("checkpoints") else "manifest.json") in lines[0]
     assert f"field {field} " in lines[0]
+
+
+@pytest.mark.parametrize("edit, field", [
+    pytest.param(put(("checkpoints", 6, "bytes"), "5140"), "checkpoints[6].bytes", id="bytes='5140'"),
+    pytest.param(put(("checkpoints", 6, "dirty_pages"), "[/]"), "checkpoints[6].dirty_pages", id="markup"),
+    pytest.param(put(("final", "exit_code"), "[/]"), "final.exit_code", id="final-markup"),
+])
+def test_cli_restore_list_reports_a_bad_index_in_one_line(cset, edit, field):
+    """fix: `restore --list` printed fields nobody checked: a traceback (TypeError,
+    rich's MarkupError) for a hand-edited index whose checksums were recomputed."""
+    from click.testing import CliRunner
+
+    from sppkit.cli import main
+
+    edit_manifest(cset, edit)
+    r = CliRunner().invoke(main, ["restore", str(cset), "--list"])
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 2, (r.exception, r.output)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sppkit: error: ") and f"field {field} " in lines[0], r.stderr
 
 
 def test_manifest_nested_too_deeply(cset):

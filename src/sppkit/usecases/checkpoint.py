@@ -991,13 +991,33 @@ def _check_entries(path: Path, entries, final, *, lines: bool) -> None:
         v = e.get("memory_sha256")
         if v is not None and not _is_hex(v, 64):
             fail(i, f"checkpoints[{i}].memory_sha256", v, "must be 64 lowercase hex digits")
-    if final is not None and not isinstance(final, dict):
-        fail(len(entries) if isinstance(entries, list) else None, "final", final, "must be an object")
+        for key in ("bytes", "dirty_subpages", "dirty_pages", "spp_exits"):  # (informational, but listed)
+            v = e.get(key, _MISSING)
+            if v is not _MISSING and (not _is_int(v) or v < 0):
+                fail(i, f"checkpoints[{i}].{key}", v, "must be a non-negative integer")
+        v = e.get("reason", _MISSING)
+        if v is not _MISSING and not isinstance(v, str):
+            fail(i, f"checkpoints[{i}].reason", v, "must be a string")
+    if final is _MISSING:
+        return
+    at = len(entries) if isinstance(entries, list) else None
+    if not isinstance(final, dict):
+        fail(at, "final", final, "must be an object")
+    v = final.get("exit_code")
+    if v is not None and (not _is_int(v) or not 0 <= v < 1 << 32):
+        fail(at, "final.exit_code", v, "must be an integer from 0 to 2**32 - 1, or null")
+    v = final.get("stop_reason", _MISSING)
+    if v is not _MISSING and not isinstance(v, str):
+        fail(at, "final.stop_reason", v, "must be a string")
+    v = final.get("console_sha256")
+    if v is not None and not _is_hex(v, 64):
+        fail(at, "final.console_sha256", v, "must be 64 lowercase hex digits")
 
 
-def _read_journal(jpath: Path, root: str) -> tuple[list, dict | None, int | None]:
+def _read_journal(jpath: Path, root: str) -> tuple[list, object, int | None]:
     """``(entries, final, torn_line)`` from a version 2 set's journal, every line's chain
-    checked from ``root`` (the manifest's SHA-256)."""
+    checked from ``root`` (the manifest's SHA-256); ``final`` is ``_MISSING`` when the
+    journal has no end record."""
     if jpath.is_dir():
         raise CheckpointCorrupted(jpath, "is a directory, not the set's list of checkpoints")
     try:
@@ -1010,10 +1030,10 @@ def _read_journal(jpath: Path, root: str) -> tuple[list, dict | None, int | None
     tail = pieces.pop()  # b"" when the journal ends with a newline
     torn = len(pieces) + 1 if tail else None
     entries: list = []
-    final = None
+    final: object = _MISSING
     prev = root
     for n, piece in enumerate(pieces, 1):
-        if final is not None:
+        if final is not _MISSING:
             raise CheckpointCorrupted(jpath, f"line {n}: a line after the run's final record (line {n - 1})")
         try:
             rec = json.loads(piece.decode("utf-8"))
@@ -1085,7 +1105,7 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
     torn = None
     if version == 1:
         listed_in = mpath
-        _check_entries(mpath, body.get("checkpoints", _MISSING), body.get("final"), lines=False)
+        _check_entries(mpath, body.get("checkpoints", _MISSING), body.get("final", _MISSING), lines=False)
     else:
         for key in ("checkpoints", "final"):
             if key in body:
@@ -1095,7 +1115,7 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
         entries, final, torn = _read_journal(listed_in, digest)
         _check_entries(listed_in, entries, final, lines=True)
         body = dict(body, checkpoints=entries)
-        if final is not None:
+        if final is not _MISSING:
             body["final"] = final
     try:
         return CheckpointSet(d, body, listed_in=listed_in.name, torn_line=torn)
@@ -1562,7 +1582,7 @@ def print_listing(cs: CheckpointSet, console) -> None:
         t.add_column(col, justify="left" if col == "reason" else "right")
     for e in cs.entries:
         t.add_row(str(e["index"]), escape(str(e.get("reason", ""))), _fmt_bytes(e.get("bytes")),
-                  str(e.get("dirty_subpages", "—")), str(e.get("dirty_pages", "—")), str(e.get("spp_exits", "—")))
+                  *(escape(str(e.get(k, "—"))) for k in ("dirty_subpages", "dirty_pages", "spp_exits")))
     console.print(t)
     f = m.get("final")
     if f is None:
@@ -1572,7 +1592,7 @@ def print_listing(cs: CheckpointSet, console) -> None:
         console.print(f"run end: {escape(str(f.get('stop_reason')))}, exit code {'—' if code is None else code}")
     if cs.torn_line is not None:
         console.print(f"[yellow]note: line {cs.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
-                      "while writing it): that checkpoint is not part of the set[/]")
+                      "while writing it): it is not part of the set[/]")
     console.print("[dim]listed from the verified index; `sppkit restore DIR --to K` verifies the files 0..K[/]")
 
 
@@ -1622,7 +1642,7 @@ def print_restore(res: RestoreResult, console) -> None:
                   f"rflags {res.regs.get('rflags', 0):#x}")
     if res.torn_line is not None:
         console.print(f"[yellow]note: line {res.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
-                      "while writing it): that checkpoint is not part of the set[/]")
+                      "while writing it): it is not part of the set[/]")
     if res.guest_problem is not None:
         console.print(f"[red]guest copy: {escape(res.guest_problem)}: the set cannot be resumed[/]")
     if res.result is not None:
