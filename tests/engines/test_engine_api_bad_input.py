@@ -606,8 +606,12 @@ def test_run_after_a_stop_decision(make, engine):
 
 
 CTRL_C_RUN = textwrap.dedent("""
-    import signal, sys
+    import os, resource, signal, sys
     signal.signal(signal.SIGINT, signal.default_int_handler)  # (a child of a background job may ignore it)
+    if {many_fds}:  # fds numbered above 1024, which select() cannot watch
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+        held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
     sys.path.insert(0, {tests!r})
     from test_engine_api_bad_input import engine_class, spin_guest
     from engine_helpers import RAM
@@ -674,8 +678,9 @@ def test_unicorn_run_passes_signals_on_to_the_callers_wakeup_fd():
     assert "handler ran: True" in out, out + err
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_ctrl_c_stops_a_guest_that_never_exits(engine):
+@pytest.mark.parametrize("engine, many_fds", [("unicorn", False), ("kvm", False), ("unicorn", True)],
+                         ids=["unicorn", "kvm", "unicorn-fds-above-1024"])
+def test_ctrl_c_stops_a_guest_that_never_exits(engine, many_fds):
     """fix: under Unicorn, Ctrl-C did nothing until the timeout (60 s by default):
     Python runs its SIGINT handler only between bytecodes, never inside emu_start, and a
     looping guest makes no callback.  Now KeyboardInterrupt comes at once; that guest
@@ -688,7 +693,12 @@ def test_ctrl_c_stops_a_guest_that_never_exits(engine):
     import signal
 
     tests = os.path.dirname(__file__)
-    p = subprocess.Popen([sys.executable, "-c", CTRL_C_RUN.format(tests=tests, engine=engine)],
+    if many_fds:
+        import resource
+
+        if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 1200:
+            pytest.skip("this host's hard limit on open files is below 1200")
+    p = subprocess.Popen([sys.executable, "-c", CTRL_C_RUN.format(tests=tests, engine=engine, many_fds=many_fds)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "ready"
@@ -935,6 +945,60 @@ def test_unicorn_pause_from_another_thread_lands_at_the_next_console_output(make
     assert 0 < done < n and r.console == "." * done  # stopped right after an iteration's `out`
     r = eng.run()
     assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == n and r.console == "." * n
+
+
+def test_unicorn_pause_and_a_hard_timeout_stop_is_a_timeout_that_cannot_be_continued(make):
+    """Review fix: a pause from another thread that had not landed (no callback) when the
+    timeout stopped the run mid-block was reported as "paused", and continuing ran
+    instructions twice.  It is the timeout's stop: reported so, and refused."""
+    eng = make("unicorn", counting_guest(200_000_000), timeout=0.3)
+    t = _pause_from_another_thread(eng, after=0.05)
+    r = eng.run()
+    t.join()
+    assert r.stop_reason == "timeout" and "cannot be continued" in r.detail, r
+    with pytest.raises(EngineError, match="cannot be continued exactly"):
+        eng.run()
+
+
+def polling_guest(n: int) -> GuestImage:
+    """``n`` times: `in al, 0x80`, then `add qword [COUNT_AT], 1`; then exit 0."""
+    body = [mov_imm(Register.RCX, n)]
+    loop = [Ins.create_reg_u32(Code.IN_AL_IMM8, Register.AL, 0x80),
+            Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
+            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
+    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
+    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+
+
+def test_unicorn_pause_from_another_thread_lands_at_port_input(make):
+    """Review fix: port input (`in`) did not honour a pause asked for from another
+    thread, so a guest polling a port paused only at the timeout.  Now it stops right
+    after the `in`, exactly, and goes on from there."""
+    n = 2_000_000
+    eng = make("unicorn", polling_guest(n), timeout=60.0)
+    before = counter(eng)
+    t = _pause_from_another_thread(eng, after=0.05)
+    r = eng.run()
+    t.join()
+    assert r.stop_reason == "paused", r
+    assert 0 <= counter(eng) - before < n
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == n
+
+
+def test_unicorn_a_late_timer_does_not_stop_a_later_run(make):
+    """Review fix: a timeout timer of an earlier run (one that fired as it ended) could
+    stop the next run mid-block.  Timers act on their own run only."""
+    eng = make("unicorn", counting_guest(300_000), timeout=60.0, policy=protect_a("emulate"))
+    before = counter(eng)
+    old_run = eng._run_id
+    eng._time_out(old_run)  # a timer of a run that is not running: nothing happens
+    assert not eng._timed_out and eng._hard_timer is None
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == 300_000
+    assert eng._run_id == old_run + 1
+    eng._time_out(old_run + 1)  # that run's own timer, late: nothing either
+    assert not eng._timed_out and not eng._hard_stopped
 
 
 def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):

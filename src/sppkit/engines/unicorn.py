@@ -23,9 +23,11 @@ pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import functools
 import os
-import select
+import selectors
 import signal
 import socket
 import threading
@@ -198,9 +200,10 @@ class UnicornEngine(EngineBase):
         self._held = False  # the run stopped at a store it did not decide (see _on_store)
         #: why the guest cannot be continued (a run that timed out between two stores), or None
         self._inexact: str | None = None
-        self._stop_lock = threading.Lock()  # orders the timeout's hard stop against the run's end
+        self._stop_lock = threading.Lock()  # orders the timeout's and Ctrl-C's stops against the run's end
+        self._run_id = 0  # which run a timer or Ctrl-C belongs to
         self._emulating = False
-        self._hard_stopped = False  # the timeout stopped the run from its thread (mid-block)
+        self._hard_stopped = False  # the run was stopped from another thread (mid-block)
         self._hard_timer: threading.Timer | None = None
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
@@ -355,6 +358,9 @@ class UnicornEngine(EngineBase):
     @_guard
     def _hook_in(self, uc, port, size, user_data):
         self.exits["Io"] += 1
+        if (self._timed_out or self._pause) and not self._holding and not self._code_hooks:
+            self._hold_stores()  # (as _hook_out: stop here, exactly)
+            uc.emu_stop()
         return (1 << (8 * size)) - 1
 
     def _hook_write_prot(self, uch, access, address, size, value, user_data):
@@ -642,28 +648,33 @@ class UnicornEngine(EngineBase):
         start = self._pc
         if self._holding or self.vm.ept_generation != self._generation:
             self._project()  # protections changed since the last run or pause
-        # The timeout is a timer calling emu_stop(): emu_start(timeout=...) would make
-        # Unicorn check a clock in every block (about 20 % slower here).
-        timer = threading.Timer(self.timeout, self._time_out) if self.timeout else None
-        self._timed_out = False
-        self._held = False
-        self._ending = False
-        self._emulating = True  # (read by the timeout's hard stop, under _stop_lock)
-        self._hard_stopped = False
-        if timer:
-            timer.daemon = True
-            timer.start()
         if self._native is not None:
             self._native[0].sppkit_uc_reset_cover(ctypes.byref(self._native[1]))
         else:
             self._cover = None
+        timer = None
+        watch = _CtrlC()
         try:
+            with self._stop_lock:  # (a timer or Ctrl-C of an earlier run acts on its own run only)
+                self._run_id += 1
+                self._emulating = True
+                self._timed_out = False
+                self._held = False
+                self._ending = False
+                self._hard_stopped = False
+            if self.timeout:
+                # The timeout is a timer calling _time_out: emu_start(timeout=...) would
+                # make Unicorn check a clock in every block (about 20 % slower here).
+                timer = threading.Timer(self.timeout, self._time_out, args=(self._run_id,))
+                timer.daemon = True
+                timer.start()
             try:
                 # (no stop address: the guest stops by its exit port; 0 would stop a guest
                 # whose entry point is gpa 0 before its first instruction)
-                with _CtrlC(self._on_ctrl_c):
-                    self._emulate(start)
+                watch.start(functools.partial(self._on_ctrl_c, self._run_id))
+                self._emulate(start)
             finally:
+                watch.close()
                 self._smc = None
                 self._flush_code()
                 if self._wp_calls:
@@ -702,26 +713,29 @@ class UnicornEngine(EngineBase):
             return self.result("shutdown", rip_at=rip, exits=self.exits,
                                detail=f"guest fault at rip={rip:#x}: {e}" + (f" (`{d.text}`)" if d else ""))
         finally:
-            with self._stop_lock:
-                self._emulating = False
-            if timer:
-                timer.cancel()
-            if self._hard_timer is not None:
-                self._hard_timer.cancel()
-                self._hard_timer = None
-            for h in self._code_hooks:
-                uc.hook_del(h)
-            self._code_hooks.clear()
+            with _sigint_held():  # (a Ctrl-C here must not leave the watcher, or a timer, armed)
+                with self._stop_lock:
+                    self._emulating = False
+                    hard, self._hard_timer = self._hard_timer, None
+                watch.close()  # (idempotent: also when an exception came before the inner finally)
+                if timer is not None:
+                    timer.cancel()
+                if hard is not None:
+                    hard.cancel()
+                for h in self._code_hooks:
+                    uc.hook_del(h)
+                self._code_hooks.clear()
         if self._error is not None:
             self._raise_error()
         rip = uc.reg_read(UC_X86_REG_RIP)
         self._pc = rip
         if self.exit_code is not None:
             return self.result("exit", rip_after=rip, exits=self.exits)
-        if self._pause:
+        if self._pause and not self._hard_stopped:
             self._pause = False
             return self.result("paused", rip_at=rip, exits=self.exits)
         if self._timed_out:
+            self._pause = False
             if not self._hard_stopped:  # (it ended on its own meanwhile: exact)
                 return self.result("timeout", rip_at=rip, exits=self.exits,
                                    detail=f"no exit within {self.timeout} s")
@@ -743,29 +757,40 @@ class UnicornEngine(EngineBase):
     #: thread, which Unicorn does mid-block
     _HARD_STOP_AFTER = 0.05
 
-    def _time_out(self) -> None:
-        self._timed_out = True
-        self._ending = True  # the next store to a protected page stops the run, exactly (see _on_store)
-        t = threading.Timer(self._HARD_STOP_AFTER, self._time_out_hard)
-        t.daemon = True
-        self._hard_timer = t
-        t.start()
-
-    def _time_out_hard(self) -> None:
+    def _time_out(self, run_id: int) -> None:
+        """The timer of run ``run_id``: mark the run as ending (its next store to a
+        protected page is held back, its next port I/O stops it: both exact), and stop
+        it from this thread only if it has not stopped after _HARD_STOP_AFTER."""
         with self._stop_lock:
-            if self._emulating:
-                self._hard_stopped = True
-                self.uc.emu_stop()
+            if not self._emulating or run_id != self._run_id:
+                return  # (that run is over)
+            self._timed_out = True
+            self._ending = True
+            t = threading.Timer(self._HARD_STOP_AFTER, self._hard_stop, args=(run_id,))
+            t.daemon = True
+            self._hard_timer = t
+            t.start()
 
-    def _on_ctrl_c(self) -> None:
+    def _hard_stop(self, run_id: int) -> bool:
+        """Stop run ``run_id`` from another thread, mid-block (see _run); False when that
+        run is over (or the engine closed)."""
+        with self._stop_lock:
+            if not self._emulating or run_id != self._run_id or self._closed:
+                return False
+            self._hard_stopped = True
+            self._ending = True
+            self.uc.emu_stop()
+            return True
+
+    def _on_ctrl_c(self, run_id: int) -> None:
         """Ctrl-C while the guest runs (see _CtrlC): stop the emulation, from the watching
         thread, so run() raises KeyboardInterrupt now.  That stop may land mid-block (see
         _run), so the guest cannot be continued."""
-        self._inexact = ("the last run was interrupted (KeyboardInterrupt), which stops Unicorn in the middle "
-                         "of a translated block with RIP at the block's start (continuing would run "
-                         "instructions twice): this guest cannot be continued exactly; construct a new engine")
-        self._ending = True
-        self.uc.emu_stop()
+        if self._hard_stop(run_id):
+            self._inexact = ("the last run was interrupted (KeyboardInterrupt), which stops Unicorn in the middle "
+                             "of a translated block with RIP at the block's start (continuing would run "
+                             "instructions twice): this guest cannot be continued exactly; construct a new "
+                             "engine")
 
     def _release(self) -> None:
         # uc_close: the emulator and its translation cache (guest RAM is the Vm's and
@@ -773,6 +798,22 @@ class UnicornEngine(EngineBase):
         fin = getattr(self.uc, "_Uc__finalizer", None)
         if fin is not None:
             fin()
+
+
+@contextlib.contextmanager
+def _sigint_held():
+    """SIGINT blocked for this thread while the block runs (where the platform can), so
+    that no KeyboardInterrupt lands in the middle of it; one that came meanwhile is
+    raised when the block ends."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None:
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 class _CtrlC:
@@ -785,62 +826,84 @@ class _CtrlC:
     every platform); a thread waiting on the other end calls ``on_sigint`` (which stops
     the emulation) and passes every number on to the wakeup fd that was there before.
     Only on the main thread, and only while SIGINT has Python's default handler (so
-    KeyboardInterrupt follows for sure)."""
+    KeyboardInterrupt follows for sure).  :meth:`start`, then :meth:`close`, which is
+    idempotent and undoes whatever :meth:`start` did, even when start() was interrupted."""
 
-    def __init__(self, on_sigint) -> None:
-        self._on_sigint = on_sigint
+    def __init__(self) -> None:
         self._socks: tuple[socket.socket, ...] = ()
         self._thread: threading.Thread | None = None
+        self._wakeup: int | None = None  # the wakeup fd set here (still ours to restore)
+        self._old = -1  # the wakeup fd before (-1: none, or lost to a KeyboardInterrupt in start())
 
-    def __enter__(self) -> _CtrlC:
+    def start(self, on_sigint) -> None:
         if threading.current_thread() is not threading.main_thread() \
                 or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return self
+            return
         try:
             r, w = socket.socketpair()
+            self._socks = (r, w)
             stop_r, stop_w = socket.socketpair()
-        except OSError:
-            return self  # (no sockets here: no prompt Ctrl-C)
-        self._socks = (r, w, stop_r, stop_w)
-        w.setblocking(False)
-        try:
-            self._old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-        except (ValueError, OSError):
-            self._close()
-            return self
-        self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old), daemon=True,
-                                        name="sppkit-unicorn-ctrl-c")
-        self._thread.start()
-        return self
+            self._socks = (r, w, stop_r, stop_w)
+            w.setblocking(False)
+            with _sigint_held():
+                # (ours marked first: whenever a KeyboardInterrupt lands, close() puts back
+                # whatever is not ours)
+                self._wakeup = w.fileno()
+                self._old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
+            self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old, on_sigint),
+                                            daemon=True, name="sppkit-unicorn-ctrl-c")
+            self._thread.start()
+        except (OSError, ValueError):
+            self.close()  # (no sockets or no wakeup fd here: no prompt Ctrl-C)
+        except BaseException:
+            self.close()
+            raise
 
-    def _watch(self, r: socket.socket, stop_r: socket.socket, old: int) -> None:
-        while True:
-            ready, _, _ = select.select([r, stop_r], [], [])
-            if r in ready:
-                data = r.recv(512)
-                if signal.SIGINT in data:
-                    self._on_sigint()
-                if old != -1:
-                    try:
-                        os.write(old, data)
-                    except OSError:
-                        pass
-            if stop_r in ready:
-                return
+    @staticmethod
+    def _watch(r: socket.socket, stop_r: socket.socket, old: int, on_sigint) -> None:
+        with selectors.DefaultSelector() as sel:  # (not select.select: no limit on fd numbers)
+            sel.register(r, selectors.EVENT_READ)
+            sel.register(stop_r, selectors.EVENT_READ)
+            while True:
+                ready = {key.fileobj for key, _ in sel.select()}
+                if r in ready:
+                    data = r.recv(512)
+                    if signal.SIGINT in data:
+                        on_sigint()
+                    if old != -1:
+                        try:
+                            os.write(old, data)
+                        except OSError:
+                            pass
+                if stop_r in ready:
+                    return
 
-    def __exit__(self, *exc) -> None:
-        if self._thread is None:
+    def __del__(self) -> None:
+        # (a close() cut short by a Ctrl-C storm: never leave the wakeup fd on a closed socket)
+        if self._wakeup is not None and threading.current_thread() is threading.main_thread():
+            try:
+                self.close()
+            except Exception:
+                pass
+
+    def close(self) -> None:
+        if self._wakeup is None and self._thread is None and not self._socks:
             return
-        signal.set_wakeup_fd(self._old)
-        self._socks[3].send(b"x")
-        self._thread.join()
-        self._thread = None
-        self._close()
-
-    def _close(self) -> None:
-        for sock in self._socks:
-            sock.close()
-        self._socks = ()
+        with _sigint_held():  # (all of it, or a Ctrl-C could leave the wakeup fd on a closed socket)
+            if self._wakeup is not None:
+                # put the caller's wakeup fd back, unless someone replaced ours meanwhile
+                cur = signal.set_wakeup_fd(self._old)
+                if cur != self._wakeup:
+                    signal.set_wakeup_fd(cur)
+                self._wakeup = None
+            if self._thread is not None:
+                if self._thread.is_alive():
+                    self._socks[3].send(b"x")
+                    self._thread.join()
+                self._thread = None
+            for sock in self._socks:
+                sock.close()
+            self._socks = ()
 
 
 def _vector_store_info(code: bytes, rip: int):

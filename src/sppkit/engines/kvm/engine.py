@@ -108,7 +108,7 @@ class KvmEngine(EngineBase):
         self._decoded: dict[tuple[int, int], object] = {}
         # The timeout and request_pause() from another thread kick the vCPU thread out
         # of KVM_RUN with _KICK (see _run); the lock orders a kick against the run's end
-        self._kick_lock = threading.Lock()
+        self._kick_lock = threading.RLock()  # (re-entered when a signal handler asks for a pause inside _kick)
         self._kick_thread: int | None = None  # the thread in run(), while it blocks _KICK
 
     # -- EPT -> memslots --------------------------------------------------------------
@@ -184,9 +184,10 @@ class KvmEngine(EngineBase):
         # The timeout and request_pause() from another thread kick this thread out of
         # KVM_RUN with _KICK, which the thread blocks while the run lasts and KVM_RUN
         # lets through (KVM_SET_SIGNAL_MASK): no signal handler, so any thread can run.
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK})
+        old_mask = None
         timer = None
         try:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK})
             vcpu.set_signal_mask(old_mask - {_KICK})
             vcpu.kick_signals = frozenset({_KICK})
             _drain_kicks()  # (one that came after the last run had drained them)
@@ -205,8 +206,9 @@ class KvmEngine(EngineBase):
                 timer.cancel()
             with self._kick_lock:
                 self._kick_thread = None
-            _drain_kicks()
-            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            if old_mask is not None:
+                _drain_kicks()
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _time_out(self) -> None:
         self._timed_out = True
