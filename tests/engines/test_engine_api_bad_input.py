@@ -796,16 +796,40 @@ def _pause_from_another_thread(eng, after: float = 0.3):
     return t
 
 
+def run_paused_from_another_thread(eng, after: float = 0.3):
+    """``eng.run()`` with request_pause() called from another thread ``after`` seconds in."""
+    t = _pause_from_another_thread(eng, after=after)
+    try:
+        return eng.run()
+    finally:
+        t.join()
+
+
+def run_to_the_end(eng, before: int, n: int) -> RunResult:
+    """Continue ``eng`` to its exit; its counter must have gone up by exactly ``n``."""
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 0), r
+    assert counter(eng) - before == n
+    return r
+
+
 COUNT_AT = DATA + 0x300  # the counting guest's counter (a qword of guest data)
+
+
+def looping_guest(n: int, setup: list[Ins], body: list[Ins]) -> GuestImage:
+    """``setup``, then ``body`` ``n`` times (RCX counts down), then exit 0."""
+    head = [mov_imm(Register.RCX, n)] + setup
+    body = body + [Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
+    _, ips = flat(head + body + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
+    return flat(head + body + [Ins.create_branch(Code.JNE_REL32_64, ips[len(head)])] + exit_ins(0))[0]
+
+
+COUNT = Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1)  # `add qword [COUNT_AT], 1`
 
 
 def counting_guest(n: int) -> GuestImage:
     """``n`` times `add qword [COUNT_AT], 1` (a loop without an exit), then exit 0."""
-    body = [mov_imm(Register.RCX, n)]
-    loop = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
-            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
-    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
-    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+    return looping_guest(n, [], [COUNT])
 
 
 def counter(eng) -> int:
@@ -815,13 +839,12 @@ def counter(eng) -> int:
 def test_kvm_pause_from_another_thread_interrupts_a_guest_that_never_exits(make):
     """fix: a pause asked for from another thread waited for the engine's next exit, so
     a guest in a loop without exits ran on until the timeout.  KVM now kicks the vCPU
-    thread out of KVM_RUN.  (Unicorn: see test_unicorn_cannot_be_stopped_exactly_from_
-    another_thread.)"""
+    thread out of KVM_RUN.  (Unicorn, which cannot be stopped exactly from another
+    thread, pauses at its next callback: see the test_unicorn_pause_from_another_thread_*
+    tests.)"""
     eng = make("kvm", spin_guest(), timeout=30.0)
     for _ in range(2):
-        t = _pause_from_another_thread(eng)
-        r = eng.run()
-        t.join()
+        r = run_paused_from_another_thread(eng)
         assert r.stop_reason == "paused", r
         assert r.console == "A"
 
@@ -832,14 +855,10 @@ def test_kvm_pause_from_another_thread_then_resume_counts_exactly(make):
     n = 300_000_000
     eng = make("kvm", counting_guest(n), timeout=60.0)
     before = counter(eng)
-    t = _pause_from_another_thread(eng, after=0.05)
-    r = eng.run()
-    t.join()
+    r = run_paused_from_another_thread(eng, after=0.05)
     assert r.stop_reason == "paused", r  # (the loop takes a few tenths of a second here)
     assert 0 < counter(eng) - before < n
-    r = eng.run()
-    assert (r.stop_reason, r.exit_code) == ("exit", 0)
-    assert counter(eng) - before == n
+    run_to_the_end(eng, before, n)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -899,12 +918,8 @@ def test_kvm_run_leaves_the_callers_alarm_alone(make):
 
 def chatty_counting_guest(n: int) -> GuestImage:
     """``n`` times: `add qword [COUNT_AT], 1`, then a "." to the console; then exit 0."""
-    body = [mov_imm(Register.RCX, n), mov_imm(Register.RAX, ord("."))]
-    loop = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
-            Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL),
-            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
-    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
-    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+    return looping_guest(n, [mov_imm(Register.RAX, ord("."))],
+                         [COUNT, Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL)])
 
 
 @pytest.mark.parametrize("guest", ["protected-stores", "port-io"])
@@ -937,14 +952,11 @@ def test_unicorn_pause_from_another_thread_lands_at_the_next_console_output(make
     n = 300_000
     eng = make("unicorn", chatty_counting_guest(n), timeout=60.0)
     before = counter(eng)
-    t = _pause_from_another_thread(eng, after=0.05)
-    r = eng.run()
-    t.join()
+    r = run_paused_from_another_thread(eng, after=0.05)
     assert r.stop_reason == "paused", r
     done = counter(eng) - before
     assert 0 < done < n and r.console == "." * done  # stopped right after an iteration's `out`
-    r = eng.run()
-    assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == n and r.console == "." * n
+    assert run_to_the_end(eng, before, n).console == "." * n
 
 
 def test_unicorn_pause_and_a_hard_timeout_stop_is_a_timeout_that_cannot_be_continued(make):
@@ -952,9 +964,7 @@ def test_unicorn_pause_and_a_hard_timeout_stop_is_a_timeout_that_cannot_be_conti
     timeout stopped the run mid-block was reported as "paused", and continuing ran
     instructions twice.  It is the timeout's stop: reported so, and refused."""
     eng = make("unicorn", counting_guest(200_000_000), timeout=0.3)
-    t = _pause_from_another_thread(eng, after=0.05)
-    r = eng.run()
-    t.join()
+    r = run_paused_from_another_thread(eng, after=0.05)
     assert r.stop_reason == "timeout" and "cannot be continued" in r.detail, r
     with pytest.raises(EngineError, match="cannot be continued exactly"):
         eng.run()
@@ -962,12 +972,7 @@ def test_unicorn_pause_and_a_hard_timeout_stop_is_a_timeout_that_cannot_be_conti
 
 def polling_guest(n: int) -> GuestImage:
     """``n`` times: `in al, 0x80`, then `add qword [COUNT_AT], 1`; then exit 0."""
-    body = [mov_imm(Register.RCX, n)]
-    loop = [Ins.create_reg_u32(Code.IN_AL_IMM8, Register.AL, 0x80),
-            Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1),
-            Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
-    _, ips = flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, CODE)] + exit_ins(0))
-    return flat(body + loop + [Ins.create_branch(Code.JNE_REL32_64, ips[len(body)])] + exit_ins(0))[0]
+    return looping_guest(n, [], [Ins.create_reg_u32(Code.IN_AL_IMM8, Register.AL, 0x80), COUNT])
 
 
 def test_unicorn_pause_from_another_thread_lands_at_port_input(make):
@@ -977,13 +982,10 @@ def test_unicorn_pause_from_another_thread_lands_at_port_input(make):
     n = 2_000_000
     eng = make("unicorn", polling_guest(n), timeout=60.0)
     before = counter(eng)
-    t = _pause_from_another_thread(eng, after=0.05)
-    r = eng.run()
-    t.join()
+    r = run_paused_from_another_thread(eng, after=0.05)
     assert r.stop_reason == "paused", r
     assert 0 <= counter(eng) - before < n
-    r = eng.run()
-    assert (r.stop_reason, r.exit_code) == ("exit", 0) and counter(eng) - before == n
+    run_to_the_end(eng, before, n)
 
 
 def test_unicorn_a_late_timer_does_not_stop_a_later_run(make):
@@ -1006,9 +1008,7 @@ def test_unicorn_pause_from_another_thread_lands_at_the_next_callback(make):
     at the engine's next callback, here the exit port's, so the run ends by its exit."""
     eng = make("unicorn", counting_guest(3_000_000), timeout=60.0)
     before = counter(eng)
-    t = _pause_from_another_thread(eng, after=0.02)
-    r = eng.run()
-    t.join()
+    r = run_paused_from_another_thread(eng, after=0.02)
     assert (r.stop_reason, r.exit_code) == ("exit", 0)
     assert counter(eng) - before == 3_000_000
 
