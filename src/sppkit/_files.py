@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 
@@ -16,31 +17,51 @@ class FileProblem(ValueError):
     puts it in its own error)."""
 
 
-def read_regular_file(path, limit: int, what: str) -> bytes:
-    """The bytes of the regular file ``path``, at most ``limit`` of them.
+class NotRegularFile(OSError):
+    """A device, FIFO or socket where a regular file was expected."""
 
-    A directory, device, FIFO or socket is refused before a byte is read (``/dev/zero``
-    would never end, a FIFO would wait for a writer: the file is opened with
-    O_NONBLOCK), and so is a file larger than ``limit``; ``what`` names what the file
-    should be ("a policy file").  Every refusal is a :class:`FileProblem`."""
+
+class FileTooLarge(OSError):
+    """A regular file larger than the caller reads."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(errno.EFBIG, f"{size:,} bytes, more than {limit:,}")
+        self.size, self.limit = size, limit
+
+
+def read_regular(path, limit: int | None = None) -> bytes:
+    """The bytes of the regular file ``path`` (at most ``limit`` of them), as
+    ``Path.read_bytes()`` gives them, but a directory (IsADirectoryError), a device, FIFO
+    or socket (:class:`NotRegularFile`) or a file over ``limit`` (:class:`FileTooLarge`)
+    is refused before a byte is read: ``/dev/zero`` would never end, a FIFO would wait for
+    a writer (the file is opened non-blocking).  Every failure is an OSError."""
+    fd = os.open(path, READ_FLAGS)
     try:
-        fd = os.open(path, READ_FLAGS)
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise NotRegularFile(errno.EINVAL, "not a regular file (a device, FIFO or socket)", str(path))
+        if limit is not None and info.st_size > limit:
+            raise FileTooLarge(info.st_size, limit)
+        with open(fd, "rb", closefd=False) as f:
+            return f.read() if limit is None else f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def read_regular_file(path, limit: int, what: str) -> bytes:
+    """:func:`read_regular` for a user's input file; ``what`` names what the file should
+    be ("a policy file").  Every refusal is a :class:`FileProblem`."""
+    try:
+        return read_regular(path, limit)
+    except IsADirectoryError:
+        raise FileProblem(f"is a directory, not {what}") from None
+    except NotRegularFile:
+        raise FileProblem(f"not a regular file (a device, FIFO or socket), not {what}") from None
+    except FileTooLarge as e:
+        raise FileProblem(f"{e.size:,} bytes: more than sppkit reads for {what} (at most {limit:,} bytes)") from None
     except OSError as e:
         raise FileProblem(f"cannot read {what}: {e.strerror or e}") from None
     except (ValueError, TypeError) as e:  # an embedded NUL byte, not a path
         raise FileProblem(f"not a usable path for {what}: {e}") from None
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise FileProblem(f"is a directory, not {what}")
-        if not stat.S_ISREG(info.st_mode):
-            raise FileProblem(f"not a regular file (a device, FIFO or socket), not {what}")
-        if info.st_size > limit:
-            raise FileProblem(f"{info.st_size:,} bytes: more than sppkit reads for {what} "
-                              f"(at most {limit:,} bytes)")
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    except OSError as e:
-        raise FileProblem(f"cannot read {what}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)

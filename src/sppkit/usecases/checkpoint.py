@@ -75,7 +75,7 @@ from typing import Callable, Iterable, Iterator, NoReturn
 import click
 
 from ..engines import DEFAULT_RAM, choose_engine
-from .._files import READ_FLAGS
+from .._files import read_regular
 from ..arch.memory import MAX_READ
 from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
@@ -542,7 +542,7 @@ def read_checkpoint_file(path: os.PathLike | str, data: bytes | None = None) -> 
     path = Path(path)
     if data is None:
         try:
-            data = _read_bytes(path)
+            data = read_regular(path)
         except FileNotFoundError:
             raise CheckpointMissing(path, "file is missing") from None
         except OSError as e:
@@ -652,23 +652,6 @@ def atomic_write(path: os.PathLike | str, data: bytes) -> None:
             raise CheckpointWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise
     _fsync_dir(d)
-
-
-def _read_bytes(path: Path) -> bytes:
-    """``path.read_bytes()`` for a set's files, but a FIFO, device or socket is refused
-    as an OSError before anything is read (a FIFO would wait for a writer, a device might
-    never end); a directory is ``IsADirectoryError``, as read_bytes gives it."""
-    fd = os.open(path, READ_FLAGS)
-    try:
-        mode = os.fstat(fd).st_mode
-        if stat.S_ISDIR(mode):
-            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-        if not stat.S_ISREG(mode):
-            raise OSError(errno.EINVAL, "not a regular file (a device, FIFO or socket)", str(path))
-        with open(fd, "rb", closefd=False) as f:
-            return f.read()
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint_file(path: os.PathLike | str, **fields) -> int:
@@ -824,7 +807,7 @@ class CheckpointSet:
         e = self.entries[k]
         path = self.dir / e["file"]
         try:
-            data = _read_bytes(path)
+            data = read_regular(path)
         except FileNotFoundError:
             raise CheckpointMissing(path, f"checkpoint {k} is listed in {self.listed_in} but the file is "
                                           "missing") from None
@@ -876,7 +859,7 @@ class CheckpointSet:
         g = self.manifest["guest"]
         path = self.dir / g["elf"]
         try:
-            data = _read_bytes(path)
+            data = read_regular(path)
         except FileNotFoundError:
             raise GuestMismatch(f"{path}: the set's copy of the guest is missing") from None
         except OSError as e:
@@ -925,19 +908,17 @@ def _check_manifest(mpath: Path, body: dict) -> None:
     def fail(field: str, value, problem: str) -> NoReturn:
         _field_error(mpath, field, value, problem)
 
-    is_int, is_hex, is_name = _is_int, _is_hex, _is_name
-
     v = body.get("set_id", _MISSING)
-    if not is_hex(v, 32):
+    if not _is_hex(v, 32):
         fail("set_id", v, "must be 32 lowercase hex digits")
     guest = body.get("guest", _MISSING)
     if not isinstance(guest, dict):
         fail("guest", guest, "must be an object with elf and sha256")
     v = guest.get("elf", _MISSING)
-    if not is_name(v):
+    if not _is_name(v):
         fail("guest.elf", v, "must be the name of a file in the set directory")
     v = guest.get("sha256", _MISSING)
-    if not is_hex(v, 64):
+    if not _is_hex(v, 64):
         fail("guest.sha256", v, "must be 64 lowercase hex digits")
     ram = body.get("ram_size", _MISSING)
     try:
@@ -945,7 +926,7 @@ def _check_manifest(mpath: Path, body: dict) -> None:
     except ValueError:
         fail("ram_size", ram, f"must be a multiple of 2 MiB from 2 MiB to {MAX_RAM >> 30} GiB")
     v = body.get("cpl", _MISSING)
-    if not is_int(v) or v not in (0, 3):
+    if not _is_int(v) or v not in (0, 3):
         fail("cpl", v, "must be 0 or 3")
     regions = body.get("regions", _MISSING)
     if not isinstance(regions, list):
@@ -958,10 +939,10 @@ def _check_manifest(mpath: Path, body: dict) -> None:
         if not isinstance(v, str):
             fail(f"regions[{i}].name", v, "must be a string")
         gpa, size = r.get("gpa", _MISSING), r.get("size", _MISSING)
-        if not is_int(gpa) or gpa % PAGE or not end <= gpa < ram:
+        if not _is_int(gpa) or gpa % PAGE or not end <= gpa < ram:
             fail(f"regions[{i}].gpa", gpa, f"must be page-aligned, from {end:#x}"
                  + (f" (the end of regions[{i - 1}])" if i else "") + f" to below ram_size ({ram:#x})")
-        if not is_int(size) or size <= 0 or size % PAGE or gpa + size > ram:
+        if not _is_int(size) or size <= 0 or size % PAGE or gpa + size > ram:
             fail(f"regions[{i}].size", size, f"must be a positive number of pages ending within ram_size ({ram:#x})")
         end = gpa + size
 
@@ -1018,10 +999,10 @@ def _read_journal(jpath: Path, root: str) -> tuple[list, object, int | None]:
     """``(entries, final, torn_line)`` from a version 2 set's journal, every line's chain
     checked from ``root`` (the manifest's SHA-256); ``final`` is ``_MISSING`` when the
     journal has no end record."""
-    if jpath.is_dir():
-        raise CheckpointCorrupted(jpath, "is a directory, not the set's list of checkpoints")
     try:
-        raw = _read_bytes(jpath)
+        raw = read_regular(jpath)
+    except IsADirectoryError:
+        raise CheckpointCorrupted(jpath, "is a directory, not the set's list of checkpoints") from None
     except FileNotFoundError:
         raise CheckpointMissing(jpath, f"the set's list of checkpoints is missing ({MANIFEST} is there)") from None
     except OSError as e:
@@ -1079,7 +1060,7 @@ def open_checkpoint_set(directory: os.PathLike | str) -> CheckpointSet:
     if mpath.is_dir():
         raise CheckpointCorrupted(mpath, "is a directory, not the set's manifest file")
     try:
-        raw = _read_bytes(mpath)
+        raw = read_regular(mpath)
     except OSError as e:
         raise CheckpointFileError(mpath, f"cannot be read: {e.strerror or e}") from None
     try:
@@ -1312,8 +1293,6 @@ class Checkpointer:
             "regions": [r.to_dict() for r in self.regions],
             "trigger": {"every_writes": self.every, "port": port},
         }
-        #: the checkpoints' entries, as appended to the journal (and "final" at the end)
-        self.journal: dict = {"checkpoints": []}
         self._chain = ""  # the journal's last chain (the manifest's SHA-256 before the first line)
         self._elf = elf_bytes
         if port is not None:
@@ -1384,7 +1363,6 @@ class Checkpointer:
             "spp_exits": info.spp_exits,
         }
         self._log({"checkpoint": entry})
-        self.journal["checkpoints"].append(entry)
         self._console_at = len(eng.console)
         self._writes_at = writes
         if base:
@@ -1431,7 +1409,6 @@ class Checkpointer:
             "console_sha256": hashlib.sha256(result.console.encode()).hexdigest(),
         }
         self._log({"final": final})
-        self.journal["final"] = final
         return CheckpointRun(self.out, eng.name, self.regions, self.infos, result, time.perf_counter() - t0)
 
 
@@ -1561,6 +1538,11 @@ def _fmt_bytes(n: int | None) -> str:
     return f"{n} B"
 
 
+def _torn_note(line: int) -> str:
+    return (f"[yellow]note: line {line} of {JOURNAL} is incomplete (the checkpointing run stopped while writing "
+            "it): it is not part of the set[/]")
+
+
 def set_listing(cs: CheckpointSet) -> dict:
     """What ``sppkit restore --list --json`` prints: the set's description and index."""
     m = cs.manifest
@@ -1591,8 +1573,7 @@ def print_listing(cs: CheckpointSet, console) -> None:
         code = f.get("exit_code")
         console.print(f"run end: {escape(str(f.get('stop_reason')))}, exit code {'—' if code is None else code}")
     if cs.torn_line is not None:
-        console.print(f"[yellow]note: line {cs.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
-                      "while writing it): it is not part of the set[/]")
+        console.print(_torn_note(cs.torn_line))
     console.print("[dim]listed from the verified index; `sppkit restore DIR --to K` verifies the files 0..K[/]")
 
 
@@ -1641,8 +1622,7 @@ def print_restore(res: RestoreResult, console) -> None:
     console.print(f"registers: rip {res.regs.get('rip', 0):#x}, rsp {res.regs.get('rsp', 0):#x}, "
                   f"rflags {res.regs.get('rflags', 0):#x}")
     if res.torn_line is not None:
-        console.print(f"[yellow]note: line {res.torn_line} of {JOURNAL} is incomplete (the checkpointing run stopped "
-                      "while writing it): it is not part of the set[/]")
+        console.print(_torn_note(res.torn_line))
     if res.guest_problem is not None:
         console.print(f"[red]guest copy: {escape(res.guest_problem)}: the set cannot be resumed[/]")
     if res.result is not None:
