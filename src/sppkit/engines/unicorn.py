@@ -347,21 +347,23 @@ class UnicornEngine(EngineBase):
                 self._hold_stores()
                 uc.emu_stop()
                 return
-        if (self._timed_out or self._pause) and self.exit_code is None and not self._holding \
-                and not self._code_hooks:
-            # the timeout, or a pause asked for from another thread: stop here, exactly, as
-            # a port handler's pause does.  (Not while a one-address code hook waits for
-            # the next instruction, see _stop_at: stores met on the way must be decided.)
-            self._hold_stores()
-            uc.emu_stop()
+        if self.exit_code is None:
+            self._stop_if_asked(uc)
 
     @_guard
     def _hook_in(self, uc, port, size, user_data):
         self.exits["Io"] += 1
-        if (self._timed_out or self._pause) and not self._holding and not self._code_hooks:
-            self._hold_stores()  # (as _hook_out: stop here, exactly)
-            uc.emu_stop()
+        self._stop_if_asked(uc)
         return (1 << (8 * size)) - 1
+
+    def _stop_if_asked(self, uc) -> None:
+        """At port I/O: the timeout, or a pause asked for from another thread, stops the
+        run here, exactly, as a port handler's pause does.  (Not while a one-address code
+        hook waits for the next instruction, see _stop_at: stores met on the way must be
+        decided.)"""
+        if (self._timed_out or self._pause) and not self._holding and not self._code_hooks:
+            self._hold_stores()
+            uc.emu_stop()
 
     def _hook_write_prot(self, uch, access, address, size, value, user_data):
         """The pure-Python trampoline (when the C one is not built): what
@@ -743,10 +745,7 @@ class UnicornEngine(EngineBase):
             # the guest in the middle of a translated block with RIP at the block's start
             # (measured: the block's first store made, RIP still before it), so the
             # instructions already done would run again.
-            self._inexact = ("the last run timed out, and Unicorn stops a run from its timer in the middle of "
-                             "a translated block with RIP at the block's start (continuing would run "
-                             "instructions twice): this guest cannot be continued exactly; construct a new "
-                             "engine, with a longer timeout")
+            self._inexact = _mid_block("timed out, and Unicorn stops a run from its timer", "with a longer timeout")
             return self.result("timeout", rip_at=rip, exits=self.exits,
                                detail=f"no exit within {self.timeout} s; RIP is the start of the translated block "
                                       "that was running (Unicorn stops mid-block), so the run cannot be continued")
@@ -787,10 +786,7 @@ class UnicornEngine(EngineBase):
         thread, so run() raises KeyboardInterrupt now.  That stop may land mid-block (see
         _run), so the guest cannot be continued."""
         if self._hard_stop(run_id):
-            self._inexact = ("the last run was interrupted (KeyboardInterrupt), which stops Unicorn in the middle "
-                             "of a translated block with RIP at the block's start (continuing would run "
-                             "instructions twice): this guest cannot be continued exactly; construct a new "
-                             "engine")
+            self._inexact = _mid_block("was interrupted (KeyboardInterrupt), which stops Unicorn")
 
     def _release(self) -> None:
         # uc_close: the emulator and its translation cache (guest RAM is the Vm's and
@@ -800,11 +796,20 @@ class UnicornEngine(EngineBase):
             fin()
 
 
+def _mid_block(how: str, advice: str = "") -> str:
+    """Why a guest stopped from another thread cannot be continued (see UnicornEngine._run)."""
+    return (f"the last run {how} in the middle of a translated block with RIP at the block's start "
+            "(continuing would run instructions twice): this guest cannot be continued exactly; construct a "
+            "new engine" + (f", {advice}" if advice else ""))
+
+
 @contextlib.contextmanager
 def _sigint_held():
-    """SIGINT blocked for this thread while the block runs (where the platform can), so
-    that no KeyboardInterrupt lands in the middle of it; one that came meanwhile is
-    raised when the block ends."""
+    """SIGINT blocked for this thread while the block runs (where the platform can): a
+    Ctrl-C then cannot interrupt the block's blocking calls (the watcher's join), and a
+    KeyboardInterrupt comes at the end of the block, unless the signal went to another
+    thread (Python then raises it in this one at its next check, which is why every step
+    of _CtrlC can be undone by close())."""
     mask = getattr(signal, "pthread_sigmask", None)
     if mask is None:
         yield

@@ -1421,6 +1421,13 @@ class VcpuFd(_Fd):
         arg = ctypes.create_string_buffer(struct.pack("<IQ", 8, bits))  # the kernel's sigset: 8 bytes
         _ioctl(fd, KVM_SET_SIGNAL_MASK, ctypes.addressof(arg))
 
+    def drain_kicks(self) -> None:
+        """Consume the :attr:`kick_signals` pending for the calling thread (it blocks them)."""
+        kicks = self.kick_signals
+        if kicks:
+            while signal.sigtimedwait(kicks, 0) is not None:
+                pass
+
     @property
     def sync_regs_mask(self) -> int:
         """The ``kvm_valid_regs`` mask currently requested."""
@@ -1528,10 +1535,7 @@ class VcpuFd(_Fd):
             err = ctypes.get_errno()
             if err != _errno.EINTR:
                 raise KvmError(err, "KVM_RUN")
-            kicks = self.kick_signals
-            if kicks:  # consumed, or KVM_RUN would return EINTR again at once
-                while signal.sigtimedwait(kicks, 0) is not None:
-                    pass
+            self.drain_kicks()  # (else KVM_RUN would return EINTR again at once)
             _check_signals()
             if self._run[RUN_IMMEDIATE_EXIT]:
                 return _INTR

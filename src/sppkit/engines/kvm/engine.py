@@ -58,15 +58,9 @@ _UNEMULATABLE_HINT = (
 
 #: the signal that kicks the vCPU thread out of KVM_RUN (the timeout, request_pause()
 #: from another thread): blocked in that thread during a run, let through by KVM_RUN's
-#: signal mask, consumed with sigtimedwait; its default action is to be ignored, so a
-#: stray one is harmless
+#: signal mask, consumed by VcpuFd.run when KVM_RUN returns EINTR; its default action is
+#: to be ignored, so a stray one is harmless
 _KICK = signal.SIGURG
-
-
-def _drain_kicks() -> None:
-    """Consume the _KICK signals pending for this thread (it blocks them)."""
-    while signal.sigtimedwait({_KICK}, 0) is not None:
-        pass
 
 
 class KvmEngine(EngineBase):
@@ -190,7 +184,6 @@ class KvmEngine(EngineBase):
             old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {_KICK})
             vcpu.set_signal_mask(old_mask - {_KICK})
             vcpu.kick_signals = frozenset({_KICK})
-            _drain_kicks()  # (one that came after the last run had drained them)
             vcpu.immediate_exit = False  # (a timer or kick that fired as the last run ended)
             with self._kick_lock:
                 self._kick_thread = threading.get_ident()
@@ -207,7 +200,7 @@ class KvmEngine(EngineBase):
             with self._kick_lock:
                 self._kick_thread = None
             if old_mask is not None:
-                _drain_kicks()
+                vcpu.drain_kicks()  # (none delivered to a handler of the caller's once unblocked)
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def _time_out(self) -> None:
@@ -255,7 +248,6 @@ class KvmEngine(EngineBase):
                     vcpu.immediate_exit = True  # KVM_RUN completes the OUT, then returns at once
                 continue
             if type(ex) is Intr:
-                _drain_kicks()  # (else the next KVM_RUN would return at once)
                 vcpu.immediate_exit = False
                 if self._pause:
                     self._pause = False
