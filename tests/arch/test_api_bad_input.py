@@ -26,6 +26,7 @@ from sppkit.arch import (
     EptViolation,
     HostMemory,
     Level,
+    MT_WB,
     Processor,
     SpptBuilder,
     decode_ept_entry,
@@ -284,6 +285,28 @@ def test_make_ept_entry_address(address):
 def test_make_ept_entry_level(level):
     with pytest.raises(ValueError, match=re.escape(f"level={level!r}")):
         make_ept_entry(0x1000, leaf=True, level=level)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(level=Level.PTE), "leaf=False at level PTE: a PTE always maps a page"),
+    (dict(level=Level.PTE, spp=True, dirty=True), "leaf=False at level PTE"),
+    (dict(leaf=True, level=Level.PML4E), "a PML4E cannot map a page"),
+    (dict(spp=True), "spp given for a table pointer"),
+    (dict(level=Level.PDE, dirty=True, memory_type=0), "memory_type, dirty given for a table pointer"),
+], ids=repr)
+def test_make_ept_entry_refuses_what_it_would_drop(kwargs, message):
+    """make_ept_entry never builds an entry other than the one asked for: leaf-only
+    fields for a table pointer, a non-leaf PTE or a PML4E leaf are refused by name."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_ept_entry(0x7000, **kwargs)
+
+
+def test_make_ept_entry_leaf_defaults():
+    """leaf=True defaults to a 4-KiB PTE of type WB; bit 61 and D land where asked."""
+    raw = make_ept_entry(0x7000, leaf=True, spp=True, dirty=True)
+    d = decode_ept_entry(raw, Level.PTE, 46)
+    assert (d.memory_type, d.spp, d.dirty, d.misconfig) == (MT_WB, True, True, None)
+    assert make_ept_entry(0x7000, level=Level.PML4E) == make_ept_entry(0x7000) == 0x7007
 
 
 # ===================================================================== 9. INVEPT

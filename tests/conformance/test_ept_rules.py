@@ -402,6 +402,17 @@ class TestEptViolationQualification:
             EPT_VIOLATION, Q_WRITE | Q_R | Q_GLA_VALID, G + 8, GLA
         )
 
+    def test_pdpte_load_has_no_guest_linear_address(self, rig):
+        """spec §4 / SDM: the GLA field is valid for every EPT violation except those of
+        a PAE-PDPTE load (MOV to CR) — a paging-structure access whose GPA comes from no
+        linear address: bit 7 clear, no GLA; a gla given with it is refused."""
+        rig.map(G, flags=X | WB)
+        assert rig.run(rig.cpu(), G + 8, 8, READ, paging_structure=True, linear=False) == Exit(
+            EPT_VIOLATION, Q_READ | Q_X, G + 8, None
+        )
+        with pytest.raises(ValueError, match="no guest-linear address"):
+            rig.run(rig.cpu(), G + 8, 8, READ, gla=GLA, paging_structure=True, linear=False)
+
     def test_nmi_unblocking(self, rig):
         rig.map(G, flags=R | WB)
         assert rig.run(rig.cpu(), G, 8, WRITE, gla=GLA, nmi_unblocking=True) == Exit(

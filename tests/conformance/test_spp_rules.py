@@ -836,6 +836,23 @@ class TestSppAndTranslationCache:
         rig.put(m.entry["PTE"], other | SPP_LEAF)
         assert rig.run(cpu, G, 8, READ) == ((other, 8),)
 
+    @pytest.mark.parametrize("cache_spp", [False, True])
+    @pytest.mark.parametrize("sppt", ["denies", "misses"])
+    def test_stale_spp_leaf_never_faults_by_itself(self, rig, cache_spp, sppt):
+        """docs/modelling.md "Caching": an entry that does not permit an access is
+        dropped and the tables walked again, so a less permissive stale entry never
+        causes a fault by itself — an SPP leaf's included.  A read caches the page as
+        an SPP leaf with W = 0; the leaf is then made writable without INVEPT; a write
+        that the SPPT would deny (vector 0) or miss on is allowed, as with no cache."""
+        if sppt == "denies":
+            m, _ = spp_page(rig, vec=0)
+        else:
+            m = rig.map(G, flags=SPP_LEAF)  # no SPPT entry for the page: a miss
+        cpu = rig.cpu(cache=True, cache_spp=cache_spp)
+        assert rig.run(cpu, G, 8, READ) == ((m.hpa, 8),)
+        rig.put(m.entry["PTE"], rig.get(m.entry["PTE"]) | W)  # more permissive: no INVEPT needed
+        assert rig.run(cpu, G + 8, 8, WRITE, gla=GLA) == ((m.hpa + 8, 8),)
+
 
 # =====================================================================================
 class TestSppVectorCachedWithMapping:

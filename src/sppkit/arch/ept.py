@@ -241,24 +241,37 @@ def make_ept_entry(
     w: bool = True,
     x: bool = True,
     leaf: bool = False,
-    level: Level | int = Level.PTE,
-    memory_type: int = MT_WB,
+    level: Level | int | None = None,
+    memory_type: int | None = None,
     spp: bool = False,
     accessed: bool = False,
     dirty: bool = False,
 ) -> int:
-    """Build a raw EPT entry.  For leaves at PDE/PDPTE the large-page bit is set."""
+    """Build a raw EPT entry.
+
+    ``leaf=False`` (the default): a pointer to the next table, at ``level`` PML4E, PDPTE
+    or PDE (the format is the same at each; a PTE always maps a page).  ``leaf=True``:
+    an entry mapping a page at ``level`` PTE (the default), PDE or PDPTE — for the last
+    two the large-page bit is set; ``memory_type`` defaults to WB.  The leaf-only fields
+    (``memory_type``, ``spp``, ``dirty``) given for a table pointer, a table pointer at
+    PTE level, or a leaf at PML4E level are refused (ValueError), never dropped.
+    """
     if not _is_int(address) or not 0 <= address < 1 << 52:
         raise ValueError(f"address={_show(address)}: must be a host-physical address below 2**52")
     if address & 0xFFF:
         raise ValueError(f"address={address:#x} is not 4-KiB aligned (bits 11:0 must be 0)")
-    check_leaf_memory_type(memory_type)
-    _check_level(level)
-    level = Level(level)
+    if level is not None:
+        _check_level(level)
+        level = Level(level)
     raw = address | (EPT_R if r else 0) | (EPT_W if w else 0) | (EPT_X if x else 0)
     if accessed:
         raw |= EPT_ACCESSED
     if leaf:
+        level = Level.PTE if level is None else level
+        if level == Level.PML4E:
+            raise ValueError("leaf=True at level PML4E: a PML4E cannot map a page (PDPTE, PDE or PTE can)")
+        memory_type = MT_WB if memory_type is None else memory_type
+        check_leaf_memory_type(memory_type)
         raw |= memory_type << EPT_MEMTYPE_SHIFT
         if level in (Level.PDE, Level.PDPTE):
             raw |= EPT_LARGE
@@ -266,6 +279,14 @@ def make_ept_entry(
             raw |= EPT_DIRTY
         if spp:
             raw |= EPT_SPP
+    else:
+        if level == Level.PTE:
+            raise ValueError("leaf=False at level PTE: a PTE always maps a page (pass leaf=True, "
+                             "or a level above PTE for a table pointer)")
+        given = [name for name, on in (("memory_type", memory_type is not None), ("spp", spp), ("dirty", dirty)) if on]
+        if given:
+            raise ValueError(f"{', '.join(given)} given for a table pointer (leaf=False): only an entry "
+                             "that maps a page has them")
     return raw
 
 

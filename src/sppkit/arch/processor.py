@@ -265,8 +265,10 @@ class Processor:
         ``gla``: the guest-linear address, if known (reported in the exit's GLA field).
         ``paging_structure``: the access is the processor's own access to a guest
         paging-structure entry (a walk, or an A/D update) — never SPP-eligible.
-        ``linear``: the GPA is the translation of a linear address (qualification
-        bit 8).  False for accesses such as PDPTE loads; those are not SPP-eligible.
+        ``linear``: the access has a guest-linear address (qualification bit 7; with
+        ``paging_structure`` False also bit 8).  False for accesses such as PAE-PDPTE
+        loads (``paging_structure=True, linear=False``): no GLA is reported, and such
+        accesses are not SPP-eligible.
         ``nmi_unblocking``: the access is by an IRET that unblocked NMIs (bit 12).
 
         An access crossing a 4-KiB boundary is translated page by page in address
@@ -378,37 +380,24 @@ class Processor:
                     if spp_candidate and spp_leaf and acc & 1:
                         off = gpa & 0xFFF
                         mask = self._spp_masks[(off >> 7) << 5 | (off + size - 1) >> 7]
-                        if vector is not None:
-                            # The vector cached with the mapping permits the write, or
-                            # (a stale vector denies nothing by itself) the walk decides.
-                            if vector & mask == mask:
+                        if vector is None:
+                            if self.cache_spp:
+                                # EPT part cached; the SPPT walk's vector joins the mapping
+                                # when it permits the write.
+                                walked = self._spp_walk(gpa, gla, nmi)
+                                if isinstance(walked, int) and walked & mask == mask:
+                                    vector = walked
+                                    tlb[gpa >> 12] = (frame, acc, dirty, spp_leaf, vector)
+                            elif self._spp_permits(gpa, size, gla, nmi) is True:
+                                # EPT part cached; the SPPT is read at every eligible write.
                                 cache.hits += 1
                                 return frame | off
-                            allowed = None
-                        elif self.cache_spp:
-                            # EPT part cached; the SPPT walk's vector joins the mapping.
-                            walked = self._spp_walk(gpa, gla, nmi)
-                            if not isinstance(walked, int):
-                                return walked  # the SPP-related event (the mapping stays)
-                            vector = walked
-                            allowed = vector & mask == mask
-                            if allowed:
-                                tlb[gpa >> 12] = (frame, acc, dirty, spp_leaf, vector)
-                        else:
-                            # EPT part cached; the SPPT is read at every eligible write.
-                            allowed = self._spp_permits(gpa, size, gla, nmi)
-                        if allowed is True:
+                        if vector is not None and vector & mask == mask:
                             cache.hits += 1
                             return frame | off
-                        if allowed is False:
-                            del tlb[gpa >> 12]  # the violation invalidates the mapping used
-                            return _new_exit(ExitInfo, (
-                                EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                                gpa, gla if (linear or paging) else None, "PTE", None, None,
-                                "write denied by the SPP vector (cached EPT mapping)",
-                            ))
-                        if allowed is not None:
-                            return allowed  # the SPP-related event (the mapping stays)
+                        # Anything else (a denial, an SPP miss or misconfiguration) is
+                        # decided by the tables, as for any access the entry does not
+                        # permit: a stale mapping or vector never faults by itself.
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
             cache.misses += 1
 
@@ -432,7 +421,7 @@ class Processor:
                 if not raw & 7:  # the not-present test comes first
                     return _new_exit(ExitInfo, (
                         EptViolation, self._qualification(access, paging, linear, nmi),  # bits 5:3 = 0: AND includes this entry
-                        gpa, gla if (linear or paging) else None,
+                        gpa, gla if linear else None,
                         _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8, "EPT entry not present",
                     ))
                 return _new_exit(ExitInfo, (
@@ -467,7 +456,7 @@ class Processor:
                     return allowed  # the SPP-related event
                 return _new_exit(ExitInfo, (
                     EptViolation, self._qualification(access, paging, linear, nmi) | ((acc & 7) << 3),
-                    gpa, gla if (linear or paging) else None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
+                    gpa, gla if linear else None, _EPT_LEVEL_NAMES[lvl], raw, base + idx * 8,
                     "write denied by the SPP vector" if eligible else "access not permitted by EPT",
                 ))
 
@@ -494,7 +483,8 @@ class Processor:
         if paging and self._ad:
             q |= QUAL_READ | QUAL_WRITE  # treated as a write: the SDM sets both bits
         if paging:
-            q |= QUAL_GLA_VALID  # bit 8 = 0: an access to a paging-structure entry
+            if linear:  # (not for a PAE-PDPTE load, whose GPA comes from no linear address)
+                q |= QUAL_GLA_VALID  # bit 8 = 0: an access to a paging-structure entry
         elif linear:
             q |= QUAL_GLA_VALID | QUAL_GLA_TRANSLATION
         return q | (QUAL_NMI_UNBLOCKING if nmi else 0)
@@ -592,5 +582,5 @@ def _check_extra(access: Access, gla, paging_structure: bool, linear: bool) -> N
     if gla is not None:
         if type(gla) is not int or not 0 <= gla < 1 << 64:
             raise _bad_gla(gla)
-        if not (linear or paging_structure):
-            raise ValueError("gla given for an access that is not the translation of a linear address")
+        if not linear:
+            raise ValueError("gla given for an access with no guest-linear address (linear=False)")
