@@ -1,6 +1,6 @@
 """Benchmark of sppkit's KVM engine against a bare C KVM loop and native code.
 
-Prints figures; asserts nothing (ARCHITECTURE.md: benchmarks are never timed asserts).
+Prints figures; asserts nothing (benchmarks are never timed asserts).
 
 (a) Cost per write to a protected page.  The guest stores N times to one address in
     an *allowed* sub-page of a page that holds a protected sub-page, so every store is

@@ -45,7 +45,20 @@ def read_regular(path, limit: int | None = None) -> bytes:
         if limit is not None and info.st_size > limit:
             raise FileTooLarge(info.st_size, limit)
         with open(fd, "rb", closefd=False) as f:
-            return f.read() if limit is None else f.read(limit + 1)
+            if limit is None:
+                return f.read()
+            # Ask for what fstat promised (never ``limit`` bytes at once: a buffer of
+            # --memory 512G would be allocated whole), then read on to the end in case
+            # the file grew meanwhile.
+            data = f.read(info.st_size + 1)
+            while len(data) <= limit:
+                more = f.read(min(1 << 20, limit + 1 - len(data)))
+                if not more:
+                    break
+                data += more
+        if len(data) > limit:
+            raise FileTooLarge(len(data), limit)
+        return data
     finally:
         os.close(fd)
 

@@ -176,9 +176,16 @@ def _load_guest(guest: str, flat_at: int | None, entry: int | None, ram_size: in
         raise click.BadParameter(f"an empty name; give an ELF file, a flat binary (with --flat-at) or a bundled "
                                  f"program ({', '.join(list_programs())})", param_hint="'GUEST'")
     if flat_at is not None:
+        from ._files import FileTooLarge, NotRegularFile, read_regular
+
         try:
-            with open(guest, "rb") as f:
-                data = f.read(ram_size + 1)  # more cannot fit (and /dev/zero never ends)
+            data = read_regular(guest, ram_size)
+        except FileTooLarge:
+            raise click.BadParameter(f"{guest} is larger than guest RAM ({ram_size >> 20:,} MiB, --memory)",
+                                     param_hint="'GUEST'") from None
+        except NotRegularFile:
+            raise click.BadParameter(f"{guest}: not a regular file (a device, FIFO or socket), not a flat binary",
+                                     param_hint="'GUEST'") from None
         except OSError as e:
             raise click.BadParameter(f"{guest}: cannot read the flat binary: {e.strerror or e}",
                                      param_hint="'GUEST'") from None
@@ -186,9 +193,6 @@ def _load_guest(guest: str, flat_at: int | None, entry: int | None, ram_size: in
             raise click.BadParameter(f"{guest} is empty: no code to load at --flat-at {flat_at:#x}",
                                      param_hint="'GUEST'")
         end = flat_at + len(data)
-        if len(data) > ram_size:
-            raise click.BadParameter(f"{guest} is larger than guest RAM ({ram_size >> 20:,} MiB, --memory)",
-                                     param_hint="'GUEST'")
         if end > ram_size:
             raise click.BadParameter(
                 f"{flat_at:#x}: the flat binary ({len(data):,} bytes, up to {end:#x}) lies beyond guest RAM "

@@ -116,6 +116,9 @@ RUN = [
     case("flat-guest-directory", ["{dir}", "--flat-at", "0x400000"], "'GUEST'", "cannot read the flat binary"),
     case("flat-guest-missing", ["{nofile}", "--flat-at", "0x400000"], "'GUEST'", "No such file"),
     case("flat-guest-empty", ["{empty}", "--flat-at", "0x400000"], "'GUEST'", "is empty"),
+    # /dev/zero was read up to --memory bytes (a MemoryError for a large --memory)
+    case("flat-guest-device", ["/dev/zero", "--flat-at", "0x400000", "--memory", "512G"], "'GUEST'",
+         "/dev/zero: not a regular file"),
     # read whole before anything was checked (/dev/zero never ended), then an engine error after a status line
     case("flat-guest-larger-than-ram", ["{bigbin}", *FLAT, "--memory", "2M"], "'GUEST'",
          "larger than guest RAM (2 MiB, --memory)"),

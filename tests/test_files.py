@@ -1,0 +1,32 @@
+"""sppkit._files.read_regular: the one reader of users' input files."""
+
+from __future__ import annotations
+
+import pytest
+
+from sppkit._files import FileTooLarge, NotRegularFile, read_regular
+
+
+def test_a_huge_limit_allocates_nothing_up_front(tmp_path):
+    """The limit bounds what is read, not what is asked for: a flat binary with
+    --memory 512G used to be read with f.read(512 GiB + 1), a MemoryError."""
+    f = tmp_path / "code.bin"
+    f.write_bytes(b"\x90" * 5000)
+    assert read_regular(f, 512 << 30) == b"\x90" * 5000
+    assert read_regular(f, 1 << 62) == b"\x90" * 5000
+
+
+def test_limit_is_exact(tmp_path):
+    f = tmp_path / "code.bin"
+    f.write_bytes(b"x" * 100)
+    assert read_regular(f, 100) == b"x" * 100
+    with pytest.raises(FileTooLarge, match="100 bytes, more than 99"):
+        read_regular(f, 99)
+    assert read_regular(f) == b"x" * 100
+
+
+def test_devices_and_directories_are_refused(tmp_path):
+    with pytest.raises(NotRegularFile):
+        read_regular("/dev/zero", 1 << 40)
+    with pytest.raises(IsADirectoryError):
+        read_regular(tmp_path, 10)
