@@ -144,7 +144,7 @@ def test_exactly_the_guards_are_protected(image):
             # the sub-page holding the buffer's last byte is writable
             last = b.end - 1
             assert eng.vm.get_subpage_access(last >> 12, 1)[0] >> ((last & 0xFFF) >> 7) & 1
-        protected = sum(bin(~m & 0xFFFFFFFF).count("1") for m in eng.vm.memslots()[0].maps.tolist())
+        protected = sum(bin(~m & 0xFFFFFFFF).count("1") for m in eng.vm.memslots()[0].maps.values())
         assert protected == 64
     finally:
         eng.close()

@@ -356,7 +356,7 @@ class VmMachine(RuleBasedStateMachine):
     def snapshot(self):
         vm = self.vm
         frames = {k: bytes(v) for k, v in vm.memory._frames.items()}
-        maps = {m.slot: None if m.maps is None else m.maps.tobytes() for m in vm.memslots()}
+        maps = {m.slot: None if m.maps is None else dict(m.maps) for m in vm.memslots()}
         return frames, maps
 
     @invariant()

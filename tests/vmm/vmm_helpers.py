@@ -38,7 +38,7 @@ def vm_snapshot(vm: Vm) -> dict:
         "frames": {pfn: bytes(f) for pfn, f in vm.memory._frames.items()},
         "ept_tables": frozenset(vm.ept.builder.tables),
         "sppt_tables": frozenset(vm.sppt.builder.tables) if vm.sppt else None,
-        "maps": {m.slot: None if m.maps is None else m.maps.tobytes() for m in vm.memslots()},
+        "maps": {m.slot: None if m.maps is None else dict(m.maps) for m in vm.memslots()},
         "dirty": {m.slot: None if m.dirty is None else m.dirty.tobytes() for m in vm.memslots()},
         "slots": [(m.slot, m.gpa, m.size, m.hpa) for m in vm.memslots()],
         "splits_merges": (vm.ept.splits, vm.ept.merges),

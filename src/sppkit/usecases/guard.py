@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 from typing import Callable
 
 import click
-import numpy as np
 
 from ..engines import DEFAULT_RAM, choose_engine
 from ..engines.base import MAX_TIMEOUT, check_ram_size
@@ -345,7 +344,7 @@ class GuardSession:
             if vm.get_subpage_access(gfn, 1)[0] != amap:
                 return False
         slot = vm.memslots()[0]
-        protected_pages = {int(i) + slot.base_gfn for i in np.nonzero(slot.maps != 0xFFFFFFFF)[0]}
+        protected_pages = {i + slot.base_gfn for i in slot.maps or ()}
         return protected_pages == set(want)
 
     def run(self) -> RunResult:

@@ -6,9 +6,6 @@ import bisect
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
-from ..arch.sppt import FULL_ACCESS_MAP
 from .errors import GpaNotMapped, MemslotError
 
 PAGE = 4096
@@ -18,8 +15,10 @@ GPA_LIMIT = 1 << 48
 @dataclass(eq=False)
 class Memslot:
     """One memslot.  ``hpa`` is the host-physical address backing ``gpa``; the range is
-    contiguous in host-physical space.  ``maps`` holds the 32-bit sub-page access map
-    of every page (4 bytes a page) once SPP is enabled; ``dirty`` the dirty-log bits."""
+    contiguous in host-physical space.  ``maps``, once SPP is enabled, holds the 32-bit
+    sub-page access map of every protected page, by page index (a page not in it has
+    the full map 0xFFFFFFFF: memory grows with the protected pages, not the slot);
+    ``dirty`` the dirty-log bits."""
 
     slot: int
     gpa: int
@@ -27,8 +26,8 @@ class Memslot:
     hpa: int
     readonly: bool = False
     dirty_log: bool = False
-    # (Any: numpy arrays, or None.  A uint32 access map per page; a bool per page.)
-    maps: Any = None
+    maps: dict[int, int] | None = None
+    # (Any: a numpy bool array, a bit per page, or None)
     dirty: Any = field(default=None, repr=False)
 
     @property
@@ -47,7 +46,7 @@ class Memslot:
         return self.gpa <= gpa < self.gpa + self.size
 
     def alloc_maps(self) -> None:
-        self.maps = np.full(self.npages, FULL_ACCESS_MAP, dtype=np.uint32)
+        self.maps = {}
 
     def describe(self) -> str:
         return f"slot {self.slot} [{self.gpa:#x}, {self.end:#x})"

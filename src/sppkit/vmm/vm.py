@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
+import sys
+
 import numpy as np
 
 from ..arch.ept import Level
@@ -167,7 +169,7 @@ class Vm:
         self._count_protected(m, +1)
         self._map_slot(m)
         if self.sppt is not None and m.maps is not None:
-            self.sppt.on_change([(m.base_gfn + int(i), int(m.maps[i])) for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]])
+            self.sppt.on_change([(m.base_gfn + i, amap) for i, amap in sorted(m.maps.items())])
         self._invept()
         return m
 
@@ -179,7 +181,7 @@ class Vm:
         self.ept.map_range(m.gpa, m.hpa, m.size, writable=not m.readonly and not m.dirty_log, huge=not m.dirty_log)
         todo: set[int] = set()
         if m.maps is not None and self.sppt is not None:
-            todo.update(int(i) for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0])
+            todo.update(m.maps)
         if m.dirty_log and not m.readonly:
             todo.update(int(i) for i in np.nonzero(m.dirty)[0])
         for i in sorted(todo):
@@ -188,8 +190,8 @@ class Vm:
     def _count_protected(self, m: Memslot, sign: int) -> None:
         if m.maps is None:
             return
-        for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]:
-            self._count_gfn(m.base_gfn + int(i), sign)
+        for i in m.maps:
+            self._count_gfn(m.base_gfn + i, sign)
 
     def _count_gfn(self, gfn: int, sign: int) -> None:
         gpa = gfn << 12
@@ -267,8 +269,8 @@ class Vm:
             raise SppNotEnabled()
         changes = []
         for m in self.slots:
-            for i in np.nonzero(m.maps != FULL_ACCESS_MAP)[0]:
-                changes.append((m, int(i), FULL_ACCESS_MAP))
+            for i in sorted(m.maps):
+                changes.append((m, i, FULL_ACCESS_MAP))
         self._apply(changes, update_sppt=False)
         self.processor.load_controls(secondary_controls=self.processor.secondary_controls & ~SECONDARY_SPP, spptp=0)
         self.sppt.free()
@@ -322,7 +324,8 @@ class Vm:
         out = []
         for gfn in range(gfn_base, gfn_base + npages):
             m, i = self._resolve(gfn)
-            out.append(int(m.maps[i]))
+            assert m.maps is not None  # (_check_batch: SPP is on)
+            out.append(m.maps.get(i, FULL_ACCESS_MAP))
         return out
 
     def set_spp_vector(self, gpa: int, vector: int) -> None:
@@ -345,11 +348,16 @@ class Vm:
         sppt_changes = []
         freed: set[tuple[int, Memslot]] = set()
         for m, i, new in changes:
-            old = int(m.maps[i])
+            maps = m.maps
+            assert maps is not None  # (changes are made with SPP on)
+            old = maps.get(i, FULL_ACCESS_MAP)
             if old == new:
                 continue
             gfn = m.base_gfn + i
-            m.maps[i] = new
+            if new == FULL_ACCESS_MAP:
+                del maps[i]
+            else:
+                maps[i] = new
             if old == FULL_ACCESS_MAP:
                 self._count_gfn(gfn, +1)
             elif new == FULL_ACCESS_MAP:
@@ -374,7 +382,7 @@ class Vm:
                 self.ept.try_merge(big, Level.PDPTE)
 
     def _sync_leaf(self, m: Memslot, i: int) -> None:
-        prot = self.sppt is not None and m.maps is not None and m.maps[i] != FULL_ACCESS_MAP
+        prot = self.sppt is not None and m.maps is not None and i in m.maps
         armed = m.dirty_log and not m.dirty[i]
         self.ept.set_leaf(
             m.gpa + (i << 12),
@@ -484,7 +492,7 @@ class Vm:
                 tried = self.processor.translate_one(gpa, n, _WRITE, None)
                 if type(tried) is int:
                     maps = m.maps
-                    if maps is not None and maps.item((gpa - m.gpa) >> 12) != FULL_ACCESS_MAP:
+                    if maps is not None and (gpa - m.gpa) >> 12 in maps:
                         st.page_granular += 1
                         st.page_granular_by_page.add(gpa >> 12)
                     o = tried & 0xFFF
@@ -518,7 +526,7 @@ class Vm:
         misses = 0
         for (fgpa, fn, doff), m in zip(frags, mapped):
             i = (fgpa - m.gpa) >> 12
-            amap = FULL_ACCESS_MAP if m.maps is None else m.maps.item(i)
+            amap = FULL_ACCESS_MAP if m.maps is None else m.maps.get(i, FULL_ACCESS_MAP)
             if amap != FULL_ACCESS_MAP:
                 # what page-granular write protection would trap: one exit per page
                 st.page_granular += 1
@@ -626,15 +634,15 @@ class Vm:
 
     def _handle_miss(self, gpa: int) -> None:
         region = gpa & ~(REGION_2M - 1)
-        protected = []
+        protected: list[tuple[int, int]] = []
         for m in self.slots:
             if m.end <= region or m.gpa >= region + REGION_2M or m.maps is None:
                 continue
             lo = max(region, m.gpa)
             hi = min(region + REGION_2M, m.end)
             a, b = (lo - m.gpa) >> 12, (hi - m.gpa) >> 12
-            for i in np.nonzero(m.maps[a:b] != FULL_ACCESS_MAP)[0]:
-                protected.append((m.base_gfn + a + int(i), int(m.maps[a + int(i)])))
+            maps = m.maps
+            protected.extend((m.base_gfn + i, maps[i]) for i in range(a, b) if i in maps)
         assert self.sppt is not None  # (an SPP miss happened)
         self.sppt.rebuild_region(gpa, protected)
         self._invept()
@@ -651,8 +659,11 @@ class Vm:
         self._stats = Stats()
 
     def spp_memory(self) -> dict:
-        """Memory the SPP state uses: access maps (4 bytes a page) and SPPT frames."""
-        maps = sum(m.maps.nbytes for m in self.slots if m.maps is not None)
+        """Memory the SPP state uses: the access maps (only protected pages have one:
+        the tables and their int keys and values, as ``sys.getsizeof`` counts them) and
+        the SPPT frames."""
+        maps = sum(sys.getsizeof(m.maps) + sum(sys.getsizeof(i) + sys.getsizeof(a) for i, a in m.maps.items())
+                   for m in self.slots if m.maps is not None)
         return {
             "map_bytes": maps,
             "protectable_pages": sum(m.npages for m in self.slots),
