@@ -199,3 +199,64 @@ def test_a_raising_handler_propagates_nothing_lands_and_the_violation_stays_coun
     assert vm.read(0x10000, 3) == bytes(3)
     st = vm.stats()
     assert (st["writes"], st["violations"]) == (1, 1)
+
+
+def _exhaust(vm: Vm) -> None:
+    """Reserve every free host-physical frame: the next table a change needs fails."""
+    size = 1 << (vm.memory.maxphyaddr - 1)
+    while size >= PAGE:
+        try:
+            vm.memory.alloc_range(size)
+        except MemoryError:
+            size >>= 1
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+@pytest.mark.parametrize("slot_size", [4 << 20, 1 << 30], ids=["2MiB-leaves", "1GiB-leaf"])
+def test_protection_that_runs_out_of_host_frames_changes_nothing(mode, slot_size):
+    """Protecting a page needs frames (a huge EPT leaf split to 4 KiB; an eager SPPT
+    path).  When host-physical space is exhausted the call raises MemoryError and
+    changes nothing: the map, the EPT leaf, the tables and the frames are as before,
+    and a write to the page is still allowed (the map was once stored first, so the
+    page was 'protected' with a writable huge leaf: writes committed unseen)."""
+    vm = Vm(maxphyaddr=32)
+    vm.enable_spp(mode)
+    vm.add_memslot(0, 0, slot_size)
+    vm.set_subpage_access(0x300, [0])  # one protected page: its region split, its SPPT path made
+    vm.write(0x300000, b"x")  # (lazy: the SPP miss makes the path)
+    _exhaust(vm)
+    before, stats = vm_snapshot(vm), vm.stats()
+    with pytest.raises(MemoryError, match="host-physical address space exhausted"):
+        vm.set_subpage_access(0x10, [0, 0x5555])  # a region not split yet: needs frames
+    assert vm_snapshot(vm) == before and vm.stats() == stats
+    assert vm.get_subpage_access(0x10, 2) == [FULL, FULL]
+    assert vm.write(0x10000, b"x").committed and vm.stats()["violations"] == stats["violations"]
+    # a page whose tables exist can still be protected, with no frame to spare
+    vm.set_subpage_access(0x301, [0])
+    assert not vm.write(0x301000, b"x").committed
+
+
+def test_move_that_runs_out_of_host_frames_changes_nothing():
+    """A memslot moved where its huge leaves no longer fit needs more EPT tables than
+    it had: out of frames, it is put back where it was, protections and all."""
+    vm = Vm(maxphyaddr=32)
+    vm.enable_spp("eager")
+    vm.add_memslot(0, 0, 8 << 20)
+    vm.set_subpage_access(0x10, [0x0000FFFF])
+    _exhaust(vm)
+    before = vm_snapshot(vm)
+    with pytest.raises(MemoryError, match=r"moving slot 0 .* to 0x1000 may need 11 frames for its tables, 0 are free"):
+        vm.move_memslot(0, 0x1000)  # 4-KiB aligned only: every page a 4-KiB leaf
+    assert vm_snapshot(vm) == before
+    assert vm.write(0x10000, b"y").committed and not vm.write(0x10800, b"x").committed
+    assert vm.read(0x10000, 1) == b"y"
+
+
+def test_small_memslots_do_not_each_take_a_gib_of_host_space():
+    """Each memslot used to reserve a 1-GiB-aligned window of host-physical space:
+    with maxphyaddr=32 the fourth 4-KiB slot failed with 12 KiB of guest RAM."""
+    vm = Vm(maxphyaddr=32)
+    for k in range(64):
+        vm.add_memslot(k, k << 20, PAGE)
+    vm.add_memslot(64, 1 << 30, 1 << 30)  # and a huge one still gets its 1-GiB leaf
+    assert vm.ept.builder.leaf(1 << 30)[0].name == "PDPTE"

@@ -11,6 +11,7 @@ import pytest
 from sppkit import Decision, GpaNotMapped, SppMisconfiguration, SppViolation, Vm, WriteResult
 from sppkit.arch import EPT_SPP, Level
 from sppkit.arch.exits import QUAL_SPP_MISS
+from sppkit.vmm import VmmError
 
 from vmm_helpers import FULL, M2, MODES, PAGE, leaf, spp_vm
 
@@ -463,3 +464,56 @@ def test_corrupted_sppt_entry_is_a_misconfiguration(mode, cache, cache_spp, leve
     # repairing the entry repairs the page
     vm.memory.write_u64(hpa, raw)
     assert vm.write(BASE + 1, b"b").committed
+
+
+def test_unprotect_applies_to_the_map_the_handler_left():
+    """UNPROTECT widens the page's map as it is when the handler returns: a handler that
+    lifted the page's protection itself and answered UNPROTECT used to have its change
+    undone (the map read before the handler was written back, plus the touched bits)."""
+    vm = Vm()
+    vm.add_memslot(0, 0, 4 << 20)
+    vm.enable_spp()
+    vm.set_subpage_access(0x10, [0])
+
+    def lift(ev):
+        vm.set_subpage_access(ev.gfn, [0xFFFFFFFF])
+        return Decision.UNPROTECT
+
+    vm.on_violation(lift)
+    assert vm.write(0x10000, b"x").committed
+    assert vm.get_subpage_access(0x10, 1) == [0xFFFFFFFF]
+    vm.set_subpage_access(0x10, [0b100])  # the handler narrows instead: its map, widened
+    vm.on_violation(lambda ev: vm.set_subpage_access(ev.gfn, [0b1100]) or Decision.UNPROTECT)
+    assert vm.write(0x10000, b"y").committed
+    assert vm.get_subpage_access(0x10, 1) == [0b1101]
+
+
+@pytest.mark.parametrize("change", ["delete_memslot", "disable_spp", "add_memslot"])
+@pytest.mark.parametrize("decision", [Decision.EMULATE, Decision.UNPROTECT])
+def test_a_handler_that_changes_the_memory_layout_abandons_the_write(change, decision):
+    """The write's host targets were found before the handler ran: a handler that adds,
+    deletes or moves a memslot or turns SPP off makes the write raise, nothing landing
+    (EMULATE after delete_memslot used to write into freed host frames; UNPROTECT after
+    disable_spp failed an assertion)."""
+    vm = Vm()
+    vm.add_memslot(0, 0, 4 << 20)
+    vm.enable_spp()
+    vm.set_subpage_access(0x10, [0])
+    do = {"delete_memslot": lambda: vm.delete_memslot(0), "disable_spp": vm.disable_spp,
+          "add_memslot": lambda: vm.add_memslot(1, 1 << 30, 4096)}[change]
+    vm.on_violation(lambda ev: (do(), decision)[1])
+    with pytest.raises(VmmError, match="the violation handler for the write at gpa=0x10000 added, deleted or moved"):
+        vm.write(0x10000, b"x")
+    if change != "delete_memslot":
+        assert vm.read(0x10000, 1) == b"\0"
+
+
+def test_page_crossing_write_gla_wraps_at_2_to_the_64():
+    """The second page's linear address is the first's + its length, modulo 2**64 (a
+    GLA of 2**64 - 4 used to give the second page's event a GLA of 2**64)."""
+    vm = Vm()
+    vm.add_memslot(0, 0, 4 << 20)
+    vm.enable_spp()
+    vm.set_subpage_access(0x11, [0])
+    r = vm.write(0x11000 - 4, b"12345678", gla=(1 << 64) - 4)
+    assert r.events[0].gpa == 0x11000 and r.events[0].gla == 0

@@ -60,6 +60,8 @@ class MemslotTable:
         self._starts: list[int] = []  # sorted gpa starts
         self._sorted: list[Memslot] = []
         self._last: Memslot | None = None
+        #: moves whenever a memslot is inserted or removed (added, deleted or moved)
+        self.generation = 0
 
     def __iter__(self):
         return iter(self._sorted)
@@ -90,6 +92,7 @@ class MemslotTable:
                 raise MemslotError(f"[{gpa:#x}, {gpa + size:#x}) overlaps {s.describe()}")
 
     def insert(self, m: Memslot) -> None:
+        self.generation += 1
         self.by_id[m.slot] = m
         i = bisect.bisect(self._starts, m.gpa)
         self._starts.insert(i, m.gpa)
@@ -97,6 +100,7 @@ class MemslotTable:
 
     def remove(self, slot: int) -> Memslot:
         m = self.get(slot)
+        self.generation += 1
         del self.by_id[slot]
         i = self._sorted.index(m)
         del self._sorted[i]

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from ..arch.ept import Level
+from ..arch.ept import PAGE_4K, Level
 from ..arch.exits import QUAL_SPP_MISS, EptViolation, SppEvent
 from ..arch.memory import HostMemory, byte_view, check_read_length
 from ..arch.processor import SECONDARY_ENABLE_EPT, SECONDARY_SPP, SPP_WRITE_CHECK_ALL, Access, Processor, _check_extra
@@ -129,7 +129,11 @@ class Vm:
             except TypeError:
                 raise MemslotError(f"backing={backing!r}: must be a writable buffer of {size:#x} bytes "
                                    f"(e.g. an mmap)") from None
-        hpa = self.memory.alloc_range(size, align=REGION_1G, offset=gpa % REGION_1G, backing=backing)
+        # Host-physical placement sharing the guest range's low address bits up to the
+        # largest leaf that can fit in it (so huge EPT leaves can map it), and no more: a
+        # small slot does not take a 1-GiB window of a small host-physical space.
+        align = REGION_1G if size >= REGION_1G else REGION_2M if size >= REGION_2M else PAGE_4K
+        hpa = self.memory.alloc_range(size, align=align, offset=gpa % align, backing=backing)
         m = Memslot(slot, gpa, size, hpa, readonly=readonly, dirty_log=dirty_log)
         try:
             if dirty_log:
@@ -161,6 +165,7 @@ class Vm:
         """Move a memslot to ``new_gpa``; contents, access maps and dirty bits move with it."""
         m = self.slots.get(slot)
         self.slots.validate_new(slot, new_gpa, m.size, ignore=slot)
+        self._reserve_frames(self._tables_for(m, new_gpa), f"moving {m.describe()} to {new_gpa:#x}")
         self._count_protected(m, -1)
         self.ept.unmap_range(m.gpa, m.size)
         self.slots.remove(slot)
@@ -172,6 +177,57 @@ class Vm:
             self.sppt.on_change([(m.base_gfn + i, amap) for i, amap in sorted(m.maps.items())])
         self._invept()
         return m
+
+    def _tables_for(self, m: Memslot, gpa: int) -> int:
+        """At most how many table frames mapping ``m`` at ``gpa`` takes: the EPT tables
+        of its leaves (:meth:`EptManager.map_range` takes the largest that fit), one
+        4-KiB table more per 2-MiB region holding protected pages, and with an eager
+        SPPT three per such region."""
+        end, delta = gpa + m.size, m.hpa - gpa
+
+        def regions(size: int) -> int:  # regions of ``size`` that [gpa, end) touches
+            return (end - 1) // size - gpa // size + 1
+
+        def inside(size: int) -> int:  # regions of ``size`` that [gpa, end) covers whole
+            return max(0, end // size - -(-gpa // size))
+
+        pts = regions(REGION_2M) - (inside(REGION_2M) if delta % REGION_2M == 0 else 0)
+        pds = regions(REGION_1G) - (inside(REGION_1G) if delta % REGION_1G == 0 else 0)
+        need = pts + pds + regions(1 << 39)
+        if m.maps:
+            protected = len({(gpa + (i << 12)) >> 21 for i in m.maps})
+            need += protected * (4 if self.sppt is not None and self.sppt.mode == "eager" else 1)
+        return need
+
+    def _reserve_frames(self, n: int, what: str) -> None:
+        """Refuse (MemoryError) an operation that may need ``n`` host frames for tables
+        when fewer are free, before it changes anything."""
+        got: list[int] = []
+        try:
+            for _ in range(n):
+                got.append(self.memory.alloc_frame())
+        except MemoryError:
+            raise MemoryError(f"host-physical address space exhausted: {what} may need {n:,} frames for its "
+                              f"tables, {len(got):,} are free") from None
+        finally:
+            for hpa in got:
+                self.memory.free_frame(hpa)
+
+    def _place(self, m: Memslot, gpa: int) -> None:
+        """Take ``m`` out of the EPT and the slot table, and put it back at ``gpa`` (its
+        leaves are made by :meth:`_project_slot`)."""
+        self._count_protected(m, -1)
+        self.ept.unmap_range(m.gpa, m.size)
+        self.slots.remove(m.slot)
+        m.gpa = gpa
+        self.slots.insert(m)
+        self._count_protected(m, +1)
+
+    def _project_slot(self, m: Memslot) -> None:
+        """Map ``m``'s leaves and write its protected pages' vectors."""
+        self._map_slot(m)
+        if self.sppt is not None and m.maps is not None:
+            self.sppt.on_change([(m.base_gfn + i, amap) for i, amap in sorted(m.maps.items())])
 
     def memslots(self) -> list[Memslot]:
         return list(self.slots)
@@ -344,7 +400,10 @@ class Vm:
         return vector_from_map(self.get_subpage_access(gpa >> 12, 1)[0])
 
     def _apply(self, changes: list[tuple[Memslot, int, int]], *, update_sppt: bool = True) -> None:
-        """Store new maps, re-project the EPT, update the SPPT, merge, INVEPT."""
+        """Store new maps, re-project the EPT, update the SPPT, merge, INVEPT.  The
+        tables the changes need are made first (:meth:`_make_tables`), so nothing after
+        that can run out of frames half-way."""
+        self._make_tables(changes)
         sppt_changes = []
         freed: set[tuple[int, Memslot]] = set()
         for m, i, new in changes:
@@ -372,6 +431,44 @@ class Vm:
             self._maybe_merge(region, m)
         if sppt_changes:
             self._invept()
+
+    def _make_tables(self, changes: list[tuple[Memslot, int, int]]) -> None:
+        """Make every table ``changes`` will need before any of them is made: a 4-KiB
+        EPT leaf for each page that becomes protected and, with an eager SPPT, its SPPT
+        path.  Neither changes a translation.  If host-physical frames run out
+        (MemoryError), the entries written are put back and the new tables freed, so
+        the call that asked changes nothing."""
+        eptb = self.ept.builder
+        spptb = self.sppt.builder if self.sppt is not None and self.sppt.mode == "eager" else None
+        regions: set[int] = set()
+        saved: list[tuple[int, int]] = []  # (entry hpa, raw) of each path before its first change
+        before = (set(eptb.tables), set(spptb.tables) if spptb is not None else set(), self.ept.splits)
+        try:
+            for m, i, new in changes:
+                if new == FULL_ACCESS_MAP or m.maps is None or i in m.maps:
+                    continue  # (not a page becoming protected: its tables exist or are not needed)
+                gpa = m.gpa + (i << 12)
+                if gpa >> 21 in regions:
+                    continue
+                regions.add(gpa >> 21)
+                leaf = eptb.leaf(gpa)
+                if leaf is not None and leaf[0] != Level.PTE:
+                    saved.extend((e, raw) for _, e, raw in eptb.walk(gpa))
+                    self.ept.ensure_4k(gpa)
+                if spptb is not None and spptb.l1_table(gpa, allocate=False) is None:
+                    saved.extend((e, raw) for _, e, raw in spptb.walk(gpa))
+                    spptb.l1_table(gpa)
+        except MemoryError:
+            for e, raw in reversed(saved):
+                self.memory.write_u64(e, raw)
+            for b, had in ((eptb, before[0]), (spptb, before[1])):
+                if b is not None:
+                    for t in b.tables - had:
+                        b.tables.discard(t)
+                        self.memory.free_frame(t)
+            self.ept.splits = before[2]
+            self._invept()
+            raise
 
     def _maybe_merge(self, region: int, m: Memslot) -> None:
         if m.dirty_log or self._prot_2m.get(region):
@@ -531,7 +628,7 @@ class Vm:
                 # what page-granular write protection would trap: one exit per page
                 st.page_granular += 1
                 st.page_granular_by_page.add(fgpa >> 12)
-            fgla = None if gla is None else gla + doff
+            fgla = None if gla is None else (gla + doff) & 0xFFFF_FFFF_FFFF_FFFF  # linear addresses wrap
             for _ in _ATTEMPTS:
                 if tried is None:
                     r = translate(fgpa, fn, _WRITE, fgla)
@@ -589,14 +686,22 @@ class Vm:
                         decision = _SKIP
                         st.decisions["skip"] += 1
                     else:
+                        layout = self.slots.generation, self.sppt
                         decision = self._decide(ev)
+                        if (self.slots.generation, self.sppt) != layout:
+                            raise VmmError(
+                                f"the violation handler for the write at gpa={gpa:#x} added, deleted or moved a "
+                                f"memslot, or turned SPP on or off: the write is abandoned, nothing of it was written "
+                                f"(a handler may change access maps, not the VM's memory layout)")
                     if decision is _SKIP or decision is _STOP:
                         return _new_event(WriteResult, (False, decision, events, decision is _STOP, False, misses))
                     if decision is _EMULATE:
                         targets.append(m.hpa + (fgpa - m.gpa))
                         break
-                    # UNPROTECT: the touched sub-pages become writable; translate again
-                    amap |= _touched_bits(fgpa & 0xFFF, fn)
+                    # UNPROTECT: the touched sub-pages become writable (in the map as it is
+                    # now: the handler may have changed it); translate again
+                    assert m.maps is not None  # (SPP is still on: checked above)
+                    amap = m.maps.get(i, FULL_ACCESS_MAP) | _touched_bits(fgpa & 0xFFF, fn)
                     self._apply([(m, i, amap)])
                 else:  # an EPT misconfiguration: a VMM bug, raised as translate raises it
                     raise r.exception()
