@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -82,6 +84,8 @@ class _Cli(click.Group):
             raise OneLineError(str(e), 2) from None
         except RuntimeError as e:  # EngineError, KvmUnavailable, GuestBuildError, MissingDependency
             raise OneLineError(str(e), 1) from None
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (see main): what was being written is cleaned up
+            raise OneLineError("interrupted", 130) from None
 
 
 _ENGINE_HELP = ("kvm: the real CPU (needs a usable /dev/kvm); unicorn: emulated anywhere, a denied write "
@@ -99,7 +103,14 @@ def main() -> None:
     engines this machine offers; `sppkit COMMAND --help` describes a command.
 
     Errors are one line on stderr, `sppkit: error: ...`, with a non-zero exit status.
+    Ctrl-C and SIGTERM stop a command cleanly (partial output files are removed; a
+    guest is stopped at once), with exit status 130.
     """
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM") \
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # SIGTERM (timeout, kill, systemd) as Ctrl-C: a KeyboardInterrupt, so what a
+        # command was writing is cleaned up instead of left behind by a killed process
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 @main.command(short_help="A tour of SPP: the processor, the hypervisor, a real guest and the four uses.")

@@ -43,5 +43,7 @@ def test_its_symbols_serve_a_policy(tmp_path):
 
 def test_a_c_file_that_does_not_compile_is_an_error_with_gcc_s_words(tmp_path):
     r = CliRunner().invoke(main, ["run", _c(tmp_path, "int main(void) { return x; }\n"), "--engine", "unicorn"])
-    assert r.exit_code != 0 and "failed (gcc exit status" in r.output and "undeclared" in r.output
+    assert "failed (gcc exit status" in r.output and "undeclared" in r.output
     assert "Traceback" not in r.output
+    # the user's source is bad input: status 2, as --help says (it was 1, "the run ended otherwise")
+    assert r.exit_code == 2, r.output

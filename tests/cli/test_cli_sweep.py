@@ -592,6 +592,33 @@ def test_console_script_one_line_errors(files, args, needles):
 
 
 @pytest.mark.skipif(not SPPKIT.exists(), reason=f"no console script at {SPPKIT} (sppkit is not installed)")
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_a_terminated_recording_run_leaves_nothing_behind(tmp_path, sig):
+    """SIGTERM (timeout, kill, systemd) stops a command as Ctrl-C does: the guest at
+    once, the partial --record spool removed, exit status 130.  A SIGTERM used to kill
+    the process outright, leaving a hidden spool directory of any size beside the
+    output."""
+    import signal
+    import time
+
+    code = tmp_path / "loop.bin"
+    code.write_bytes(bytes.fromhex("48890beb fb".replace(" ", "")))  # 1: mov [rbx], rcx; jmp 1b
+    out = tmp_path / "out" / "rec.npz"
+    out.parent.mkdir()
+    p = subprocess.Popen([str(SPPKIT), "run", str(code), *FLAT, "--timeout", "0",
+                          "--record", str(out), "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not any(out.parent.iterdir()) and time.monotonic() < deadline:  # the spool is being written
+        time.sleep(0.05)
+    assert any(out.parent.iterdir()), "the run never started writing its recording"
+    p.send_signal(getattr(signal, sig))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.decode().strip().splitlines()[-1] == "sppkit: error: interrupted"
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.mark.skipif(not SPPKIT.exists(), reason=f"no console script at {SPPKIT} (sppkit is not installed)")
 def test_console_script_run_json(files):
     p = subprocess.run([str(SPPKIT), "run", files["bin"], *FLAT, "--json", "--timeout", "30"],
                        capture_output=True, text=True, timeout=120)

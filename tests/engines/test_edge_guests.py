@@ -143,6 +143,35 @@ def test_store_past_the_end_of_ram_is_a_guest_fault(engine, protected):
     assert mem[RAM - 8] == bytes(8)
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_hlt_agrees(engine, cpl):
+    """`hlt` is privileged: at CPL 3 it raises #GP, with no IDT a triple fault — KVM
+    reports a shutdown at the hlt.  Unicorn halts there instead (it does not model the
+    #GP) and used to report "halt ... the instruction limit was reached"; at CPL 0 both
+    halt with RIP after the instruction."""
+    image, ips = flat([*putc("h"), Ins.create(Code.HLT), *exit_ins(7)])
+    r, _, _ = _run(engine, image, None, [], cpl=cpl)
+    hlt = ips[len(putc("h"))]
+    if cpl == 3:
+        assert (r.stop_reason, r.rip_at, r.rip_after) == ("shutdown", hlt, None), r
+        assert f"guest fault at rip={hlt:#x} (triple fault: no IDT)" in r.detail and "hlt" in r.detail
+    else:
+        assert (r.stop_reason, r.rip_at, r.rip_after, r.detail) == ("halt", None, hlt + 1, ""), r
+    assert (r.console, r.exit_code) == ("h", None)
+
+
+def test_instruction_limit_is_named():
+    """A Unicorn run that ends at ``max_instructions`` says so (it is not a `hlt`)."""
+    image, _ = flat([*putc("a"), *putc("b"), *exit_ins(7)])
+    eng = UnicornEngine(image, ram_size=RAM, timeout=30, max_instructions=2)
+    try:
+        r = eng.run()
+    finally:
+        eng.close()
+    assert r.stop_reason == "halt" and r.detail == "the instruction limit (2) was reached", r
+
+
 @pytest.mark.parametrize("decision", ["skip", "emulate", "stop"])
 def test_stores_at_the_end_of_ram_agree(decision):
     """1-, 8- and 16-byte stores ending exactly at the end of RAM, in a protected

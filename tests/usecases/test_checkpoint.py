@@ -302,6 +302,21 @@ def test_journal_damage(cset):
     cs = C.open_checkpoint_set(cset)
     assert len(cs) == 3 and "final" not in cs.manifest and cs.torn_line is None
     assert C.restore_checkpoint(cset, 2).verified
+    # ... but the files beyond it are named: a cut index does not pass unseen (it used to
+    # be reported verified, with "the run stopped before it ended" and nothing else)
+    files = sorted(p.name for p in cset.glob("ckpt-*.spck"))
+    assert cs.unlisted == tuple(files[3:]) and len(cs.unlisted) == 4
+    from click.testing import CliRunner
+
+    from sppkit.cli import main
+
+    for args in (["restore", str(cset)], ["restore", str(cset), "--list"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 0, r.output
+        assert f"note: 4 checkpoint file(s) beyond the last one checkpoints.jsonl lists ({files[3]} … {files[-1]})" \
+            in " ".join(r.output.split()), r.output
+    r = CliRunner().invoke(main, ["restore", str(cset), "--json"])
+    assert json.loads(r.output)["unlisted_files"] == files[3:]
 
 
 def test_torn_last_line_is_left_out(cset):

@@ -195,6 +195,9 @@ GUEST_CASES = [
       "--protect-symbols: watch 'idt:0x10000000000000000'", "lies outside guest RAM [0x0, 0x4000000)"),
     p("monitor-symbols-and-policy", ["monitor", *U, "--protect-symbols", "idt", "--policy", "{d}/garbage.toml"],
       "give --protect-symbols or --policy, not both"),
+    # --decision was accepted and ignored: the JSON said "stop", every watch skipped
+    p("fix:monitor-policy-and-decision", ["monitor", *U, "--policy", "{d}/garbage.toml", "--decision", "stop"],
+      "--decision applies to --protect-symbols (a --policy file states its own decisions)"),
     p("monitor-policy-syntax", ["monitor", *U, "--policy", "{d}/garbage.toml"], "garbage.toml: TOML syntax error"),
     p("monitor-policy-empty", ["monitor", *U, "--policy", "{d}/empty.toml"], "empty.toml: the policy protects nothing"),
     p("fix:monitor-policy-outside-ram", ["monitor", *U, "--policy", "{d}/outside.toml"],

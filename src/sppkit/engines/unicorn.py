@@ -749,7 +749,20 @@ class UnicornEngine(EngineBase):
             return self.result("timeout", rip_at=rip, exits=self.exits,
                                detail=f"no exit within {self.timeout} s; RIP is the start of the translated block "
                                       "that was running (Unicorn stops mid-block), so the run cannot be continued")
-        return self.result("halt", rip_at=rip, exits=self.exits, detail="the instruction limit was reached")
+        # Unicorn ends a run by itself at its instruction limit, or after a `hlt` (RIP
+        # then after it, as under KVM).
+        hlt = rip - 1
+        d = decode(self.code_at(hlt), hlt, None) if hlt >= 0 else None
+        if d is None or d.text != "hlt" or d.length != 1:
+            return self.result("halt", rip_at=rip, exits=self.exits,
+                               detail=f"the instruction limit ({self.max_instructions:,}) was reached")
+        if self.cpl == 3:
+            # hlt is privileged: at CPL 3 it raises #GP, with no IDT a triple fault, which
+            # Unicorn does not model (it halts) and KVM reports as a shutdown
+            return self.result("shutdown", rip_at=hlt, exits=self.exits,
+                               detail=f"guest fault at rip={hlt:#x} (triple fault: no IDT): `hlt` at CPL 3 "
+                                      "raises #GP")
+        return self.result("halt", rip_after=rip, exits=self.exits)
 
     #: seconds the timeout waits for the run to stop exactly (at its next store to a
     #: protected page, held back, or its next port I/O) before stopping it from the timer
@@ -855,7 +868,10 @@ class _CtrlC:
                 # whatever is not ours)
                 self._wakeup = w.fileno()
                 self._old = signal.set_wakeup_fd(w.fileno(), warn_on_full_buffer=False)
-            self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old, on_sigint),
+            # SIGTERM too where it raises KeyboardInterrupt as SIGINT does (the command line)
+            stops = bytes([signal.SIGINT] + [signal.SIGTERM] * (getattr(signal, "SIGTERM", None) is not None
+                          and signal.getsignal(signal.SIGTERM) is signal.default_int_handler))
+            self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old, on_sigint, stops),
                                             daemon=True, name="sppkit-unicorn-ctrl-c")
             self._thread.start()
         except (OSError, ValueError):
@@ -865,7 +881,7 @@ class _CtrlC:
             raise
 
     @staticmethod
-    def _watch(r: socket.socket, stop_r: socket.socket, old: int, on_sigint) -> None:
+    def _watch(r: socket.socket, stop_r: socket.socket, old: int, on_sigint, stops: bytes) -> None:
         with selectors.DefaultSelector() as sel:  # (not select.select: no limit on fd numbers)
             sel.register(r, selectors.EVENT_READ)
             sel.register(stop_r, selectors.EVENT_READ)
@@ -873,7 +889,7 @@ class _CtrlC:
                 ready = {key.fileobj for key, _ in sel.select()}
                 if r in ready:
                     data = r.recv(512)
-                    if signal.SIGINT in data:
+                    if any(sig in data for sig in stops):
                         on_sigint()
                     if old != -1:
                         try:

@@ -15,6 +15,7 @@ from .build import (
     PROGRAMS_DIR,
     RUNTIME_DIR,
     GuestBuildError,
+    GuestSourceError,
     build_guest,
     guest_cache_dir,
     list_programs,
@@ -31,7 +32,7 @@ LOAD_ADDRESS = 0x400000
 
 __all__ = [
     "BASE_CFLAGS", "LOAD_ADDRESS", "PORT_CONSOLE", "PORT_EXIT", "PROGRAMS_DIR", "RUNTIME_DIR",
-    "GuestBuildError", "GuestImage", "GuestImageError", "Segment", "Symbol", "SymbolNotFound",
+    "GuestBuildError", "GuestImage", "GuestSourceError", "GuestImageError", "Segment", "Symbol", "SymbolNotFound",
     "build_guest", "flat_image", "guest_cache_dir", "list_programs", "load_elf", "program_path",
     "toolchain_status",
 ]

@@ -54,6 +54,12 @@ class GuestBuildError(RuntimeError):
     or a compile/link failure (the message carries the compiler's stderr)."""
 
 
+class GuestSourceError(GuestBuildError, ValueError):
+    """The guest asked for is the problem — no such program or file, not a ``.c`` file,
+    or a source of the user's that does not compile — not the machine: bad input (the
+    command line exits with status 2, as for any bad input)."""
+
+
 def guest_cache_dir(override: str | os.PathLike | None = None) -> Path:
     """Where built guests go: ``override``, else ``$SPPKIT_CACHE/guests``, else
     ``${XDG_CACHE_HOME:-~/.cache}/sppkit/guests``."""
@@ -70,28 +76,28 @@ def list_programs() -> list[str]:
 def program_path(name_or_path: str | os.PathLike) -> Path:
     """The ``.c`` file for a bundled program name or a path to a ``.c`` file."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise GuestBuildError(f"a guest is a bundled program name or a path to a .c file, got "
+        raise GuestSourceError(f"a guest is a bundled program name or a path to a .c file, got "
                               f"{type(name_or_path).__name__} {name_or_path!r}")
     s = os.fspath(name_or_path)
     if not isinstance(s, str):
         s = os.fsdecode(s)
     if "\0" in s:
-        raise GuestBuildError(f"guest {s!r}: a name or path cannot contain a NUL byte")
+        raise GuestSourceError(f"guest {s!r}: a name or path cannot contain a NUL byte")
     looks_like_path = isinstance(name_or_path, os.PathLike) or s.endswith(".c") or os.sep in s or "/" in s
     if looks_like_path:
         p = Path(s).expanduser()
         if p.is_dir():
-            raise GuestBuildError(f"guest source {p}: is a directory, not a .c file")
+            raise GuestSourceError(f"guest source {p}: is a directory, not a .c file")
         if not p.is_file():
             what = "no such file" if not p.exists() else "not a regular file"
-            raise GuestBuildError(f"guest source {p}: {what}")
+            raise GuestSourceError(f"guest source {p}: {what}")
         if p.suffix != ".c":
-            raise GuestBuildError(f"guest source {p}: not a C source file (the name must end in .c)")
+            raise GuestSourceError(f"guest source {p}: not a C source file (the name must end in .c)")
         return p.resolve()
     p = PROGRAMS_DIR / f"{s}.c"
     if not p.is_file():
         names = ", ".join(list_programs()) or "(none)"
-        raise GuestBuildError(f"no bundled guest program {s!r}; bundled programs: {names} (or give a path to a .c file)")
+        raise GuestSourceError(f"no bundled guest program {s!r}; bundled programs: {names} (or give a path to a .c file)")
     return p
 
 
@@ -219,7 +225,8 @@ def build_guest(
         except OSError as e:
             raise GuestBuildError(f"building {src}: cannot run {gcc}: {e}; {INSTALL_HINT}") from e
         if proc.returncode != 0:
-            raise GuestBuildError(
+            # the user's own source is bad input; a bundled program that fails is the machine's
+            raise (GuestBuildError if Path(src).resolve().parent == PROGRAMS_DIR.resolve() else GuestSourceError)(
                 f"building {src} failed (gcc exit status {proc.returncode}):\n"
                 f"{proc.stderr.strip() or proc.stdout.strip() or '(no output)'}\n"
                 f"command: {' '.join(cmd)}"

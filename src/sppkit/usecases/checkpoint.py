@@ -665,6 +665,27 @@ def _ckpt_name(index: int) -> str:
     return f"ckpt-{index:06d}.spck"
 
 
+_CKPT_FILE = re.compile(r"ckpt-(\d{6,})\.spck")
+
+
+def _unlisted_files(directory: Path, listed: int) -> tuple[str, ...]:
+    """Names of the checkpoint files in ``directory`` numbered ``listed`` or more."""
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return ()
+    found = [(int(m[1]), n) for n in names if (m := _CKPT_FILE.fullmatch(n)) and int(m[1]) >= listed]
+    return tuple(n for _, n in sorted(found))
+
+
+def _unlisted_note(names: tuple[str, ...], listed_in: str) -> str:
+    shown = names[0] if len(names) == 1 else f"{names[0]} … {names[-1]}"
+    why = ("the checkpointing run may have stopped between writing it and listing it" if len(names) == 1
+           else f"{listed_in} may have been cut short")
+    return (f"[yellow]note: {len(names)} checkpoint file(s) beyond the last one {listed_in} lists ({shown}): "
+            f"{why}; they are not part of the set[/]")
+
+
 def _canonical_json(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
@@ -782,6 +803,10 @@ class CheckpointSet:
         self.set_id = bytes.fromhex(manifest["set_id"])
         self.regions = [Region(r["name"], int(r["gpa"]), int(r["size"])) for r in manifest["regions"]]
         self.entries = manifest["checkpoints"]
+        #: checkpoint files in the directory beyond the last one the index lists (a run
+        #: stopped between writing a file and listing it leaves one; more mean the index
+        #: was cut): not part of the set, named so that a cut index does not go unseen
+        self.unlisted = _unlisted_files(directory, len(self.entries))
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -1466,6 +1491,9 @@ class RestoreResult:
     #: the set's journal ends in this incomplete line (a run stopped while appending
     #: it), left out of the set; None when the journal is whole
     torn_line: int | None = None
+    #: checkpoint files beyond the set's index (:attr:`CheckpointSet.unlisted`)
+    unlisted: tuple[str, ...] = ()
+    listed_in: str = JOURNAL
 
     @property
     def verified(self) -> bool:
@@ -1487,6 +1515,7 @@ class RestoreResult:
             "guest_verified": self.guest_problem is None, "guest_problem": self.guest_problem,
             "result": self.result.to_dict(max_violations=0) if self.result else None,
             "matches_recorded_run": self.matches_recorded_run, "torn_line": self.torn_line,
+            "unlisted_files": list(self.unlisted),
         }
 
 
@@ -1508,7 +1537,8 @@ def restore_checkpoint(directory, to: int | None = None, *, resume: bool = False
                                   f"rebuilt memory hashes to {digest[:16]}..., the checkpoint recorded "
                                   f"{state.recorded_sha256[:16]}...")
     out = RestoreResult(cs.dir, k, cs.regions, digest, state.recorded_sha256, state.regs,
-                        recorded_final=cs.manifest.get("final"), torn_line=cs.torn_line)
+                        recorded_final=cs.manifest.get("final"), torn_line=cs.torn_line, unlisted=cs.unlisted,
+                        listed_in=cs.listed_in)
     if not resume:
         try:
             cs.check_guest()
@@ -1550,6 +1580,7 @@ def set_listing(cs: CheckpointSet) -> dict:
         "directory": str(cs.dir), "version": m["version"], "guest": m["guest"], "engine": m.get("engine"),
         "ram_size": m["ram_size"], "regions": m["regions"], "trigger": m.get("trigger"),
         "checkpoints": cs.entries, "final": m.get("final"), "torn_line": cs.torn_line,
+        "unlisted_files": list(cs.unlisted),
     }
 
 
@@ -1574,6 +1605,8 @@ def print_listing(cs: CheckpointSet, console) -> None:
         console.print(f"run end: {escape(str(f.get('stop_reason')))}, exit code {'—' if code is None else code}")
     if cs.torn_line is not None:
         console.print(_torn_note(cs.torn_line))
+    if cs.unlisted:
+        console.print(_unlisted_note(cs.unlisted, cs.listed_in))
     console.print("[dim]listed from the verified index; `sppkit restore DIR --to K` verifies the files 0..K[/]")
 
 
@@ -1623,6 +1656,8 @@ def print_restore(res: RestoreResult, console) -> None:
                   f"rflags {res.regs.get('rflags', 0):#x}")
     if res.torn_line is not None:
         console.print(_torn_note(res.torn_line))
+    if res.unlisted:
+        console.print(_unlisted_note(res.unlisted, res.listed_in))
     if res.guest_problem is not None:
         console.print(f"[red]guest copy: {escape(res.guest_problem)}: the set cannot be resumed[/]")
     if res.result is not None:

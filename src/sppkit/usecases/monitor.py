@@ -1079,10 +1079,10 @@ class Progress:
               help="TOML policy whose [[protect]] byte ranges (and decisions) become watches, instead of "
                    "--protect-symbols; see examples/mixed.toml.")
 @engine_option
-@click.option("--decision", type=click.Choice(["skip", "emulate", "stop"]), default="skip", show_default=True,
-              help="For writes to watched bytes: skip = discard (the structure stays intact), emulate = commit "
-                   "and record, stop = end the run.  Writes beside them in the same sub-page are always "
-                   "committed.")
+@click.option("--decision", type=click.Choice(["skip", "emulate", "stop"]), default=None,
+              help="For writes to --protect-symbols bytes: skip = discard (the structure stays intact), emulate = "
+                   "commit and record, stop = end the run.  Writes beside them in the same sub-page are always "
+                   "committed.  [default: skip; a --policy file states its own decisions]")
 @cpl_option
 @click.option("--page-granular", is_flag=True,
               help="Protect watched pages whole (the baseline SPP improves on): every write to them exits.")
@@ -1118,6 +1118,9 @@ def monitor_command(guest, protect_symbols, policy_file, engine, decision, cpl, 
 
     if protect_symbols is not None and policy_file is not None:
         raise click.UsageError("give --protect-symbols or --policy, not both")
+    if decision is not None and policy_file is not None:
+        raise click.UsageError("--decision applies to --protect-symbols (a --policy file states its own decisions)")
+    decision = decision or "skip"
     with Progress(f"monitor: running {guest} ({engine} engine)…", progress):
         rep = run_monitor(guest, protect_symbols=protect_symbols, policy=policy_file, engine=engine,
                           decision=decision, cpl=int(cpl), page_granular=page_granular, timeout=timeout, ticks=ticks)
