@@ -263,7 +263,7 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
                                    "--protect regions")
         sweep_model = SweepModel(cands, spp_write_check=spp_write_check, spp_mode=spp_mode)
         swept = run_sweep(trace, sweep_model, fmt, sort=sort, **kw)
-        sd = swept.to_dict(top or None)
+        sd = swept.to_dict(top)
         _report_skipped(swept.counters.skipped, swept.counters.examples)
         _report_unreadable(trace, sd["writes"], swept.counters.skipped, swept.counters.examples, sd.get("formats"))
         if as_json:

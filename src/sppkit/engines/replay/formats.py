@@ -45,6 +45,7 @@ import tokenize
 import weakref
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -120,13 +121,25 @@ class MissingDependency(RuntimeError):
 @dataclass
 class Diagnostics:
     """Where malformed records go: counted (and the first ``keep`` kept) or, when
-    ``strict``, raised.  ``on_warning`` is called with each kept message."""
+    ``strict``, raised.  ``on_warning`` is called with each kept message.
+
+    It also follows lackey's ``I`` lines across the files read through it: a malformed
+    ``I`` line is reported only when a store takes its IP from it (see
+    :class:`LackeySource`), which may happen in the next file.  ``ip_pending`` holds the
+    last ``I`` line read while it is malformed and unused, ``(path, line, reason, text)``;
+    ``ip_seen``: an ``I`` line was read; ``ip_wanted``: a store came before the first
+    one (it takes its IP from what was read before: another file, or a shard read with
+    its own Diagnostics, which :meth:`merge` joins on).
+    """
 
     strict: bool = False
     keep: int = 10
     skipped: int = 0
     examples: list = field(default_factory=list)
     on_warning: Callable[[str], None] | None = None
+    ip_pending: tuple | None = None
+    ip_seen: bool = False
+    ip_wanted: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.keep, (bool, np.bool_)) or not isinstance(self.keep, (int, np.integer)) or self.keep < 0:
@@ -150,11 +163,32 @@ class Diagnostics:
             if self.on_warning is not None:
                 self.on_warning(msg)
 
+    def ip_used(self) -> None:
+        """A store takes its IP from the last ``I`` line read (before its block): that
+        line is reported if it is malformed."""
+        if self.ip_pending is not None:
+            pending, self.ip_pending = self.ip_pending, None
+            self.malformed(*pending)
+        elif not self.ip_seen:
+            self.ip_wanted = True
+
+    def ip_read(self, pending: tuple | None) -> None:
+        """``I`` lines were read; ``pending``: the last one, when it is malformed and no
+        store has taken its IP from it yet (``(path, line, reason, text)``), else None."""
+        self.ip_seen = True
+        self.ip_pending = pending
+
     def merge(self, other: "Diagnostics") -> None:
+        """Add ``other``: the diagnostics of the piece of trace read after this one (a
+        shard read on its own), as if both had been read through one Diagnostics."""
+        if other.ip_wanted:
+            self.ip_used()
         self.skipped += other.skipped
         room = self.keep - len(self.examples)
         if room > 0:
             self.examples.extend(other.examples[:room])
+        if other.ip_seen:
+            self.ip_read(other.ip_pending)
 
 
 # =====================================================================================
@@ -199,6 +233,20 @@ def _parse_uint(buf: np.ndarray, a: np.ndarray, b: np.ndarray, base: int) -> tup
     return vals, ok
 
 
+def _digits(text: bytes, base: int = 10) -> int:
+    """A field of digits (decimal, or hex without ``0x``) as an int, whatever its length:
+    a value with more digits than any 64-bit value (leading zeros aside) is returned as
+    ``2**64``, out of every field's range, without being converted -- int() refuses more
+    than 4300 decimal digits with a ValueError that names no file or line."""
+    d = text.lstrip(b"0")
+    return int(d or b"0", base) if len(d) <= (16 if base == 16 else 20) else 1 << 64
+
+
+def _size_reason(size: int) -> str:
+    """Why a record's ``size`` (as :func:`_digits` gives it) is malformed."""
+    return f"size {size if size < 1 << 64 else 'of 2**64 or more'} out of range (1..{MAX_SIZE})"
+
+
 def wrapping(gpa: np.ndarray, size: np.ndarray) -> np.ndarray:
     """Indices (ascending) of the records whose write runs past the end of the 64-bit
     address space: ``gpa + size > 2**64``.  One reduction over ``gpa`` (``max``); exact
@@ -210,6 +258,14 @@ def wrapping(gpa: np.ndarray, size: np.ndarray) -> np.ndarray:
     s = np.asarray(size)[near]
     s = np.where(s >= 1, s, 1).astype(np.uint64)  # (a size the caller refuses anyway: no wrap)
     return near[gpa[near] > (_U64_MAX - s) + np.uint64(1)]  # gpa > 2**64 - size
+
+
+def refuse_negative(a: np.ndarray, name: str, first: int) -> None:
+    """A TraceFormatError naming the first record (``first`` + its index) whose ``name``
+    (a column of integers, ``a``) is negative."""
+    if a.dtype.kind == "i" and len(a) and a.min() < 0:
+        j = int(np.argmax(a < 0))
+        raise TraceFormatError(f"record {first + j}: {name} {int(a[j])} is negative")
 
 
 def wrap_reason(gpa: int, size: int) -> str:
@@ -443,6 +499,9 @@ class _TextSource(TraceSource):
 
 # ------------------------------------------------------------------------------- lackey
 _LACKEY_LINE = re.compile(rb"^(?:I  |\s[SLM] )\s*([0-9a-fA-F]+)\s*,\s*([0-9]+)\s*$")
+#: valgrind's own messages: ``==PID== text`` (``--PID-- text`` with -v), with
+#: --time-stamp=yes ``==DD:HH:MM:SS.mmm PID== text``.
+_VALGRIND_LINE = re.compile(rb"^(==|--)(?:[0-9]+:[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3} )?[0-9]+\1(?: |$)")
 
 
 class LackeySource(_TextSource):
@@ -456,24 +515,16 @@ class LackeySource(_TextSource):
 
     format = "lackey"
 
-    #: A malformed ``I`` line parsed only because it is the last of its block (its IP
-    #: carries over to the next block), not yet reported: ``(line number, reason, text)``.
-    #: It is reported if a store of a later block takes its IP from it, or at the end of
-    #: the file (the next shard's stores may), else dropped -- so what is reported does
-    #: not depend on where the block boundaries fall.
-    _pending = None
+    # A malformed I line is reported when a store takes its IP from it.  The last I line
+    # of a block is parsed for the next block's stores (or the next file's: shards); when
+    # it is malformed and no store of its block uses it, it waits in the diagnostics
+    # (Diagnostics.ip_pending): reported if a store of a later block or file takes its IP
+    # from it, dropped at the next I line -- so what is reported depends neither on where
+    # the block boundaries fall nor on where the trace is cut into shards.
 
     def _chunks(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        self._pending = None
         for blk in self._blocks():
             yield self._parse(blk)
-        self._report_pending()
-
-    def _report_pending(self) -> None:
-        if self._pending is not None:
-            line, why, text = self._pending
-            self._pending = None
-            self.diagnostics.malformed(self.path, line, why, text)
 
     def _parse(self, blk: _Block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         c0, c1, c2 = blk.char(0), blk.char(1), blk.char(2)
@@ -481,7 +532,9 @@ class LackeySource(_TextSource):
         data = (c0 == 32) & (c2 == 32)
         is_store = data & ((c1 == 83) | (c1 == 77))  # " S ", " M "
         is_load = data & (c1 == 76)  # " L "
-        ignored = (c0 == 61) | (c0 == 45) | (blk.ends == blk.starts)  # ==pid==, --pid--, blank
+        ignored = blk.ends == blk.starts  # blank
+        for v in np.flatnonzero(((c0 == 61) & (c1 == 61)) | ((c0 == 45) & (c1 == 45))):  # ==pid==, --pid--?
+            ignored[v] = _VALGRIND_LINE.match(blk.line(int(v))) is not None
         other = ~(is_i | is_store | is_load | ignored)
         buf = blk.buf
         commas = np.flatnonzero(buf[: len(blk.raw)] == 44)
@@ -498,10 +551,8 @@ class LackeySource(_TextSource):
         ii = np.flatnonzero(is_i)
         k = np.searchsorted(ii, st) - 1
         rip = np.full(len(st), self.last_ip, np.uint64)
-        if (k < 0).any():  # stores take their IP from the last I line of an earlier block
-            self._report_pending()
-        elif len(ii):
-            self._pending = None  # replaced by this block's I lines: no store took its IP from it
+        if (k < 0).any():  # stores take their IP from the last I line of an earlier block (or file)
+            self.diagnostics.ip_used()
         need = np.unique(k[k >= 0])
         carry_only = -1  # (index in ii of) the last I line, when it is parsed for the carry only
         if len(ii):
@@ -542,17 +593,19 @@ class LackeySource(_TextSource):
         rip[have] = ip_of[k[have]]
         if len(ii):
             self.last_ip = ip_of[-1]
-        if carry_only >= 0 and int(ii[carry_only]) in bad_i:  # reported if and when a store uses it
-            line = int(ii[carry_only])
-            self._pending = (blk.line0 + line, bad_i.pop(line), blk.line(line))
+            pending = None
+            if carry_only >= 0 and int(ii[carry_only]) in bad_i:  # reported if and when a store uses it
+                line = int(ii[carry_only])
+                pending = (self.path, blk.line0 + line, bad_i.pop(line), blk.line(line))
+            self.diagnostics.ip_read(pending)  # (replaces an earlier block's: no store took its IP from it)
 
         bad_lines = []
         if not ok.all():
             for j in np.flatnonzero(~ok):
                 line = blk.line(int(st[j]))
                 m = _LACKEY_LINE.match(line)
-                if m and 1 <= int(m.group(2)) <= MAX_SIZE and len(m.group(1)) <= 16:
-                    addr[j], size[j], ok[j] = int(m.group(1), 16), int(m.group(2)), True
+                if m and 1 <= _digits(m.group(2)) <= MAX_SIZE and len(m.group(1)) <= 16:
+                    addr[j], size[j], ok[j] = int(m.group(1), 16), _digits(m.group(2)), True
                 else:
                     bad_lines.append((int(st[j]), self._why(line)))
         for j in wrapping(addr, size):
@@ -578,17 +631,19 @@ class LackeySource(_TextSource):
             return "malformed store: expected ' S ADDR,SIZE' (hex address, decimal size)"
         if len(m.group(1)) > 16:
             return "address wider than 64 bits"
-        return f"size {int(m.group(2))} out of range (1..{MAX_SIZE})"
+        return _size_reason(_digits(m.group(2)))
 
 
 # ------------------------------------------------------------------------------- CSV
 _CSV_FIELD = re.compile(rb"0[xX][0-9a-fA-F]+|[0-9]+")
+#: The header line 1 may hold: the names of its columns (any case, spaces around them).
+_CSV_HEADERS = ([b"gpa", b"size"], [b"gpa", b"size", b"rip"])
 
 
 class CsvSource(_TextSource):
     """``gpa,size[,rip]`` per line; each field hex (``0x...``) or decimal.  An optional
-    header (a first line that is not numeric, e.g. ``gpa,size,rip``); blank lines and
-    ``#`` comments are skipped."""
+    header on line 1 (``gpa,size,rip`` or ``gpa,size``); blank lines and ``#`` comments
+    are skipped."""
 
     format = "csv"
 
@@ -635,12 +690,12 @@ class CsvSource(_TextSource):
         vals: list[int] | None
         # the documented forms only: int() would also take "1_000", "+5" or "0x_10"
         if all(_CSV_FIELD.fullmatch(p) for p in parts):
-            vals = [int(p, 16) if p[:2].lower() == b"0x" else int(p, 10) for p in parts]
+            vals = [_digits(p[2:], 16) if p[:2].lower() == b"0x" else _digits(p) for p in parts]
         else:
             vals = None
         if vals is None or len(vals) not in (2, 3):
-            if blk.line0 + i == 1 and all(re.fullmatch(rb"[A-Za-z_][A-Za-z0-9_ ]*", p) for p in parts):
-                return None  # header: gpa,size,rip
+            if blk.line0 + i == 1 and [p.lower() for p in parts] in _CSV_HEADERS:
+                return None  # the header
             why = (f"expected 2 or 3 fields (gpa,size[,rip]), got {len(parts)}" if vals is not None
                    else "expected integers (decimal or 0x-prefixed hex): gpa,size[,rip]")
             self._bad(blk, i, why)
@@ -648,7 +703,7 @@ class CsvSource(_TextSource):
         gpa, size = vals[0], vals[1]
         rip = vals[2] if len(vals) == 3 else int(NO_RIP)
         if not 1 <= size <= MAX_SIZE:
-            self._bad(blk, i, f"size {size} out of range (1..{MAX_SIZE})")
+            self._bad(blk, i, _size_reason(size))
             return None
         if not 0 <= gpa < 1 << 64 or not 0 <= rip < 1 << 64:
             self._bad(blk, i, "address out of the 64-bit range")
@@ -754,9 +809,11 @@ def _member_header(path: Path, name: str, f) -> tuple[tuple, np.dtype]:
 
 
 def _npz_member(path: Path, zf: zipfile.ZipFile, name: str, fd):
-    """A reader for one ``.npy`` member: ``(dtype, count, read(start, stop) -> array)``.
-    Stored (uncompressed) members are read in place through ``fd`` (an open handle on
-    ``path``: plain reads, no mapping, so memory stays flat); compressed ones stream."""
+    """A reader for one ``.npy`` member: ``(dtype, count, read(start, stop) -> array)``,
+    called for consecutive ranges of records.  Stored (uncompressed) members are read in
+    place through ``fd`` (an open handle on ``path``: plain reads, no mapping, so memory
+    stays flat) and their CRC-32 checked on the way; compressed ones stream (zipfile
+    checks theirs)."""
     info = zf.getinfo(name)
     if info.flag_bits & 0x1:
         raise TraceFormatError(f"{path}: member {name} is encrypted")
@@ -778,14 +835,30 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, name: str, fd):
             f.seek(start)
             shape, dtype = _member_header(path, name, f)
             offset = f.tell()
+            f.seek(start)
+            header = f.read(offset - start)
         n = _member_count(path, name, shape, dtype, offset - start, info)
+        # the member's CRC-32 (over its .npy header and data) is checked as the records are
+        # read, in order, and compared once the last one is: what zipfile does for the others
+        stored = {"pos": 0, "crc": zlib.crc32(header)}
+
+        def check_crc():
+            if stored["pos"] == n and stored["crc"] != info.CRC:
+                raise TraceFormatError(f"{path}: member {name}: bad CRC-32 (its data is damaged)")
+
+        check_crc()  # (an empty member: its header alone)
 
         def read_stored(a, b):
+            assert a == stored["pos"], "stored members are read in order (their CRC-32 is checked)"
             out = np.empty(b - a, dtype)
             if b > a:
                 fd.seek(offset + a * dtype.itemsize)
-                if fd.readinto(out.view(np.uint8)) != (b - a) * dtype.itemsize:
+                raw = out.view(np.uint8)
+                if fd.readinto(raw) != (b - a) * dtype.itemsize:
                     raise TraceFormatError(f"{path}: member {name} is truncated")
+                stored["crc"] = zlib.crc32(raw.data, stored["crc"])
+            stored["pos"] = b
+            check_crc()
             return out
 
         return dtype, n, read_stored
@@ -805,6 +878,27 @@ def _npz_member(path: Path, zf: zipfile.ZipFile, name: str, fd):
         return np.frombuffer(raw, dtype).copy()
 
     return dtype, n, read
+
+
+#: Native chunks of at least this many records are read one chunk ahead (_read_ahead);
+#: for smaller ones, handing each over between threads costs more than it saves.
+_READ_AHEAD_RECORDS = 1 << 16
+
+
+def _read_ahead(read, starts) -> Iterator:
+    """``read(a)`` for each ``a`` of ``starts``, in order, each computed in a worker
+    thread while the caller works on the previous result: reading a chunk (file I/O and
+    its CRC-32, which release the GIL) overlaps with its replay.  One call ahead at most;
+    an early close waits for that one."""
+    with ThreadPoolExecutor(1, thread_name_prefix="sppkit-trace-read") as ex:
+        it = iter(starts)
+        a = next(it, None)
+        pending = None if a is None else ex.submit(read, a)
+        while pending is not None:
+            out = pending.result()
+            a = next(it, None)
+            pending = None if a is None else ex.submit(read, a)
+            yield out
 
 
 def _npy_header(f) -> tuple[tuple, np.dtype]:
@@ -945,14 +1039,19 @@ class NativeSource(TraceSource):
                 raise TraceFormatError(f"{self.path}: columns of different lengths: {counts}")
             n = counts["gpa"]
             step = self.chunk_records
-            for a in range(0, n, step):
+
+            def read(a):
                 b = min(n, a + step)
                 try:
-                    cols = {c: r[2](a, b) for c, r in readers.items()}
+                    return a, b, {c: r[2](a, b) for c, r in readers.items()}
                 except TraceFormatError:
                     raise
                 except _ZIP_ERRORS as e:  # a bad CRC or deflate stream shows up as the member is read
                     raise TraceFormatError(f"{self.path}: unreadable native trace: {_reason(e)}") from None
+
+            starts = range(0, n, step)
+            ahead = step >= _READ_AHEAD_RECORDS and n > step
+            for a, b, cols in _read_ahead(read, starts) if ahead else map(read, starts):
                 self.bytes_done = int(self.bytes_total * b / max(n, 1))
                 yield self._check(cols["gpa"], cols["size"], cols.get("rip"), a)
         self.bytes_done = self.bytes_total
@@ -1062,7 +1161,7 @@ def detect_format(path) -> str:
     lines = [ln for ln in head.split(b"\n")[:200] if ln.strip()]
     votes = {"lackey": 0, "pinatrace": 0, "csv": 0}
     for ln in lines:
-        if re.match(rb"^(I  |\s[SLM] )[0-9a-fA-F]+,\d+\s*$", ln) or re.match(rb"^(==|--)\d+(==|--)", ln):
+        if re.match(rb"^(I  |\s[SLM] )[0-9a-fA-F]+,\d+\s*$", ln) or _VALGRIND_LINE.match(ln):
             votes["lackey"] += 1
         elif _PIN_LINE.match(ln) or ln.strip() == b"#eof":
             votes["pinatrace"] += 1
@@ -1178,9 +1277,7 @@ def _writable(records, first: int) -> dict[str, np.ndarray]:
     for c, a in raw.items():
         if a.dtype.kind not in "ui":
             raise TypeError(f"the {c} field must hold integers, got dtype {a.dtype}")
-        if n and a.dtype.kind == "i" and a.min() < 0:
-            j = int(np.argmax(a < 0))
-            raise TraceFormatError(f"record {first + j}: {c} {int(a[j])} is negative")
+        refuse_negative(a, c, first)
     sz = raw["size"]
     if n and (sz.min() < 1 or sz.max() > MAX_SIZE):
         j = int(np.argmax((sz < 1) | (sz > MAX_SIZE)))

@@ -46,6 +46,7 @@ from .formats import (
     list_shards,
     shown,
     open_trace,
+    refuse_negative,
     wrap_reason,
     wrapping,
 )
@@ -70,14 +71,14 @@ def _int_arg(value, what: str) -> int:
 
 
 def _top_arg(n, what: str = "top") -> int | None:
-    """A row count: an integer >= 0 (not a bool) or None (all rows), else a
-    ValueError/TypeError."""
+    """A row count: an integer >= 0 (not a bool), 0 or None meaning all rows (returned
+    as None), else a ValueError/TypeError."""
     if n is None:
         return None
     n = _int_arg(n, what)
     if n < 0:
         raise ValueError(f"{what}={n}: must be >= 0")
-    return n
+    return n or None
 
 
 def _byte_range(item, what: str) -> tuple[int, int]:
@@ -97,13 +98,18 @@ def _byte_range(item, what: str) -> tuple[int, int]:
     return start, length
 
 
-def _int_column(a, name: str) -> np.ndarray:
+def _int_column(a, name: str, first: int | None = None) -> np.ndarray:
+    """``a`` as a 1-D array of integers >= 0 (ValueError/TypeError else).  With ``first``
+    (a column of trace records), a negative value is a TraceFormatError naming its
+    record, ``record first + i``."""
     a = np.asarray(a)
     if a.ndim != 1:
         raise ValueError(f"the {name} column must be 1-D, got shape {a.shape}")
     if len(a) and a.dtype.kind not in "ui":
         raise TypeError(f"the {name} column must hold integers, got dtype {a.dtype}")
-    if a.dtype.kind == "i" and len(a) and int(a.min()) < 0:
+    if first is not None:
+        refuse_negative(a, name, first)
+    elif a.dtype.kind == "i" and len(a) and int(a.min()) < 0:
         raise ValueError(f"the {name} column holds a negative value ({int(a.min())})")
     return a
 
@@ -111,12 +117,13 @@ def _int_column(a, name: str) -> np.ndarray:
 def trace_columns(gpa, size, rip=None, *, first: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Check and convert write-record columns: ``gpa`` u64, ``size`` u16 (1..65535),
     ``rip`` u64 or None — equal-length 1-D integer arrays (ValueError/TypeError else).
-    A record with a size outside 1..65535 is a :class:`TraceFormatError` (a ValueError)
-    naming it: ``record first + i``.  (A write running past the end of the 64-bit address
-    space is refused, naming its record, by :meth:`PageIndex.select`, at no extra pass.)
-    O(1) for columns that already have those dtypes, bar the size range check."""
-    gpa, size = _int_column(gpa, "gpa"), _int_column(size, "size")
-    r = None if rip is None else _int_column(rip, "rip")
+    A record with a negative field or a size outside 1..65535 is a
+    :class:`TraceFormatError` (a ValueError) naming it: ``record first + i``.  (A write
+    running past the end of the 64-bit address space is refused, naming its record, by
+    :meth:`PageIndex.select`, at no extra pass.)  O(1) for columns that already have
+    those dtypes, bar the size range check."""
+    gpa, size = _int_column(gpa, "gpa", first), _int_column(size, "size", first)
+    r = None if rip is None else _int_column(rip, "rip", first)
     if len(size) != len(gpa) or (r is not None and len(r) != len(gpa)):
         lens = f"gpa {len(gpa)}, size {len(size)}" + ("" if r is None else f", rip {len(r)}")
         raise ValueError(f"trace columns of different lengths: {lens}")
@@ -747,8 +754,8 @@ class ShardResult:
     viol_per_sub: SubCounts = field(default_factory=lambda: SubCounts(0))
     writes_per_sub: SubCounts = field(default_factory=lambda: SubCounts(0))
     ip_counts: dict = field(default_factory=dict)
-    skipped: int = 0
-    examples: list = field(default_factory=list)
+    #: the malformed records skipped (see :attr:`skipped`, :attr:`examples`)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
     last_ip: int = int(RIP_CARRY)
     files: list = field(default_factory=list)
     formats: list = field(default_factory=list)
@@ -759,6 +766,16 @@ class ShardResult:
             pg_per_page=np.zeros(npages, np.int64), viol_per_page=np.zeros(npages, np.int64),
             viol_per_sub=SubCounts(npages * 32), writes_per_sub=SubCounts(npages * 32),
         )
+
+    @property
+    def skipped(self) -> int:
+        """Malformed records skipped."""
+        return self.diagnostics.skipped
+
+    @property
+    def examples(self) -> list:
+        """The first messages about them."""
+        return self.diagnostics.examples
 
     def merge(self, later: "ShardResult") -> "ShardResult":
         """Add the counters of the piece of trace that follows this one.  Records of
@@ -777,8 +794,7 @@ class ShardResult:
         for ip, n in later.ip_counts.items():
             key = carry if ip == int(RIP_CARRY) else ip
             self.ip_counts[key] = self.ip_counts.get(key, 0) + n
-        self.skipped += later.skipped
-        self.examples.extend(later.examples[: max(0, 10 - len(self.examples))])
+        self.diagnostics.merge(later.diagnostics)
         self.last_ip = later.last_ip if later.last_ip != int(RIP_CARRY) else carry
         self.files.extend(later.files)
         self.formats.extend(later.formats)
@@ -1111,17 +1127,17 @@ def replay_shard(path, model: ProtectionModel, fmt: str = "auto", *, size: int =
         if on_chunk is not None:
             on_chunk(src)
     r = rp.result
-    r.skipped = diag.skipped
-    r.examples = list(diag.examples)
+    r.diagnostics = diag
     r.last_ip = int(src.last_ip)
     r.files = [str(path)]
     r.formats = [src.format]
     return r
 
 
-def _fold(model: ProtectionModel, parts: Iterable[ShardResult]) -> ShardResult:
+def _fold(model: ProtectionModel, parts: Iterable[ShardResult], on_warning=None) -> ShardResult:
     acc = ShardResult.empty(model.npages)
     acc.last_ip = int(NO_RIP)  # the start of the trace: no IP yet
+    acc.diagnostics.on_warning = on_warning  # (what the merge reports: a bad I line ending a shard)
     for p in parts:
         acc.merge(p)
     return acc
@@ -1154,7 +1170,7 @@ def replay(trace, model: ProtectionModel, fmt: str = "auto", *, size: int = 8, s
         parts = _replay_dask(shards, model, fmt, kw, scheduler=scheduler, workers=workers, progress=progress)
     else:
         parts = _replay_local(shards, model, fmt, kw, progress=progress, on_warning=on_warning)
-    counters = _fold(model, parts)
+    counters = _fold(model, parts, None if dask else on_warning)
     return ReplayResult(counters, model, cost=cost, elapsed=time.perf_counter() - t0, trace=str(trace))
 
 

@@ -170,17 +170,26 @@ class SweepCounters:
     hist: np.ndarray
     writes: int = 0
     accesses: int = 0
-    skipped: int = 0
-    examples: list = field(default_factory=list)
+    #: the malformed records skipped (see :attr:`skipped`, :attr:`examples`)
+    diagnostics: Diagnostics = field(default_factory=Diagnostics)
     files: list = field(default_factory=list)
     formats: list = field(default_factory=list)
+
+    @property
+    def skipped(self) -> int:
+        """Malformed records skipped."""
+        return self.diagnostics.skipped
+
+    @property
+    def examples(self) -> list:
+        """The first messages about them."""
+        return self.diagnostics.examples
 
     def merge(self, later: "SweepCounters") -> "SweepCounters":
         self.hist += later.hist
         self.writes += later.writes
         self.accesses += later.accesses
-        self.skipped += later.skipped
-        self.examples.extend(later.examples[: max(0, 10 - len(self.examples))])
+        self.diagnostics.merge(later.diagnostics)
         self.files.extend(later.files)
         self.formats.extend(later.formats)
         return self
@@ -195,8 +204,7 @@ def sweep_shard(path, model: SweepModel, fmt: str = "auto", *, size: int = 8, st
         model.feed_columns(c, gpa, sz)
         if on_chunk is not None:
             on_chunk(src)
-    c.skipped = diag.skipped
-    c.examples = list(diag.examples)
+    c.diagnostics = diag
     c.files = [str(path)]
     c.formats = [src.format]
     return c
@@ -229,7 +237,7 @@ class SweepResult:
         self.elapsed = elapsed
 
     def to_dict(self, top: int | None = None) -> dict:
-        """The report: ``top`` rows (an int >= 0; None: all)."""
+        """The report: ``top`` rows (an int >= 0; 0 or None: all)."""
         top = _top_arg(top)
         rows = self.rows if top is None else self.rows[:top]
         return {
