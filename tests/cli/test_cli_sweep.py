@@ -502,14 +502,17 @@ def test_sweep_and_convert_json_are_the_only_thing_on_stdout(files, tmp_path):
 
 # ------------------------------------------------------------------------------- warnings and checks
 @pytest.mark.parametrize("command", ["replay", "convert"])
-def test_wrong_format_gets_a_hint(files, tmp_path, command):
-    """Every record malformed: the per-record warnings, then one line saying the
-    --format is probably wrong (exit status 0, as for any skipped record)."""
-    args = (["replay", files["lackey"], "--protect", "0:1", "--json"] if command == "replay" else
-            ["trace", "convert", files["lackey"], tmp_path / "x.npz"])
+def test_a_trace_with_no_readable_record_is_an_error(files, tmp_path, command):
+    """Every record malformed (most likely the wrong --format): the per-record
+    warnings, then an error saying so — exit status 2, no report and nothing written.
+    It used to be a warning, exit status 0, an all-zero report and a 0-record .npz."""
+    out = tmp_path / "x.npz"
+    args = (["replay", files["lackey"], "--protect", "0:1", "--json", "--plot", tmp_path / "p.png"]
+            if command == "replay" else ["trace", "convert", files["lackey"], out])
     r = invoke(*args, "--format", "csv")
-    assert r.exit_code == 0, r.output
-    assert "none of its 6 record(s) could be read as csv" in r.stderr and "is --format right?" in r.stderr
+    assert r.exit_code == 2 and r.stdout == "", r.output
+    assert "none of its 6 record(s) could be read as csv" in r.stderr and "is the format right (--format)?" in r.stderr
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_good_traces_get_no_format_hint(files):
@@ -658,3 +661,22 @@ def test_run_shows_progress_on_a_terminal(monkeypatch):
     assert re.search(r"Ctrl-C stops it\)…(\x1b\[[0-9;]*m)*\s+\d+ s", r.stderr), r.stderr  # the seconds so far
     r = CliRunner().invoke(main, ["run", "selftest", "--engine", "unicorn", "--json", "--no-progress"])
     assert r.exit_code == 0 and "Ctrl-C stops it" not in r.stderr
+
+
+@pytest.mark.parametrize("args", [
+    ["trace", "convert", "{lackey}", "{out}"],
+    ["replay", "{lackey}", "--protect", "0:1", "--plot", "{out}"],
+    ["run", "{bin}", *FLAT, "--record", "{out}"],
+], ids=["convert", "plot", "record"])
+def test_an_output_that_is_a_fifo_is_refused_not_replaced(files, tmp_path, args):
+    """Outputs are written beside the target and renamed over it: a device node or FIFO
+    given as the output (as root, --plot /dev/full) was replaced by a regular file."""
+    import os
+    import stat
+
+    fifo = tmp_path / "out.npz"
+    os.mkfifo(fifo)
+    r = invoke(*(a.format(**{**files, "out": fifo}) for a in args))
+    assert r.exit_code == 2, r.output
+    assert f"{fifo} is a device, FIFO or socket, not a file sppkit can replace" in " ".join(r.output.split())
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

@@ -534,11 +534,11 @@ def test_a_lackey_instruction_at_the_carry_marker_is_malformed(tmp_path):
 
 def test_carry_marker_rip_on_the_command_line(tmp_path):
     p = tmp_path / "s.csv"
-    p.write_text(f"0x1000,8,{RESERVED:#x}\n")
+    p.write_text(f"0x1000,8,{RESERVED:#x}\n0x2000,8\n")
     r = invoke("replay", p, "--protect", "0x1000:8", "--json")
     assert r.exit_code == 0, r.output
     d = json.loads(r.output[r.output.index("{"):])
-    assert d["skipped_records"] == 1 and d["violations"] == 0
+    assert d["skipped_records"] == 1 and d["violations"] == 0 and d["writes"] == 1
 
 
 # ---------------------------------------------------------------- writes running past the 64-bit address space

@@ -40,12 +40,13 @@ def _finite(ctx, param, value):
     return value
 
 
-def _report_unreadable(what: str, records: int, skipped: int, examples: list[str], formats) -> None:
-    """A warning when not one record could be read: most likely the wrong --format."""
+def _refuse_unreadable(what: str, records: int, skipped: int, examples: list[str], formats) -> None:
+    """An error (exit status 2, no report, no plot) when not one record could be read:
+    most likely the wrong --format."""
+    from .formats import unreadable
+
     if records == 0 and skipped > 0:
-        fmts = f"as {'/'.join(formats)}" if formats else "in the format detected"
-        first = f" (first: {examples[0]})" if examples else ""
-        _warn(f"{what}: none of its {skipped:,} record(s) could be read {fmts}{first}; is --format right?")
+        raise unreadable(what, skipped, examples, formats)
 
 
 def _plot_option(ctx, param, value):
@@ -265,7 +266,7 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
         swept = run_sweep(trace, sweep_model, fmt, sort=sort, **kw)
         sd = swept.to_dict(top)
         _report_skipped(swept.counters.skipped, swept.counters.examples)
-        _report_unreadable(trace, sd["writes"], swept.counters.skipped, swept.counters.examples, sd.get("formats"))
+        _refuse_unreadable(trace, sd["writes"], swept.counters.skipped, swept.counters.examples, sd.get("formats"))
         if as_json:
             click.echo(json.dumps(sd, allow_nan=False))
         else:
@@ -285,7 +286,7 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
     res = run_replay(trace, model, fmt, **kw)
     d = res.to_dict(top, image)
     _report_skipped(res.skipped_records, res.c.examples)
-    _report_unreadable(trace, d["writes"], res.skipped_records, res.c.examples, d.get("formats"))
+    _refuse_unreadable(trace, d["writes"], res.skipped_records, res.c.examples, d.get("formats"))
     if plot_file:
         from .report import plot_replay
 
@@ -378,8 +379,7 @@ def convert(src, out, fmt, pin_size, strict, shard_records, chunk_records, as_js
         info = convert_trace(src, out, fmt, size=pin_size, shard_records=shard_records,
                              chunk_records=chunk_records, diagnostics=diag, progress=on_chunk)
     info["elapsed_seconds"] = time.perf_counter() - t0
-    _report_skipped(diag.skipped, diag.examples)
-    _report_unreadable(src, info["records"], diag.skipped, diag.examples, None if fmt == "auto" else [fmt])
+    _report_skipped(diag.skipped, diag.examples)  # (a trace with no readable record: convert_trace refused it)
     if as_json:
         click.echo(json.dumps(info, allow_nan=False))
     else:

@@ -268,6 +268,15 @@ def refuse_negative(a: np.ndarray, name: str, first: int) -> None:
         raise TraceFormatError(f"record {first + j}: {name} {int(a[j])} is negative")
 
 
+def unreadable(what, skipped: int, examples: list, formats) -> TraceFormatError:
+    """The error for a trace none of whose ``skipped`` records could be read (most
+    likely read in the wrong format)."""
+    fmts = f"as {'/'.join(formats)}" if formats else "in the format detected"
+    first = f" (first: {examples[0]})" if examples else ""
+    return TraceFormatError(f"{what}: none of its {skipped:,} record(s) could be read {fmts}{first}; "
+                            "is the format right (--format)?")
+
+
 def wrap_reason(gpa: int, size: int) -> str:
     """What :func:`wrapping` found, for a malformed-record message."""
     return f"a write of {int(size)} bytes at gpa {int(gpa):#x} runs past the 64-bit address space"
@@ -1307,6 +1316,11 @@ def _output_file(path, what: str = "a native trace") -> Path:
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"{p} is a directory; give a file name for {what}")
+    if p.exists() and not p.is_file():
+        # (the file is written beside it and renamed over it: a device node or FIFO —
+        # /dev/null, /dev/full — would be replaced by a regular file)
+        raise FileExistsError(f"{p} is a device, FIFO or socket, not a file sppkit can replace; give a file name "
+                              f"for {what}")
     parent = p.parent
     if not parent.exists():
         raise FileNotFoundError(f"{p}: directory {parent} does not exist")
@@ -1697,6 +1711,7 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
         written_files.append(p)
         return w
 
+    formats: list[str] = []
     try:
         writer = new_writer()
         for p in shards:
@@ -1715,8 +1730,11 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
                     chunk = chunk[room:]
                 if progress is not None:
                     progress(src)
+            formats.append(src.format)
             if src.last_ip != RIP_CARRY:
                 carry = src.last_ip
+        if total == 0 and diagnostics.skipped:  # (nothing written: a wrong format, most likely)
+            raise unreadable(src_path, diagnostics.skipped, diagnostics.examples, sorted(set(formats)))
         writer.close()
     except BaseException:
         if writer is not None:
