@@ -356,8 +356,24 @@ def test_error_huge_entry_names_entry_and_limit():
 
 
 def test_error_huge_symbol_entry_names_the_symbol():
-    msg = error(f"[[protect]]\nsymbol = 'big'\nlength = {OVER:#x}\n", image=fake_image())
-    assert "[[protect]] entry 1 ('big'): range 0x410000+0x400001000 covers 4,194,305 pages; " + LIMIT in msg, msg
+    msg = error(f"[[protect]]\nsymbol = 'label'\nlength = {OVER:#x}\n", image=fake_image())
+    assert "[[protect]] entry 1 ('label'): range 0x406000+0x400001000 covers 4,194,305 pages; " + LIMIT in msg, msg
+
+
+@pytest.mark.parametrize("entry, problem", [
+    ("symbol = 'big'\nlength = 0x3001", "0x0+0x3001 runs past the end of symbol 'big' (size 0x3000)"),
+    ("symbol = 'secret'\noffset = 100000\nlength = 8", "0x186a0+0x8 runs past the end of symbol 'secret' (size 0x20)"),
+    ("symbol = 'secret'\noffset = 0x20", "offset 0x20 is past the end of symbol 'secret' (size 0x20)"),
+])
+def test_a_symbol_entry_stays_inside_its_symbol(entry, problem):
+    """SYMBOL[+OFFSET][:LENGTH] protects bytes of that symbol: bytes past its end were
+    accepted silently and protected whatever lay after it (one rule, policy.symbol_span,
+    for policies, monitor --protect-symbols and replay --protect).  A size-0 symbol (a
+    label) is not bounded."""
+    msg = error(f"[[protect]]\n{entry}\n", image=fake_image())
+    assert problem in msg, msg
+    (e,) = parse_policy("[[protect]]\nsymbol = 'label'\nlength = 0x100\n", image=fake_image()).entries
+    assert (e.start, e.length) == (0x406000, 0x100)
 
 
 def test_error_entries_over_the_limit_in_total():

@@ -324,19 +324,10 @@ def _parse_entry(raw, index: int, source: str, default: Decision, image) -> Prot
             hint = f"; close matches: {', '.join(matches)}" if matches else ""
             raise PolicyError(f"{where}: unknown symbol {sym_name!r} in {image.where}{hint}")
         offset = raw.get("offset", 0)
-        if offset < 0:
-            raise PolicyError(f"{where}: offset {offset} is negative")
-        if "length" in raw:
-            length = raw["length"]
-        elif sym.size == 0:
-            raise PolicyError(f"{where}: symbol {sym_name!r} has size 0; give a length")
-        elif offset >= sym.size:
-            raise PolicyError(
-                f"{where}: offset {offset:#x} is past the end of symbol {sym_name!r} (size {sym.size:#x}); give a length"
-            )
-        else:
-            length = sym.size - offset
-        start = sym.addr + offset
+        try:
+            start, length = symbol_span(sym, offset, raw.get("length"))
+        except ValueError as e:
+            raise PolicyError(f"{where}: {e}") from None
         label = name or (f"{sym_name}+{offset:#x}" if offset else sym_name)
     else:
         if "offset" in raw:
@@ -350,6 +341,29 @@ def _parse_entry(raw, index: int, source: str, default: Decision, image) -> Prot
         label = name or f"{start:#x}:{length:#x}"
     _check_range(start, length, where)
     return ProtectEntry(label, start, length, decision)
+
+
+def symbol_span(sym, offset: int, length: int | None) -> tuple[int, int]:
+    """``(start, length)`` of ``length`` bytes (None: the rest of the symbol) at
+    ``offset`` into symbol ``sym`` — the one rule for SYMBOL[+OFFSET][:LENGTH] in
+    policies, ``monitor --protect-symbols`` and ``replay --protect``.  A ValueError (its
+    message names no place: callers add theirs) for a negative offset, a length that is
+    not positive, or bytes past the symbol's end (which would protect whatever lies
+    after it); a symbol of size 0 (a label) needs a length and is not bounded."""
+    if offset < 0:
+        raise ValueError(f"offset {offset} is negative")
+    if length is None:
+        if sym.size == 0:
+            raise ValueError(f"symbol {sym.name!r} has size 0; give a length")
+        if offset >= sym.size:
+            raise ValueError(f"offset {offset:#x} is past the end of symbol {sym.name!r} (size {sym.size:#x})")
+        length = sym.size - offset
+    elif length <= 0:
+        raise ValueError(f"length {length} must be positive")
+    elif sym.size and offset + length > sym.size:
+        raise ValueError(f"{offset:#x}+{length:#x} runs past the end of symbol {sym.name!r} (size {sym.size:#x}); "
+                         "give a start and length to protect memory outside a symbol")
+    return sym.addr + offset, length
 
 
 def parse_policy(text: str | bytes, *, source: str = "<string>", image: "GuestImage | None" = None) -> Policy:

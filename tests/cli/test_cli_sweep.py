@@ -325,7 +325,9 @@ SYMBOL_PROTECT = [
     case("offset-2**64", [f"secret+{BIG}"], "offset 0x10000000000000000 is past the end of symbol 'secret'"),
     case("offset-at-end", ["secret+32"], "offset 0x20 is past the end of symbol 'secret' (size 0x20)"),
     # did not name --protect
-    case("length-2**64", [f"secret:{BIG}"], "'--protect'", "runs past the 64-bit address space"),
+    case("length-2**64", [f"secret:{BIG}"], "'--protect'", "runs past the end of symbol 'secret' (size 0x20)"),
+    # bytes past a symbol's end were protected silently
+    case("past-the-symbol", ["secret+0x100000:8"], "'--protect'", "0x100000+0x8 runs past the end of symbol 'secret'"),
     case("size-0-symbol", ["empty"], "symbol 'empty' has size 0; give a length"),
     case("unknown-symbol", ["sekret"], "'--protect'", "no symbol 'sekret'", "secret"),
     case("bad-length", ["secret:abc"], "'--protect'", "expected SYMBOL[+OFF][:LENGTH]"),

@@ -1206,3 +1206,23 @@ def test_guest_ram_is_taken_lazily_and_allocation_failures_are_named(monkeypatch
     monkeypatch.undo()
     with pytest.raises(EngineError, match=r"cannot allocate 1,099,511,627,776 MiB of guest RAM"):
         base.allocate_ram(1 << 60)
+
+
+def test_a_ctrl_c_swallowed_by_a_binding_callback_still_interrupts_the_run():
+    """Ctrl-C: the watcher stops the guest and Python raises KeyboardInterrupt at its
+    next bytecode — which may be inside a callback of Unicorn's binding (the port or
+    recording hooks), where ctypes swallows it ("Exception ignored").  The run then
+    ended as a normal stop (a recording run exited 1 and committed its output); now
+    run() raises KeyboardInterrupt all the same.  The swallowed interrupt is simulated:
+    the recording callback calls the watcher's stop and raises nothing."""
+    store = Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(DATA), Register.RAX)
+    _, ips = flat([store, Ins.create_branch(Code.JMP_REL32_64, CODE)])
+    eng = UnicornEngine(flat([store, Ins.create_branch(Code.JMP_REL32_64, ips[0])])[0], ram_size=RAM, timeout=30)
+    try:
+        eng.record_writes(lambda gpa, size, rip: eng._on_ctrl_c(eng._run_id))
+        with pytest.raises(KeyboardInterrupt):
+            eng.run()
+        with pytest.raises(EngineError, match="interrupted"):
+            eng.run()
+    finally:
+        eng.close()

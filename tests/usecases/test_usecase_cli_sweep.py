@@ -189,10 +189,10 @@ GUEST_CASES = [
     p("monitor-symbols-unknown", ["monitor", *U, "--protect-symbols", "idtt"], "unknown symbol 'idtt'",
       "close matches: idt"),
     p("monitor-symbols-offset-past-end", ["monitor", *U, "--protect-symbols", "idt+0x99999999"],
-      "offset 0x99999999 is past the end of 'idt'"),
-    p("monitor-symbols-zero-length", ["monitor", *U, "--protect-symbols", "idt:0"], "'idt:0': length must be positive"),
+      "'idt+0x99999999': offset 0x99999999 is past the end of symbol 'idt'"),
+    p("monitor-symbols-zero-length", ["monitor", *U, "--protect-symbols", "idt:0"], "'idt:0': length 0 must be positive"),
     p("fix:monitor-symbols-huge-length", ["monitor", *U, "--protect-symbols", f"idt:{HUGE}"],
-      "--protect-symbols: watch 'idt:0x10000000000000000'", "lies outside guest RAM [0x0, 0x4000000)"),
+      "--protect-symbols: 'idt:18446744073709551616': 0x0+0x10000000000000000 runs past the end of symbol 'idt'"),
     p("monitor-symbols-and-policy", ["monitor", *U, "--protect-symbols", "idt", "--policy", "{d}/garbage.toml"],
       "give --protect-symbols or --policy, not both"),
     # --decision was accepted and ignored: the JSON said "stop", every watch skipped

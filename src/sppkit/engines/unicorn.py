@@ -204,6 +204,7 @@ class UnicornEngine(EngineBase):
         self._run_id = 0  # which run a timer or Ctrl-C belongs to
         self._emulating = False
         self._hard_stopped = False  # the run was stopped from another thread (mid-block)
+        self._ctrl_c = False  # Ctrl-C stopped this run (its KeyboardInterrupt may have been swallowed)
         self._hard_timer: threading.Timer | None = None
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
@@ -659,6 +660,7 @@ class UnicornEngine(EngineBase):
         try:
             with self._stop_lock:  # (a timer or Ctrl-C of an earlier run acts on its own run only)
                 self._run_id += 1
+                self._ctrl_c = False  # (set by _on_ctrl_c)
                 self._emulating = True
                 self._timed_out = False
                 self._held = False
@@ -727,6 +729,12 @@ class UnicornEngine(EngineBase):
                 for h in self._code_hooks:
                     uc.hook_del(h)
                 self._code_hooks.clear()
+        if self._ctrl_c:
+            # The Ctrl-C stopped the guest, but its KeyboardInterrupt was raised inside a
+            # callback of Unicorn's binding (a port or recording hook), where ctypes
+            # swallows it ("Exception ignored"): the run must not end as if nothing
+            # happened — it would report a normal stop and commit its output.
+            raise KeyboardInterrupt
         if self._error is not None:
             self._raise_error()
         rip = uc.reg_read(UC_X86_REG_RIP)
@@ -799,6 +807,7 @@ class UnicornEngine(EngineBase):
         thread, so run() raises KeyboardInterrupt now.  That stop may land mid-block (see
         _run), so the guest cannot be continued."""
         if self._hard_stop(run_id):
+            self._ctrl_c = True
             self._inexact = _mid_block("was interrupted (KeyboardInterrupt), which stops Unicorn")
 
     def _release(self) -> None:

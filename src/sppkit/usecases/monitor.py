@@ -42,6 +42,7 @@ import click
 from ..arch.sppt import vector_from_map
 from ..engines.base import MAX_TIMEOUT, check_timeout
 from ..vmm import Decision, SppViolation, Vm, VmmError
+from ..policy import symbol_span
 
 __all__ = [
     "MonitorError", "MonitorReport", "UnknownSymbolError", "Watch", "WatchError", "WatchEvent", "WatchManager",
@@ -555,20 +556,12 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
                 raise UnknownSymbolError(f"--protect-symbols: unknown symbol {pat!r} in {image.where}{hint}")
             syms = [sym]
         for sym in syms:
-            if length is None:
-                if sym.size == 0:
-                    raise MonitorError(f"--protect-symbols: symbol {sym.name!r} has size 0; "
-                                       f"give a length ({sym.name}:LEN)")
-                if off >= sym.size:
-                    raise MonitorError(f"--protect-symbols: offset {off:#x} is past the end of {sym.name!r} "
-                                       f"(size {sym.size:#x}); give a length")
-                n = sym.size - off
-            else:
-                n = length
-            if n <= 0:
-                raise MonitorError(f"--protect-symbols: {item!r}: length must be positive")
+            try:
+                start, n = symbol_span(sym, off, length)
+            except ValueError as e:
+                raise MonitorError(f"--protect-symbols: {item!r}: {e}") from None
             label = sym.name + (f"+{off:#x}" if off else "") + (f":{n:#x}" if length is not None else "")
-            out.append(WatchTarget(label, sym.addr + off, n, decision))
+            out.append(WatchTarget(label, start, n, decision))
     return out
 
 

@@ -81,7 +81,7 @@ def _parse_protect(arg: str, image):
     """START:LENGTH (integers), or SYMBOL[+OFF][:LENGTH] with --elf: as a policy entry
     with symbol, offset and length (OFF >= 0; LENGTH > 0, default the rest of the
     symbol)."""
-    from ...policy import PolicyError, parse_protect_arg
+    from ...policy import PolicyError, parse_protect_arg, symbol_span
 
     try:
         return parse_protect_arg(arg)
@@ -106,17 +106,10 @@ def _parse_protect(arg: str, image):
         length = int(length_s.strip(), 0) if length_s.strip() else None
     except ValueError:
         raise bad("expected SYMBOL[+OFF][:LENGTH] or START:LENGTH (OFF and LENGTH decimal or 0x hex)") from None
-    if off < 0:
-        raise bad(f"offset {off} is negative")
-    if length is None:
-        if sym.size == 0:
-            raise bad(f"symbol {sym.name!r} has size 0; give a length (SYMBOL:LENGTH)")
-        if off >= sym.size:
-            raise bad(f"offset {off:#x} is past the end of symbol {sym.name!r} (size {sym.size:#x}); give a length")
-        length = sym.size - off
-    elif length <= 0:
-        raise bad(f"length {length} must be positive")
-    start = sym.addr + off
+    try:
+        start, length = symbol_span(sym, off, length)
+    except ValueError as e:
+        raise bad(str(e)) from None
     if start + length > 1 << 64:
         raise bad(f"range {start:#x}+{length:#x} runs past the 64-bit address space")
     return start, length
