@@ -30,3 +30,34 @@ def test_devices_and_directories_are_refused(tmp_path):
         read_regular("/dev/zero", 1 << 40)
     with pytest.raises(IsADirectoryError):
         read_regular(tmp_path, 10)
+
+
+def test_head_refuses_before_the_rest_is_read(tmp_path, monkeypatch):
+    """``head`` sees the first bytes first: a 360 MB non-ELF given as a guest used to be
+    read whole (400 MB of memory) before "not an ELF file"."""
+    from sppkit.guests import GuestImageError, load_elf
+
+    f = tmp_path / "big.npz"
+    with open(f, "wb") as w:
+        w.write(b"PK\x03\x04")
+        w.truncate(64 << 20)
+    seen = []
+
+    def head(first):
+        seen.append(len(first))
+        raise ValueError("no")
+
+    with pytest.raises(ValueError, match="no"):
+        read_regular(f, 1 << 30, head)
+    assert seen == [64]
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(GuestImageError, match=r"not an ELF file \(starts with b'PK\\x03\\x04'"):
+            load_elf(f)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, peak  # (read whole: 64 MiB)
+    assert read_regular(f, 1 << 30, lambda first: None)[:4] == b"PK\x03\x04"

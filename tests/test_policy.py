@@ -607,3 +607,20 @@ def test_fuzzed_entries_give_a_policy_or_a_policy_error(entries):
         parse_policy(text, source="f.toml", image=fake_image()).access_maps()
     except PolicyError as e:
         assert str(e).startswith("f.toml: ") and "Traceback" not in str(e)
+
+
+def test_a_symbol_of_a_stripped_image_says_it_has_no_symbol_table():
+    """A stripped ELF used to give only "unknown symbol 'secret'"."""
+    bare = GuestImage(segments=[Segment(0x400000, b"", 0x20000, "rw-")], entry=0x400000, symbols={},
+                      path=Path("guest.elf"))
+    msg = error("[[protect]]\nsymbol = 'secret'\n", image=bare)
+    assert "unknown symbol 'secret' in guest.elf; it has no symbol table (stripped?)" in msg, msg
+
+
+def test_a_byte_order_mark_is_ignored():
+    """Some editors start UTF-8 files with a byte-order mark: it was "TOML syntax error:
+    Invalid statement (at line 1, column 1)", which does not say why."""
+    text = "[[protect]]\nstart = 0x1000\nlength = 8\n"
+    for doc in ("\ufeff" + text, ("\ufeff" + text).encode()):
+        (e,) = parse_policy(doc, source=SRC).entries
+        assert (e.start, e.length) == (0x1000, 8)

@@ -29,12 +29,15 @@ class FileTooLarge(OSError):
         self.size, self.limit = size, limit
 
 
-def read_regular(path, limit: int | None = None) -> bytes:
+def read_regular(path, limit: int | None = None, head=None) -> bytes:
     """The bytes of the regular file ``path`` (at most ``limit`` of them), as
     ``Path.read_bytes()`` gives them, but a directory (IsADirectoryError), a device, FIFO
     or socket (:class:`NotRegularFile`) or a file over ``limit`` (:class:`FileTooLarge`)
     is refused before a byte is read: ``/dev/zero`` would never end, a FIFO would wait for
-    a writer (the file is opened non-blocking).  Every failure is an OSError."""
+    a writer (the file is opened non-blocking).  Every failure is an OSError.
+    ``head``: called with the file's first bytes (up to 64) before the rest is read,
+    to refuse a file of the wrong kind without reading all of it (what it raises
+    propagates)."""
     fd = os.open(path, READ_FLAGS)
     try:
         info = os.fstat(fd)
@@ -45,12 +48,16 @@ def read_regular(path, limit: int | None = None) -> bytes:
         if limit is not None and info.st_size > limit:
             raise FileTooLarge(info.st_size, limit)
         with open(fd, "rb", closefd=False) as f:
+            first = b""
+            if head is not None:
+                first = f.read(64)
+                head(first)
             if limit is None:
-                return f.read()
+                return first + f.read()
             # Ask for what fstat promised (never ``limit`` bytes at once: a buffer of
             # --memory 512G would be allocated whole), then read on to the end in case
             # the file grew meanwhile.
-            data = f.read(info.st_size + 1)
+            data = first + f.read(max(0, info.st_size + 1 - len(first)))
             while len(data) <= limit:
                 more = f.read(min(1 << 20, limit + 1 - len(data)))
                 if not more:
@@ -63,11 +70,12 @@ def read_regular(path, limit: int | None = None) -> bytes:
         os.close(fd)
 
 
-def read_regular_file(path, limit: int, what: str) -> bytes:
+def read_regular_file(path, limit: int, what: str, head=None) -> bytes:
     """:func:`read_regular` for a user's input file; ``what`` names what the file should
-    be ("a policy file").  Every refusal is a :class:`FileProblem`."""
+    be ("a policy file").  Every refusal is a :class:`FileProblem` (``head``'s own
+    errors propagate as they are)."""
     try:
-        return read_regular(path, limit)
+        return read_regular(path, limit, head)
     except IsADirectoryError:
         raise FileProblem(f"is a directory, not {what}") from None
     except NotRegularFile:

@@ -214,7 +214,7 @@ def _load_guest(guest: str, flat_at: int | None, entry: int | None, ram_size: in
         return flat_image(data, flat_at, entry)
     if os.path.exists(guest) and not guest.endswith(".c"):
         return load_elf(guest)  # (a device or FIFO is refused unread)
-    if guest in list_programs() or (guest.endswith(".c") and os.path.isfile(guest)):
+    if guest in list_programs() or guest.endswith(".c"):  # (build_guest names a missing or odd .c path)
         from rich.console import Console
 
         # building takes a few seconds the first time (then it is cached); a spinner on a terminal

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from ._files import FileProblem, read_regular_file
+from .guests.elf import SymbolNotFound
 from .vmm.events import Decision
 
 if TYPE_CHECKING:
@@ -318,11 +319,10 @@ def _parse_entry(raw, index: int, source: str, default: Decision, image) -> Prot
                 f"{where}: symbol {sym_name!r} given but no guest ELF to resolve it against; "
                 "load the policy with the guest image (or use start/length)"
             )
-        sym = image.symbols.get(sym_name)
-        if sym is None:
-            matches = difflib.get_close_matches(sym_name, list(image.symbols), n=5, cutoff=0.6)
-            hint = f"; close matches: {', '.join(matches)}" if matches else ""
-            raise PolicyError(f"{where}: unknown symbol {sym_name!r} in {image.where}{hint}")
+        try:
+            sym = image.symbol(sym_name)
+        except SymbolNotFound as e:
+            raise PolicyError(f"{where}: unknown symbol {sym_name!r} in {image.where}{e.hint}") from None
         offset = raw.get("offset", 0)
         try:
             start, length = symbol_span(sym, offset, raw.get("length"))
@@ -378,6 +378,7 @@ def parse_policy(text: str | bytes, *, source: str = "<string>", image: "GuestIm
                               "a policy is a UTF-8 TOML file") from None
     if not isinstance(text, str):
         raise PolicyError(f"{source}: a policy is TOML text (str or UTF-8 bytes), got {type(text).__name__}")
+    text = text.removeprefix("\ufeff")  # a UTF-8 byte-order mark (some editors write one): not TOML, no meaning
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

@@ -69,6 +69,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         f.truncate((2 << 20) + 1)
     out["bigbin"] = str(d / "big.bin")
     (d / "adir").mkdir()
+    (d / "adir" / "sub.c").mkdir()
     (d / "shards").mkdir()
     (d / "shards" / "part-00000.npz").write_bytes(b"stale")
     out.update(dir=str(d / "adir"), nofile=str(d / "missing.bin"), nodir=str(d / "nodir" / "x.npz"),
@@ -110,6 +111,9 @@ RUN = [
     case("guest-empty", [""], "'GUEST'", "an empty name"),
     case("guest-unknown-name", ["nosuchguest"], "'GUEST'", "neither a file nor a bundled program", "mixed"),
     case("guest-directory", ["{dir}"], "adir", "is a directory, not an ELF file"),
+    # "neither a file nor a bundled program"
+    case("guest-c-directory", ["{dir}/sub.c"], "sub.c: is a directory, not a .c file"),
+    case("guest-c-missing", ["{dir}/missing.c"], "missing.c: no such file"),
     case("guest-text-file", ["{text}"], "notes.txt", "not an ELF file"),
     # read until memory ran out (a MemoryError traceback)
     case("guest-device", ["/dev/zero"], "/dev/zero: not a regular file"),

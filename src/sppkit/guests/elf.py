@@ -66,11 +66,14 @@ class GuestImageError(ValueError):
 class SymbolNotFound(KeyError):
     """:meth:`GuestImage.symbol` of a name the image does not define."""
 
-    def __init__(self, name: str, matches: list[str], where: str) -> None:
+    def __init__(self, name: str, matches: list[str], where: str, *, stripped: bool = False) -> None:
         self.name = name
         self.matches = matches
-        hint = f"; close matches: {', '.join(matches)}" if matches else ""
-        self.message = f"{where}: no symbol {name!r}{hint}"
+        #: what follows "no symbol NAME" in a message: close matches, or that the image
+        #: has no symbols at all
+        self.hint = (f"; close matches: {', '.join(matches)}" if matches else
+                     "; it has no symbol table (stripped?)" if stripped else "")
+        self.message = f"{where}: no symbol {name!r}{self.hint}"
         super().__init__(self.message)
 
     def __str__(self) -> str:  # KeyError would repr() the message
@@ -192,7 +195,7 @@ class GuestImage:
             return self.symbols[name]
         except KeyError:
             matches = difflib.get_close_matches(name, list(self.symbols), n=5, cutoff=0.6)
-            raise SymbolNotFound(name, matches, self.where) from None
+            raise SymbolNotFound(name, matches, self.where, stripped=not self.symbols) from None
 
     def symbol_at(self, addr: int) -> tuple[Symbol, int] | None:
         """``(symbol, offset)`` naming ``addr`` for "symbol+offset" reports.
@@ -351,16 +354,18 @@ def load_elf(path: str | Path) -> GuestImage:
     (``/dev/zero``) is refused before a byte is read.
     """
     path = Path(path)
-    try:
-        raw = read_regular_file(path, MAX_ELF_SIZE, "an ELF file")
-    except FileProblem as e:
-        raise GuestImageError(f"{path}: {e}") from None
 
     def fail(problem: str) -> GuestImageError:
         return GuestImageError(f"{path}: {problem}")
 
-    if raw[:4] != _ELF_MAGIC:
-        raise fail(f"not an ELF file (starts with {raw[:4]!r}, expected b'\\x7fELF')")
+    def magic(first: bytes) -> None:  # (refused before the rest of a large file is read)
+        if first[:4] != _ELF_MAGIC:
+            raise fail(f"not an ELF file (starts with {first[:4]!r}, expected b'\\x7fELF')")
+
+    try:
+        raw = read_regular_file(path, MAX_ELF_SIZE, "an ELF file", head=magic)
+    except FileProblem as e:
+        raise GuestImageError(f"{path}: {e}") from None
     if len(raw) < 5 or raw[4] != 2:
         cls = {1: "ELFCLASS32"}.get(raw[4], f"class {raw[4]}") if len(raw) > 4 else "no class byte"
         raise fail(f"not a 64-bit ELF ({cls}); guests must be ELFCLASS64 x86-64 executables")

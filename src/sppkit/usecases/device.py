@@ -26,7 +26,6 @@ reads return the RAM copy (no read side effects, no value computed at read time)
 
 from __future__ import annotations
 
-import difflib
 import os
 import time
 from collections import Counter
@@ -35,6 +34,7 @@ from typing import Any
 
 import click
 
+from ..guests.elf import SymbolNotFound
 from ..engines.base import MAX_TIMEOUT
 from ..vmm import Decision, GpaNotMapped, Vm
 from .monitor import (
@@ -523,12 +523,10 @@ def resolve_page(image, page: str | int) -> int:
         return int(text, 0)
     except ValueError:
         pass
-    sym = image.symbols.get(text)
-    if sym is None:
-        close = difflib.get_close_matches(text, sorted(image.symbols), n=5, cutoff=0.6)
-        hint = f"; close matches: {', '.join(close)}" if close else ""
-        raise DeviceError(f"--page: unknown symbol {text!r} in {image.where}{hint}")
-    return sym.addr
+    try:
+        return image.symbol(text).addr
+    except SymbolNotFound as e:
+        raise DeviceError(f"--page: unknown symbol {text!r} in {image.where}{e.hint}") from None
 
 
 def _u64(image, vm, name: str) -> int | None:

@@ -27,7 +27,6 @@ A guest without that symbol is watched from its first instruction.
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import os
 import re
@@ -42,6 +41,7 @@ import click
 from ..arch.sppt import vector_from_map
 from ..engines.base import MAX_TIMEOUT, check_timeout
 from ..vmm import Decision, SppViolation, Vm, VmmError
+from ..guests.elf import SymbolNotFound
 from ..policy import symbol_span
 
 __all__ = [
@@ -534,7 +534,6 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
     items = [s for s in items if s]
     if not items:
         raise MonitorError("--protect-symbols: no symbol given (e.g. --protect-symbols idt,syscall_table)")
-    names = sorted(image.symbols)
     out: list[WatchTarget] = []
     for item in items:
         m = _ITEM.match(item)
@@ -549,12 +548,11 @@ def resolve_symbols(image, spec: str | Iterable[str], *, decision: Decision | No
                 raise UnknownSymbolError(f"--protect-symbols: pattern {pat!r} matches no object symbol "
                                          f"in {image.where}")
         else:
-            sym = image.symbols.get(pat)
-            if sym is None:
-                close = difflib.get_close_matches(pat, names, n=5, cutoff=0.6)
-                hint = f"; close matches: {', '.join(close)}" if close else ""
-                raise UnknownSymbolError(f"--protect-symbols: unknown symbol {pat!r} in {image.where}{hint}")
-            syms = [sym]
+            try:
+                syms = [image.symbol(pat)]
+            except SymbolNotFound as e:
+                raise UnknownSymbolError(f"--protect-symbols: unknown symbol {pat!r} in {image.where}{e.hint}") \
+                    from None
         for sym in syms:
             try:
                 start, n = symbol_span(sym, off, length)
