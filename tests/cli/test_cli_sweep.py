@@ -686,3 +686,59 @@ def test_an_output_that_is_a_fifo_is_refused_not_replaced(files, tmp_path, args)
     assert r.exit_code == 2, r.output
     assert f"{fifo} is a device, FIFO or socket, not a file sppkit can replace" in " ".join(r.output.split())
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+# ------------------------------------------------------------------- review fixes: replay inputs and outputs
+def test_unicorn_record_holds_writes_to_unprotected_pages(files, tmp_path):
+    """docs/replay.md said a --record file holds only the writes to pages the run's
+    policy protected.  Under Unicorn it holds every guest write (a memory hook on all
+    of RAM): here the one write of the guest, to a page the run did not protect, is
+    recorded, and a replay with another policy sees it."""
+    rec = tmp_path / "w.npz"
+    r = invoke("run", files["bin"], *FLAT, "--protect", "0x402000:8", "--record", rec, "--json")
+    assert r.exit_code == 3, r.output
+    assert strict_json(r.stdout)["stats"]["page_granular"] == 0
+    from sppkit.engines.replay import read_trace
+
+    assert read_trace(rec)["gpa"].tolist() == [0x401000]
+    d = strict_json(invoke("replay", rec, "--protect", "0x401000:8", "--json").stdout)
+    assert (d["page_granular_exits"], d["violations"]) == (1, 1)
+
+
+REPLAY_OUTPUTS = [
+    # the plot replaced the input trace
+    case("plot-onto-the-input", ["replay", "{trace}", "--format", "csv", "--protect", "0x1080:8", "--plot", "{trace}"],
+         "'--plot'", "would overwrite the input"),
+    # a later replay of the directory read the plot as a shard
+    case("plot-into-the-input-shards", ["replay", "{shards}", "--protect", "0x1080:8", "--plot", "{shards}/p.png"],
+         "'--plot'", "would write into the input shard directory"),
+    # a file named "-" was written
+    case("plot-dash", ["replay", "{trace}", "--format", "csv", "--protect", "0x1080:8", "--plot", "-"],
+         "'--plot'", "'-': standard output is not supported"),
+    # the new file was read as a shard by a later replay of the directory
+    case("convert-into-the-input-shards", ["trace", "convert", "{shards}", "{shards}/x.npz"],
+         "would write into the input shard directory"),
+    case("convert-shards-into-the-input-shards", ["trace", "convert", "{shards}", "{shards}", "--shard-records", "1"],
+         "would write into the input shard directory"),
+    # "File 'nosuchguest' does not exist": bundled programs were not taken at all
+    case("elf-unknown-name", ["replay", "{trace}", "--format", "csv", "--protect", "0:1", "--elf", "nosuchguest"],
+         "'--elf'", "neither a file nor a bundled guest program", "mixed"),
+]
+
+
+@pytest.mark.parametrize("args, needles, code", REPLAY_OUTPUTS)
+def test_replay_and_convert_refuse_outputs_over_or_into_the_input(tmp_path, monkeypatch, args, needles, code):
+    """An output that is the input trace, or lies in its shard directory, is refused in
+    one line before anything is read or written; so is `--plot -`."""
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    monkeypatch.chdir(tmp_path)
+    trace = tmp_path / "t.png"
+    trace.write_text("0x1080,8\n")
+    shards = tmp_path / "in"
+    shards.mkdir()
+    (shards / "a.csv").write_text("0x1080,8\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = invoke(*(a.format(trace=trace, shards=shards) for a in args))
+    assert_one_line_error(r, *needles, code=code)
+    assert trace.read_text() == "0x1080,8\n"
+    assert os.listdir(shards) == ["a.csv"] and sorted(p.name for p in tmp_path.iterdir()) == before

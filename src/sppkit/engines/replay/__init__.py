@@ -27,10 +27,15 @@ from .formats import (
     write_native,
 )
 from .replay import CostModel, PageIndex, ProtectionModel, Replayer, ReplayResult, ShardResult, replay, replay_arrays
+from .sweep import SweepModel, SweepResult, candidates_from_elf, candidates_from_policy, sweep
+
+# (``sweep`` and ``replay`` name the functions here; their modules stay importable as
+# ``sppkit.engines.replay.sweep`` and ``sppkit.engines.replay.replay``)
 
 __all__ = [
     "FORMATS", "NO_RIP", "TRACE_DTYPE", "CostModel", "Diagnostics", "MalformedRecord", "MissingDependency",
-    "NativeWriter", "PageIndex", "ProtectionModel", "ReplayResult", "Replayer", "ShardResult", "TraceFormatError",
-    "TraceRecorder", "convert_trace", "detect_format", "list_shards", "open_trace", "read_trace", "replay",
-    "replay_arrays", "write_native",
+    "NativeWriter", "PageIndex", "ProtectionModel", "ReplayResult", "Replayer", "ShardResult", "SweepModel",
+    "SweepResult", "TraceFormatError", "TraceRecorder", "candidates_from_elf", "candidates_from_policy",
+    "convert_trace", "detect_format", "list_shards", "open_trace", "read_trace", "replay",
+    "replay_arrays", "sweep", "write_native",
 ]

@@ -49,18 +49,57 @@ def _refuse_unreadable(what: str, records: int, skipped: int, examples: list[str
         raise unreadable(what, skipped, examples, formats)
 
 
-def _plot_option(ctx, param, value):
-    """--plot FILE: checked (report.check_plot_path, as plot_replay checks it) before
-    the replay whose result it draws."""
-    if value is None:
-        return None
+def _check_plot(value: str, trace=None) -> None:
+    """--plot FILE checked (report.check_plot_path, as plot_replay checks it) before the
+    replay whose result it draws; with ``trace``, also against the input trace."""
     from .report import check_plot_path
 
     try:
-        check_plot_path(value)
+        check_plot_path(value, trace)
     except (ValueError, OSError, RuntimeError) as e:  # (RuntimeError: MissingDependency, no matplotlib)
-        raise click.BadParameter(str(e)) from None
+        raise click.BadParameter(str(e), param_hint="'--plot'") from None
+
+
+def _plot_option(ctx, param, value):
+    """--plot FILE: the path alone (the command's body checks it against TRACE, which
+    a callback may not have yet)."""
+    if value is not None:
+        _check_plot(value)
     return value
+
+
+class _GuestElf(click.Path):
+    """--elf: an existing ELF file (click.Path's checks), or the name of a bundled guest
+    program (``mixed``...), which the command builds as `sppkit run NAME` does
+    (:func:`_load_elf`).  A file of that name wins, as for `sppkit run`."""
+
+    def __init__(self) -> None:
+        super().__init__(exists=True, dir_okay=False)
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not os.path.lexists(value):
+            from ...guests import list_programs
+
+            programs = list_programs()
+            if value in programs:
+                return value
+            self.fail(f"{value!r} is neither a file nor a bundled guest program ({', '.join(programs)})", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+def _load_elf(elf: str):
+    """The GuestImage of --elf: the file, or the bundled program of that name, built with
+    gcc on first use and cached (``~/.cache/sppkit/guests/NAME-HASH.elf``)."""
+    from ...guests import build_guest, list_programs
+    from ...guests.elf import load_elf
+
+    if not os.path.lexists(elf) and elf in list_programs():
+        from rich.console import Console
+
+        with Console(stderr=True).status(f"building the bundled guest {elf!r} with gcc…"):
+            return load_elf(build_guest(elf))
+    return load_elf(elf)
+
 
 def _non_empty(ctx, param, value):
     if value is not None and not value.strip():
@@ -155,8 +194,10 @@ def _regions(policy_file, protect, image, *, required: bool):
 @click.option("--protect", multiple=True, metavar="START:LENGTH",
               help="Protect LENGTH bytes at guest-physical START (decimal or 0x hex; repeatable), instead of "
                    "--policy; with --elf also SYMBOL[+OFF][:LENGTH] (default LENGTH: the rest of the symbol).")
-@click.option("--elf", "elf_file", type=click.Path(exists=True, dir_okay=False),
-              help="Guest ELF: resolves policy symbols, names pages and IPs, and gives --sweep its candidates.")
+@click.option("--elf", "elf_file", type=_GuestElf(), metavar="FILE|NAME",
+              help="Guest ELF file, or the name of a bundled guest program (mixed, ...: built with gcc and cached, "
+                   "as `sppkit run NAME` does): resolves policy symbols, names pages and IPs, and gives --sweep its "
+                   "candidates.")
 @click.option("--spp-write-check", type=click.Choice(["all-touched", "first-byte"]), default="all-touched",
               show_default=True, help="all-touched: an access violates if any sub-page it touches is protected; "
                                       "first-byte: only its first byte's sub-page counts (Bochs).")
@@ -213,9 +254,9 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
     \b
     Examples:
       sppkit replay t.lackey --protect 0x601000:0x80
-      sppkit replay w.npz --policy examples/mixed.toml --elf mixed.elf --plot w.png
-      sppkit replay w.npz --elf mixed.elf --sweep --top 20
       sppkit run mixed --engine unicorn --record w.npz   # to make w.npz
+      sppkit replay w.npz --policy examples/mixed.toml --elf mixed --plot w.png
+      sppkit replay w.npz --elf mixed --sweep --top 20
     """
     import json
 
@@ -232,11 +273,11 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
     ctx = click.get_current_context()
     if not sweep and ctx.get_parameter_source("sort") != click.core.ParameterSource.DEFAULT:
         raise click.UsageError("--sort orders the table of --sweep; add --sweep")
-    image = None
-    if elf_file:
-        from ...guests.elf import load_elf
-
-        image = load_elf(elf_file)
+    if plot_file and sweep:
+        raise click.UsageError("--plot is not available with --sweep")
+    if plot_file:
+        _check_plot(plot_file, trace)  # (before --elf, which may build a guest)
+    image = _load_elf(elf_file) if elf_file else None
     cost = CostModel(exit_cycles=exit_cycles, user_exit_cycles=user_exit_cycles, miss_cycles=miss_cycles)
     kw = dict(size=pin_size, strict=strict, chunk_records=chunk_records, progress=progress, dask=use_dask,
               scheduler=scheduler, workers=workers, cost=cost)
@@ -246,8 +287,6 @@ def replay(trace, fmt, policy_file, protect, elf_file, spp_write_check, spp_mode
         from .sweep import SweepModel, candidates_from_elf
         from .sweep import sweep as run_sweep
 
-        if plot_file:
-            raise click.UsageError("--plot is not available with --sweep")
         regions = _regions(policy_file, protect, image, required=image is None)
         cands = regions if regions is not None else candidates_from_elf(image)
         if not cands:

@@ -34,7 +34,9 @@ from __future__ import annotations
 
 import ast
 import bz2
+import functools
 import gzip
+import inspect
 import lzma
 import os
 import re
@@ -56,7 +58,8 @@ __all__ = [
     "CHUNK_RECORDS", "FORMATS", "MAX_BLOCK_BYTES", "MAX_CHUNK_RECORDS", "MAX_SHARD_RECORDS", "NO_RIP", "RIP_CARRY",
     "TRACE_DTYPE", "Diagnostics", "MalformedRecord",
     "MissingDependency", "NativeWriter", "TraceFormatError", "TraceRecorder", "TraceSource", "check_native_path",
-    "check_read_args", "convert_trace", "detect_format", "list_shards", "open_trace", "read_trace", "write_native",
+    "check_read_args", "clobbered_input", "convert_trace", "detect_format", "list_shards", "open_trace",
+    "read_trace", "write_native",
 ]
 
 #: One write record.  Aligned (itemsize 24) so that each field view is 8-byte aligned.
@@ -1068,7 +1071,8 @@ class NativeSource(TraceSource):
     def _parquet(self) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         pq = _pyarrow_parquet()
         try:
-            pf = pq.ParquetFile(self.path)
+            # (a page whose CRC does not match is an OSError while the batches are read)
+            pf = pq.ParquetFile(self.path, **_parquet_option(pq.ParquetFile, "page_checksum_verification"))
         except Exception as e:  # pyarrow raises its own ArrowInvalid etc.
             raise TraceFormatError(f"{self.path}: not a Parquet trace: {e}") from None
         try:
@@ -1127,6 +1131,18 @@ def _pyarrow_parquet():
             "Parquet traces need pyarrow, which is not installed: pip install 'sppkit[parquet]' (or pyarrow)"
         ) from None
     return pq
+
+
+@functools.lru_cache(maxsize=None)
+def _parquet_option(fn, option: str) -> dict[str, bool]:
+    """``{option: True}`` when the installed pyarrow's ``fn`` takes ``option``, else
+    ``{}``.  Page checksums (``write_page_checksum`` for ParquetWriter,
+    ``page_checksum_verification`` for ParquetFile) came with pyarrow 15: with an
+    older pyarrow, Parquet traces are written and read without them."""
+    try:
+        return {option: True} if option in inspect.signature(fn).parameters else {}
+    except (TypeError, ValueError):  # (no signature to inspect)
+        return {}
 
 
 # =====================================================================================
@@ -1310,9 +1326,15 @@ _NATIVE_SUFFIXES = (".npz", ".parquet", ".pq")
 def _output_file(path, what: str = "a native trace") -> Path:
     """``path`` checked as the file a writer will create or replace: not empty, not a
     directory, in an existing directory.  Errors (a ValueError, else the OSError
-    subclass that fits) name ``path`` and the problem; nothing is created."""
+    subclass that fits) name ``path`` and the problem; nothing is created.  The string
+    ``"-"`` is refused (a ValueError): it usually means standard output, which sppkit
+    does not write to, and would otherwise be a file named "-" (``"./-"`` or
+    ``Path("-")`` names that file)."""
     if isinstance(path, (str, bytes)) and not str(path).strip():
         raise ValueError(f"an empty path; give a file name for {what}")
+    if isinstance(path, str) and path == "-":
+        raise ValueError(f"'-': standard output is not supported; give a file name for {what} "
+                         "(./- for a file named '-')")
     p = Path(path)
     if p.is_dir():
         raise IsADirectoryError(f"{p} is a directory; give a file name for {what}")
@@ -1383,7 +1405,9 @@ class NativeWriter:
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)  # never closed: no litter
             self._tmp = Path(self._dir) / self.path.name
             try:
-                self._pq = pq.ParquetWriter(str(self._tmp), self._schema)
+                # a CRC-32 in every page header, which the reader verifies (_parquet_option)
+                self._pq = pq.ParquetWriter(str(self._tmp), self._schema,
+                                            **_parquet_option(pq.ParquetWriter, "write_page_checksum"))
             except BaseException:
                 shutil.rmtree(self._dir, ignore_errors=True)
                 raise
@@ -1625,6 +1649,24 @@ def overwritten_input(src_path, out_path, shard_records: int | None = None, *,
     return next((p for p in shards if part.fullmatch(p.name) and _same_file(p.parent, out_dir)), None)
 
 
+def clobbered_input(src_path, out_path, shard_records: int | None = None, *,
+                    shards: list[Path] | None = None) -> str | None:
+    """Why writing ``out_path`` (with ``shard_records``: the shards of
+    :func:`convert_trace`) would damage trace ``src_path``, else None: it would
+    overwrite one of the trace's files (:func:`overwritten_input`), or ``src_path`` is a
+    directory of shards and the output would land in it, where every later replay of
+    the directory would read it as one more shard."""
+    clash = overwritten_input(src_path, out_path, shard_records, shards=shards)
+    if clash is not None:
+        return f"would overwrite the input {clash}"
+    src, out_path = Path(src_path), Path(out_path)
+    target = _shard_target(out_path)[0] if shard_records is not None else out_path.parent
+    if src.is_dir() and _same_file(target, src):
+        return (f"would write into the input shard directory {src}, where a replay of it would read the new "
+                "file as one more shard")
+    return None
+
+
 def _missing_dirs(d: Path) -> list[Path]:
     """``d`` and its ancestors that do not exist yet, deepest first."""
     out = []
@@ -1646,7 +1688,8 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
     across input shards as for one concatenated trace.  Returns counts.
 
     Everything is checked before anything is written: bad arguments are ValueErrors
-    naming them; an ``out_path`` that would overwrite the input is a ValueError; a
+    naming them; an ``out_path`` that would overwrite the input, or that lies in the
+    input's shard directory (see :func:`clobbered_input`), is a ValueError; a
     directory for a single-file output, or a missing parent directory, an OSError.
     A shard directory that already holds files (anything a replay of the directory
     would read: regular, non-hidden files) is a FileExistsError: they would be read
@@ -1664,9 +1707,9 @@ def convert_trace(src_path, out_path, fmt: str = "auto", *, size: int = 8, stric
                          "(or a directory with shard_records)")
     out_path = Path(out_path)
     shards = list_shards(src_path)
-    clash = overwritten_input(src_path, out_path, shard_records, shards=shards)
-    if clash is not None:
-        raise ValueError(f"{out_path}: would overwrite the input {clash}; write the converted trace elsewhere")
+    why = clobbered_input(src_path, out_path, shard_records, shards=shards)
+    if why is not None:
+        raise ValueError(f"{out_path}: {why}; write the converted trace elsewhere")
     created: list[Path] = []
     out_dir, suffix = out_path.parent, out_path.suffix
     if shard_records is None:

@@ -23,6 +23,8 @@ chunk plus counters sized by the policy, whatever the trace's length.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import sys
@@ -1225,8 +1227,29 @@ def _replay_dask(shards, model, fmt, kw, *, scheduler, workers, progress) -> lis
                                 progress=progress)
 
 
+@contextlib.contextmanager
+def _quiet_dask_worker_log():
+    """dask's worker logs a task that raised at ERROR level, traceback included
+    ("Compute Failed ... Traceback: ..."), before the client re-raises the exception,
+    which sppkit reports in one line (a bad shard: a damaged file, a malformed record
+    with strict).  The ``distributed.worker`` logger (the in-process workers of the
+    local cluster) is silenced for sppkit's own dask run, and restored afterwards."""
+    log = logging.getLogger("distributed.worker")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
 def _replay_dask_generic(fn, shards, model, fmt, kw, *, scheduler, workers, progress) -> list:
     """``fn(path, model, fmt, **kw)`` for every shard as dask tasks; results in shard order."""
+    with _quiet_dask_worker_log():
+        return _run_dask(fn, shards, model, fmt, kw, scheduler=scheduler, workers=workers, progress=progress)
+
+
+def _run_dask(fn, shards, model, fmt, kw, *, scheduler, workers, progress) -> list:
     client, cluster = dask_client(scheduler, workers)
     try:
         from dask.distributed import as_completed

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .formats import MissingDependency, _output_file, _reason
+from .formats import MissingDependency, TraceFormatError, _output_file, _reason, clobbered_input
 
 __all__ = ["check_plot_path", "plot_replay", "print_replay", "print_sweep"]
 
@@ -116,13 +116,23 @@ def _matplotlib():
     return matplotlib
 
 
-def check_plot_path(path) -> tuple[Path, str]:
+def check_plot_path(path, trace=None) -> tuple[Path, str]:
     """``path`` checked as :func:`plot_replay`'s output (callers check it before the
     replay whose result it draws): ``(path, format)``, the format named by the suffix
-    (none: png).  An empty path or a suffix matplotlib cannot write is a ValueError; a
-    directory or a missing parent directory an OSError naming ``path``; no matplotlib a
-    :class:`MissingDependency`."""
+    (none: png).  An empty path, ``"-"``, or a suffix matplotlib cannot write is a
+    ValueError; a directory or a missing parent directory an OSError naming ``path``;
+    no matplotlib a :class:`MissingDependency`.  ``trace``: the trace replayed (a file
+    or a shard directory), if known: a ``path`` that is one of its files, or in its
+    shard directory, is a ValueError (the rule of ``sppkit trace convert``:
+    :func:`~sppkit.engines.replay.formats.clobbered_input`)."""
     p = _output_file(path, "the plot (e.g. replay.png)")
+    if trace is not None and os.path.exists(trace):
+        try:
+            why = clobbered_input(trace, p)
+        except TraceFormatError:  # (a directory without shards: the replay reports it, as TRACE's fault)
+            why = None
+        if why is not None:
+            raise ValueError(f"{p}: {why}; write the plot elsewhere")
     _matplotlib()
     from matplotlib.backend_bases import FigureCanvasBase
 
@@ -141,7 +151,8 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
 
     ``path``: the file to write, exactly that name (PNG, or the format its suffix names:
     .svg, .pdf...); returned.  Checked before anything is drawn: a directory, a missing
-    parent directory (OSErrors naming ``path``) or a suffix matplotlib cannot write (a
+    parent directory (OSErrors naming ``path``), a suffix matplotlib cannot write, or a
+    file of the trace replayed (``result.trace``) or in its shard directory (a
     ValueError).  An existing file is replaced only when the plot is complete."""
     from .replay import ReplayResult
 
@@ -149,7 +160,7 @@ def plot_replay(result, path, *, max_pages: int = 48) -> Path:
         raise TypeError(f"plot_replay needs a ReplayResult, got {type(result).__name__}")
     if isinstance(max_pages, (bool, np.bool_)) or not isinstance(max_pages, (int, np.integer)) or max_pages < 0:
         raise ValueError(f"max_pages={max_pages!r}: must be an integer >= 0")
-    path, fmt = check_plot_path(path)
+    path, fmt = check_plot_path(path, result.trace)
     import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
