@@ -194,6 +194,23 @@ class Diagnostics:
             self.ip_read(other.ip_pending)
 
 
+
+class DiagnosedCounts:
+    """For counters that keep the :class:`Diagnostics` of the trace they were read from
+    (a ``diagnostics`` field): its ``skipped`` count and ``examples``, read-only."""
+
+    diagnostics: Diagnostics
+
+    @property
+    def skipped(self) -> int:
+        """Malformed records skipped."""
+        return self.diagnostics.skipped
+
+    @property
+    def examples(self) -> list:
+        """The first messages about them."""
+        return self.diagnostics.examples
+
 # =====================================================================================
 # vectorised field parsing
 # =====================================================================================

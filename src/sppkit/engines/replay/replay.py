@@ -41,6 +41,7 @@ from .formats import (
     CHUNK_RECORDS,
     NO_RIP,
     RIP_CARRY,
+    DiagnosedCounts,
     Diagnostics,
     MissingDependency,
     TraceFormatError,
@@ -743,7 +744,7 @@ class ProtectionModel:
 
 
 @dataclass
-class ShardResult:
+class ShardResult(DiagnosedCounts):
     """Counters of one replayed piece of trace (a shard, or a whole trace); mergeable in
     trace order with :meth:`merge`.  Per-page arrays are indexed like the model's gfns."""
 
@@ -768,16 +769,6 @@ class ShardResult:
             pg_per_page=np.zeros(npages, np.int64), viol_per_page=np.zeros(npages, np.int64),
             viol_per_sub=SubCounts(npages * 32), writes_per_sub=SubCounts(npages * 32),
         )
-
-    @property
-    def skipped(self) -> int:
-        """Malformed records skipped."""
-        return self.diagnostics.skipped
-
-    @property
-    def examples(self) -> list:
-        """The first messages about them."""
-        return self.diagnostics.examples
 
     def merge(self, later: "ShardResult") -> "ShardResult":
         """Add the counters of the piece of trace that follows this one.  Records of

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ...arch.processor import SPP_WRITE_CHECK_ALL, SPP_WRITE_CHECK_FIRST, SPP_WRITE_CHECKS
-from .formats import CHUNK_RECORDS, Diagnostics, list_shards, open_trace
+from .formats import CHUNK_RECORDS, DiagnosedCounts, Diagnostics, list_shards, open_trace
 from .replay import (CostModel, PageIndex, _accumulate, _byte_range, _cost_arg, _elapsed_arg, _replay_dask_generic,
                      _top_arg, _want_progress, check_run_args, trace_columns)
 
@@ -166,7 +166,7 @@ class SweepModel:
 
 
 @dataclass
-class SweepCounters:
+class SweepCounters(DiagnosedCounts):
     hist: np.ndarray
     writes: int = 0
     accesses: int = 0
@@ -174,16 +174,6 @@ class SweepCounters:
     diagnostics: Diagnostics = field(default_factory=Diagnostics)
     files: list = field(default_factory=list)
     formats: list = field(default_factory=list)
-
-    @property
-    def skipped(self) -> int:
-        """Malformed records skipped."""
-        return self.diagnostics.skipped
-
-    @property
-    def examples(self) -> list:
-        """The first messages about them."""
-        return self.diagnostics.examples
 
     def merge(self, later: "SweepCounters") -> "SweepCounters":
         self.hist += later.hist
