@@ -12,6 +12,9 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     ``unicorn.Uc`` running the very same code and memory image with the same long-mode
     set-up and **no hooks at all** (it stops at the exit ``out`` by address).  Target: the engine runs the guest at >= 0.8x bare
     speed when <= 1 % of the stores hit protected pages.
+(a3) The same on the loop platform-notes §2 measured Unicorn's speed with (5
+    instructions, 1 store: a store density closer to real code): K iterations into
+    BUF, then one store to the protected page, 1 store in 101.
 (a2) The same on compiled code: the bundled ``workload`` guest (gcc -O2: hashing, a
     hash-table insert, a histogram, a ring log; about 9 stores in 60 instructions a
     record) updates a counter next to a protected structure every N-th record.  The
@@ -124,6 +127,28 @@ def loop_guest(iterations: int, every: int, target: int) -> tuple[bytes, int]:
     patched.ip = jnz_skip + 1
     c.ins[jnz_skip] = patched
     c.add(Ins.create_branch(Code.JNE_REL32_64, top))
+    c.add(_mov(Register.RAX, 0))
+    out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
+    code, ips = c.encode()
+    return code, ips[out - 1]
+
+
+def reference_loop_guest(iterations: int, target: int) -> tuple[bytes, int]:
+    """The loop of platform-notes §2's Unicorn speed measurement — 5 instructions, 1
+    store — run K times into BUF, then one store to ``target``; ``iterations`` times."""
+    c = _Code()
+    c.add(_mov(Register.R10, iterations))
+    c.add(_mov(Register.RDX, target))
+    outer = c.add(_mov(Register.RBX, BUF))
+    c.add(_mov(Register.RCX, K))
+    inner = c.add(Ins.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(Register.RBX), Register.RCX))
+    c.add(Ins.create_reg_reg(Code.ADD_RM64_R64, Register.RAX, Register.RCX))
+    c.add(Ins.create_reg_i32(Code.ADD_RM64_IMM8, Register.RBX, 8))
+    c.add(Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1))
+    c.add(Ins.create_branch(Code.JNE_REL32_64, inner))
+    c.add(Ins.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(Register.RDX), Register.R10))
+    c.add(Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.R10, 1))
+    c.add(Ins.create_branch(Code.JNE_REL32_64, outer))
     c.add(_mov(Register.RAX, 0))
     out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
     code, ips = c.encode()
@@ -380,6 +405,27 @@ def main() -> None:
         if protected and protected / stores <= 0.01:
             verdicts.setdefault("stress loop", b / e)
         t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{b / e:.2f}x", _verdict(protected / stores, b / e))
+    console.print(t)
+
+    # ---- (a3)
+    t = Table(title=f"(a3) platform-notes reference loop (5 instructions, 1 store), {args.iterations:,} x {K} "
+                    "iterations + 1 store to a protected page each")
+    for col in ("stores to a protected page", "bare", "engine", "engine speed", f">= {TARGET_RATIO}x"):
+        t.add_column(col, justify="left" if col.startswith("stores") else "right")
+    code, out_ip = reference_loop_guest(args.iterations, ALLOWED)
+    for label, ranges in (("none (no protected page)", []), (f"1 in {K + 1} stores (0.99 %)", [(DENIED, 0x10)])):
+        bare_t, eng_t, info = [], [], None
+        for _ in range(args.reps):
+            bare_t.append(run_bare(code, out_ip))
+            dt, info = run_engine(code, ranges)
+            eng_t.append(dt)
+        protected = args.iterations if ranges else 0
+        assert info["writes"] == protected, info
+        b, e = min(bare_t), min(eng_t)
+        frac = protected / (args.iterations * (K + 1))
+        if protected:
+            verdicts.setdefault("reference loop", b / e)
+        t.add_row(label, f"{b * 1e3:.0f} ms", f"{e * 1e3:.0f} ms", f"{b / e:.2f}x", _verdict(frac, b / e))
     console.print(t)
 
     # ---- (a2)
