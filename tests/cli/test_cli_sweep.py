@@ -624,7 +624,31 @@ def test_a_terminated_recording_run_leaves_nothing_behind(tmp_path, sig):
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
     assert err.decode().strip().splitlines()[-1] == "sppkit: error: interrupted"
+    # (a KeyboardInterrupt raised inside a binding callback used to add ctypes' "Exception
+    # ignored ... Traceback" report)
+    assert b"Traceback" not in err and b"Exception ignored" not in err, err
     assert list(out.parent.iterdir()) == []
+
+
+def test_ctrl_c_while_sppkit_loads_is_one_line(monkeypatch, capsys):
+    """The console script: a Ctrl-C while the command line's modules load used to print
+    a traceback from the middle of an import."""
+    import importlib.abc
+    import sys
+
+    from sppkit import _entry
+
+    class Interrupting(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "sppkit.cli":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "sppkit.cli")
+    monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
+    with pytest.raises(SystemExit) as e:
+        _entry.main()
+    assert e.value.code == 130 and capsys.readouterr().err == "sppkit: error: interrupted\n"
 
 
 @pytest.mark.skipif(not SPPKIT.exists(), reason=f"no console script at {SPPKIT} (sppkit is not installed)")

@@ -13,6 +13,7 @@ import pytest
 from iced_x86 import Code, MemoryOperand, Register
 from iced_x86 import Instruction as Ins
 
+from sppkit.engines import EngineError
 from sppkit.engines.unicorn import UnicornEngine
 from sppkit.engines.x86 import find_writer
 from sppkit.guests import GuestImage, Segment
@@ -320,3 +321,118 @@ def test_timeout_in_range_is_taken(timeout):
         assert eng.run().exit_code == 4
     finally:
         eng.close()
+
+
+# ------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("decision, protected", [("emulate", True), ("skip", True), ("skip", False)],
+                         ids=["denied-emulate", "denied-skip", "allowed"])
+def test_a_vector_store_run_again_is_decided_again(engine, decision, protected):
+    """A loop storing 16 bytes to one address with `movdqu`: each iteration's store goes
+    to vm.write.  Unicorn used to answer the second iteration's first 8-byte piece
+    from the "cover" the first iteration's 16-byte decision left (same RIP, inside
+    it), so from then on nothing was written or decided — on any page mapped
+    read-only, an unprotected neighbour's included."""
+    page = DATA + PAGE
+    target = page + 0x10 if protected else page + 0x810
+    n = 5
+    ins = [mov_imm(Register.RCX, n), mov_imm(Register.RAX, 0),
+           Ins.create_reg(Code.INC_RM64, Register.RAX), Ins.create_reg_reg(Code.MOVQ_XMM_RM64, Register.XMM0, Register.RAX),
+           Ins.create_reg_reg(Code.PUNPCKLQDQ_XMM_XMMM128, Register.XMM0, Register.XMM0),
+           Ins.create_mem_reg(Code.MOVDQU_XMMM128_XMM, _abs(target), Register.XMM0),
+           Ins.create_reg(Code.DEC_RM64, Register.RCX), Ins.create_branch(Code.JNE_REL32_64, 0), *exit_ins(0)]
+    _, ips = flat(ins)
+    ins[7] = Ins.create_branch(Code.JNE_REL32_64, ips[2])
+    image, _ = flat(ins)
+    r, mem, _ = _run(engine, image, Policy.from_ranges([(page, SUB)], decision), [(target, 16)])
+    assert r.stop_reason == "exit", r
+    want = (n.to_bytes(8, "little") * 2) if decision == "emulate" or not protected else None
+    if want is not None:
+        assert mem[target] == want
+    else:
+        assert mem[target] == INIT_DATA[target - DATA:target - DATA + 16]
+    assert sum(v.size for v in r.violations) == (16 * n if protected else 0)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_run_after_a_stop_goes_on_from_the_stopped_store(engine):
+    """README: after a STOP, a later run() executes the store again (Unicorn) or goes on
+    after it (KVM) — Unicorn used to restart from the entry point (console 'AAB'), and
+    kept the STOP so that a later fault was reported as that STOP again."""
+    page = DATA + PAGE
+    ins = [*putc("A"), mov_imm(Register.RAX, 0x55), Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(page + 0x10), Register.RAX),
+           *putc("B"), mov_imm(Register.RAX, 1), Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(RAM - 4), Register.RAX),
+           *exit_ins(7)]
+    image, _ = flat(ins)
+    cls = UnicornEngine if engine != "kvm" else None
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine as cls
+    eng = cls(image, policy=Policy.from_ranges([(page, SUB)], "stop"), ram_size=RAM, timeout=30,
+              **({"native_hook": False} if engine == "unicorn-py" else {}))
+    try:
+        r = eng.run()
+        assert (r.stop_reason, r.console) == ("stop-decision", "A")
+        eng.vm.set_subpage_access(page >> 12, [0xFFFFFFFF])
+        r = eng.run()
+        # the store past the end of RAM faults: a shutdown, not the old STOP again
+        assert (r.stop_reason, r.console) == ("shutdown", "AB"), r
+        if engine != "kvm":
+            assert eng.vm.read(page + 0x10, 8) == (0x55).to_bytes(8, "little")  # the stopped store, made now
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+@pytest.mark.parametrize("store", ["cmpxchg8b", "fxsave64"])
+def test_unicorn_refuses_to_stop_inside_a_helper_store(engine, store):
+    """Unicorn makes the stores of some instructions inside a QEMU helper: a hook's
+    "stop" does not stop there — the instruction retired (cmpxchg8b loaded edx:eax),
+    the block ran on, and the run was reported as ending at the store (fxsave: the
+    STOP was lost and the guest exited).  Now run() raises, naming the instruction,
+    nothing later lands, and the engine cannot be continued."""
+    page = DATA + PAGE
+    mem_op = _abs(page + 0x10)
+    body = ([mov_imm(Register.RAX, 1), mov_imm(Register.RDX, 2), Ins.create_mem(Code.CMPXCHG8B_M64, mem_op)]
+            if store == "cmpxchg8b" else
+            [mov_imm(Register.RSI, page), Ins.create_mem(Code.FXSAVE64_M512BYTE, MemoryOperand(Register.RSI))])
+    marker = Ins.create_mem_u32(Code.MOV_RM8_IMM8, _abs(DATA + 0x40), 0x77)
+    image, _ = flat([*body, marker, *exit_ins(7)])
+    eng = UnicornEngine(image, policy=Policy.from_ranges([(page, SUB)], "stop"), ram_size=RAM, timeout=30,
+                        **({"native_hook": False} if engine == "unicorn-py" else {}))
+    try:
+        with pytest.raises(EngineError, match=f"STOP on `{store}.*cannot stop at it"):
+            eng.run()
+        assert eng.vm.read(DATA + 0x40, 1) != b"\x77"  # nothing after the instruction landed
+        with pytest.raises(EngineError, match="cannot be continued"):
+            eng.run()
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_self_modifying_code_on_a_data_page_runs_patched(engine):
+    """Code run from a page of a non-executable segment that patches its next
+    instruction: Unicorn ran the stale translation ('X'; a real CPU prints 'Y') when
+    the page holds a protected sub-page, since only executable segments were treated as
+    code."""
+
+
+    x = DATA + 3 * PAGE + 0x100
+
+    def enc(ins):
+        e = iced_x86.BlockEncoder(64)
+        e.add_many(ins)
+        return e.encode(x)
+
+    body = [Ins.create_mem_u32(Code.MOV_RM8_IMM8, _abs(0), ord("Y")), Ins.create_reg_u32(Code.MOV_R8_IMM8, Register.AL, ord("X")),
+            Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xE9, Register.AL), *exit_ins(0)]
+    ips = [i.ip for i in iced_x86.Decoder(64, enc(body), ip=x)]
+    body[0] = Ins.create_mem_u32(Code.MOV_RM8_IMM8, _abs(ips[1] + 1), ord("Y"))
+    code = enc(body)
+    image, _ = flat([mov_imm(Register.RBX, x), Ins.create_reg(Code.JMP_RM64, Register.RBX)])
+    data = bytearray(INIT_DATA)
+    data[x - DATA:x - DATA + len(code)] = code
+    image = GuestImage(segments=[image.segments[0], Segment(DATA, bytes(data), len(data), "rw-")], entry=CODE)
+    r, _, _ = _run(engine, image, Policy.from_ranges([(DATA + 3 * PAGE + 0xF80, SUB)], "skip"), [])
+    assert (r.stop_reason, r.console) == ("exit", "Y"), r

@@ -10,7 +10,10 @@
  * One thing is the engine's own, exactly as in its pure-Python hook: the cover.
  * Unicorn re-reports an unaligned or page-crossing store byte by byte after the
  * whole access (and a 16-byte vector store as two 8-byte pieces); those re-reports
- * get the answer Vm.write gave the whole access, without a second call.
+ * get the answer Vm.write gave the whole access, without a second call.  They come in
+ * one order — address ascending, and at one address a smaller size after a larger
+ * one — so a report that does not follow the last one in that order starts a new
+ * access, even at the same RIP and address (the same store run again in a loop).
  *
  * Callback protocol: callback(address: int, data: bytes | None, rip: int | None)
  *   -> True  (continue; the access [address, address + len(data)) is decided),
@@ -38,6 +41,8 @@ struct hook {
     int32_t rip_reg;
     int32_t cover_valid;
     uint64_t cover_rip, cover_lo, cover_hi;
+    uint64_t cover_last;      /* the last report of the covered access: its address */
+    int64_t cover_last_size;  /* ... and size */
 };
 
 bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_t value, void *user_data)
@@ -46,8 +51,12 @@ bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_
     uint64_t rip = 0;
     int rip_ok = h->reg_read(uc, h->rip_reg, &rip) == 0;
     if (rip_ok && h->cover_valid && rip == h->cover_rip && address >= h->cover_lo
-        && address + (uint64_t)size <= h->cover_hi && (uint64_t)size < h->cover_hi - h->cover_lo)
-        return true; /* a re-report of a store already allowed whole */
+        && address + (uint64_t)size <= h->cover_hi && (uint64_t)size < h->cover_hi - h->cover_lo
+        && (address > h->cover_last || (address == h->cover_last && size < h->cover_last_size))) {
+        h->cover_last = address; /* a re-report of a store already allowed whole */
+        h->cover_last_size = size;
+        return true;
+    }
     h->cover_valid = 0;
 
     PyGILState_STATE gil = PyGILState_Ensure();
@@ -108,6 +117,8 @@ bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_
             h->cover_rip = rip;
             h->cover_lo = address;
             h->cover_hi = hi;
+            h->cover_last = address;
+            h->cover_last_size = size;
             h->cover_valid = 1;
         }
         Py_DECREF(r);

@@ -27,10 +27,13 @@ import contextlib
 import ctypes
 import functools
 import os
+import re
 import selectors
 import signal
 import socket
+import sys
 import threading
+from collections.abc import Callable
 from collections import Counter
 from pathlib import Path
 
@@ -97,6 +100,8 @@ class _HookState(ctypes.Structure):
         ("cover_rip", ctypes.c_uint64),
         ("cover_lo", ctypes.c_uint64),
         ("cover_hi", ctypes.c_uint64),
+        ("cover_last", ctypes.c_uint64),
+        ("cover_last_size", ctypes.c_int64),
     ]
 
 
@@ -211,6 +216,7 @@ class UnicornEngine(EngineBase):
         self._timed_out = False
         self._code_hooks: list = []  # one-address code hooks, removed after each run
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
+        self._helper_cache: dict[int, bool] = {}  # rip -> whether its stores are made in a QEMU helper
         # Self-modifying code (see _on_store): the pages of the image's executable
         # segments, the RIP of a store into code held back to be run alone, and the
         # code ranges written during that step (their translations dropped after it).
@@ -257,7 +263,8 @@ class UnicornEngine(EngineBase):
             self._rip_buf = ctypes.c_uint64()
             self._rip_ref = ctypes.byref(self._rip_buf)
             self._reg_read = uclib.uc_reg_read
-            self._cover: tuple[int, int, int] | None = None  # (rip, lo, hi) of the last access decided whole
+            # (rip, lo, hi, last address, last size) of the last access decided whole
+            self._cover: tuple[int, int, int, int, int] | None = None
             self._wp_cb = _WRITE_PROT_CFUNC(self._hook_write_prot)
             fn, data = ctypes.cast(self._wp_cb, ctypes.c_void_p), None
         handle = ctypes.c_size_t()
@@ -373,9 +380,13 @@ class UnicornEngine(EngineBase):
             rip = None if self._reg_read(uch, UC_X86_REG_RIP, self._rip_ref) else self._rip_buf.value
             cover = self._cover
             if rip is not None and cover is not None and cover[0] == rip and cover[1] <= address \
-                    and address + size <= cover[2] and size < cover[2] - cover[1]:
+                    and address + size <= cover[2] and size < cover[2] - cover[1] \
+                    and (address > cover[3] or (address == cover[3] and size < cover[4])):
                 # Unicorn re-reports an unaligned or page-crossing store byte by byte after
                 # the whole access (and a vector store in 8-byte pieces): already decided.
+                # (In order: address ascending, a smaller size after a larger at one
+                # address; anything else is a new access, e.g. the same store run again.)
+                self._cover = (rip, cover[1], cover[2], address, size)
                 return True
             self._cover = None
             data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little") if 1 <= size <= 8 else None
@@ -386,7 +397,7 @@ class UnicornEngine(EngineBase):
         if r is False:
             return False
         if rip is not None:
-            self._cover = (rip, address, address + (size if r is True else r))
+            self._cover = (rip, address, address + (size if r is True else r), address, size)
         return True
 
     def _on_store(self, address: int, data: bytes | None, rip: int | None):
@@ -410,11 +421,15 @@ class UnicornEngine(EngineBase):
             # So the store is not decided here: the run stops at it, nothing written,
             # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
             # block may be gone from the cache, and Unicorn cannot stop in it.)
-            if not self._code_hooks:
+            if not self._code_hooks and not self._helper_store(rip):
                 self._held = True
                 return False
+            # (a store made inside a QEMU helper cannot be abandoned — its instruction
+            # goes on without it — so it is decided now; the run stops later)
         code_lo, code_hi = self._code_span  # (one comparison first: the path of every protected store)
-        if code_lo <= address < code_hi and data is not None and rip is not None \
+        if (code_lo <= address < code_hi or (rip is not None and ((address ^ rip) < 0x1000
+                                                               or ((address + 31) ^ rip) < 0x1000))) \
+                and data is not None and rip is not None \
                 and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip):
             # A store into code that the running translated block may hold (Unicorn
             # performs the bytes committed here behind QEMU's back, so QEMU's own
@@ -458,6 +473,19 @@ class UnicornEngine(EngineBase):
                         self.record(ev, r.decision, old=old, rip_at=rip, instruction=d.text if d else None)
                     self._pending.clear()
                 if r.stopped:
+                    if self._helper_store(rip):
+                        # Unicorn cannot stop at this instruction: it goes on without this
+                        # store, and on to the end of its block.  The run ends with an error
+                        # and every later store of the block held back (none lands).
+                        d = self.instruction_at(rip)
+                        self._inexact = _mid_block(f"stopped at `{d.text if d else '?'}`, a store Unicorn makes "
+                                                   "inside one of its helpers")
+                        self._fail(EngineError(
+                            f"STOP on `{d.text if d else '?'}` at rip={rip:#x} (gpa={address:#x}): Unicorn makes "
+                            f"this instruction's stores inside a helper and cannot stop at it; the store was not "
+                            f"made, but the instruction went on (use skip or emulate for it, or the kvm engine)"),
+                            hold=True)
+                        return False
                     self._stop = (rip, address)
                     return False
             if self._ept.version != self._generation:
@@ -468,6 +496,19 @@ class UnicornEngine(EngineBase):
         except BaseException as e:  # re-raised from run()
             self._fail(e)
             return False
+
+    def _helper_store(self, rip: int | None) -> bool:
+        """Whether the instruction at ``rip`` makes its stores inside a QEMU helper
+        (cmpxchg8b/16b, fxsave, xsave, fnstenv/fnsave, x87 80-bit stores, maskmovdqu,
+        enter with a nesting level): Unicorn then neither stops at it when a hook says
+        so nor abandons the store — the instruction goes on without it."""
+        if rip is None:
+            return False
+        h = self._helper_cache.get(rip)
+        if h is None:
+            d = self.instruction_at(rip)
+            h = self._helper_cache[rip] = d is not None and _is_helper_store(d.text)
+        return h
 
     def _pause_at_store(self, rip: int, address: int, n: int, answer):
         """A pause was asked for while the store at ``address`` (``n`` bytes, decided and
@@ -496,9 +537,10 @@ class UnicornEngine(EngineBase):
     def _near_running_code(self, address: int, rip: int) -> bool:
         """Whether a store at ``address`` (up to 32 bytes: a vector store arrives in
         8-byte pieces) touches a code page the running block may span: the pages
-        before, of and after RIP (a translated block spans at most two pages)."""
+        before, of and after RIP (a translated block spans at most two pages), or RIP's
+        own page whatever the image says of it (code run from a data page)."""
         page = rip >> 12
-        return any(p in self._code_pages and page - 1 <= p <= page + 1
+        return any(p == page or (p in self._code_pages and page - 1 <= p <= page + 1)
                    for p in range(address >> 12, ((address + 31) >> 12) + 1))
 
     def _drop_code(self, address: int, n: int) -> None:
@@ -660,6 +702,7 @@ class UnicornEngine(EngineBase):
         try:
             with self._stop_lock:  # (a timer or Ctrl-C of an earlier run acts on its own run only)
                 self._run_id += 1
+                self._stop = None  # (this run's STOP, if any)
                 self._ctrl_c = False  # (set by _on_ctrl_c)
                 self._emulating = True
                 self._timed_out = False
@@ -704,7 +747,10 @@ class UnicornEngine(EngineBase):
                     return self.result("paused", rip_at=rip, exits=self.exits)
                 return self.result("timeout", rip_at=rip, exits=self.exits, detail=f"no exit within {self.timeout} s")
             if e.errno == UC_ERR_WRITE_PROT and self._stop is not None:
-                return self.result("stop-decision", rip_at=self._stop[0], exits=self.exits)
+                at = self._stop[0]
+                self._stop = None
+                self._pc = at  # (a later run() executes the stopped store again: README)
+                return self.result("stop-decision", rip_at=at, exits=self.exits)
             if e.errno == UC_ERR_WRITE_PROT and self._beyond is not None:
                 gpa, n = self._beyond
                 self._beyond = None
@@ -861,6 +907,7 @@ class _CtrlC:
         self._thread: threading.Thread | None = None
         self._wakeup: int | None = None  # the wakeup fd set here (still ours to restore)
         self._old = -1  # the wakeup fd before (-1: none, or lost to a KeyboardInterrupt in start())
+        self._prev_unraisable: Callable | None = None  # sys.unraisablehook before start(), while ours is installed
 
     def start(self, on_sigint) -> None:
         if threading.current_thread() is not threading.main_thread() \
@@ -883,6 +930,11 @@ class _CtrlC:
             self._thread = threading.Thread(target=self._watch, args=(r, stop_r, self._old, on_sigint, stops),
                                             daemon=True, name="sppkit-unicorn-ctrl-c")
             self._thread.start()
+            # The KeyboardInterrupt may be raised inside a callback of Unicorn's binding,
+            # where ctypes "ignores" it with a traceback on stderr; the run raises it all
+            # the same (UnicornEngine._run), so that report is not printed.
+            self._prev_unraisable = sys.unraisablehook
+            sys.unraisablehook = self._unraisable
         except (OSError, ValueError):
             self.close()  # (no sockets or no wakeup fd here: no prompt Ctrl-C)
         except BaseException:
@@ -934,6 +986,23 @@ class _CtrlC:
             for sock in self._socks:
                 sock.close()
             self._socks = ()
+            if self._prev_unraisable is not None:
+                if sys.unraisablehook == self._unraisable:
+                    sys.unraisablehook = self._prev_unraisable
+                self._prev_unraisable = None
+
+    def _unraisable(self, u) -> None:
+        if not isinstance(u.exc_value, KeyboardInterrupt):
+            (self._prev_unraisable or sys.__unraisablehook__)(u)
+
+
+#: instructions whose stores QEMU makes inside a helper (not in translated code)
+_HELPER_STORE = re.compile(r"^(?:lock )?(?:cmpxchg8b|cmpxchg16b|fxsave|fxsave64|xsave\w*|fn?stenv|fn?save|fbstp|"
+                           r"maskmovdqu|maskmovq)\b|^fstp tbyte|^enter \w+,\s*(?!0\b)")
+
+
+def _is_helper_store(text: str) -> bool:
+    return _HELPER_STORE.search(text) is not None
 
 
 def _vector_store_info(code: bytes, rip: int):
