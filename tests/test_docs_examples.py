@@ -369,7 +369,7 @@ MIN_CHECKS = {
     "README.md:49": 2,
     "README.md:70": 4,
     "docs/usecases-checkpoint-guard.md:27": 2,
-    "docs/usecases-checkpoint-guard.md:166": 1,
+    "docs/usecases-checkpoint-guard.md:168": 1,
     "docs/usecases-monitor-device.md:100": 5,
 }
 

@@ -436,3 +436,39 @@ def test_self_modifying_code_on_a_data_page_runs_patched(engine):
     image = GuestImage(segments=[image.segments[0], Segment(DATA, bytes(data), len(data), "rw-")], entry=CODE)
     r, _, _ = _run(engine, image, Policy.from_ranges([(DATA + 3 * PAGE + 0xF80, SUB)], "skip"), [])
     assert (r.stop_reason, r.console) == ("exit", "Y"), r
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_fault_after_two_pauses_is_a_shutdown(engine):
+    """After two pauses in one run Unicorn stops at a faulting instruction with no error
+    (measured: `ud2` after two port-handler pauses); it was reported as "halt: the
+    instruction limit was reached" with no limit set, and a checkpoint set recorded
+    that wrong end.  Both engines report the fault."""
+    def sig(v):  # signal v, then a jump to the next instruction (ending the translated block)
+        return [mov_imm(Register.RAX, v), Ins.create_u32_reg(Code.OUT_IMM8_AL, 0xF5, Register.AL),
+                Ins.create_branch(Code.JMP_REL32_64, CODE)]
+
+    body = [*sig(1), *putc("a"), *sig(2), *putc("b"), *sig(3), Ins.create(Code.UD2), *exit_ins(7)]
+    _, ips = flat(body)
+    for i, ins in enumerate(body):
+        if ins.code == Code.JMP_REL32_64:
+            body[i] = Ins.create_branch(Code.JMP_REL32_64, ips[i + 1])
+    image, ips = flat(body)
+    if engine == "kvm":
+        skip_without_kvm()
+        from sppkit.engines.kvm.engine import KvmEngine as cls
+    else:
+        cls = UnicornEngine
+    eng = cls(image, ram_size=RAM, timeout=30, **({"native_hook": False} if engine == "unicorn-py" else {}))
+    try:
+        eng.add_port_handler(0xF5, lambda e, v: "pause" if v in (1, 2) else None)
+        reasons = []
+        r = eng.run()
+        while r.stop_reason == "paused":
+            reasons.append(r.stop_reason)
+            r = eng.run()
+        ud2 = ips[3 * 3 + len(putc("a")) * 2]
+        assert (reasons, r.stop_reason, r.rip_at, r.console) == (["paused", "paused"], "shutdown", ud2, "ab"), r
+        assert f"guest fault at rip={ud2:#x}" in r.detail and "ud2" in r.detail
+    finally:
+        eng.close()

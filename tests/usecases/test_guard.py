@@ -321,3 +321,38 @@ def test_demo_guard_runs():
     rep = G.demo_guard(Console(file=buf, width=160))
     assert rep is not None and rep.hits and rep.hits[0].buffer.index == 22
     assert "128-B guards" in buf.getvalue() and "#22" in buf.getvalue()
+
+
+STRADDLE = r"""
+#include "sppkit_rt.h"
+#include "guardalloc.h"
+int main(void)
+{
+    u8 *a = ga_alloc(1), *b = ga_alloc(13);
+    if (!a || !b) return 2;
+    ga_guards_ready();
+    rt_write64(b + 8, 0x2222222222222222ull);  /* bytes 8..15 of a 13-byte buffer: 3 past its end */
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_store_straddling_the_end_names_its_buffer(engine, tmp_path):
+    """An 8-byte store starting inside a 13-byte buffer and ending 3 bytes into its
+    guard: it was "an unknown buffer, ? past its end" (the buffer was looked up from
+    the store's first byte, inside the buffer).  Also: a guest of the user's can
+    include guardalloc.h."""
+    src = tmp_path / "straddle.c"
+    src.write_text(STRADDLE)
+    rep = G.guard_guest(str(src), decision="skip", engine=engine)
+    assert rep.result.exit_code == 0, rep.result
+    (h,) = rep.hits
+    assert (h.buffer.index, h.buffer.size, h.offset, h.size) == (1, 13, 0, 8)
+    assert h.gpa == h.buffer.start + 8
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    G.print_guard_report(rep, console)
+    text = console.export_text()
+    assert "overflow of buffer #1" in text and "+0..+2 past its end" in text, text

@@ -804,12 +804,18 @@ class UnicornEngine(EngineBase):
                                detail=f"no exit within {self.timeout} s; RIP is the start of the translated block "
                                       "that was running (Unicorn stops mid-block), so the run cannot be continued")
         # Unicorn ends a run by itself at its instruction limit, or after a `hlt` (RIP
-        # then after it, as under KVM).
+        # then after it, as under KVM) — or, measured after two pauses in one run, at a
+        # CPU exception it swallows (RIP at the faulting instruction, no error).
         hlt = rip - 1
         d = decode(self.code_at(hlt), hlt, None) if hlt >= 0 else None
         if d is None or d.text != "hlt" or d.length != 1:
-            return self.result("halt", rip_at=rip, exits=self.exits,
-                               detail=f"the instruction limit ({self.max_instructions:,}) was reached")
+            if self.max_instructions:
+                return self.result("halt", rip_at=rip, exits=self.exits,
+                                   detail=f"the instruction limit ({self.max_instructions:,}) was reached")
+            f = self.instruction_at(rip) if 0 <= rip < self.ram_size else None
+            return self.result("shutdown", rip_at=rip, exits=self.exits,
+                               detail=f"guest fault at rip={rip:#x} (triple fault: no IDT)"
+                                      + (f" (`{f.text}`)" if f else ""))
         if self.cpl == 3:
             # hlt is privileged: at CPL 3 it raises #GP, with no IDT a triple fault, which
             # Unicorn does not model (it halts) and KVM reports as a shutdown

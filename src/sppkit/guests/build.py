@@ -151,9 +151,11 @@ def toolchain_status() -> tuple[bool, str]:
 
 
 def _source_files(src: Path) -> list[Path]:
-    """Every file whose content determines the output: runtime + program + its headers."""
+    """Every file whose content determines the output: runtime + program + its headers
+    (those beside it, and the bundled programs' ones every guest may include)."""
     files = sorted(RUNTIME_DIR.iterdir()) + [src]
     files += sorted(p for p in src.parent.glob("*.h") if p.is_file())
+    files += sorted(p for p in PROGRAMS_DIR.glob("*.h") if p.is_file())
     out: list[Path] = []
     for f in files:
         if f.is_file() and f not in out:
@@ -198,7 +200,9 @@ def build_guest(
                               f"(e.g. ('-DN=100',)), got {cflags!r}")
     gcc = _find_compiler()
     version = _compiler_version(gcc)
-    flags = [*BASE_CFLAGS, f"-I{RUNTIME_DIR}", *LINK_FLAGS, *cflags]
+    # (the bundled programs' headers — guardalloc.h, ckpt_signal.h — serve a guest of the
+    # user's as they serve them)
+    flags = [*BASE_CFLAGS, f"-I{RUNTIME_DIR}", f"-I{PROGRAMS_DIR}", *LINK_FLAGS, *cflags]
     key = _build_key(src, flags, version)
 
     out_dir = guest_cache_dir(cache_dir)

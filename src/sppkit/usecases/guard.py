@@ -111,11 +111,12 @@ class GuardTable:
         """Every guard sub-page (free slots keep theirs: the slot will be reused)."""
         return sorted({b.guard for b in self.buffers})
 
-    def buffer_at_guard(self, gpa: int) -> GuardBuffer | None:
-        """The buffer whose guard sub-page holds ``gpa``."""
-        g = gpa & ~(GUARD_SIZE - 1)
+    def buffer_at_guard(self, gpa: int, size: int = 1) -> GuardBuffer | None:
+        """The buffer whose guard sub-page holds a byte of ``[gpa, gpa+size)`` (a write
+        may start inside the buffer and run into its guard)."""
+        guards = range(gpa & ~(GUARD_SIZE - 1), gpa + size, GUARD_SIZE)
         for b in self.buffers:
-            if b.guard == g:
+            if b.guard in guards:
                 return b
         return None
 
@@ -358,10 +359,12 @@ class GuardSession:
     def hits(self, result: RunResult) -> list[GuardHit]:
         out = []
         for v in result.violations:
-            b = self.table.buffer_at_guard(v.gpa) if self.table else None
+            b = self.table.buffer_at_guard(v.gpa, v.size) if self.table else None
             retired = not (result.stop_reason == "stop-decision" and v.decision == "stop" and v.rip_after is None)
-            out.append(GuardHit(b, v.gpa, v.size, (v.gpa - b.end) if b else None, v.decision, v.rip_at, v.rip_after,
-                                v.instruction, retired))
+            # (the offset of the write's first byte past the end: a write that straddles
+            # the end starts inside the buffer)
+            out.append(GuardHit(b, v.gpa, v.size, max(v.gpa - b.end, 0) if b else None, v.decision, v.rip_at,
+                                v.rip_after, v.instruction, retired))
         return out
 
 
@@ -537,7 +540,10 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
             h, last, n = group[0], group[-1], len(group)
             b = h.buffer
             who = (f"buffer #{b.index} (start {b.start:#x}, {b.size} bytes)" if b else "an unknown buffer")
-            off = (f"+{h.offset}" if n == 1 or h.offset == last.offset else f"+{h.offset}..+{last.offset}") \
+            # the bytes past the end the writes cover: from the first one's offset to the
+            # last byte of the last one
+            far = last.gpa + last.size - 1 - b.end if b is not None else None
+            off = (f"+{h.offset}" if far is None or far == h.offset else f"+{h.offset}..+{far}") \
                 if h.offset is not None else "?"
             rip = f"{h.rip_at:#x}" if h.rip_at is not None else f"before {h.rip_after:#x}"
             state = "not retired, RIP still at it" if not h.retired else "retired, the write discarded"
@@ -574,7 +580,8 @@ def print_guard_report(rep: GuardReport, console, *, max_rows: int = 20) -> None
 @click.argument("guest")
 @click.option("--decision", type=click.Choice(["stop", "skip"]), default="stop", show_default=True,
               help="stop: end the run at the first write into a guard; skip: discard such writes and go on "
-                   "(every byte past the end is reported).")
+                   "(every write into the guard is reported; bytes more than 128 past the end are beyond the "
+                   "guard, in the next slot, and neither stopped nor reported).")
 @engine_option
 @click.option("--buffers", metavar="N", type=int, default=None,
               help="guard_bufs only: how many buffers to allocate, 1 to the guard table's capacity (512).  "
