@@ -247,7 +247,7 @@ def bench_engine_ram() -> Table:
                   "—" if base is None else f"{base / dt:.0f}x")
         del ram
         gc.collect()  # (the Vm's views of the mapping go with it)
-    t.caption = ("Python memory: peak traced allocations (the access maps, 4 bytes a page, remain); "
+    t.caption = ("Python memory: peak traced allocations (the access maps of protected pages only remain); "
                  "64 GiB baseline not run (about 8 GB)")
     return t
 
