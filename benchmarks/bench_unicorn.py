@@ -103,6 +103,14 @@ def _mov(reg, value: int) -> Ins:
     return Ins.create_reg_u64(Code.MOV_R64_IMM64, reg, value)
 
 
+def _exit_and_encode(c: _Code) -> tuple[bytes, int]:
+    """End ``c`` with the exit port write (exit code 0); the code and the ``out``'s address."""
+    c.add(_mov(Register.RAX, 0))
+    out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
+    code, ips = c.encode()
+    return code, ips[out - 1]
+
+
 def loop_guest(iterations: int, every: int, target: int) -> tuple[bytes, int]:
     """K stores into BUF per iteration; every ``every``-th iteration one more store to
     ``target``.  Returns the code and the address of the final ``out``."""
@@ -127,10 +135,7 @@ def loop_guest(iterations: int, every: int, target: int) -> tuple[bytes, int]:
     patched.ip = jnz_skip + 1
     c.ins[jnz_skip] = patched
     c.add(Ins.create_branch(Code.JNE_REL32_64, top))
-    c.add(_mov(Register.RAX, 0))
-    out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
-    code, ips = c.encode()
-    return code, ips[out - 1]
+    return _exit_and_encode(c)
 
 
 def reference_loop_guest(iterations: int, target: int) -> tuple[bytes, int]:
@@ -149,10 +154,7 @@ def reference_loop_guest(iterations: int, target: int) -> tuple[bytes, int]:
     c.add(Ins.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(Register.RDX), Register.R10))
     c.add(Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.R10, 1))
     c.add(Ins.create_branch(Code.JNE_REL32_64, outer))
-    c.add(_mov(Register.RAX, 0))
-    out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
-    code, ips = c.encode()
-    return code, ips[out - 1]
+    return _exit_and_encode(c)
 
 
 def loop_guest_simple(writes: int, target: int) -> tuple[bytes, int]:
@@ -163,10 +165,7 @@ def loop_guest_simple(writes: int, target: int) -> tuple[bytes, int]:
     top = c.add(Ins.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(Register.RDX), Register.RCX))
     c.add(Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1))
     c.add(Ins.create_branch(Code.JNE_REL32_64, top))
-    c.add(_mov(Register.RAX, 0))
-    out = c.add(Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX))
-    code, ips = c.encode()
-    return code, ips[out - 1]
+    return _exit_and_encode(c)
 
 
 # ------------------------------------------------------------------ contenders
