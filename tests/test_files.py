@@ -61,3 +61,27 @@ def test_head_refuses_before_the_rest_is_read(tmp_path, monkeypatch):
         tracemalloc.stop()
     assert peak < 4 << 20, peak  # (read whole: 64 MiB)
     assert read_regular(f, 1 << 30, lambda first: None)[:4] == b"PK\x03\x04"
+
+
+def test_a_file_that_grows_past_the_limit_is_refused_with_its_size(tmp_path, monkeypatch):
+    """A file that grows while read: the refusal gave the bytes read so far ("201 bytes,
+    more than 200") as its size."""
+    import os as _os
+
+    f = tmp_path / "grows"
+    f.write_bytes(b"x" * 100)
+    real_fstat = _os.fstat
+    calls = []
+
+    def fstat(fd):
+        calls.append(fd)
+        if len(calls) == 1:
+            st = real_fstat(fd)
+            with open(f, "ab") as w:  # it grows right after being measured
+                w.write(b"y" * 500)
+            return st
+        return real_fstat(fd)
+
+    monkeypatch.setattr("sppkit._files.os.fstat", fstat)
+    with pytest.raises(FileTooLarge, match="600 bytes, more than 200"):
+        read_regular(f, 200)

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import signal
 import stat
+import threading
 
 
 #: os.open flags to read a file whole: non-blocking (a FIFO must not wait for a writer)
 #: and binary (no newline translation), where the platform has them
 READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+
+
+@contextlib.contextmanager
+def signals_held():
+    """SIGINT and SIGTERM blocked for this thread while the block runs (where the
+    platform can): a Ctrl-C or SIGTERM arriving meanwhile raises its KeyboardInterrupt
+    once the block is over, so a file the block creates is known to whoever cleans up."""
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        mask(signal.SIG_SETMASK, old)
 
 
 class FileProblem(ValueError):
@@ -63,8 +82,8 @@ def read_regular(path, limit: int | None = None, head=None) -> bytes:
                 if not more:
                     break
                 data += more
-        if len(data) > limit:
-            raise FileTooLarge(len(data), limit)
+        if len(data) > limit:  # (it grew while read: its size now, at least what was read)
+            raise FileTooLarge(max(len(data), os.fstat(fd).st_size), limit)
         return data
     finally:
         os.close(fd)

@@ -644,11 +644,18 @@ def test_ctrl_c_while_sppkit_loads_is_one_line(monkeypatch, capsys):
                 raise KeyboardInterrupt
             return None
 
+    import signal
+
+    installed = {}
+    monkeypatch.setattr(signal, "getsignal", lambda sig: signal.SIG_DFL)
+    monkeypatch.setattr(signal, "signal", lambda sig, handler: installed.setdefault(sig, handler))
     monkeypatch.delitem(sys.modules, "sppkit.cli")
     monkeypatch.setattr(sys, "meta_path", [Interrupting(), *sys.meta_path])
     with pytest.raises(SystemExit) as e:
         _entry.main()
     assert e.value.code == 130 and capsys.readouterr().err == "sppkit: error: interrupted\n"
+    # SIGTERM is Ctrl-C from the start too (it killed a loading sppkit with status 143)
+    assert installed == {signal.SIGTERM: signal.default_int_handler}
 
 
 @pytest.mark.skipif(not SPPKIT.exists(), reason=f"no console script at {SPPKIT} (sppkit is not installed)")

@@ -171,6 +171,16 @@ def test_instruction_limit_is_named():
     finally:
         eng.close()
     assert r.stop_reason == "halt" and r.detail == "the instruction limit (2) was reached", r
+    # an instruction ending in byte f4 (`add al,0F4h`: 04 f4) is not a `hlt`
+    image, _ = flat([Ins.create_reg_u32(Code.ADD_AL_IMM8, Register.AL, 0xF4), Ins.create(Code.NOPD),
+                     *exit_ins(7)])
+    for cpl in (0, 3):
+        eng = UnicornEngine(image, ram_size=RAM, timeout=30, max_instructions=1, cpl=cpl)
+        try:
+            r = eng.run()
+        finally:
+            eng.close()
+        assert (r.stop_reason, r.detail) == ("halt", "the instruction limit (1) was reached"), r
 
 
 @pytest.mark.parametrize("decision", ["skip", "emulate", "stop"])

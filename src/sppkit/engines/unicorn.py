@@ -806,9 +806,18 @@ class UnicornEngine(EngineBase):
         # Unicorn ends a run by itself at its instruction limit, or after a `hlt` (RIP
         # then after it, as under KVM) — or, measured after two pauses in one run, at a
         # CPU exception it swallows (RIP at the faulting instruction, no error).
+        # x86 does not decode backwards: the byte before RIP reads as `hlt` (f4) also as
+        # the last byte of a longer instruction.  With an instruction limit, such a
+        # doubt is the limit; without one, Unicorn has no other reason to end the run
+        # between two instructions, so a `hlt` there is the hlt.
         hlt = rip - 1
         d = decode(self.code_at(hlt), hlt, None) if hlt >= 0 else None
-        if d is None or d.text != "hlt" or d.length != 1:
+        is_hlt = d is not None and d.text == "hlt" and d.length == 1
+        if is_hlt and self.max_instructions:
+            window = self.code_at(max(0, rip - 15))[: rip - max(0, rip - 15)]
+            is_hlt = not any((cand := decode(window[k:] + bytes(15), rip - len(window) + k, None)) is not None
+                             and cand.length == len(window) - k for k in range(len(window) - 1))
+        if not is_hlt:
             if self.max_instructions:
                 return self.result("halt", rip_at=rip, exits=self.exits,
                                    detail=f"the instruction limit ({self.max_instructions:,}) was reached")

@@ -75,7 +75,7 @@ from typing import Callable, Iterable, Iterator, NoReturn
 import click
 
 from ..engines import DEFAULT_RAM, choose_engine
-from .._files import read_regular
+from .._files import read_regular, signals_held
 from ..arch.memory import MAX_READ
 from ..engines.base import MAX_RAM, MAX_TIMEOUT, REGISTERS, check_ram_size
 from ..engines.result import RunResult
@@ -633,21 +633,24 @@ def atomic_write(path: os.PathLike | str, data: bytes) -> None:
     temporary file is removed and :class:`CheckpointWriteError` names ``path``."""
     path = Path(path)
     d = path.parent
+    tmp = f = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=d)
-    except OSError as e:
-        raise CheckpointWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "wb") as f:
+        with signals_held():  # (a Ctrl-C or SIGTERM lands once the temporary file is known)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=d)
+            f = os.fdopen(fd, "wb")
+        with f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        if f is not None:
+            f.close()
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
         if isinstance(e, OSError):
             raise CheckpointWriteError(e.errno, f"cannot write {path}: {e.strerror or e}") from e
         raise

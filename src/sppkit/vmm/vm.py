@@ -180,10 +180,11 @@ class Vm:
 
     def _tables_for(self, m: Memslot, gpa: int) -> int:
         """At most how many table frames mapping ``m`` at ``gpa`` takes: the EPT tables
-        of its leaves (:meth:`EptManager.map_range` takes the largest that fit), one
-        4-KiB table more per 2-MiB region holding protected pages, and with an eager
-        SPPT three per such region."""
-        end, delta = gpa + m.size, m.hpa - gpa
+        of its leaves (:meth:`EptManager.map_range` takes the largest that fit; a
+        dirty-logged slot 4-KiB ones only), for each 2-MiB region holding protected
+        pages a 4-KiB table and for each such 1-GiB region a 2-MiB one (the splits of
+        huge leaves), and with an eager SPPT three tables per such 2-MiB region."""
+        end, delta, huge = gpa + m.size, m.hpa - gpa, not m.dirty_log
 
         def regions(size: int) -> int:  # regions of ``size`` that [gpa, end) touches
             return (end - 1) // size - gpa // size + 1
@@ -191,12 +192,14 @@ class Vm:
         def inside(size: int) -> int:  # regions of ``size`` that [gpa, end) covers whole
             return max(0, end // size - -(-gpa // size))
 
-        pts = regions(REGION_2M) - (inside(REGION_2M) if delta % REGION_2M == 0 else 0)
-        pds = regions(REGION_1G) - (inside(REGION_1G) if delta % REGION_1G == 0 else 0)
+        pts = regions(REGION_2M) - (inside(REGION_2M) if huge and delta % REGION_2M == 0 else 0)
+        pds = regions(REGION_1G) - (inside(REGION_1G) if huge and delta % REGION_1G == 0 else 0)
         need = pts + pds + regions(1 << 39)
         if m.maps:
-            protected = len({(gpa + (i << 12)) >> 21 for i in m.maps})
-            need += protected * (4 if self.sppt is not None and self.sppt.mode == "eager" else 1)
+            prot_2m = {(gpa + (i << 12)) >> 21 for i in m.maps}
+            need += len(prot_2m) + len({r >> 9 for r in prot_2m})
+            if self.sppt is not None and self.sppt.mode == "eager":
+                need += 3 * len(prot_2m)
         return need
 
     def _reserve_frames(self, n: int, what: str) -> None:
