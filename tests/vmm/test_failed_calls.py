@@ -260,3 +260,35 @@ def test_small_memslots_do_not_each_take_a_gib_of_host_space():
         vm.add_memslot(k, k << 20, PAGE)
     vm.add_memslot(64, 1 << 30, 1 << 30)  # and a huge one still gets its 1-GiB leaf
     assert vm.ept.builder.leaf(1 << 30)[0].name == "PDPTE"
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+@pytest.mark.parametrize("case", ["1GiB-leaves", "dirty-log", "unaligned"])
+def test_move_counts_at_least_the_tables_it_makes(mode, case):
+    """move_memslot reserves the frames its tables may take before anything changes;
+    the count fell short for a protected page under a 1-GiB leaf (two splits) and for a
+    dirty-logged slot (4-KiB leaves only), so such a move could run out half-way."""
+    vm = Vm()
+    vm.enable_spp(mode)
+    if case == "1GiB-leaves":
+        vm.add_memslot(0, 1 << 30, 2 << 30)
+        vm.set_subpage_access((1 << 30 >> 12) + 0x10, [0])
+        vm.set_subpage_access((2 << 30 >> 12) + 0x10, [0])
+        new = 4 << 30
+    elif case == "dirty-log":
+        vm.add_memslot(0, 0, 4 << 20, dirty_log=True)
+        vm.set_subpage_access(0x10, [0])
+        new = 1 << 30
+    else:
+        vm.add_memslot(0, 0, 8 << 20)
+        vm.set_subpage_access(0x10, [0x0000FFFF])
+        new = 0x1000
+    m = vm.memslots()[0]
+    need = vm._tables_for(m, new)
+
+    def tables():
+        return len(vm.ept.builder.tables) + len(vm.sppt.builder.tables)
+
+    before = tables()
+    vm.move_memslot(0, new)
+    assert tables() - before <= need, (tables() - before, need)
