@@ -292,6 +292,7 @@ def test_make_ept_entry_level(level):
     (dict(level=Level.PTE, spp=True, dirty=True), "leaf=False at level PTE"),
     (dict(leaf=True, level=Level.PML4E), "a PML4E cannot map a page"),
     (dict(spp=True), "spp given for a table pointer"),
+    (dict(leaf=True, level=Level.PDE, spp=True), "bit 61 applies to 4-KiB leaves (PTEs) only"),
     (dict(level=Level.PDE, dirty=True, memory_type=0), "memory_type, dirty given for a table pointer"),
 ], ids=repr)
 def test_make_ept_entry_refuses_what_it_would_drop(kwargs, message):

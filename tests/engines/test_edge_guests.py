@@ -505,3 +505,87 @@ def test_a_fault_after_two_pauses_is_a_shutdown(engine):
         assert f"guest fault at rip={ud2:#x}" in r.detail and "ud2" in r.detail
     finally:
         eng.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("store", ["cmpxchg8b", "fnstenv"])
+@pytest.mark.parametrize("decision", ["emulate", "stop"])
+def test_nothing_after_the_exit_is_made(engine, store, decision):
+    """A store Unicorn makes inside a helper, in the same translated block as the exit
+    port write: it was decided, recorded and written after the guest had exited (a
+    STOP even turned the clean exit into an error).  KVM ends at the exit."""
+    target = DATA + 0x100
+    mem = MemoryOperand(Register.RSI)
+    op = (Ins.create_mem(Code.CMPXCHG8B_M64, mem) if store == "cmpxchg8b"
+          else Ins.create_mem(Code.FNSTENV_M28BYTE, mem))
+    image, _ = flat([mov_imm(Register.RSI, target), *exit_ins(7), op, Ins.create(Code.HLT)])
+    r, mem_after, _ = _run(engine, image, Policy.from_ranges([(target, SUB)], decision), [(target, 32)])
+    assert (r.stop_reason, r.exit_code, r.violations) == ("exit", 7, []), r
+    assert mem_after[target] == INIT_DATA[0x100:0x120]
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+def test_stop_at_enter_is_exact(engine):
+    """`enter` with a nesting level is translated inline by Unicorn: a STOP at its store
+    stops cleanly at it (it was refused as a helper store, and the guest could not be
+    continued).  (KVM's emulator refuses `enter` on a protected page: README.)"""
+    stack = DATA + PAGE
+    ins = [mov_imm(Register.RSP, stack + 0x140), mov_imm(Register.RBP, stack + 0x178),
+           Ins.create_u32_u32(Code.ENTERQ_IMM16_IMM8, 0x10, 1), *exit_ins(7)]
+    image, ips = flat(ins)
+    r, _, _ = _run(engine, image, Policy.from_ranges([(stack + 0x100, SUB)], "stop"), [])
+    assert (r.stop_reason, r.rip_at) == ("stop-decision", ips[2]), r
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_self_modifying_code_into_the_next_data_page_runs_patched(engine):
+    """Code near the end of a non-executable page patching an instruction on the next
+    page, which the running block reaches: Unicorn ran the stale code (exit 17; a real
+    CPU, 42) when only RIP's own page was checked."""
+    p = 0x500000
+
+    def enc(ins, ip):
+        e = iced_x86.BlockEncoder(64)
+        e.add_many(ins)
+        return e.encode(ip)
+
+    body = bytearray(b"\x90" * 0x2000)
+    start, tgt = p + 0xFE8, p + 0x1008
+    c1 = enc([Ins.create_mem_u32(Code.MOV_RM8_IMM8, MemoryOperand(displ=tgt + 1, displ_size=8), 42)], start)
+    body[0xFE8:0xFE8 + len(c1)] = c1
+    c2 = enc([Ins.create_reg_u32(Code.MOV_R32_IMM32, Register.EAX, 17),
+              Ins.create_u32_reg(Code.OUT_IMM8_EAX, 0xF4, Register.EAX)], tgt)
+    body[0x1008:0x1008 + len(c2)] = c2
+    image = GuestImage(segments=[Segment(p, bytes(body), 0x2000, "rw-"), Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")],
+                       entry=start)
+    r, _, _ = _run(engine, image, Policy.from_ranges([(p + 0xF80, SUB)], "skip"), [])
+    assert (r.stop_reason, r.exit_code) == ("exit", 42), r
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+@pytest.mark.parametrize("flags", ["rw-", "r-x"])
+def test_a_helper_store_on_the_running_page_runs_once(engine, flags):
+    """`fstp tbyte` (a store Unicorn makes inside a helper) to a protected page that
+    is also the page running: the self-modifying-code path held the store back — but a
+    helper's instruction goes on without it — then ran the instruction again, popping
+    the x87 stack twice (V got 1.0 instead of pi, the next store 0)."""
+    p = 0x500000
+    v = p + 0x800
+    mark = DATA + 0x900
+
+    def m(d):
+        return MemoryOperand(displ=d, displ_size=8)
+
+    ins = [Ins.create(Code.FLD1), Ins.create(Code.FLDPI), Ins.create_mem(Code.FSTP_M80FP, m(v)),
+           Ins.create_mem(Code.FSTP_M80FP, m(mark)), *exit_ins(7)]
+    e = iced_x86.BlockEncoder(64)
+    e.add_many(ins)
+    code = e.encode(p)
+    page = bytearray(0x1000)
+    page[:len(code)] = code
+    image = GuestImage(segments=[Segment(p, bytes(page), 0x1000, flags), Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")],
+                       entry=p)
+    r, mem, _ = _run(engine, image, Policy.from_ranges([(v, SUB)], "emulate"), [(v, 10), (mark, 10)])
+    assert (r.stop_reason, r.exit_code) == ("exit", 7), r
+    assert mem[v] == bytes.fromhex("35c26821a2da0fc90040")  # pi
+    assert mem[mark] == bytes.fromhex("0000000000000080ff3f")  # 1.0

@@ -278,6 +278,9 @@ def make_ept_entry(
         if dirty:
             raw |= EPT_DIRTY
         if spp:
+            if level != Level.PTE:
+                raise ValueError(f"spp=True at level {level.name}: bit 61 applies to 4-KiB leaves (PTEs) only; "
+                                 "the processor ignores it on a 2-MiB or 1-GiB leaf")
             raw |= EPT_SPP
     else:
         if level == Level.PTE:

@@ -421,16 +421,18 @@ class UnicornEngine(EngineBase):
             # So the store is not decided here: the run stops at it, nothing written,
             # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
             # block may be gone from the cache, and Unicorn cannot stop in it.)
-            if not self._code_hooks and not self._helper_store(rip):
+            if not self._code_hooks and (self.exit_code is not None or not self._helper_store(rip)):
                 self._held = True
                 return False
             # (a store made inside a QEMU helper cannot be abandoned — its instruction
-            # goes on without it — so it is decided now; the run stops later)
+            # goes on without it — so for a pause or the timeout it is decided now and
+            # the run stops later; after the guest's exit nothing more is made)
         code_lo, code_hi = self._code_span  # (one comparison first: the path of every protected store)
-        if (code_lo <= address < code_hi or (rip is not None and ((address ^ rip) < 0x1000
-                                                               or ((address + 31) ^ rip) < 0x1000))) \
+        if (code_lo <= address < code_hi or (rip is not None and (0 <= (address >> 12) - (rip >> 12) <= 1
+                                                               or ((address + 31) >> 12) - (rip >> 12) == 0))) \
                 and data is not None and rip is not None \
-                and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip):
+                and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip) \
+                and not self._helper_store(rip):  # (its instruction would go on without the store, then run again)
             # A store into code that the running translated block may hold (Unicorn
             # performs the bytes committed here behind QEMU's back, so QEMU's own
             # self-modifying-code check never sees them): nothing is decided here; the
@@ -499,8 +501,8 @@ class UnicornEngine(EngineBase):
 
     def _helper_store(self, rip: int | None) -> bool:
         """Whether the instruction at ``rip`` makes its stores inside a QEMU helper
-        (cmpxchg8b/16b, fxsave, xsave, fnstenv/fnsave, x87 80-bit stores, maskmovdqu,
-        enter with a nesting level): Unicorn then neither stops at it when a hook says
+        (cmpxchg8b/16b, fxsave, xsave, fnstenv/fnsave, x87 80-bit stores, maskmovdqu):
+        Unicorn then neither stops at it when a hook says
         so nor abandons the store — the instruction goes on without it."""
         if rip is None:
             return False
@@ -537,10 +539,12 @@ class UnicornEngine(EngineBase):
     def _near_running_code(self, address: int, rip: int) -> bool:
         """Whether a store at ``address`` (up to 32 bytes: a vector store arrives in
         8-byte pieces) touches a code page the running block may span: the pages
-        before, of and after RIP (a translated block spans at most two pages), or RIP's
-        own page whatever the image says of it (code run from a data page)."""
+        before, of and after RIP (a translated block spans at most two pages); for code
+        run from a page the image does not mark executable, that page and the next."""
         page = rip >> 12
-        return any(p == page or (p in self._code_pages and page - 1 <= p <= page + 1)
+        if page not in self._code_pages:  # code run from a data page: its own and the next
+            return any(page <= p <= page + 1 for p in range(address >> 12, ((address + 31) >> 12) + 1))
+        return any(p in self._code_pages and page - 1 <= p <= page + 1
                    for p in range(address >> 12, ((address + 31) >> 12) + 1))
 
     def _drop_code(self, address: int, n: int) -> None:
@@ -1013,7 +1017,7 @@ class _CtrlC:
 
 #: instructions whose stores QEMU makes inside a helper (not in translated code)
 _HELPER_STORE = re.compile(r"^(?:lock )?(?:cmpxchg8b|cmpxchg16b|fxsave|fxsave64|xsave\w*|fn?stenv|fn?save|fbstp|"
-                           r"maskmovdqu|maskmovq)\b|^fstp tbyte|^enter \w+,\s*(?!0\b)")
+                           r"maskmovdqu|maskmovq)\b|^fstp tbyte")
 
 
 def _is_helper_store(text: str) -> bool:
