@@ -103,11 +103,6 @@ class KvmEngine(EngineBase):
         # The timeout and request_pause() from another thread kick the vCPU thread out
         # of KVM_RUN with _KICK (see _run); the lock orders a kick against the run's end
         self._kick_lock = threading.RLock()  # (re-entered when a signal handler asks for a pause inside _kick)
-        # A store wider than 8 bytes (movdqu...) within one page reaches us as 8-byte MMIO
-        # exits: the first pieces are held here, (gpa, size, bytes so far, rip_after),
-        # until the whole store can be handed to vm.write, as SPP hardware decides it.
-        self._frag: tuple[int, int, bytes, int] | None = None
-        self._narrow: set[int] = set()  # rip_afters whose writing instruction stores at most 8 bytes
         self._kick_thread: int | None = None  # the thread in run(), while it blocks _KICK
 
     # -- EPT -> memslots --------------------------------------------------------------
@@ -233,11 +228,6 @@ class KvmEngine(EngineBase):
             ex = vcpu.run()
             kind = type(ex).__name__
             exits[kind] += 1
-            if self._frag is not None and not (type(ex) is Mmio and ex.is_write):
-                # (the rest of a held store did not come: its held part is decided alone)
-                stop = self._decide(*self._take_frag())
-                if stop is not None:
-                    return self.result("stop-decision", rip_at=stop[0], rip_after=stop[1], exits=exits)
             if type(ex) is Mmio:
                 if ex.is_write:
                     stop = self._on_write(ex)
@@ -280,48 +270,9 @@ class KvmEngine(EngineBase):
                 raise EngineError(f"unexpected KVM exit {ex!r} at rip={vcpu.sync_rip():#x}")
             raise EngineError(f"unexpected KVM exit {ex!r}")
 
-    def _take_frag(self) -> tuple[int, bytes, int]:
-        assert self._frag is not None
-        a, _, got, at = self._frag
-        self._frag = None
-        return a, got, at
-
     def _on_write(self, ex: Mmio):
         gpa, data = ex.phys_addr, ex.data
         rip_after = self.vcpu.sync_rip()
-        if self._frag is not None:
-            a, n, got, at = self._frag
-            if at == rip_after and gpa == a + len(got) and len(got) + len(data) <= n:
-                got += data
-                if len(got) < n:
-                    self._frag = (a, n, got, at)
-                    return None
-                self._frag = None
-                return self._decide(a, got, rip_after)
-            # (not the rest of the held store, which should not happen: both in order)
-            first = self._decide(*self._take_frag())
-            second = self._decide(gpa, data, rip_after)
-            return first if first is not None else second
-        if len(data) == 8 and rip_after not in self._narrow:
-            regs = self._regs()
-            d = self.instruction_before(rip_after, gpa, 8, regs)
-            if d is not None and d.size > 8 and d.address is None:  # (decoded without registers)
-                d = decode(self.code_at(d.rip), d.rip, regs)
-            if d is None or d.size <= 8 or d.address is None:
-                self._narrow.add(rip_after)
-            elif d.address == gpa and (gpa & 0xFFF) + d.size <= 0x1000:
-                # the first 8 bytes of a wider store within one page: held for the rest,
-                # which KVM hands over at the next KVM_RUN (not cut short by a pause: the
-                # pause is taken once the store is decided)
-                self._frag = (gpa, d.size, bytes(data), rip_after)
-                with self._kick_lock:
-                    self.vcpu.immediate_exit = False
-                return None
-        return self._decide(gpa, data, rip_after)
-
-    def _decide(self, gpa: int, data: bytes, rip_after: int):
-        """Hand the store of ``data`` at ``gpa`` (made by the instruction before
-        ``rip_after``) to vm.write: None to go on, or (rip_at, rip_after) for a STOP."""
         try:
             r = self.vm.write(gpa, data, rip=rip_after)
         except GpaNotMapped:
