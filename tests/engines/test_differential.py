@@ -96,13 +96,15 @@ def pieces(violations) -> list[tuple[int, int, str]]:
     page-crossing access counts as its two page fragments whichever engine saw it, and
     a 16-byte vector store that KVM delivers as two 8-byte exits (Unicorn decides it
     whole) counts as one piece: consecutive 8-byte records with one decision that
-    continue each other on the same page are merged (up to 16 bytes; KVM's RIP for the
-    first half of such a store is not yet past it, so RIPs cannot tell them apart).
-    Both engines' lists go through the same normalisation."""
+    continue each other on the same page, made by the same instruction, are merged (up
+    to 16 bytes; KVM's RIP for the first half of such a store is not yet past it, so RIPs
+    cannot tell them apart — the instruction's text can: an 8-byte `mov` followed by a
+    `movdqu` just after it are not one store).  Both engines' lists go through the same
+    normalisation."""
     out, last_key = [], None
     for v in violations:
         gpa, size = v.gpa, v.size
-        key = v.decision
+        key = (v.decision, v.instruction)
         if out and key == last_key and out[-1][0] + out[-1][1] == gpa and (out[-1][0] >> 12) == (gpa >> 12) \
                 and out[-1][1] == 8 and v.size == 8:
             g, n, d = out.pop()
