@@ -216,22 +216,6 @@ class Vm:
             for hpa in got:
                 self.memory.free_frame(hpa)
 
-    def _place(self, m: Memslot, gpa: int) -> None:
-        """Take ``m`` out of the EPT and the slot table, and put it back at ``gpa`` (its
-        leaves are made by :meth:`_project_slot`)."""
-        self._count_protected(m, -1)
-        self.ept.unmap_range(m.gpa, m.size)
-        self.slots.remove(m.slot)
-        m.gpa = gpa
-        self.slots.insert(m)
-        self._count_protected(m, +1)
-
-    def _project_slot(self, m: Memslot) -> None:
-        """Map ``m``'s leaves and write its protected pages' vectors."""
-        self._map_slot(m)
-        if self.sppt is not None and m.maps is not None:
-            self.sppt.on_change([(m.base_gfn + i, amap) for i, amap in sorted(m.maps.items())])
-
     def memslots(self) -> list[Memslot]:
         return list(self.slots)
 
