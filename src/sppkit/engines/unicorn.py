@@ -23,7 +23,6 @@ pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import os
@@ -68,6 +67,7 @@ from unicorn.x86_const import (
     UC_X86_REG_SS,
 )
 
+from .._files import signals_held
 from ..vmm import GpaNotMapped
 from ..vmm.vm import ALLOWED
 from .base import REGISTERS, DEFAULT_RAM, EngineBase, EngineError, allocate_ram, check_engine_args, check_timeout
@@ -767,7 +767,7 @@ class UnicornEngine(EngineBase):
             return self.result("shutdown", rip_at=rip, exits=self.exits,
                                detail=f"guest fault at rip={rip:#x}: {e}" + (f" (`{d.text}`)" if d else ""))
         finally:
-            with _sigint_held():  # (a Ctrl-C here must not leave the watcher, or a timer, armed)
+            with signals_held():  # (a Ctrl-C here must not leave the watcher, or a timer, armed)
                 with self._stop_lock:
                     self._emulating = False
                     hard, self._hard_timer = self._hard_timer, None
@@ -890,24 +890,6 @@ def _mid_block(how: str, advice: str = "") -> str:
             "new engine" + (f", {advice}" if advice else ""))
 
 
-@contextlib.contextmanager
-def _sigint_held():
-    """SIGINT blocked for this thread while the block runs (where the platform can): a
-    Ctrl-C then cannot interrupt the block's blocking calls (the watcher's join), and a
-    KeyboardInterrupt comes at the end of the block, unless the signal went to another
-    thread (Python then raises it in this one at its next check, which is why every step
-    of _CtrlC can be undone by close())."""
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None:
-        yield
-        return
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        yield
-    finally:
-        mask(signal.SIG_SETMASK, old)
-
-
 class _CtrlC:
     """While the main thread is inside Unicorn: Ctrl-C stops the emulation at once.
 
@@ -938,7 +920,7 @@ class _CtrlC:
             stop_r, stop_w = socket.socketpair()
             self._socks = (r, w, stop_r, stop_w)
             w.setblocking(False)
-            with _sigint_held():
+            with signals_held():
                 # (ours marked first: whenever a KeyboardInterrupt lands, close() puts back
                 # whatever is not ours)
                 self._wakeup = w.fileno()
@@ -990,7 +972,7 @@ class _CtrlC:
     def close(self) -> None:
         if self._wakeup is None and self._thread is None and not self._socks:
             return
-        with _sigint_held():  # (all of it, or a Ctrl-C could leave the wakeup fd on a closed socket)
+        with signals_held():  # (all of it, or a Ctrl-C could leave the wakeup fd on a closed socket)
             if self._wakeup is not None:
                 # put the caller's wakeup fd back, unless someone replaced ours meanwhile
                 cur = signal.set_wakeup_fd(self._old)
