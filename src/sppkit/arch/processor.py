@@ -166,6 +166,7 @@ class Processor:
         )
         self._sppt_rsv = sppt_nonleaf_reserved(n)
         self._eptp = self._spptp = self._controls = 0
+        self._loads = 0  # controls loaded (see cache_epoch)
         self.load_controls(
             eptp=eptp,
             secondary_controls=SECONDARY_ENABLE_EPT if secondary_controls is None else secondary_controls,
@@ -224,6 +225,7 @@ class Processor:
             if why:
                 raise VmEntryFailure(why)
         self._eptp, self._controls, self._spptp = eptp, controls, spptp
+        self._loads += 1
         self._pml4 = eptp & self._amask
         self._ad = bool(eptp & EPTP_AD_ENABLE)
         self._spp_on = bool(controls & SECONDARY_SPP)
@@ -338,6 +340,43 @@ class Processor:
                     if hit[4] & mask == mask:
                         return hit[0] | off
         return self._page(gpa, size, access, gla, False, True, False)
+
+    # -- what the cache permits (for a copy of translate_one's first step elsewhere) -------
+    @property
+    def spp_write_masks(self) -> tuple[int, ...]:
+        """The SPP-vector bits a write must find set, at ``first << 5 | last`` (the first
+        and last sub-page it touches): every touched sub-page's W bit (bit ``2*s``), or
+        the first one's only with ``spp_write_check="first-byte"``."""
+        return self._spp_masks
+
+    @property
+    def cache_epoch(self) -> tuple:
+        """Changes whenever :meth:`cached_write_permit` may answer differently for a page
+        with no write to it in between: an INVEPT (or any invalidation of the cache), or
+        new controls loaded (EPTP, SPP or EPT A/D on or off)."""
+        c = self.cache
+        return self._loads, -1 if c is None else c.invalidations
+
+    def cached_write_permit(self, gfn: int) -> tuple[int, int] | None:
+        """The write permission :meth:`translate_one` finds at its first step for page
+        ``gfn``, from the translation cache, with no walk and no side effect:
+        ``(frame_hpa, vector)`` — a write of ``[off, off+size)`` in the page is permitted
+        at ``frame_hpa | off`` when ``vector & m == m`` for its mask ``m`` in
+        :attr:`spp_write_masks` (``vector`` is all ones when the cached mapping is
+        writable) — or None (no cached entry, or one that permits no write outright).
+        It holds until :attr:`cache_epoch` changes or a write to the page walks again
+        (a write the vector does not permit)."""
+        tlb = self._tlb
+        if tlb is None:
+            return None
+        hit = tlb.get(gfn)
+        if hit is None or not (hit[2] or not self._ad):
+            return None
+        if hit[1] & 2:
+            return hit[0], (1 << 64) - 1
+        if hit[4] is not None and self._spp_on:
+            return hit[0], hit[4]
+        return None
 
     def _translate_page(
         self, gpa: int, size: int, access: Access, gla: int | None, paging: bool, linear: bool, nmi: bool

@@ -19,6 +19,16 @@ The hook is registered with the library directly: a small C trampoline
 and this Python's headers are present, else a ctypes callback.  Both only read RIP,
 pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 ``vm.write``; the results are the same either way, only the cost per store differs.
+
+The C trampoline also holds the *permit mirror*: copies of the processor's cached
+write permissions (:meth:`Vm.write_permit`) for pages ``vm.write`` has already
+allowed a store to.  A later store those permit outright — what ``vm.write``'s first
+step would allow without a walk — is made in C and counted
+(:meth:`Vm.count_permitted_writes`), without a call into Python; every other store
+goes to ``vm.write``.  The mirror is emptied whenever the Vm's permits may change
+(INVEPT, memslots, a write observer) and off while the run ends or pauses, while code
+is patched, and while writes are recorded.  ``permit_mirror=False`` turns it off
+(same results, slower).
 """
 
 from __future__ import annotations
@@ -87,6 +97,23 @@ def unicorn_version() -> str:
     return UNICORN_VERSION
 
 
+_NPERMIT = 256  # the permit mirror's entries (uc_write_hook.c: NPERMIT)
+_NPLAIN = 256  # RIPs of 8-byte stores made at once (NPLAIN)
+
+
+class _Permit(ctypes.Structure):
+    """``struct permit`` of uc_write_hook.c."""
+
+    _fields_ = [
+        ("gfn_plus1", ctypes.c_uint64),
+        ("host", ctypes.c_uint64),
+        ("vector", ctypes.c_uint64),
+        ("hits", ctypes.c_uint64),
+        ("granular", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
 class _HookState(ctypes.Structure):
     """``struct hook`` of uc_write_hook.c."""
 
@@ -102,6 +129,14 @@ class _HookState(ctypes.Structure):
         ("cover_hi", ctypes.c_uint64),
         ("cover_last", ctypes.c_uint64),
         ("cover_last_size", ctypes.c_int64),
+        ("fast_ok", ctypes.c_int32),
+        ("pad", ctypes.c_int32),
+        ("code_lo", ctypes.c_uint64),
+        ("code_hi", ctypes.c_uint64),
+        ("pending", ctypes.c_uint64),
+        ("masks", ctypes.c_uint64 * 1024),
+        ("plain_rip", ctypes.c_uint64 * _NPLAIN),
+        ("permits", _Permit * _NPERMIT),
     ]
 
 
@@ -122,6 +157,9 @@ def _native_lib():
             lib.sppkit_uc_take_error.argtypes = [ctypes.c_void_p]
             lib.sppkit_uc_reset_cover.restype = None
             lib.sppkit_uc_reset_cover.argtypes = [ctypes.c_void_p]
+            lib.sppkit_uc_take_counts.restype = ctypes.c_uint64
+            lib.sppkit_uc_take_counts.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int,
+                                                  ctypes.POINTER(ctypes.c_int)]
         _lib_cache.append(lib)
     return _lib_cache[0]
 
@@ -159,10 +197,15 @@ def _guard(fn):
 
     def wrapper(self, uc, *args):
         try:
+            if self._mirror is not None and self._mirror.pending:
+                self._mirror_take()  # (the callback may look at the statistics)
             return fn(self, uc, *args)
         except BaseException as e:  # re-raised from run()
             self._fail(e, hold=True)
             return False
+        finally:
+            if self._mirror is not None and self.vm.permit_epoch != self._m_epoch:
+                self._mirror_clear()  # (the callback changed the Vm's permits)
 
     return wrapper
 
@@ -174,13 +217,16 @@ class UnicornEngine(EngineBase):
     ``native_hook``: hand protected stores to ``vm.write`` through the small C
     trampoline (built on first use with the host C compiler; about half the cost per
     protected store) — None: when it can be built, True: required (EngineError
-    otherwise), False: never (a ctypes callback).  Results are identical either way."""
+    otherwise), False: never (a ctypes callback).  ``permit_mirror``: with the C
+    trampoline, make the stores the processor's cache permits outright in C (see the
+    module's docstring); False: every protected store calls ``vm.write``.  Results are
+    identical either way."""
 
     name = "unicorn"
 
     def __init__(self, image, *, policy=None, ram_size: int = DEFAULT_RAM, cpl: int = 3,
                  timeout: float = 60.0, spp_mode: str = "lazy", max_instructions: int = 0,
-                 native_hook: bool | None = None) -> None:
+                 native_hook: bool | None = None, permit_mirror: bool = True) -> None:
         check_engine_args(image, policy, ram_size, cpl, spp_mode)
         self.timeout = check_timeout(timeout)
         if not isinstance(max_instructions, int) or isinstance(max_instructions, bool) \
@@ -190,6 +236,8 @@ class UnicornEngine(EngineBase):
         if native_hook is not None and not isinstance(native_hook, bool):
             raise TypeError(f"native_hook={native_hook!r:.40}: must be None (the C trampoline when it can be "
                             "built), True (required) or False (never)")
+        if not isinstance(permit_mirror, bool):
+            raise TypeError(f"permit_mirror={permit_mirror!r:.40}: must be True or False")
         self.max_instructions = max_instructions
         self._ram = allocate_ram(ram_size)
         super().__init__(image, policy=policy, ram_size=ram_size, cpl=cpl, spp_mode=spp_mode, backing=self._ram)
@@ -240,6 +288,17 @@ class UnicornEngine(EngineBase):
         self._ept = self.vm.ept
         self._wp_calls = 0  # stores handed to _on_store (exits["WriteProt"])
         self._native = None
+        # the permit mirror (see the module's docstring): its state, the Vm's permit
+        # epoch its entries belong to, slot -> (gfn, permit) installed, frame -> host address
+        self._mirror: _HookState | None = None
+        #: stores the permit mirror made (in C, without calling vm.write), over all runs;
+        #: they are counted in the Vm's statistics and exits["WriteProt"] like the others
+        self.mirrored_writes = 0
+        self._m_epoch: tuple | None = None
+        self._m_slots: dict[int, tuple[int, tuple[int, int, bool]]] = {}
+        self._m_host: dict[int, int | None] = {}
+        self._m_out = (ctypes.c_uint64 * (2 * _NPERMIT))()
+        self._m_n = ctypes.c_int()
         lib = None
         if native_hook is not False:
             lib = _native_lib()
@@ -258,6 +317,10 @@ class UnicornEngine(EngineBase):
                                emu_stop=ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p),
                                callback=id(self._on_store_ref), rip_reg=UC_X86_REG_RIP)
             self._native = (lib, state)
+            if permit_mirror:
+                state.code_lo, state.code_hi = self._code_span
+                state.masks[:] = self.vm.processor.spp_write_masks
+                self._mirror = state
             fn, data = ctypes.cast(lib.sppkit_uc_write_prot, ctypes.c_void_p), ctypes.addressof(state)
         else:
             self._rip_buf = ctypes.c_uint64()
@@ -319,6 +382,7 @@ class UnicornEngine(EngineBase):
         until the block ends is held back too (see _hold_stores)."""
         if self._error is None:
             self._error = e
+        self._mirror_off()
         try:
             if hold:
                 self._hold_stores()
@@ -332,10 +396,91 @@ class UnicornEngine(EngineBase):
         first one, nothing written, as KVM stops right after the pausing instruction.
         The next run() restores the real protections (_project)."""
         if not self._holding:
+            self._mirror_off()
             self.uc.mem_protect(0, self.ram_size, _RO)
             self._prot = {(0, self.ram_size, False)}
             self._holding = True
             self._ending = True
+
+    # -- the permit mirror (see the module's docstring) ----------------------------------
+    def _mirror_off(self) -> None:
+        """Every protected store goes to _on_store from now on (also from another thread:
+        the trampoline reads the flag at each store)."""
+        if self._mirror is not None:
+            self._mirror.fast_ok = 0
+
+    def _mirror_refresh(self) -> None:
+        """Before emu_start: turn the mirror on unless the engine's state says otherwise,
+        and empty it if the Vm's permits may have changed.  (Whatever sets that state
+        during the run turns the mirror off itself, and the callbacks empty it when the
+        permits change.)"""
+        m = self._mirror
+        if m is None:
+            return
+        if self.vm.permit_epoch != self._m_epoch:
+            self._mirror_clear()
+        m.fast_ok = not (self._ending or self._pause or self._timed_out or self._holding or self._smc_step
+                         or self._code_hooks or self._record_hook is not None or self._error is not None
+                         or self._replay is not None or self._inexact is not None)
+
+    def _mirror_take(self) -> None:
+        """Count the stores the mirror made (Vm statistics, exits["WriteProt"]): before any
+        Python that may look at them runs, and when the run ends."""
+        m, native = self._mirror, self._native
+        assert m is not None and native is not None
+        out, npairs = self._m_out, self._m_n
+        total = native[0].sppkit_uc_take_counts(ctypes.byref(m), out, _NPERMIT, ctypes.byref(npairs))
+        if total:
+            self._wp_calls += total
+            self.mirrored_writes += total
+            self.vm.count_permitted_writes(total, [(out[2 * i], out[2 * i + 1]) for i in range(npairs.value)])
+
+    def _mirror_clear(self) -> None:
+        m = self._mirror
+        assert m is not None
+        if m.pending:
+            self._mirror_take()
+        ctypes.memset(ctypes.addressof(m.permits), 0, ctypes.sizeof(m.permits))
+        self._m_slots.clear()
+        self._m_epoch = self.vm.permit_epoch
+
+    def _mirror_note(self, gfn: int, allowed: bool) -> None:
+        """vm.write has just been called for page ``gfn`` (and the mirror emptied if the
+        Vm's permits changed): copy the Vm's permit for the page into the mirror, or
+        drop the page's entry.  (Not ``allowed``: only the page's entry is checked —
+        the cache entry it copies may be gone; a new one is copied at the next store
+        vm.write allows.)"""
+        m = self._mirror
+        assert m is not None
+        slot = gfn & (_NPERMIT - 1)
+        cur = self._m_slots.get(slot)
+        if not allowed and (cur is None or cur[0] != gfn):
+            return
+        p = self.vm.write_permit(gfn)
+        if p is not None and cur is not None and cur[0] == gfn and cur[1] == p:
+            return  # (already there)
+        host = None if p is None else self._host_address(p[0] >> 12)
+        e = m.permits[slot]
+        if p is None or host is None:
+            if cur is not None and cur[0] == gfn:
+                e.gfn_plus1 = 0
+                del self._m_slots[slot]
+            return
+        # (its hits, if another page's, were taken when the callback began)
+        e.gfn_plus1 = 0
+        e.host, e.vector, e.granular, e.hits = host, p[1], p[2], 0
+        e.gfn_plus1 = gfn + 1
+        self._m_slots[slot] = (gfn, p)
+
+    def _host_address(self, hfn: int) -> int | None:
+        """The address of host frame ``hfn`` in this process when it is guest RAM (the
+        buffer Unicorn maps), else None."""
+        a = self._m_host.get(hfn, -1)
+        if a == -1:
+            a = ctypes.addressof(ctypes.c_char.from_buffer(self.vm.memory.frame(hfn)))
+            base = ctypes.addressof(self._ram_ptr)
+            a = self._m_host[hfn] = a if base <= a and a + 4096 <= base + self.ram_size else None
+        return a
 
     # -- hooks ---------------------------------------------------------------------------
     @_guard
@@ -365,11 +510,11 @@ class UnicornEngine(EngineBase):
         return (1 << (8 * size)) - 1
 
     def _stop_if_asked(self, uc) -> None:
-        """At port I/O: the timeout, or a pause asked for from another thread, stops the
-        run here, exactly, as a port handler's pause does.  (Not while a one-address code
-        hook waits for the next instruction, see _stop_at: stores met on the way must be
-        decided.)"""
-        if (self._timed_out or self._pause) and not self._holding and not self._code_hooks:
+        """At port I/O: the timeout, or a pause asked for from another thread or at a
+        read-modify-write store, stops the run here, exactly, as a port handler's pause
+        does.  (Not while a one-address code hook waits for the next instruction, see
+        _stop_at: stores met on the way must be decided.)"""
+        if (self._timed_out or self._pause) and not self._code_hooks:
             self._hold_stores()
             uc.emu_stop()
 
@@ -408,6 +553,13 @@ class UnicornEngine(EngineBase):
         instruction, or the size of a whole vector store decided at its first 8-byte
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
+        mirror = self._mirror
+        if mirror is not None and mirror.pending:
+            try:
+                self._mirror_take()  # (the stores the mirror made come first)
+            except BaseException as e:  # re-raised from run()
+                self._fail(e)
+                return False
         if self._ending:
             rp = self._replay
             if rp is not None and rp[0] == rip and rp[1] == address:
@@ -452,6 +604,8 @@ class UnicornEngine(EngineBase):
                 wide = self._wide_cache.get(rip)
                 if wide is None:
                     wide = self._wide_cache[rip] = _vector_store_info(self.code_at(rip), rip)
+                    if not wide and mirror is not None:  # the mirror may make this instruction's stores
+                        mirror.plain_rip[rip & (_NPLAIN - 1)] = rip + 1
                 if wide and address == _operand_address(wide[1], self._get_regs()):
                     # Unicorn hands a 16/32-byte vector store over in 8-byte pieces:
                     # decide the whole store at its first piece, from the source register.
@@ -464,6 +618,13 @@ class UnicornEngine(EngineBase):
                 # do not map: a page fault (a triple fault with no IDT), as under KVM.
                 self._beyond = (address, n)
                 return False
+            if mirror is not None:  # (vm.write may have walked: the page's permit may differ)
+                if self.vm.permit_epoch != self._m_epoch:
+                    self._mirror_clear()  # (an INVEPT, or the violation handler changed the Vm)
+                allowed = r is ALLOWED
+                self._mirror_note(address >> 12, allowed)
+                if (address + n - 1) >> 12 != address >> 12:
+                    self._mirror_note((address + n - 1) >> 12, allowed)
             if code_lo <= address + n and address < code_hi and r.committed \
                     and ((address >> 12) in self._code_pages or ((address + n - 1) >> 12) in self._code_pages):
                 self._drop_code(address, n)
@@ -528,11 +689,15 @@ class UnicornEngine(EngineBase):
             # registers would differ)
             self._replay = (rip, address, answer)
             self._ending = True
+            self._mirror_off()
             return False
         # An instruction that reads memory (add [m], 1; xadd...), or that stores in
-        # several pieces (fxsave, x87 stores...): its store is made and it retires;
-        # stop when the next instruction is reached.
-        self._stop_at(rip + (d.length if d else 1))
+        # several pieces (fxsave, x87 stores...): its store is made and it retires; the
+        # run stops at the next store (held back, as after a port handler's pause) or
+        # the next port I/O.  (Neither emu_stop() nor dropping the running block's
+        # translation, which a code hook on the next instruction would need: inside a
+        # memory hook, both make Unicorn run this instruction again.)
+        self._hold_stores()
         return answer
 
     # -- self-modifying code ---------------------------------------------------------------
@@ -569,6 +734,7 @@ class UnicornEngine(EngineBase):
         uc = self.uc
         while True:
             try:
+                self._mirror_refresh()
                 uc.emu_start(start, _NO_STOP_ADDRESS, count=self.max_instructions)
                 return
             except UcError as e:
@@ -584,6 +750,7 @@ class UnicornEngine(EngineBase):
             lo, hi = max(0, page - 0x1000), min(self.ram_size, page + 0x2000)
             uc.ctl_remove_cache(lo, hi)
             self._smc_step = True
+            self._mirror_off()
             try:
                 uc.emu_start(rip, _NO_STOP_ADDRESS, count=1)
             finally:
@@ -603,6 +770,7 @@ class UnicornEngine(EngineBase):
         lo, hi = max(0, page - 0x1000), min(self.ram_size, page + 0x2000)
         uc.ctl_remove_cache(lo, hi)  # (translations that hold the one-instruction count)
         self._ending = True  # the store is answered at the top of _on_store
+        self._mirror_off()
         try:
             uc.emu_start(rip, _NO_STOP_ADDRESS, count=1)
         finally:
@@ -650,11 +818,13 @@ class UnicornEngine(EngineBase):
                 self._ending = True  # the store, if it reaches _on_store, is not made
                 self._fail(e)
 
+        self._mirror_off()  # (every store goes through the recording hook's checks)
         self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
 
     def _stop_at(self, ip: int) -> None:
         """Stop the emulation when execution reaches ``ip`` (a code hook limited to that
         one address; the translated blocks holding it are dropped so the hook is seen)."""
+        self._mirror_off()
         self._code_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
         self.uc.ctl_remove_cache(ip, ip + 1)
 
@@ -701,6 +871,7 @@ class UnicornEngine(EngineBase):
             self._native[0].sppkit_uc_reset_cover(ctypes.byref(self._native[1]))
         else:
             self._cover = None
+        self._m_epoch = None  # (anything may have changed since the last run)
         timer = None
         watch = _CtrlC()
         try:
@@ -728,6 +899,9 @@ class UnicornEngine(EngineBase):
                 watch.close()
                 self._smc = None
                 self._flush_code()
+                self._mirror_off()
+                if self._mirror is not None:
+                    self._mirror_take()
                 if self._wp_calls:
                     self.exits["WriteProt"] = self._wp_calls
                 if self._native is not None:
@@ -851,6 +1025,7 @@ class UnicornEngine(EngineBase):
                 return  # (that run is over)
             self._timed_out = True
             self._ending = True
+            self._mirror_off()
             t = threading.Timer(self._HARD_STOP_AFTER, self._hard_stop, args=(run_id,))
             t.daemon = True
             self._hard_timer = t
@@ -864,8 +1039,14 @@ class UnicornEngine(EngineBase):
                 return False
             self._hard_stopped = True
             self._ending = True
+            self._mirror_off()
             self.uc.emu_stop()
             return True
+
+    def _interrupt(self) -> None:
+        """request_pause() from another thread: the pause lands at the next store to a
+        protected page (or port I/O), so none may be made by the mirror."""
+        self._mirror_off()
 
     def _on_ctrl_c(self, run_id: int) -> None:
         """Ctrl-C while the guest runs (see _CtrlC): stop the emulation, from the watching

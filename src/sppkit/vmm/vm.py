@@ -739,6 +739,56 @@ class Vm:
         self.sppt.rebuild_region(gpa, protected)
         self._invept()
 
+    # ================================================================ write permits
+    # For an engine that makes some guest writes without calling write(): the writes
+    # write() would allow at its first step, from the processor's translation cache.
+    @property
+    def permit_epoch(self) -> tuple:
+        """Changes whenever :meth:`write_permit` may answer differently for a page with no
+        write() to it in between: the processor's cache epoch, the memslots, the write
+        observer."""
+        return self.processor.cache_epoch, self.slots.generation, id(self._observer)
+
+    def write_permit(self, gfn: int) -> tuple[int, int, bool] | None:
+        """What :meth:`write` does, at its first step, with a write of 1 to 4096 bytes
+        within page ``gfn`` that the processor's cached mapping permits:
+        ``(frame_hpa, vector, granular)``, or None when it would decide it any other way
+        (no such cached mapping, a write observer to call, no memslot).
+
+        A write of ``[off, off+size)`` whose mask in ``processor.spp_write_masks`` the
+        ``vector`` covers is then allowed outright: its bytes land at ``frame_hpa | off``
+        and it counts as one write (and, with ``granular``, one page-granular access to
+        the page: it holds a protected sub-page) — nothing else.  An engine that makes
+        such writes itself reports them with :meth:`count_permitted_writes`.  The answer
+        holds until :attr:`permit_epoch` changes or write() is called for the page."""
+        if self._observer is not None:
+            return None
+        p = self.processor.cached_write_permit(gfn)
+        if p is None:
+            return None
+        gpa = gfn << 12
+        m = self.slots.find(gpa)
+        if m is None:
+            return None
+        return p[0], p[1], m.maps is not None and (gpa - m.gpa) >> 12 in m.maps
+
+    def count_permitted_writes(self, writes: int, granular: Sequence[tuple[int, int]] = ()) -> None:
+        """Count ``writes`` writes made under :meth:`write_permit` without calling
+        write(): ``granular`` lists ``(gfn, n)`` for the pages among them that hold a
+        protected sub-page, ``n`` of the writes each."""
+        if not isinstance(writes, int) or isinstance(writes, bool) or writes < 0:
+            raise ValueError(f"writes={writes!r:.40}: must be a non-negative integer")
+        pairs = [(g, n) for g, n in granular]
+        if any(not isinstance(n, int) or isinstance(n, bool) or n < 1 for _, n in pairs) \
+                or sum(n for _, n in pairs) > writes:
+            raise ValueError(f"granular={pairs!r:.80}: each count must be a positive integer, together at most "
+                             f"writes={writes}")
+        st = self._stats
+        st.writes += writes
+        for gfn, n in pairs:
+            st.page_granular += n
+            st.page_granular_by_page.add(gfn, n)
+
     # ================================================================ statistics
     def stats(self, top: int = 10) -> dict:
         """Write-path statistics as plain, JSON-serialisable data (``top``: how many of
