@@ -21,18 +21,21 @@ Prints figures; asserts nothing (benchmarks are never timed asserts).
     fraction of its stores that hit the protected page is counted with a write hook on
     a short run first.
 (b) Cost per protected write.  A guest storing N times to a protected page: to a
-    writable sub-page (allowed, committed by ``vm.write``) and to a protected one
-    (denied, SKIP); through the C trampoline and through the ctypes callback used where
-    it cannot be built.
+    writable sub-page (allowed: after the first stores, made by the C trampoline's
+    permit mirror, which copies the processor's cached permission) and to a protected
+    one (denied, SKIP, decided by ``vm.write``); as shipped, with the permit mirror off
+    (every store to ``vm.write``), and through the ctypes callback used where the C
+    trampoline cannot be built.
     Per-write cost = (engine time - bare time for the same guest) / N.  For scale, the
     cost of ``Vm.write`` alone for the same write, called from Python.
 
 Each figure is the best of ``--reps`` runs, interleaved across contenders; times are
 the process's CPU time (all threads) for the run only, set-up excluded on both sides.
 
-(c) With --breakdown: the stress loop at 1 in 101 with the engine's store hook replaced by
-    less and less work (a no-op, a raw commit, the least Python that can decide the
-    store, vm.write alone), to show what each layer costs in the running engine.
+(c) With --breakdown: the stress loop at 1 in 101 with the engine's store hook (the permit
+    mirror off) replaced by less and less work (a no-op, a raw commit, vm.write alone),
+    then the engine with the mirror off and as shipped, to show what each layer costs
+    in the running engine.
 
 Usage: .venv/bin/python benchmarks/bench_unicorn.py [--iterations N] [--writes N] [--records N] [--reps R]
        [--breakdown]
@@ -200,9 +203,9 @@ def run_bare_ram(ram: mmap.mmap, layout, entry: int, out_ip: int) -> tuple[float
 
 
 def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip",
-               native_hook: bool | None = None) -> tuple[float, dict]:
+               native_hook: bool | None = None, permit_mirror: bool = True) -> tuple[float, dict]:
     eng = UnicornEngine(flat_image(code, CODE), policy=Policy.from_ranges(ranges, decision) if ranges else None,
-                        ram_size=RAM, timeout=ENGINE_TIMEOUT, native_hook=native_hook)
+                        ram_size=RAM, timeout=ENGINE_TIMEOUT, native_hook=native_hook, permit_mirror=permit_mirror)
     try:
         t = clock()
         r = eng.run()
@@ -211,7 +214,8 @@ def run_engine(code: bytes, ranges: list[tuple[int, int]], decision: str = "skip
         eng.close()
     if r.stop_reason != "exit" or r.exit_code != 0:
         raise SystemExit(f"bench_unicorn: the guest did not exit cleanly: {r.stop_reason} {r.console[-300:]}")
-    return dt, {"writes": r.stats["writes"], "violations": len(r.violations), "exits": dict(r.exits)}
+    return dt, {"writes": r.stats["writes"], "violations": len(r.violations), "exits": dict(r.exits),
+                "mirrored": eng.mirrored_writes}
 
 
 # ------------------------------------------------------------------ the compiled workload (a2)
@@ -288,10 +292,11 @@ def vm_write_cost(n: int, gpa: int) -> float:
 # ------------------------------------------------------------------ (c) where the time goes
 def breakdown(args) -> None:
     """(c) The stress loop at 1 protected store in 101, with the engine's store hook
-    (the Python method the C trampoline calls) replaced by less and less work, to show
-    what each layer costs in the running engine.  Measurement only: the stand-ins
-    decide nothing (the first skips every store, the second commits every store), so
-    they are not engines; the last row is the engine as shipped."""
+    (the Python method the C trampoline calls, the permit mirror off) replaced by less
+    and less work, to show what each layer costs in the running engine.  Measurement
+    only: the stand-ins decide nothing (the first skips every store, the second commits
+    every store), so they are not engines.  The last two rows are the engine as shipped,
+    with the permit mirror off and on."""
     def noop(self, address, data, rip):  # Unicorn's fault path + trampoline + a Python call
         return True
 
@@ -303,34 +308,14 @@ def breakdown(args) -> None:
         self.vm.write(address, data, rip=rip)
         return True
 
-    def least_python(self, address, data, rip):
-        # ... the least Python that can make the store: the processor's cached SPP vector
-        # read inline (no call into Vm or Processor: it breaks the layering, so it is a
-        # floor, measured, never shipped), the write and page-granular counters, the
-        # commit; anything else goes to vm.write
-        vm = self.vm
-        p = vm.processor
-        n = len(data)
-        off = address & 0xFFF
-        hit = p._tlb.get(address >> 12) if p._tlb is not None else None
-        if hit is not None and hit[4] is not None and off + n <= 4096:
-            mask = p._spp_masks[(off >> 7) << 5 | (off + n - 1) >> 7]
-            if hit[4] & mask == mask:
-                st = vm._stats
-                st.writes += 1
-                st.page_granular += 1
-                vm.memory.frame(hit[0] >> 12)[off:off + n] = data
-                return True
-        vm.write(address, data, rip=rip)
-        return True
-
     shipped = UnicornEngine._on_store
     code, out_ip = loop_guest(args.iterations, 1, ALLOWED)
     protected = args.iterations
     stores = args.iterations * (K + 1)
-    rows = [("no-op hook (skips the store)", noop), ("raw commit into RAM", raw),
-            ("least Python that decides (cache read inline; a floor, not shippable)", least_python),
-            ("vm.write only", vm_write_only), ("the engine (vm.write + bookkeeping)", shipped)]
+    rows = [("no-op hook (skips the store)", noop, False), ("raw commit into RAM", raw, False),
+            ("vm.write only", vm_write_only, False),
+            ("the engine, permit mirror off (vm.write + bookkeeping)", shipped, False),
+            ("the engine as shipped (permit mirror on)", shipped, True)]
     t = Table(title=f"(c) where a protected store's time goes: stress loop, 1 store in {K + 1} protected",
               caption="stand-ins for the engine's hook, for measurement only; budget = the cost per protected "
                       f"store at which the loop runs at {TARGET_RATIO}x bare")
@@ -338,12 +323,12 @@ def breakdown(args) -> None:
         t.add_column(col, justify="left" if col == "hook body" else "right")
     budget = None
     try:
-        for name, body in rows:
+        for name, body, mirror in rows:
             UnicornEngine._on_store = body  # type: ignore[method-assign]
             bare_t, eng_t = [], []
             for _ in range(args.reps):
                 bare_t.append(run_bare(code, out_ip))
-                eng_t.append(run_engine(code, [(DENIED, 0x10)])[0])
+                eng_t.append(run_engine(code, [(DENIED, 0x10)], permit_mirror=mirror)[0])
             b, e = min(bare_t), min(eng_t)
             budget = b * (1 / TARGET_RATIO - 1) / protected
             t.add_row(name, f"{(e - b) / protected * 1e6:.2f} µs", f"{b / e:.2f}x")
@@ -447,15 +432,18 @@ def main() -> None:
     # ---- (b)
     n = args.writes
     cost = {}
-    rows = [("allowed (committed)", ALLOWED, 0, None), ("denied (SKIP)", DENIED, n, None)]
-    if native_ok:  # the same, through the fallback used where the C trampoline cannot be built
-        rows += [("allowed, ctypes trampoline", ALLOWED, 0, False), ("denied, ctypes trampoline", DENIED, n, False)]
-    for name, target, want_viol, native_hook in rows:
+    rows = [("allowed (committed)", ALLOWED, 0, None, True), ("denied (SKIP)", DENIED, n, None, True)]
+    if native_ok:  # without the permit mirror; and through the fallback used where C cannot be built
+        rows += [("allowed, permit mirror off", ALLOWED, 0, None, False),
+                 ("denied, permit mirror off", DENIED, n, None, False),
+                 ("allowed, ctypes trampoline", ALLOWED, 0, False, False),
+                 ("denied, ctypes trampoline", DENIED, n, False, False)]
+    for name, target, want_viol, native_hook, mirror in rows:
         code, out_ip = loop_guest_simple(n, target)
         bare_t, eng_t, info = [], [], None
         for _ in range(args.reps):
             bare_t.append(run_bare(code, out_ip))
-            dt, info = run_engine(code, [(DENIED, 0x10)], "skip", native_hook)
+            dt, info = run_engine(code, [(DENIED, 0x10)], "skip", native_hook, mirror)
             eng_t.append(dt)
         assert info["writes"] == n and info["violations"] == want_viol, info
         vm_us = min(vm_write_cost(n, target) for _ in range(args.reps))
