@@ -405,7 +405,9 @@ def doctor():
 
         ok, why = native_status()
         t.add_row("C hook trampoline (Unicorn)", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
-                  why if ok else f"{why}; protected stores take a ctypes callback (same results, slower)")
+                  f"{why}; with the permit mirror (stores the processor's cache permits outright are made in C)"
+                  if ok else f"{why}; protected stores take a ctypes callback, without the permit mirror (same "
+                  "results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status
