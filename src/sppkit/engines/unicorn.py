@@ -442,6 +442,7 @@ class UnicornEngine(EngineBase):
             self._mirror_take()
         ctypes.memset(ctypes.addressof(m.permits), 0, ctypes.sizeof(m.permits))
         self._m_slots.clear()
+        self._m_host.clear()  # (a memslot change may back host frames elsewhere)
         self._m_epoch = self.vm.permit_epoch
 
     def _mirror_note(self, gfn: int, allowed: bool) -> None:
