@@ -37,11 +37,14 @@ pytestmark = pytest.mark.skipif(not NATIVE_OK, reason=f"the C trampoline cannot 
 
 
 def outcome(eng: UnicornEngine, r, regions) -> dict:
-    """Everything observable of a finished run (the mirror's own count aside)."""
+    """Everything observable of a finished run (the mirror's own count aside), down to
+    the processor's translation cache: its counters and entries."""
+    c = eng.vm.processor.cache
     return {
         "result": {k: v for k, v in r.to_dict().items()},
         "stats": eng.vm.stats(top=1000),
         "memory": {g: eng.vm.read(g, n) for g, n in regions},
+        "cache": (c.hits, c.misses, c.invalidations, {t: dict(d) for t, d in c.tags.items()}),
     }
 
 
@@ -100,9 +103,11 @@ ALLOWED = P + 0x800  # sub-page 16 of it: writable until the port handler protec
 N = 5_000
 
 
-def _loop_then_port_then_loop(n: int = N) -> tuple:
-    """n stores to ALLOWED, `out 0x80`, n more stores to ALLOWED, exit 0."""
-    store = Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(ALLOWED), 1)
+def _loop_then_port_then_loop(n: int = N, width: int = 8) -> tuple:
+    """n stores to ALLOWED (`add [ALLOWED], 1`, 8 or 4 bytes), `out 0x80`, n more, exit 0.
+    (The mirror takes an 8-byte store only from an instruction vm.write has seen: the
+    second loop's first one goes to vm.write; a 4-byte one can be mirrored at once.)"""
+    store = Ins.create_mem_i32(Code.ADD_RM64_IMM8 if width == 8 else Code.ADD_RM32_IMM8, _abs(ALLOWED), 1)
     body = [store, Ins.create_reg_i32(Code.SUB_RM64_IMM8, Register.RCX, 1)]
     ins = [mov_imm(Register.RCX, n)]
     loop1 = len(ins)
@@ -234,3 +239,56 @@ def test_stores_into_code_never_go_through_the_mirror():
     on, off, mirrored = both(image, Policy.from_ranges([(CODE + 0xF80, SUB)], "skip"), [(CODE, PAGE)])
     assert on == off and mirrored == 0
     assert on["stats"]["writes"] == 4 and on["memory"][CODE][0xF00] == 0x90
+
+
+@pytest.mark.parametrize("stale_sppt", [False, True])
+def test_a_cache_entry_dropped_by_a_handler_write_is_dropped_from_the_mirror(stale_sppt):
+    """A port handler's own vm.write to the mirrored page, denied, drops the processor's
+    cache entry for the page (no INVEPT): the guest's next store walks again, mirror on
+    or off.  With the page's SPP vector changed in the SPPT first without an INVEPT
+    (stale entries permit until then), that walk denies it: every later store is a
+    violation.  Before: the mirror kept its copy and made them."""
+    image = _loop_then_port_then_loop(50, width=4)
+    policy = Policy.from_ranges([(P, SUB)], "skip")
+
+    def setup(eng):
+        def handler(e, value):
+            if stale_sppt:
+                old = e.vm.sppt.builder.get_vector(P)
+                e.vm.sppt.builder.set_vector(P, old & ~(1 << 32))  # sub-page 16 denied, no INVEPT
+            assert not e.vm.write(P, b"\x99").committed  # sub-page 0: denied
+        eng.add_port_handler(0x80, handler)
+
+    on, off, mirrored = both(image, policy, [(P, PAGE)], setup)
+    assert on == off and mirrored > 0
+    assert on["stats"]["violations"] == (51 if stale_sppt else 1)
+
+
+def test_a_pause_from_another_thread_during_the_mirror_refresh_is_kept():
+    """request_pause() from another thread between the refresh's reading of the flags
+    and its turning the mirror on: the mirror stays off (else the pause would land only
+    at the next Python callback, or never).  The other thread is simulated at exactly
+    that point."""
+
+    class Racy(UnicornEngine):
+        @property
+        def _record_hook(self):  # (read by the refresh while it checks the flags)
+            if getattr(self, "_race", False):
+                self._race = False
+                self._pause = True  # what request_pause() does from another thread ...
+                self._interrupt()  # ... then this
+            return None
+
+        @_record_hook.setter
+        def _record_hook(self, value):
+            pass
+
+    image, _ = flat(exit_ins(0))
+    eng = Racy(image, policy=Policy.from_ranges([(P, SUB)], "skip"), ram_size=RAM)
+    eng._race = True
+    eng._mirror_refresh()
+    assert eng._pause and eng._mirror.fast_ok == 0
+    eng._pause = False
+    eng._mirror_refresh()
+    assert eng._mirror.fast_ok == 1  # (and with nothing asked, it is on)
+    eng.close()

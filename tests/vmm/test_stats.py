@@ -127,3 +127,20 @@ def test_sppt_bytes_grow_per_2m_region_not_per_page(mode):
     # root + L3 + L2 tables, plus one L1 table per region
     assert seen == [PAGE * (3 + n) for n in range(1, 9)]
     assert vm.spp_memory()["sppt_tables"] == 11
+
+
+def test_top_counter_prunes_ties_by_key_whatever_the_order_keys_came_in():
+    """fix: the pruned table kept, among keys with equal counts at the cut, those
+    counted first — so the same counts, counted in another order (an engine handing
+    over a batch of counts), kept other keys."""
+    from sppkit.vmm.stats import TopCounter
+
+    kept = []
+    for order in (range(10), reversed(range(10))):
+        c = TopCounter(capacity=6)  # (10 keys: no pruning while counting)
+        for k in order:
+            c.add(k, 2 if k in (7, 8) else 1)
+        c.capacity = 3
+        c.prune()
+        kept.append(sorted(c.counts))
+    assert kept[0] == kept[1] == [0, 7, 8]

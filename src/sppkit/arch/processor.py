@@ -167,6 +167,7 @@ class Processor:
         self._sppt_rsv = sppt_nonleaf_reserved(n)
         self._eptp = self._spptp = self._controls = 0
         self._loads = 0  # controls loaded (see cache_epoch)
+        self._drops = 0  # cache entries dropped one by one (see cache_epoch)
         self.load_controls(
             eptp=eptp,
             secondary_controls=SECONDARY_ENABLE_EPT if secondary_controls is None else secondary_controls,
@@ -351,11 +352,13 @@ class Processor:
 
     @property
     def cache_epoch(self) -> tuple:
-        """Changes whenever :meth:`cached_write_permit` may answer differently for a page
-        with no write to it in between: an INVEPT (or any invalidation of the cache), or
-        new controls loaded (EPTP, SPP or EPT A/D on or off)."""
+        """Changes whenever :meth:`cached_write_permit` may answer less for a page: an
+        INVEPT (or any invalidation of the cache), new controls loaded (EPTP, SPP or EPT
+        A/D on or off), or a cached entry dropped because an access it did not permit
+        walks again.  (An entry that comes to permit more — a new mapping, a vector
+        joining it — does not move it.)"""
         c = self.cache
-        return self._loads, -1 if c is None else c.invalidations
+        return self._loads, self._drops, -1 if c is None else c.invalidations
 
     def cached_write_permit(self, gfn: int) -> tuple[int, int] | None:
         """The write permission :meth:`translate_one` finds at its first step for page
@@ -438,6 +441,7 @@ class Processor:
                         # decided by the tables, as for any access the entry does not
                         # permit: a stale mapping or vector never faults by itself.
                 del tlb[gpa >> 12]  # not good enough for this access: walk again
+                self._drops += 1
             cache.misses += 1
 
         vector = None

@@ -419,9 +419,14 @@ class UnicornEngine(EngineBase):
             return
         if self.vm.permit_epoch != self._m_epoch:
             self._mirror_clear()
-        m.fast_ok = not (self._ending or self._pause or self._timed_out or self._holding or self._smc_step
-                         or self._code_hooks or self._record_hook is not None or self._error is not None
-                         or self._replay is not None or self._inexact is not None)
+        ok = not (self._ending or self._pause or self._timed_out or self._holding or self._smc_step
+                  or self._code_hooks or self._record_hook is not None or self._error is not None
+                  or self._replay is not None or self._inexact is not None)
+        m.fast_ok = ok
+        if ok and (self._pause or self._timed_out or self._ending):
+            # another thread asked for a pause or timed the run out between the check
+            # and the store above (it sets the flag, then turns the mirror off)
+            m.fast_ok = 0
 
     def _mirror_take(self) -> None:
         """Count the stores the mirror made (Vm statistics, exits["WriteProt"]): before any

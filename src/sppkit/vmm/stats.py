@@ -30,7 +30,9 @@ class TopCounter:
 
     def prune(self) -> None:
         """Keep the ``capacity`` largest counts (called once the table doubles)."""
-        keep = sorted(self.counts.items(), key=lambda kv: kv[1], reverse=True)[: self.capacity]
+        # (ties broken by key, as top() does: the same counts keep the same keys,
+        # whatever order they were first counted in)
+        keep = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.capacity]
         self.counts = dict(keep)
         self.pruned = True
 
