@@ -566,3 +566,41 @@ def test_a_helper_store_on_the_running_page_runs_once(engine, flags):
     assert (r.stop_reason, r.exit_code) == ("exit", 7), r
     assert mem[v] == bytes.fromhex("35c26821a2da0fc90040")  # pi
     assert mem[mark] == bytes.fromhex("0000000000000080ff3f")  # 1.0
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_patched_store_is_named_as_it_now_is(engine):
+    """f = `mov qword [D], rax; ret`, D protected (SKIP); the guest calls f, patches
+    f's store into `mov dword [D], eax; nop` (through vm.write: the code page holds a
+    protected sub-page), and calls f again.  The second violation is a 4-byte store
+    named as the new instruction.  Before: the Unicorn engine kept what it had learnt
+    of the instruction at that address (its decoding, and whether it stores 8 bytes at
+    once), so the record named the old one."""
+    d = DATA + 0x10
+    f_at = CODE + 0x800
+    new = iced_x86.BlockEncoder(64)
+    new.add(Ins.create_mem_reg(Code.MOV_RM32_R32, _abs(d), Register.EAX))
+    new_bytes = new.encode(f_at) + b"\x90"
+    assert len(new_bytes) == 8
+    f = [Ins.create_mem_reg(Code.MOV_RM64_R64, _abs(d), Register.RAX), Ins.create(Code.RETNQ)]
+    main = [mov_imm(Register.RSP, DATA + 0x3000), mov_imm(Register.RAX, 0x1111),
+            Ins.create_branch(Code.CALL_REL32_64, f_at),
+            mov_imm(Register.RBX, f_at), mov_imm(Register.RAX, int.from_bytes(new_bytes, "little")),
+            Ins.create_mem_reg(Code.MOV_RM64_R64, MemoryOperand(Register.RBX), Register.RAX),
+            mov_imm(Register.RAX, 0x2222), Ins.create_branch(Code.CALL_REL32_64, f_at), *exit_ins(0)]
+    enc = iced_x86.BlockEncoder(64)
+    enc.add_many(main)
+    code = enc.encode(CODE)
+    fenc = iced_x86.BlockEncoder(64)
+    fenc.add_many(f)
+    fcode = fenc.encode(f_at)
+    code = code + bytes(0x800 - len(code)) + fcode
+    image = GuestImage(segments=[Segment(CODE, code, len(code), "rwx"),
+                                 Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")], entry=CODE)
+    policy = Policy.from_ranges([(d & ~(SUB - 1), SUB), (CODE + 0xF80, SUB)], "skip")
+    r, mem, _ = _run(engine, image, policy, [(f_at, 8)], cpl=0)
+    assert (r.stop_reason, r.exit_code) == ("exit", 0), r
+    assert mem[f_at] == new_bytes
+    assert [(v.gpa, v.size) for v in r.violations] == [(d, 8), (d, 4)]
+    texts = [v.instruction for v in r.violations]
+    assert "rax" in texts[0] and "eax" in texts[1], texts

@@ -441,7 +441,7 @@ class EngineBase:
         if hit is not None and hit[0].kind == "func" and hit[0].size:
             d = decode_forward(self.vm.read, hit[0].addr, rip_after)
             if d is not None:
-                self._insn_cache[rip_after] = d  # code does not change under us
+                self._insn_cache[rip_after] = d  # (the Unicorn engine forgets it when guest code is written)
                 return d
         return find_writer(self.vm.read, rip_after, gpa, size, regs or {})
 

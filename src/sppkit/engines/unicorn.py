@@ -722,10 +722,21 @@ class UnicornEngine(EngineBase):
         """Bytes were committed to code: drop Unicorn's translations of them, which
         would otherwise run the old instructions.  Not from inside a block that may
         be one of them (a step, or after _stop_at()): then after the run stops."""
+        self._code_changed()
         if self._smc_step or self._code_hooks:
             self._smc_dirty.append((address, address + n))
         else:
             self.uc.ctl_remove_cache(address, address + n)
+
+    def _code_changed(self) -> None:
+        """Guest code was written: forget what was learnt of the instructions by their
+        address (decodings, vector and helper stores, the mirror's 8-byte stores)."""
+        self._wide_cache.clear()
+        self._helper_cache.clear()
+        self._insn_at.clear()
+        self._insn_cache.clear()
+        if self._mirror is not None:
+            ctypes.memset(ctypes.addressof(self._mirror.plain_rip), 0, ctypes.sizeof(self._mirror.plain_rip))
 
     def _flush_code(self) -> None:
         for lo, hi in self._smc_dirty:
@@ -763,6 +774,7 @@ class UnicornEngine(EngineBase):
                 self._smc_step = False
                 uc.ctl_remove_cache(lo, hi)
                 self._flush_code()
+                self._code_changed()
             if self.exit_code is not None or self._pause or self._timed_out:
                 return
             start = uc.reg_read(UC_X86_REG_RIP)
