@@ -1261,3 +1261,21 @@ def test_pause_at_a_read_modify_write_store_in_a_loop_lands(make, engine):
     assert 10 <= counter(eng) - before < n
     run_to_the_end(eng, before, n)
     assert len(seen) == n and eng.vm.stats()["writes"] == n
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+def test_pause_at_a_read_modify_write_store_before_a_loop_without_stores_lands(make, engine):
+    """`add qword [m], 1; jmp $`, a pause asked for at the add's store: no store or
+    port I/O follows, so the run pauses when the next instruction begins a block (the
+    `jmp $`), exactly, the add made once — not at the timeout, mid-block, with a guest
+    that cannot be continued."""
+    rmw = Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1)
+    _, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, CODE)])
+    image, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, ips[1])])
+    eng = make(engine, image, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"), timeout=5.0)
+    before = counter(eng)
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    r = eng.run()
+    assert (r.stop_reason, r.rip_at if r.rip_at is not None else r.rip_after) == ("paused", ips[1]), r
+    assert counter(eng) - before == 1

@@ -137,7 +137,8 @@ def test_write_permit_needs_the_dirty_flag_with_ept_ad():
     assert vm.write_permit(GFN) is not None
 
 
-@pytest.mark.parametrize("change", ["set_subpage_access", "add_memslot", "disable_spp", "invept", "load_controls"])
+@pytest.mark.parametrize("change", ["set_subpage_access", "add_memslot", "disable_spp", "invept", "load_controls",
+                                    "reset_stats", "prune"])
 def test_permit_epoch_moves_whenever_a_permit_may_change(change):
     vm = spp_vm()
     vm.set_subpage_access(GFN, [FULL & ~1])
@@ -151,6 +152,10 @@ def test_permit_epoch_moves_whenever_a_permit_may_change(change):
         vm.disable_spp()
     elif change == "invept":
         vm.processor.invept("all-context")
+    elif change == "reset_stats":
+        vm.reset_stats()
+    elif change == "prune":
+        vm._stats.page_granular_by_page.prune()
     else:
         vm.processor.load_controls(secondary_controls=vm.processor.secondary_controls)
     assert vm.permit_epoch != e
@@ -168,3 +173,18 @@ def test_cached_write_permit_follows_the_cache():
     assert [(vector >> (2 * s)) & 1 for s in range(32)] == [0] * 16 + [1] * 16
     vm.processor.invept("all-context")
     assert cpu.cached_write_permit(GFN) is None
+
+
+def test_write_permit_waits_for_a_page_to_be_counted():
+    """A write to a page holding a protected sub-page adds the page to the page-granular
+    counts when it is not there yet, which may prune them: not a permitted write (only
+    counting, nothing else) until write() has counted the page again."""
+    vm = spp_vm()
+    vm.set_subpage_access(GFN, [FULL & ~1])
+    vm.write(BASE + 0x800, b"x")
+    vm.write(BASE + 0x800, b"x")
+    assert vm.write_permit(GFN) is not None
+    vm.reset_stats()
+    assert vm.write_permit(GFN) is None
+    vm.write(BASE + 0x800, b"x")
+    assert vm.write_permit(GFN) is not None

@@ -263,6 +263,9 @@ class UnicornEngine(EngineBase):
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
         self._timed_out = False
         self._code_hooks: list = []  # one-address code hooks, removed after each run
+        #: one-address code hooks of a pause at a read-modify-write store (no translation
+        #: dropped for them), removed after each run
+        self._pause_hooks: list = []
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self._helper_cache: dict[int, bool] = {}  # rip -> whether its stores are made in a QEMU helper
         # Self-modifying code (see _on_store): the pages of the image's executable
@@ -699,11 +702,14 @@ class UnicornEngine(EngineBase):
             return False
         # An instruction that reads memory (add [m], 1; xadd...), or that stores in
         # several pieces (fxsave, x87 stores...): its store is made and it retires; the
-        # run stops at the next store (held back, as after a port handler's pause) or
-        # the next port I/O.  (Neither emu_stop() nor dropping the running block's
-        # translation, which a code hook on the next instruction would need: inside a
-        # memory hook, both make Unicorn run this instruction again.)
+        # run stops at the next store (held back, as after a port handler's pause), the
+        # next port I/O, or the next instruction when a block is translated from it (a
+        # code hook on it).  Neither emu_stop() nor dropping the running block's
+        # translation, which would make the hook seen at once: inside a memory hook,
+        # both make Unicorn run this instruction again.
         self._hold_stores()
+        ip = rip + (d.length if d else 1)
+        self._pause_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
         return answer
 
     # -- self-modifying code ---------------------------------------------------------------
@@ -968,9 +974,10 @@ class UnicornEngine(EngineBase):
                     timer.cancel()
                 if hard is not None:
                     hard.cancel()
-                for h in self._code_hooks:
+                for h in self._code_hooks + self._pause_hooks:
                     uc.hook_del(h)
                 self._code_hooks.clear()
+                self._pause_hooks.clear()
         if self._ctrl_c:
             # The Ctrl-C stopped the guest, but its KeyboardInterrupt was raised inside a
             # callback of Unicorn's binding (a port or recording hook), where ctypes

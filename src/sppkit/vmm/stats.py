@@ -13,13 +13,14 @@ class TopCounter:
     under-counted (never over-counted).  ``total`` is always exact.
     """
 
-    __slots__ = ("capacity", "counts", "total", "pruned")
+    __slots__ = ("capacity", "counts", "total", "pruned", "prunes")
 
     def __init__(self, capacity: int = 4096) -> None:
         self.capacity = capacity
         self.counts: dict = {}
         self.total = 0
         self.pruned = False
+        self.prunes = 0  #: how many times the table was pruned
 
     def add(self, key, n: int = 1) -> None:
         self.total += n
@@ -35,6 +36,7 @@ class TopCounter:
         keep = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[: self.capacity]
         self.counts = dict(keep)
         self.pruned = True
+        self.prunes += 1
 
     def top(self, n: int = 10) -> list:
         return sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:n]

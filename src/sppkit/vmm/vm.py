@@ -744,16 +744,20 @@ class Vm:
     # write() would allow at its first step, from the processor's translation cache.
     @property
     def permit_epoch(self) -> tuple:
-        """Changes whenever :meth:`write_permit` may answer differently for a page with no
+        """Changes whenever :meth:`write_permit` may answer less for a page with no
         write() to it in between: the processor's cache epoch, the memslots, the write
-        observer."""
-        return self.processor.cache_epoch, self.slots.generation, id(self._observer)
+        observer, the statistics reset or their page-granular table pruned."""
+        st = self._stats
+        return self.processor.cache_epoch, self.slots.generation, id(self._observer), id(st), \
+            st.page_granular_by_page.prunes
 
     def write_permit(self, gfn: int) -> tuple[int, int, bool] | None:
         """What :meth:`write` does, at its first step, with a write of 1 to 4096 bytes
         within page ``gfn`` that the processor's cached mapping permits:
         ``(frame_hpa, vector, granular)``, or None when it would decide it any other way
-        (no such cached mapping, a write observer to call, no memslot).
+        (no such cached mapping, a write observer to call, no memslot, or a page holding
+        a protected sub-page that is not in the page-granular counts yet: counting it
+        may prune them).
 
         A write of ``[off, off+size)`` whose mask in ``processor.spp_write_masks`` the
         ``vector`` covers is then allowed outright: its bytes land at ``frame_hpa | off``
@@ -770,7 +774,10 @@ class Vm:
         m = self.slots.find(gpa)
         if m is None:
             return None
-        return p[0], p[1], m.maps is not None and (gpa - m.gpa) >> 12 in m.maps
+        granular = m.maps is not None and (gpa - m.gpa) >> 12 in m.maps
+        if granular and gfn not in self._stats.page_granular_by_page.counts:
+            return None
+        return p[0], p[1], granular
 
     def count_permitted_writes(self, writes: int, granular: Sequence[tuple[int, int]] = ()) -> None:
         """Count ``writes`` writes made under :meth:`write_permit` without calling
