@@ -1279,3 +1279,23 @@ def test_pause_at_a_read_modify_write_store_before_a_loop_without_stores_lands(m
     r = eng.run()
     assert (r.stop_reason, r.rip_at if r.rip_at is not None else r.rip_after) == ("paused", ips[1]), r
     assert counter(eng) - before == 1
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+@pytest.mark.parametrize("cpl", [0, 3])
+def test_a_hlt_after_a_pause_at_a_read_modify_write_store_is_not_lost(make, engine, cpl):
+    """`add qword [m], 1; hlt; exit 7`, a pause asked for at the add's store.  KVM
+    pauses after the add, then halts (CPL 0) or shuts down (CPL 3: #GP).  Unicorn
+    (which cannot stop there) ends at the hlt the same way.  Before: Unicorn reported
+    the end of the run at the hlt as the pause, and the next run() went past the hlt to
+    the exit."""
+    image, ips = flat([Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1), Ins.create(Code.HLT), *exit_ins(7)])
+    eng = make(engine, image, cpl=cpl, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"))
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    for _ in range(3):
+        r = eng.run()
+        if r.stop_reason != "paused":
+            break
+    assert r.stop_reason == ("halt" if cpl == 0 else "shutdown"), r
+    assert eng.vm.stats()["writes"] == 1

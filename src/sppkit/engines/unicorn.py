@@ -257,6 +257,9 @@ class UnicornEngine(EngineBase):
         self._run_id = 0  # which run a timer or Ctrl-C belongs to
         self._emulating = False
         self._hard_stopped = False  # the run was stopped from another thread (mid-block)
+        #: the run was stopped for a pause (else, if it ended between two instructions
+        #: with a pause asked for, it ended for another reason: a hlt, the limit...)
+        self._pause_landed = False
         self._ctrl_c = False  # Ctrl-C stopped this run (its KeyboardInterrupt may have been swallowed)
         self._hard_timer: threading.Timer | None = None
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
@@ -506,6 +509,7 @@ class UnicornEngine(EngineBase):
             if self.vm.ept_generation != self._generation:
                 self._project()
             if pause:
+                self._pause_landed = True
                 self._hold_stores()
                 uc.emu_stop()
                 return
@@ -524,6 +528,7 @@ class UnicornEngine(EngineBase):
         does.  (Not while a one-address code hook waits for the next instruction, see
         _stop_at: stores met on the way must be decided.)"""
         if (self._timed_out or self._pause) and not self._code_hooks:
+            self._pause_landed = self._pause
             self._hold_stores()
             uc.emu_stop()
 
@@ -794,6 +799,7 @@ class UnicornEngine(EngineBase):
         lo, hi = max(0, page - 0x1000), min(self.ram_size, page + 0x2000)
         uc.ctl_remove_cache(lo, hi)  # (translations that hold the one-instruction count)
         self._ending = True  # the store is answered at the top of _on_store
+        self._pause_landed = True
         self._mirror_off()
         try:
             uc.emu_start(rip, _NO_STOP_ADDRESS, count=1)
@@ -855,6 +861,7 @@ class UnicornEngine(EngineBase):
     @_guard
     def _hook_stop(self, uc, address, size, user_data):
         if self._pause:
+            self._pause_landed = True
             uc.emu_stop()
 
     # -- run -------------------------------------------------------------------------------
@@ -908,6 +915,7 @@ class UnicornEngine(EngineBase):
                 self._held = False
                 self._ending = False
                 self._hard_stopped = False
+                self._pause_landed = False
             if self.timeout:
                 # The timeout is a timer calling _time_out: emu_start(timeout=...) would
                 # make Unicorn check a clock in every block (about 20 % slower here).
@@ -990,7 +998,7 @@ class UnicornEngine(EngineBase):
         self._pc = rip
         if self.exit_code is not None:
             return self.result("exit", rip_after=rip, exits=self.exits)
-        if self._pause and not self._hard_stopped:
+        if self._pause and not self._hard_stopped and self._pause_landed:
             self._pause = False
             return self.result("paused", rip_at=rip, exits=self.exits)
         if self._timed_out:
