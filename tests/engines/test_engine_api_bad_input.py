@@ -1299,3 +1299,28 @@ def test_a_hlt_after_a_pause_at_a_read_modify_write_store_is_not_lost(make, engi
             break
     assert r.stop_reason == ("halt" if cpl == 0 else "shutdown"), r
     assert eng.vm.stats()["writes"] == 1
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+def test_a_pause_asked_for_by_a_write_observer_lands_and_records_each_store_once(make, engine):
+    """A recording callback asks for a pause at the 10th `add qword [m], 1` of a loop
+    (m on a page holding a protected sub-page, EMULATE).  The run pauses (before: the
+    pause was lost, the guest ran to its exit), and the trace holds each store once
+    (before, a store held back at the pause was recorded again when it ran)."""
+    n = 1000
+    eng = make(engine, counting_guest(n), policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"))
+    before = counter(eng)
+    seen = []
+
+    def rec(gpa, size, rip):
+        seen.append(gpa)
+        if len(seen) == 10:
+            eng.request_pause()
+
+    eng.record_writes(rec)
+    r = eng.run()
+    assert r.stop_reason == "paused", r
+    assert len(seen) == counter(eng) - before
+    run_to_the_end(eng, before, n)
+    assert len(seen) == n
+

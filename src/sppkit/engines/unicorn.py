@@ -265,9 +265,8 @@ class UnicornEngine(EngineBase):
         self._ending = False  # a pause, the exit port or the timeout: stores are held back
         self._holding = False  # every page read-only until the run stops (see _hold_stores)
         self._timed_out = False
-        self._code_hooks: list = []  # one-address code hooks, removed after each run
-        #: one-address code hooks of a pause at a read-modify-write store (no translation
-        #: dropped for them), removed after each run
+        #: one-address code hooks of a pause that cannot stop at once (see _pause_at_next),
+        #: removed after each run
         self._pause_hooks: list = []
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self._helper_cache: dict[int, bool] = {}  # rip -> whether its stores are made in a QEMU helper
@@ -426,7 +425,7 @@ class UnicornEngine(EngineBase):
         if self.vm.permit_epoch != self._m_epoch:
             self._mirror_clear()
         ok = not (self._ending or self._pause or self._timed_out or self._holding or self._smc_step
-                  or self._code_hooks or self._record_hook is not None or self._error is not None
+                  or self._pause_hooks or self._record_hook is not None or self._error is not None
                   or self._replay is not None or self._inexact is not None)
         m.fast_ok = ok
         if ok and (self._pause or self._timed_out or self._ending):
@@ -523,11 +522,10 @@ class UnicornEngine(EngineBase):
         return (1 << (8 * size)) - 1
 
     def _stop_if_asked(self, uc) -> None:
-        """At port I/O: the timeout, or a pause asked for from another thread or at a
-        read-modify-write store, stops the run here, exactly, as a port handler's pause
-        does.  (Not while a one-address code hook waits for the next instruction, see
-        _stop_at: stores met on the way must be decided.)"""
-        if (self._timed_out or self._pause) and not self._code_hooks:
+        """At port I/O: the timeout, or a pause asked for from another thread, at a
+        read-modify-write store or by a write observer, stops the run here, as a port
+        handler's pause does."""
+        if self._timed_out or self._pause:
             self._pause_landed = self._pause
             self._hold_stores()
             uc.emu_stop()
@@ -585,9 +583,8 @@ class UnicornEngine(EngineBase):
             # emu_stop() only takes effect at the end of the translated block, and
             # Unicorn abandons a store it meets on the way and runs it again on resume.
             # So the store is not decided here: the run stops at it, nothing written,
-            # and a resumed run hands it to vm.write once.  (Not after _stop_at(): its
-            # block may be gone from the cache, and Unicorn cannot stop in it.)
-            if not self._code_hooks and (self.exit_code is not None or not self._helper_store(rip)):
+            # and a resumed run hands it to vm.write once.
+            if self.exit_code is not None or not self._helper_store(rip):
                 self._held = True
                 return False
             # (a store made inside a QEMU helper cannot be abandoned — its instruction
@@ -597,7 +594,7 @@ class UnicornEngine(EngineBase):
         if (code_lo <= address < code_hi or (rip is not None and (0 <= (address >> 12) - (rip >> 12) <= 1
                                                                or ((address + 31) >> 12) - (rip >> 12) == 0))) \
                 and data is not None and rip is not None \
-                and not self._smc_step and not self._code_hooks and self._near_running_code(address, rip) \
+                and not self._smc_step and self._near_running_code(address, rip) \
                 and not self._helper_store(rip):  # (its instruction would go on without the store, then run again)
             # A store into code that the running translated block may hold (Unicorn
             # performs the bytes committed here behind QEMU's back, so QEMU's own
@@ -713,8 +710,7 @@ class UnicornEngine(EngineBase):
         # translation, which would make the hook seen at once: inside a memory hook,
         # both make Unicorn run this instruction again.
         self._hold_stores()
-        ip = rip + (d.length if d else 1)
-        self._pause_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
+        self._pause_at_next(rip + (d.length if d else 1))
         return answer
 
     # -- self-modifying code ---------------------------------------------------------------
@@ -732,9 +728,9 @@ class UnicornEngine(EngineBase):
     def _drop_code(self, address: int, n: int) -> None:
         """Bytes were committed to code: drop Unicorn's translations of them, which
         would otherwise run the old instructions.  Not from inside a block that may
-        be one of them (a step, or after _stop_at()): then after the run stops."""
+        be one of them (a step): then after it."""
         self._code_changed()
-        if self._smc_step or self._code_hooks:
+        if self._smc_step:
             self._smc_dirty.append((address, address + n))
         else:
             self.uc.ctl_remove_cache(address, address + n)
@@ -835,15 +831,17 @@ class UnicornEngine(EngineBase):
                         and size < prev[2] - prev[1]:
                     return  # Unicorn's byte-by-byte re-report of an access already recorded
                 last[0] = (rip, address, address + size)
+                if self._ending and self._not_made_now(address, rip):
+                    return
                 asked = self._pause
                 callback(address, size, rip)
                 if self._pause and not asked:
                     # A pause asked for by the observer: a store to a read-only page goes on
                     # to _on_store, which pauses right after its instruction; for any other
-                    # store (the hook cannot stop it), at the engine's next callback or when
-                    # the next instruction is reached again, whichever comes first.
+                    # store (the hook cannot stop it), at the next store to a protected
+                    # page, port I/O, or block beginning with the next instruction.
                     d = decode(self.code_at(rip), rip, None)
-                    self._stop_at(rip + (d.length if d else 1))
+                    self._pause_at_next(rip + (d.length if d else 1))
             except BaseException as e:
                 self._ending = True  # the store, if it reaches _on_store, is not made
                 self._fail(e)
@@ -851,12 +849,26 @@ class UnicornEngine(EngineBase):
         self._mirror_off()  # (every store goes through the recording hook's checks)
         self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
 
-    def _stop_at(self, ip: int) -> None:
-        """Stop the emulation when execution reaches ``ip`` (a code hook limited to that
-        one address; the translated blocks holding it are dropped so the hook is seen)."""
+    def _not_made_now(self, address: int, rip: int) -> bool:
+        """While the run ends: whether a store the recording hook sees is not made now —
+        _on_store holds it back (it is recorded when it runs again) or makes nothing
+        after the exit — or is the store of a pause run again alone (recorded the first
+        time).  Mirrors _on_store's rules for a store to a read-only page."""
+        rp = self._replay
+        if rp is not None and rp[0] == rip and rp[1] == address:
+            return True
+        if self.exit_code is None and self._helper_store(rip):
+            return False  # (made all the same)
+        return self._holding or any(lo <= address < lo + n for lo, n, writable in self._prot if not writable)
+
+    def _pause_at_next(self, ip: int) -> None:
+        """From inside a memory hook, with a pause asked for: also stop when a block
+        beginning at ``ip`` (the next instruction) is translated — a code hook limited to
+        that address.  The translations already made are kept, so the hook is not seen
+        by the running block (or by one already translated from ``ip``): dropping them,
+        or emu_stop(), inside a memory hook would make Unicorn run the instruction again."""
         self._mirror_off()
-        self._code_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
-        self.uc.ctl_remove_cache(ip, ip + 1)
+        self._pause_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
 
     @_guard
     def _hook_stop(self, uc, address, size, user_data):
@@ -982,9 +994,8 @@ class UnicornEngine(EngineBase):
                     timer.cancel()
                 if hard is not None:
                     hard.cancel()
-                for h in self._code_hooks + self._pause_hooks:
+                for h in self._pause_hooks:
                     uc.hook_del(h)
-                self._code_hooks.clear()
                 self._pause_hooks.clear()
         if self._ctrl_c:
             # The Ctrl-C stopped the guest, but its KeyboardInterrupt was raised inside a
