@@ -21,6 +21,7 @@ import subprocess
 import sys
 import textwrap
 
+import iced_x86
 import pytest
 from iced_x86 import Code, Register
 from iced_x86 import Instruction as Ins
@@ -31,7 +32,7 @@ from sppkit.guests import GuestImage, Segment
 from sppkit.policy import Policy
 from sppkit.vmm import Decision
 from engine_helpers import RAM, SUB
-from test_differential import CODE, DATA, _abs, exit_ins, flat, mov_imm, putc, skip_without_kvm
+from test_differential import CODE, DATA, INIT_DATA, _abs, exit_ins, flat, mov_imm, putc, skip_without_kvm
 
 ENGINES = ["unicorn", "kvm"]
 #: "unicorn-py": the Unicorn engine with the ctypes trampoline (native_hook=False),
@@ -1266,9 +1267,10 @@ def test_pause_at_a_read_modify_write_store_in_a_loop_lands(make, engine):
 @pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
 def test_pause_at_a_read_modify_write_store_before_a_loop_without_stores_lands(make, engine):
     """`add qword [m], 1; jmp $`, a pause asked for at the add's store: no store or
-    port I/O follows, so the run pauses when the next instruction begins a block (the
-    `jmp $`), exactly, the add made once — not at the timeout, mid-block, with a guest
-    that cannot be continued."""
+    port I/O follows, so the run pauses when a newly translated block begins with the
+    next instruction (the `jmp $`), the add made once — not at the timeout, mid-block,
+    with a guest that cannot be continued.  (Unicorn may run a few instructions past
+    the add first, those of its block: here only the jump to itself.)"""
     rmw = Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1)
     _, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, CODE)])
     image, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, ips[1])])
@@ -1324,3 +1326,64 @@ def test_a_pause_asked_for_by_a_write_observer_lands_and_records_each_store_once
     run_to_the_end(eng, before, n)
     assert len(seen) == n
 
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+def test_pause_at_a_read_modify_write_store_lands_at_port_input(make, engine):
+    """`add qword [m], 1; nop; L: in al, 0x80; jmp L`, a pause asked for at the add's
+    store: no later store, and no block begins with the `nop`; the run pauses at the
+    `in` (port I/O stops a run with a pause pending, also while stores are held)."""
+    head = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1), Ins.create(Code.NOPD)]
+    inn = Ins.create_reg_u32(Code.IN_AL_IMM8, Register.AL, 0x80)
+    _, ips = flat(head + [inn, Ins.create_branch(Code.JMP_REL32_64, CODE)])
+    image, ips = flat(head + [inn, Ins.create_branch(Code.JMP_REL32_64, ips[2])])
+    eng = make(engine, image, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"), timeout=5.0)
+    before = counter(eng)
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    r = eng.run()
+    assert r.stop_reason == "paused" and "cannot be continued" not in r.detail, r
+    assert counter(eng) - before == 1
+
+
+@pytest.mark.parametrize("engine", STORE_PATH_ENGINES)
+def test_pause_at_a_store_into_running_code_lands_after_it(make, engine):
+    """A store into a protected sub-page of the code page, near the running code (run
+    alone on fresh translations), with a pause asked for by the violation handler: the
+    run pauses right after it and goes on.  Before: Unicorn reported a guest fault
+    (triple fault) at the next instruction."""
+    target = CODE + 0xF80
+    ins = [Ins.create_mem_u32(Code.MOV_RM8_IMM8, _abs(target), 0x90), *putc("A"), *exit_ins(3)]
+    enc = iced_x86.BlockEncoder(64)
+    enc.add_many(ins)
+    code = enc.encode(CODE)
+    ips = [i.ip for i in iced_x86.Decoder(64, code, ip=CODE)]
+    image = GuestImage(segments=[Segment(CODE, code, len(code), "rwx"),
+                                 Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")], entry=CODE)
+    eng = make(engine, image, cpl=0, policy=Policy.from_ranges([(target, SUB)], "emulate"))
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    r = eng.run()
+    assert (r.stop_reason, r.rip_at if r.rip_at is not None else r.rip_after) == ("paused", ips[1]), r
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code, r.console) == ("exit", 3, "A")
+    assert eng.vm.read(target, 1) == b"\x90"
+
+
+@pytest.mark.parametrize("engine", ["unicorn", "unicorn-py"])
+def test_a_store_into_running_code_is_recorded_once(make, engine):
+    """A store into the code page near the running code is held back and run alone on
+    fresh translations: the recording holds it once (before: twice)."""
+    target = CODE + 0xF00  # a writable sub-page of the code page; CODE+0xF80 protected
+    ins = [Ins.create_mem_u32(Code.MOV_RM8_IMM8, _abs(target), 0x90), *putc("A"), *exit_ins(3)]
+    enc = iced_x86.BlockEncoder(64)
+    enc.add_many(ins)
+    code = enc.encode(CODE)
+    image = GuestImage(segments=[Segment(CODE, code, len(code), "rwx"),
+                                 Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")], entry=CODE)
+    eng = make(engine, image, cpl=0, policy=Policy.from_ranges([(CODE + 0xF80, SUB)], "skip"))
+    seen = []
+    eng.record_writes(lambda gpa, size, rip: seen.append((gpa, size, rip)))
+    r = eng.run()
+    assert (r.stop_reason, r.exit_code) == ("exit", 3)
+    assert seen == [(target, 1, CODE)] and eng.vm.stats()["writes"] == 1

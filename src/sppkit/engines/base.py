@@ -279,8 +279,9 @@ class EngineBase:
 
     def request_pause(self) -> None:
         """Ask the running guest to stop at the next instruction boundary the engine can
-        reach (KVM: once the current exit is handled; Unicorn: after the current
-        instruction) — from a callback of :meth:`run` (a port handler, the violation
+        reach (KVM: once the current exit is handled; Unicorn: right after the current
+        instruction where it can stop there, else at the next store to a protected
+        page, port I/O or newly translated block, see docs/modelling.md) — from a callback of :meth:`run` (a port handler, the violation
         handler, a write observer), or from another thread: KVM then interrupts the
         guest where it runs (it kicks the vCPU thread out of KVM_RUN); Unicorn pauses at
         its next callback (a store to a protected page, port I/O), because Unicorn

@@ -268,6 +268,7 @@ class UnicornEngine(EngineBase):
         #: one-address code hooks of a pause that cannot stop at once (see _pause_at_next),
         #: removed after each run
         self._pause_hooks: list = []
+        self._pause_ips: set[int] = set()
         self._wide_cache: dict = {}  # rip -> ((register, size), instruction) or () for vector stores
         self._helper_cache: dict[int, bool] = {}  # rip -> whether its stores are made in a QEMU helper
         # Self-modifying code (see _on_store): the pages of the image's executable
@@ -279,6 +280,7 @@ class UnicornEngine(EngineBase):
         self._code_span = ((min(self._code_pages) << 12) - 32, (max(self._code_pages) + 1) << 12) \
             if self._code_pages else (0, 0)
         self._smc: int | None = None
+        self._smc_store: tuple[int, int] | None = None
         self._smc_step = False
         self._smc_dirty: list[tuple[int, int]] = []
         self._beyond: tuple[int, int] | None = None  # (gpa, size) of a store running past the end of RAM
@@ -602,6 +604,7 @@ class UnicornEngine(EngineBase):
             # run stops at the store and _emulate() runs that instruction alone on fresh
             # translations, then goes on, so the patched code is what runs next.
             self._smc = rip
+            self._smc_store = (rip, address)  # (recorded already: not again when it runs alone)
             return False
         self._wp_calls += 1
         try:
@@ -782,6 +785,8 @@ class UnicornEngine(EngineBase):
                 uc.ctl_remove_cache(lo, hi)
                 self._flush_code()
                 self._code_changed()
+            if self._pause:
+                self._pause_landed = True  # (right after the instruction, as under KVM)
             if self.exit_code is not None or self._pause or self._timed_out:
                 return
             start = uc.reg_read(UC_X86_REG_RIP)
@@ -831,7 +836,10 @@ class UnicornEngine(EngineBase):
                         and size < prev[2] - prev[1]:
                     return  # Unicorn's byte-by-byte re-report of an access already recorded
                 last[0] = (rip, address, address + size)
-                if self._ending and self._not_made_now(address, rip):
+                if self._smc_step and self._smc_store == (rip, address):
+                    self._smc_store = None
+                    return  # (the store held back for a step into code: recorded when first met)
+                if self._ending and self._not_made_now(address, size, rip):
                     return
                 asked = self._pause
                 callback(address, size, rip)
@@ -849,7 +857,7 @@ class UnicornEngine(EngineBase):
         self._mirror_off()  # (every store goes through the recording hook's checks)
         self._record_hook = self.uc.hook_add(UC_HOOK_MEM_WRITE, hook, None, 0, self.ram_size - 1)
 
-    def _not_made_now(self, address: int, rip: int) -> bool:
+    def _not_made_now(self, address: int, size: int, rip: int) -> bool:
         """While the run ends: whether a store the recording hook sees is not made now —
         _on_store holds it back (it is recorded when it runs again) or makes nothing
         after the exit — or is the store of a pause run again alone (recorded the first
@@ -859,7 +867,8 @@ class UnicornEngine(EngineBase):
             return True
         if self.exit_code is None and self._helper_store(rip):
             return False  # (made all the same)
-        return self._holding or any(lo <= address < lo + n for lo, n, writable in self._prot if not writable)
+        return self._holding or any(lo < address + size and address < lo + n
+                                    for lo, n, writable in self._prot if not writable)
 
     def _pause_at_next(self, ip: int) -> None:
         """From inside a memory hook, with a pause asked for: also stop when a block
@@ -868,7 +877,9 @@ class UnicornEngine(EngineBase):
         by the running block (or by one already translated from ``ip``): dropping them,
         or emu_stop(), inside a memory hook would make Unicorn run the instruction again."""
         self._mirror_off()
-        self._pause_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
+        if ip not in self._pause_ips:  # (once: each piece of a helper store asks again)
+            self._pause_ips.add(ip)
+            self._pause_hooks.append(self.uc.hook_add(UC_HOOK_CODE, self._hook_stop, None, ip, ip))
 
     @_guard
     def _hook_stop(self, uc, address, size, user_data):
@@ -997,6 +1008,7 @@ class UnicornEngine(EngineBase):
                 for h in self._pause_hooks:
                     uc.hook_del(h)
                 self._pause_hooks.clear()
+                self._pause_ips.clear()
         if self._ctrl_c:
             # The Ctrl-C stopped the guest, but its KeyboardInterrupt was raised inside a
             # callback of Unicorn's binding (a port or recording hook), where ctypes

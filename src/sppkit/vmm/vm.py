@@ -106,6 +106,7 @@ class Vm:
         self._handler: ViolationHandler | None = None
         self._observer: Callable[[int, int, int | None], None] | None = None
         self._stats = Stats()
+        self._permit_changes = 0  # write observers set and statistics reset (see permit_epoch)
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
         self.invepts = 0
@@ -540,6 +541,7 @@ class Vm:
         if callback is not None and not callable(callback):
             raise TypeError("on_write needs a callable (gpa, size, rip) -> None, or None")
         self._observer = callback
+        self._permit_changes += 1
 
     def write(
         self, gpa: int, data: bytes, *, vcpu: int = 0, rip: int | None = None, gla: int | None = None
@@ -747,9 +749,8 @@ class Vm:
         """Changes whenever :meth:`write_permit` may answer less for a page with no
         write() to it in between: the processor's cache epoch, the memslots, the write
         observer, the statistics reset or their page-granular table pruned."""
-        st = self._stats
-        return self.processor.cache_epoch, self.slots.generation, id(self._observer), id(st), \
-            st.page_granular_by_page.prunes
+        return self.processor.cache_epoch, self.slots.generation, self._permit_changes, \
+            self._stats.page_granular_by_page.prunes
 
     def write_permit(self, gfn: int) -> tuple[int, int, bool] | None:
         """What :meth:`write` does, at its first step, with a write of 1 to 4096 bytes
@@ -806,6 +807,7 @@ class Vm:
 
     def reset_stats(self) -> None:
         self._stats = Stats()
+        self._permit_changes += 1
 
     def spp_memory(self) -> dict:
         """Memory the SPP state uses: the access maps (only protected pages have one:
