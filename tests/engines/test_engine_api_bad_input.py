@@ -470,12 +470,8 @@ def test_pause_at_a_read_modify_write_store_keeps_its_flags(make, engine, who):
     if who == "write-observer":
         eng.record_writes(lambda gpa, size, rip: eng.request_pause())
     else:
-        engine_handler = eng.handle_violation
-        eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
-    for _ in range(3):
-        r = eng.run()
-        if r.stop_reason != "paused":
-            break
+        pause_at_every_violation(eng)
+    r = run_past_pauses(eng)
     assert (r.stop_reason, r.exit_code) == ("exit", 1), "ZF of 0x4A + 0xB6"
     assert byte(eng, A) == 0 and eng.vm.stats()["writes"] == 1
 
@@ -487,8 +483,7 @@ def test_pause_in_a_rep_store_lands_at_an_instruction_boundary(make, engine):
     image, ips = guest([mov_imm(Register.RDI, A), mov_imm(Register.RCX, 3), mov_imm(Register.RAX, 0x55),
                         Ins.create_rep_stosb(64)], putc("A"), exit_ins(3))
     eng = make(engine, image, policy=protect_a())
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    pause_at_every_violation(eng)
     for _ in range(4):
         r = eng.run()
         if r.stop_reason != "paused":
@@ -512,8 +507,7 @@ def test_pause_in_a_store_made_in_pieces(make, engine):
                         Ins.create_mem(Code.FXSAVE64_M512BYTE, MemoryOperand(Register.RBX))],
                        store(B, 0x33), putc("B"), exit_ins(3))
     eng = make(engine, image, cpl=0, policy=Policy.from_ranges([(DATA + 0x1000, 0x200), (A, SUB)], "emulate"))
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    pause_at_every_violation(eng)
     r = eng.run()
     assert r.stop_reason == "paused" and r.rip_at in ips[2:] and r.console == ""
     for _ in range(3):  # (the store to B asks for a pause of its own if it comes after that one)
@@ -814,6 +808,21 @@ def run_to_the_end(eng, before: int, n: int) -> RunResult:
     r = eng.run()
     assert (r.stop_reason, r.exit_code) == ("exit", 0), r
     assert counter(eng) - before == n
+    return r
+
+
+def pause_at_every_violation(eng) -> None:
+    """The engine's own violation handling, with a pause asked for at each violation."""
+    engine_handler = eng.handle_violation
+    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+
+
+def run_past_pauses(eng, runs: int = 3) -> RunResult:
+    """run() until it ends other than paused (at most ``runs`` runs): the last result."""
+    for _ in range(runs):
+        r = eng.run()
+        if r.stop_reason != "paused":
+            break
     return r
 
 
@@ -1271,13 +1280,12 @@ def test_pause_at_a_read_modify_write_store_before_a_loop_without_stores_lands(m
     next instruction (the `jmp $`), the add made once — not at the timeout, mid-block,
     with a guest that cannot be continued.  (Unicorn may run a few instructions past
     the add first, those of its block: here only the jump to itself.)"""
-    rmw = Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1)
+    rmw = COUNT
     _, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, CODE)])
     image, ips = flat([rmw, Ins.create_branch(Code.JMP_REL32_64, ips[1])])
     eng = make(engine, image, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"), timeout=5.0)
     before = counter(eng)
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    pause_at_every_violation(eng)
     r = eng.run()
     assert (r.stop_reason, r.rip_at if r.rip_at is not None else r.rip_after) == ("paused", ips[1]), r
     assert counter(eng) - before == 1
@@ -1291,14 +1299,10 @@ def test_a_hlt_after_a_pause_at_a_read_modify_write_store_is_not_lost(make, engi
     (which cannot stop there) ends at the hlt the same way.  Before: Unicorn reported
     the end of the run at the hlt as the pause, and the next run() went past the hlt to
     the exit."""
-    image, ips = flat([Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1), Ins.create(Code.HLT), *exit_ins(7)])
+    image, ips = flat([COUNT, Ins.create(Code.HLT), *exit_ins(7)])
     eng = make(engine, image, cpl=cpl, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"))
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
-    for _ in range(3):
-        r = eng.run()
-        if r.stop_reason != "paused":
-            break
+    pause_at_every_violation(eng)
+    r = run_past_pauses(eng)
     assert r.stop_reason == ("halt" if cpl == 0 else "shutdown"), r
     assert eng.vm.stats()["writes"] == 1
 
@@ -1333,14 +1337,13 @@ def test_pause_at_a_read_modify_write_store_lands_at_port_input(make, engine):
     """`add qword [m], 1; nop; L: in al, 0x80; jmp L`, a pause asked for at the add's
     store: no later store, and no block begins with the `nop`; the run pauses at the
     `in` (port I/O stops a run with a pause pending, also while stores are held)."""
-    head = [Ins.create_mem_i32(Code.ADD_RM64_IMM8, _abs(COUNT_AT), 1), Ins.create(Code.NOPD)]
+    head = [COUNT, Ins.create(Code.NOPD)]
     inn = Ins.create_reg_u32(Code.IN_AL_IMM8, Register.AL, 0x80)
     _, ips = flat(head + [inn, Ins.create_branch(Code.JMP_REL32_64, CODE)])
     image, ips = flat(head + [inn, Ins.create_branch(Code.JMP_REL32_64, ips[2])])
     eng = make(engine, image, policy=Policy.from_ranges([(COUNT_AT, 8)], "emulate"), timeout=5.0)
     before = counter(eng)
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    pause_at_every_violation(eng)
     r = eng.run()
     assert r.stop_reason == "paused" and "cannot be continued" not in r.detail, r
     assert counter(eng) - before == 1
@@ -1361,8 +1364,7 @@ def test_pause_at_a_store_into_running_code_lands_after_it(make, engine):
     image = GuestImage(segments=[Segment(CODE, code, len(code), "rwx"),
                                  Segment(DATA, INIT_DATA, len(INIT_DATA), "rw-")], entry=CODE)
     eng = make(engine, image, cpl=0, policy=Policy.from_ranges([(target, SUB)], "emulate"))
-    engine_handler = eng.handle_violation
-    eng.vm.on_violation(lambda ev: (eng.request_pause(), engine_handler(ev))[1])
+    pause_at_every_violation(eng)
     r = eng.run()
     assert (r.stop_reason, r.rip_at if r.rip_at is not None else r.rip_after) == ("paused", ips[1]), r
     r = eng.run()
