@@ -405,9 +405,13 @@ def doctor():
 
         ok, why = native_status()
         t.add_row("C hook trampoline (Unicorn)", "[green]ok[/]" if ok else "[yellow]unavailable[/]",
-                  f"{why}; with the permit mirror (stores the processor's cache permits outright are made in C)"
-                  if ok else f"{why}; protected stores take a ctypes callback, without the permit mirror (same "
-                  "results, slower)")
+                  why if ok else f"{why}; protected stores take a ctypes callback (same results, slower)")
+        from .vmm.write_cache import status as write_cache_status
+
+        wok, wwhy = write_cache_status()
+        t.add_row("C write cache (Vm)", "[green]ok[/]" if wok else "[yellow]unavailable[/]",
+                  f"{wwhy}; with the C trampoline, stores the processor's cache permits outright are made in C"
+                  if wok else f"{wwhy}; every protected store goes to vm.write (same results, slower)")
     except Exception as e:  # pragma: no cover
         t.add_row("Unicorn", "[red]unavailable[/]", str(e))
     from .guests import toolchain_status

@@ -1,7 +1,8 @@
 """The Unicorn engine's permit mirror changes nothing but speed.
 
-The C trampoline makes a store itself when the processor's translation cache permits
-it outright (``Vm.write_permit``), instead of calling ``vm.write``.  Everything a run
+The C trampoline offers each store to the Vm's write cache in C
+(``Vm.native_write_cache``), which makes it when the processor's translation cache
+permits it outright (``Vm.write_permit``), instead of calling ``vm.write``.  Everything a run
 produces must be the same with the mirror on and off (``permit_mirror=False``):
 final memory, console, exit code, stop reason, RIPs, violation records, the Vm's
 statistics (all of them) and the exit counts — for every bundled guest under every

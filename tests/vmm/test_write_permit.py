@@ -188,3 +188,48 @@ def test_write_permit_waits_for_a_page_to_be_counted():
     assert vm.write_permit(GFN) is None
     vm.write(BASE + 0x800, b"x")
     assert vm.write_permit(GFN) is not None
+
+
+# ------------------------------------------------------------------ the write cache in C
+def _cached_write(vm: Vm):
+    import ctypes
+
+    entry = vm.native_write_cache()
+    if entry is None:
+        from sppkit.vmm.write_cache import status
+
+        pytest.skip(f"the C write cache cannot be built here: {status()[1]}")
+    fn = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.c_int64)(entry[0])
+    return lambda gpa, data: fn(entry[1], gpa, len(data), int.from_bytes(data, "little"))
+
+
+def test_the_write_cache_makes_only_what_write_would_allow_at_its_first_step():
+    vm = spp_vm()
+    vm.set_subpage_access(GFN, [FULL & ~1])  # sub-page 0 protected
+    cached = _cached_write(vm)
+    assert not cached(BASE + 0x800, b"a")  # nothing copied yet: to vm.write
+    for _ in range(2):
+        vm.write(BASE + 0x800, b"a")
+        vm.note_write_cache(BASE + 0x800, 1, True)
+    before = vm.stats()
+    assert cached(BASE + 0x900, b"\x11\x22")  # a writable sub-page: made, counted
+    assert vm.read(BASE + 0x900, 2) == b"\x11\x22"
+    assert not cached(BASE + 0x10, b"z")  # the protected sub-page: refused, nothing made
+    assert not cached(BASE + 0x7C, b"12345678")  # touches sub-page 0
+    assert not cached(BASE + 0xFFC, b"12345678")  # crosses the page
+    assert vm.read(BASE + 0x10, 1) == b"\x00"
+    after = vm.stats()  # (folded before they are read)
+    assert (after["writes"], after["page_granular"]) == (before["writes"] + 1, before["page_granular"] + 1)
+
+
+def test_the_write_cache_is_emptied_when_the_permits_change():
+    vm = spp_vm()
+    vm.set_subpage_access(GFN, [FULL & ~1])
+    cached = _cached_write(vm)
+    for _ in range(2):
+        vm.write(BASE + 0x800, b"a")
+        vm.note_write_cache(BASE + 0x800, 1, True)
+    assert cached(BASE + 0x800, b"b")
+    vm.set_subpage_access(GFN, [FULL & ~1 & ~(1 << 16)])  # sub-page 16 protected now (INVEPT)
+    vm.sync_write_cache()
+    assert not cached(BASE + 0x800, b"c") and vm.read(BASE + 0x800, 1) == b"b"

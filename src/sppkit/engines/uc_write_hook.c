@@ -15,19 +15,12 @@
  * one — so a report that does not follow the last one in that order starts a new
  * access, even at the same RIP and address (the same store run again in a loop).
  *
- * The permit mirror (fast_ok set by the engine): a store the processor's translation
- * cache permits outright, as Vm.write's own first step would find it, is made here
- * without calling Python.  The mirror decides nothing of its own: each entry is a copy
- * of a cache entry the processor made while Vm.write decided an earlier store to the
- * page (the host frame and the SPP vector, or "writable"), installed by the engine
- * after that call and dropped with the cache (INVEPT) — the engine clears fast_ok and
- * the mirror whenever anything else may differ (a pause, the exit, a write observer,
- * stores into code).  Such a store has exactly the effects Vm.write's fast path has:
- * its bytes land in the frame and it is counted (a write, and a page-granular access
- * on a page holding a protected sub-page); the counts are handed to the engine by
- * sppkit_uc_take_counts before any Python runs.  Only stores of 1 to 8 bytes within
- * one page, away from running code, and 8-byte ones only from an instruction known to
- * store 8 bytes at once (the engine lists them: a vector store arrives in pieces).
+ * The Vm's write cache (Vm.native_write_cache, vmm/write_cache.c), when the engine
+ * turns it on (fast_ok): a store is first offered to it — it makes the stores
+ * Vm.write would allow at its first step, with the same effect — and handed to Python
+ * only when it refuses.  Offered only: stores of 1 to 8 bytes away from running code,
+ * and 8-byte ones only from an instruction known to store 8 bytes at once (the engine
+ * lists them: a vector store arrives in 8-byte pieces and is decided whole).
  *
  * Callback protocol: callback(address: int, data: bytes | None, rip: int | None)
  *   -> True  (continue; the access [address, address + len(data)) is decided),
@@ -47,17 +40,9 @@
 typedef int (*reg_read_fn)(void *uc, int regid, void *value);
 typedef int (*emu_stop_fn)(void *uc);
 
-#define NPERMIT 256   /* direct-mapped on the guest frame number */
-#define NPLAIN 256    /* direct-mapped on RIP */
+#define NPLAIN 256 /* direct-mapped on RIP */
 
-struct permit {
-    uint64_t gfn_plus1;  /* 0: empty */
-    uint64_t host;       /* the host address of the frame's first byte */
-    uint64_t vector;     /* the SPP vector (W at bit 2*s), or all ones: the page is writable */
-    uint64_t hits;       /* stores made here since the last sppkit_uc_take_counts */
-    uint32_t granular;   /* the page holds a protected sub-page (counted page-granular) */
-    uint32_t pad;
-};
+typedef bool (*cached_write_fn)(void *cache, uint64_t gpa, int size, int64_t value);
 
 struct hook {
     reg_read_fn reg_read;
@@ -69,41 +54,29 @@ struct hook {
     uint64_t cover_rip, cover_lo, cover_hi;
     uint64_t cover_last;      /* the last report of the covered access: its address */
     int64_t cover_last_size;  /* ... and size */
-    /* the permit mirror */
+    /* the Vm's write cache */
     volatile int32_t fast_ok;  /* cleared by the engine, also from another thread */
     int32_t pad;
     uint64_t code_lo, code_hi; /* stores into [code_lo, code_hi) go to Python */
-    uint64_t pending;          /* stores made by the mirror since the last take */
-    uint64_t masks[1024];      /* the processor's SPP masks: [first << 5 | last] */
+    uint64_t fast_count;       /* stores the write cache made (the engine resets it) */
     uint64_t plain_rip[NPLAIN];/* RIP + 1 of instructions storing 8 bytes at once */
-    struct permit permits[NPERMIT];
+    cached_write_fn cached_write;
+    void *cache;
 };
 
-/* A store the mirror can make: true when it was made (and counted). */
-static inline bool permitted(struct hook *h, uint64_t address, int size, int64_t value, uint64_t rip)
+/* Offer a store to the Vm's write cache: true when it was made. */
+static inline bool cached(struct hook *h, uint64_t address, int size, int64_t value, uint64_t rip)
 {
-    uint64_t off = address & 0xFFF, gfn = address >> 12;
-    if (size < 1 || size > 8 || off + (uint64_t)size > 4096)
+    if (size < 1 || size > 8 || (address >= h->code_lo && address < h->code_hi))
         return false;
-    if (address >= h->code_lo && address < h->code_hi)
-        return false;
-    int64_t d = (int64_t)gfn - (int64_t)(rip >> 12);
+    int64_t d = (int64_t)(address >> 12) - (int64_t)(rip >> 12);
     if ((d >= 0 && d <= 1) || ((address + 31) >> 12) == (rip >> 12))
         return false; /* near the running code: the engine's own check decides */
-    struct permit *p = &h->permits[gfn & (NPERMIT - 1)];
-    if (p->gfn_plus1 != gfn + 1)
-        return false;
-    uint64_t mask = h->masks[(off >> 7) << 5 | ((off + size - 1) >> 7)];
-    if ((p->vector & mask) != mask)
-        return false;
     if (size == 8 && h->plain_rip[rip & (NPLAIN - 1)] != rip + 1)
         return false;
-    unsigned char *dst = (unsigned char *)(uintptr_t)(p->host + off);
-    uint64_t v = (uint64_t)value;
-    for (int i = 0; i < size; i++) /* little-endian, whatever the host */
-        dst[i] = (unsigned char)(v >> (8 * i));
-    p->hits++;
-    h->pending++;
+    if (!h->cached_write(h->cache, address, size, value))
+        return false;
+    h->fast_count++;
     return true;
 }
 
@@ -120,7 +93,7 @@ bool sppkit_uc_write_prot(void *uc, int type, uint64_t address, int size, int64_
         return true;
     }
     h->cover_valid = 0;
-    if (rip_ok && h->fast_ok && permitted(h, address, size, value, rip)) {
+    if (rip_ok && h->fast_ok && cached(h, address, size, value, rip)) {
         h->cover_rip = rip; /* its re-reports, as for a store decided in Python */
         h->cover_lo = h->cover_last = address;
         h->cover_hi = address + (uint64_t)size;
@@ -214,29 +187,4 @@ PyObject *sppkit_uc_take_error(struct hook *h)
 void sppkit_uc_reset_cover(struct hook *h)
 {
     h->cover_valid = 0;
-}
-
-/* Hand over the mirror's counts: writes the (gfn, hits) pairs of the entries with
-   hits on a page-granular page into out (up to max pairs: the table's size), zeroes
-   every entry's hits, and returns the number of stores made by the mirror. */
-uint64_t sppkit_uc_take_counts(struct hook *h, uint64_t *out, int max, int *npairs)
-{
-    uint64_t total = h->pending;
-    int n = 0;
-    if (total) {
-        for (int i = 0; i < NPERMIT; i++) {
-            struct permit *p = &h->permits[i];
-            if (p->hits) {
-                if (p->granular && n < max) {
-                    out[2 * n] = p->gfn_plus1 - 1;
-                    out[2 * n + 1] = p->hits;
-                    n++;
-                }
-                p->hits = 0;
-            }
-        }
-        h->pending = 0;
-    }
-    *npairs = n;
-    return total;
 }

@@ -20,15 +20,13 @@ and this Python's headers are present, else a ctypes callback.  Both only read R
 pack the store's bytes and call :meth:`UnicornEngine._on_store`, which calls
 ``vm.write``; the results are the same either way, only the cost per store differs.
 
-The C trampoline also holds the *permit mirror*: copies of the processor's cached
-write permissions (:meth:`Vm.write_permit`) for pages ``vm.write`` has already
-allowed a store to.  A later store those permit outright — what ``vm.write``'s first
-step would allow without a walk — is made in C and counted
-(:meth:`Vm.count_permitted_writes`), without a call into Python; every other store
-goes to ``vm.write``.  The mirror is emptied whenever the Vm's permits may change
-(INVEPT, memslots, a write observer) and off while the run ends or pauses, while code
-is patched, and while writes are recorded.  ``permit_mirror=False`` turns it off
-(same results, slower).
+The C trampoline first offers a store to the Vm's write cache
+(:meth:`Vm.native_write_cache`): ``vm.write``'s first step in C, which makes the
+stores the processor's cache permits outright, with the same effect, without a call
+into Python; every other store goes to ``vm.write``.  The engine keeps it true (after
+each ``vm.write``, at its callbacks) and leaves it out while the run ends or pauses,
+while code is patched and while writes are recorded.  ``permit_mirror=False`` turns
+it off (same results, slower).
 """
 
 from __future__ import annotations
@@ -97,21 +95,7 @@ def unicorn_version() -> str:
     return UNICORN_VERSION
 
 
-_NPERMIT = 256  # the permit mirror's entries (uc_write_hook.c: NPERMIT)
-_NPLAIN = 256  # RIPs of 8-byte stores made at once (NPLAIN)
-
-
-class _Permit(ctypes.Structure):
-    """``struct permit`` of uc_write_hook.c."""
-
-    _fields_ = [
-        ("gfn_plus1", ctypes.c_uint64),
-        ("host", ctypes.c_uint64),
-        ("vector", ctypes.c_uint64),
-        ("hits", ctypes.c_uint64),
-        ("granular", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
-    ]
+_NPLAIN = 256  # RIPs of 8-byte stores made at once (uc_write_hook.c: NPLAIN)
 
 
 class _HookState(ctypes.Structure):
@@ -133,10 +117,10 @@ class _HookState(ctypes.Structure):
         ("pad", ctypes.c_int32),
         ("code_lo", ctypes.c_uint64),
         ("code_hi", ctypes.c_uint64),
-        ("pending", ctypes.c_uint64),
-        ("masks", ctypes.c_uint64 * 1024),
+        ("fast_count", ctypes.c_uint64),
         ("plain_rip", ctypes.c_uint64 * _NPLAIN),
-        ("permits", _Permit * _NPERMIT),
+        ("cached_write", ctypes.c_void_p),
+        ("cache", ctypes.c_void_p),
     ]
 
 
@@ -157,9 +141,6 @@ def _native_lib():
             lib.sppkit_uc_take_error.argtypes = [ctypes.c_void_p]
             lib.sppkit_uc_reset_cover.restype = None
             lib.sppkit_uc_reset_cover.argtypes = [ctypes.c_void_p]
-            lib.sppkit_uc_take_counts.restype = ctypes.c_uint64
-            lib.sppkit_uc_take_counts.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_uint64), ctypes.c_int,
-                                                  ctypes.POINTER(ctypes.c_int)]
         _lib_cache.append(lib)
     return _lib_cache[0]
 
@@ -197,15 +178,15 @@ def _guard(fn):
 
     def wrapper(self, uc, *args):
         try:
-            if self._mirror is not None and self._mirror.pending:
-                self._mirror_take()  # (the callback may look at the statistics)
+            if self._mirror is not None:
+                self._mirror_count()  # (the callback may look at the exits)
             return fn(self, uc, *args)
         except BaseException as e:  # re-raised from run()
             self._fail(e, hold=True)
             return False
         finally:
-            if self._mirror is not None and self.vm.permit_epoch != self._m_epoch:
-                self._mirror_clear()  # (the callback changed the Vm's permits)
+            if self._mirror is not None:
+                self.vm.sync_write_cache()  # (the callback may have changed the Vm's permits)
 
     return wrapper
 
@@ -218,8 +199,8 @@ class UnicornEngine(EngineBase):
     trampoline (built on first use with the host C compiler; about half the cost per
     protected store) — None: when it can be built, True: required (EngineError
     otherwise), False: never (a ctypes callback).  ``permit_mirror``: with the C
-    trampoline, make the stores the processor's cache permits outright in C (see the
-    module's docstring); False: every protected store calls ``vm.write``.  Results are
+    trampoline, offer stores to the Vm's write cache in C first (see the module's
+    docstring); False: every protected store calls ``vm.write``.  Results are
     identical either way."""
 
     name = "unicorn"
@@ -295,17 +276,12 @@ class UnicornEngine(EngineBase):
         self._ept = self.vm.ept
         self._wp_calls = 0  # stores handed to _on_store (exits["WriteProt"])
         self._native = None
-        # the permit mirror (see the module's docstring): its state, the Vm's permit
-        # epoch its entries belong to, slot -> (gfn, permit) installed, frame -> host address
+        # the hook's state when stores are offered to the Vm's write cache (see the
+        # module's docstring), else None
         self._mirror: _HookState | None = None
-        #: stores the permit mirror made (in C, without calling vm.write), over all runs;
-        #: they are counted in the Vm's statistics and exits["WriteProt"] like the others
+        #: stores the Vm's write cache made (in C, without calling vm.write), over all
+        #: runs; they are counted in the Vm's statistics and exits["WriteProt"] like the others
         self.mirrored_writes = 0
-        self._m_epoch: tuple | None = None
-        self._m_slots: dict[int, tuple[int, tuple[int, int, bool]]] = {}
-        self._m_host: dict[int, int | None] = {}
-        self._m_out = (ctypes.c_uint64 * (2 * _NPERMIT))()
-        self._m_n = ctypes.c_int()
         lib = None
         if native_hook is not False:
             lib = _native_lib()
@@ -324,9 +300,10 @@ class UnicornEngine(EngineBase):
                                emu_stop=ctypes.cast(uclib.uc_emu_stop, ctypes.c_void_p),
                                callback=id(self._on_store_ref), rip_reg=UC_X86_REG_RIP)
             self._native = (lib, state)
-            if permit_mirror:
+            cache = self.vm.native_write_cache() if permit_mirror else None
+            if cache is not None:
                 state.code_lo, state.code_hi = self._code_span
-                state.masks[:] = self.vm.processor.spp_write_masks
+                state.cached_write, state.cache = cache
                 self._mirror = state
             fn, data = ctypes.cast(lib.sppkit_uc_write_prot, ctypes.c_void_p), ctypes.addressof(state)
         else:
@@ -417,15 +394,13 @@ class UnicornEngine(EngineBase):
             self._mirror.fast_ok = 0
 
     def _mirror_refresh(self) -> None:
-        """Before emu_start: turn the mirror on unless the engine's state says otherwise,
-        and empty it if the Vm's permits may have changed.  (Whatever sets that state
-        during the run turns the mirror off itself, and the callbacks empty it when the
-        permits change.)"""
+        """Before emu_start: offer stores to the Vm's write cache unless the engine's
+        state says otherwise (whatever sets that state during the run turns the offer
+        off itself), the cache brought up to date."""
         m = self._mirror
         if m is None:
             return
-        if self.vm.permit_epoch != self._m_epoch:
-            self._mirror_clear()
+        self._mirror_sync()
         ok = not (self._ending or self._pause or self._timed_out or self._holding or self._smc_step
                   or self._pause_hooks or self._record_hook is not None or self._error is not None
                   or self._replay is not None or self._inexact is not None)
@@ -435,65 +410,21 @@ class UnicornEngine(EngineBase):
             # and the store above (it sets the flag, then turns the mirror off)
             m.fast_ok = 0
 
-    def _mirror_take(self) -> None:
-        """Count the stores the mirror made (Vm statistics, exits["WriteProt"]): before any
-        Python that may look at them runs, and when the run ends."""
-        m, native = self._mirror, self._native
-        assert m is not None and native is not None
-        out, npairs = self._m_out, self._m_n
-        total = native[0].sppkit_uc_take_counts(ctypes.byref(m), out, _NPERMIT, ctypes.byref(npairs))
-        if total:
-            self._wp_calls += total
-            self.mirrored_writes += total
-            self.vm.count_permitted_writes(total, [(out[2 * i], out[2 * i + 1]) for i in range(npairs.value)])
-
-    def _mirror_clear(self) -> None:
+    def _mirror_count(self) -> None:
+        """Count the stores the Vm's write cache made in exits["WriteProt"] (the Vm
+        counts them in its statistics before anything reads them)."""
         m = self._mirror
         assert m is not None
-        if m.pending:
-            self._mirror_take()
-        ctypes.memset(ctypes.addressof(m.permits), 0, ctypes.sizeof(m.permits))
-        self._m_slots.clear()
-        self._m_host.clear()  # (a memslot change may back host frames elsewhere)
-        self._m_epoch = self.vm.permit_epoch
+        n = m.fast_count
+        if n:
+            m.fast_count = 0
+            self._wp_calls += n
+            self.mirrored_writes += n
 
-    def _mirror_note(self, gfn: int, allowed: bool) -> None:
-        """vm.write has just been called for page ``gfn`` (and the mirror emptied if the
-        Vm's permits changed): copy the Vm's permit for the page into the mirror, or
-        drop the page's entry.  (Not ``allowed``: only the page's entry is checked —
-        the cache entry it copies may be gone; a new one is copied at the next store
-        vm.write allows.)"""
-        m = self._mirror
-        assert m is not None
-        slot = gfn & (_NPERMIT - 1)
-        cur = self._m_slots.get(slot)
-        if not allowed and (cur is None or cur[0] != gfn):
-            return
-        p = self.vm.write_permit(gfn)
-        if p is not None and cur is not None and cur[0] == gfn and cur[1] == p:
-            return  # (already there)
-        host = None if p is None else self._host_address(p[0] >> 12)
-        e = m.permits[slot]
-        if p is None or host is None:
-            if cur is not None and cur[0] == gfn:
-                e.gfn_plus1 = 0
-                del self._m_slots[slot]
-            return
-        # (its hits, if another page's, were taken when the callback began)
-        e.gfn_plus1 = 0
-        e.host, e.vector, e.granular, e.hits = host, p[1], p[2], 0
-        e.gfn_plus1 = gfn + 1
-        self._m_slots[slot] = (gfn, p)
-
-    def _host_address(self, hfn: int) -> int | None:
-        """The address of host frame ``hfn`` in this process when it is guest RAM (the
-        buffer Unicorn maps), else None."""
-        a = self._m_host.get(hfn, -1)
-        if a == -1:
-            a = ctypes.addressof(ctypes.c_char.from_buffer(self.vm.memory.frame(hfn)))
-            base = ctypes.addressof(self._ram_ptr)
-            a = self._m_host[hfn] = a if base <= a and a + 4096 <= base + self.ram_size else None
-        return a
+    def _mirror_sync(self) -> None:
+        """_mirror_count(), and the Vm's write cache counted and brought up to date."""
+        self._mirror_count()
+        self.vm.sync_write_cache()
 
     # -- hooks ---------------------------------------------------------------------------
     @_guard
@@ -568,9 +499,9 @@ class UnicornEngine(EngineBase):
         piece.  Like every hook here it never lets an exception out: the first one is
         kept, the emulation stopped, and run() re-raises it."""
         mirror = self._mirror
-        if mirror is not None and mirror.pending:
+        if mirror is not None:
             try:
-                self._mirror_take()  # (the stores the mirror made come first)
+                self._mirror_count()  # (the stores the write cache made come first; vm.write counts them too)
             except BaseException as e:  # re-raised from run()
                 self._fail(e)
                 return False
@@ -633,12 +564,7 @@ class UnicornEngine(EngineBase):
                 self._beyond = (address, n)
                 return False
             if mirror is not None:  # (vm.write may have walked: the page's permit may differ)
-                if self.vm.permit_epoch != self._m_epoch:
-                    self._mirror_clear()  # (an INVEPT, or the violation handler changed the Vm)
-                allowed = r is ALLOWED
-                self._mirror_note(address >> 12, allowed)
-                if (address + n - 1) >> 12 != address >> 12:
-                    self._mirror_note((address + n - 1) >> 12, allowed)
+                self.vm.note_write_cache(address, n, r is ALLOWED)
             if code_lo <= address + n and address < code_hi and r.committed \
                     and ((address >> 12) in self._code_pages or ((address + n - 1) >> 12) in self._code_pages):
                 self._drop_code(address, n)
@@ -925,7 +851,6 @@ class UnicornEngine(EngineBase):
             self._native[0].sppkit_uc_reset_cover(ctypes.byref(self._native[1]))
         else:
             self._cover = None
-        self._m_epoch = None  # (anything may have changed since the last run)
         timer = None
         watch = _CtrlC()
         try:
@@ -956,7 +881,7 @@ class UnicornEngine(EngineBase):
                 self._flush_code()
                 self._mirror_off()
                 if self._mirror is not None:
-                    self._mirror_take()
+                    self._mirror_sync()
                 if self._wp_calls:
                     self.exits["WriteProt"] = self._wp_calls
                 if self._native is not None:

@@ -34,6 +34,7 @@ from .events import Decision, SppViolation, WriteResult
 from .memslots import Memslot, MemslotTable
 from .stats import Stats
 from .subpage import SpptManager
+from .write_cache import WriteCache
 
 #: Pages per set/get call, as KVM_CAP_X86_SPP reports it (KVM_SUBPAGE_MAX_PAGES).
 SPP_BATCH_LIMIT = 512
@@ -107,6 +108,7 @@ class Vm:
         self._observer: Callable[[int, int, int | None], None] | None = None
         self._stats = Stats()
         self._permit_changes = 0  # write observers set and statistics reset (see permit_epoch)
+        self._wc: WriteCache | None = None  # the write cache in C, once an engine asks for it
         self._prot_2m: dict[int, int] = {}  # 2-MiB region gpa -> protected gfns in it
         self._prot_1g: dict[int, int] = {}
         self.invepts = 0
@@ -559,6 +561,8 @@ class Vm:
         that raises: the exception propagates and no byte lands, but the write and its
         violation were made and stay counted (as an exit taken is counted).
         """
+        if self._wc is not None and self._wc.table.pending:
+            self._wc.fold()  # (the stores made in C come first)
         if type(data) is not bytes:
             data = _bytes_like(data)
         n = len(data)
@@ -780,6 +784,46 @@ class Vm:
             return None
         return p[0], p[1], granular
 
+    def native_write_cache(self) -> tuple[int, int] | None:
+        """This Vm's write cache in C, for an engine whose guest stores reach the VMM in C:
+        ``(function, table)`` addresses, ``bool function(table, gpa, size, value)``
+        making a store of ``size`` (1 to 8) bytes ``value`` (little-endian) at ``gpa`` —
+        only one :meth:`write` would allow at its first step (see :meth:`write_permit`),
+        with the same effect, bytes and counts — or refusing it (false: call
+        :meth:`write`).  None where the C helper cannot be built.  The caller keeps it
+        true: :meth:`note_write_cache` after each :meth:`write` it makes for such a
+        store, :meth:`sync_write_cache` before the cache is used again after anything
+        else may have changed the Vm.  The function must not run while Python code uses
+        this Vm."""
+        if self._wc is None:
+            from .write_cache import _lib
+
+            lib = _lib()
+            if lib is None:
+                return None
+            self._wc = WriteCache(self, lib)
+        return self._wc.entry
+
+    def sync_write_cache(self) -> None:
+        """Count the stores the write cache made, and empty it if this Vm's permits may
+        have changed since it was filled (:attr:`permit_epoch`)."""
+        wc = self._wc
+        if wc is not None:
+            if wc.table.pending:
+                wc.fold()
+            wc.sync()
+
+    def note_write_cache(self, gpa: int, size: int, allowed: bool) -> None:
+        """After :meth:`write` of ``size`` bytes at ``gpa`` (``allowed``: it returned the
+        plain allowed result): bring the write cache up to date for the pages written
+        (copy their permits, or drop them)."""
+        wc = self._wc
+        if wc is not None:
+            wc.sync()
+            wc.note(gpa >> 12, allowed)
+            if (gpa + size - 1) >> 12 != gpa >> 12:
+                wc.note((gpa + size - 1) >> 12, allowed)
+
     def count_permitted_writes(self, writes: int, granular: Sequence[tuple[int, int]] = ()) -> None:
         """Count ``writes`` writes made under :meth:`write_permit` without calling
         write(): ``granular`` lists ``(gfn, n)`` for the pages among them that hold a
@@ -803,9 +847,13 @@ class Vm:
         the most-hit pages and sub-pages to list)."""
         if not isinstance(top, int) or isinstance(top, bool) or top < 0:
             raise ValueError(f"top={top!r}: must be a non-negative integer")
+        if self._wc is not None:
+            self._wc.fold()
         return self._stats.as_dict(top)
 
     def reset_stats(self) -> None:
+        if self._wc is not None:
+            self._wc.fold()  # (into the statistics being dropped)
         self._stats = Stats()
         self._permit_changes += 1
 
